@@ -1,0 +1,142 @@
+//! Conversions between protobuf messages and domain types, and the one place where a core
+//! error becomes a gRPC status.
+
+use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
+use tonic::Status;
+
+use super::pb;
+use crate::domain::{Job, JobState, Micros, MisfirePolicy, Timestamp, TriggerSpec};
+use crate::scheduler::{Delivery, SchedulerError};
+
+pub fn timestamp(t: Timestamp) -> PbTimestamp {
+    let (seconds, nanos) = t.to_seconds_nanos();
+    PbTimestamp { seconds, nanos }
+}
+
+pub fn duration(micros: Micros) -> PbDuration {
+    PbDuration {
+        seconds: micros / 1_000_000,
+        // |micros % 1e6| < 1e6, so the product fits an i32.
+        nanos: ((micros % 1_000_000) * 1_000) as i32,
+    }
+}
+
+pub fn job_state(s: JobState) -> pb::JobState {
+    match s {
+        JobState::Scheduled => pb::JobState::Scheduled,
+        JobState::Paused => pb::JobState::Paused,
+        JobState::Completed => pb::JobState::Completed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+pub fn misfire_policy(p: MisfirePolicy) -> pb::MisfirePolicy {
+    match p {
+        MisfirePolicy::FireOnce => pb::MisfirePolicy::FireOnce,
+        MisfirePolicy::Skip => pb::MisfirePolicy::Skip,
+        MisfirePolicy::FireAll => pb::MisfirePolicy::FireAll,
+    }
+}
+
+fn trigger(t: &TriggerSpec) -> pb::Trigger {
+    use pb::trigger::Kind;
+    let kind = match t {
+        TriggerSpec::At { at } => Kind::At(timestamp(*at)),
+        TriggerSpec::After { after } => Kind::After(duration(*after)),
+        TriggerSpec::Every {
+            period,
+            start_time,
+            jitter,
+        } => Kind::Every(pb::Interval {
+            period: Some(duration(*period)),
+            start_time: start_time.map(timestamp),
+            jitter: (*jitter > 0).then(|| duration(*jitter)),
+        }),
+        TriggerSpec::Cron {
+            expression,
+            time_zone,
+        } => Kind::Cron(pb::Cron {
+            expression: expression.clone(),
+            time_zone: time_zone.clone(),
+        }),
+    };
+    pb::Trigger { kind: Some(kind) }
+}
+
+pub fn job(j: &Job) -> pb::Job {
+    let spec = &j.spec;
+    pb::Job {
+        id: spec.id.to_string(),
+        queue: spec.queue.clone(),
+        trigger: Some(trigger(&spec.trigger)),
+        payload: spec.payload.clone(),
+        labels: spec.labels.clone().into_iter().collect(),
+        max_fires: spec.max_fires,
+        end_time: spec.end_time.map(timestamp),
+        misfire_policy: misfire_policy(spec.misfire_policy).into(),
+        misfire_grace_period: Some(duration(spec.misfire_grace)),
+        ack_deadline: Some(duration(spec.ack_deadline)),
+        max_attempts: spec.max_attempts,
+        dead_letter_queue: spec.dead_letter_queue.clone().unwrap_or_default(),
+        state: job_state(j.status.state).into(),
+        next_fire_time: j.next_due().map(timestamp),
+        fire_count: j.status.fire_count,
+        create_time: Some(timestamp(j.status.create_time)),
+        last_fire_time: j.status.last_fire_time.map(timestamp),
+    }
+}
+
+pub fn fire(d: Delivery) -> pb::Fire {
+    pb::Fire {
+        fire_id: d.fire.fire_id,
+        job_id: d.fire.job_id.to_string(),
+        queue: d.fire.queue,
+        scheduled_time: Some(timestamp(d.fire.scheduled_time)),
+        fire_time: Some(timestamp(d.fire.fire_time)),
+        attempt: d.fire.attempt,
+        payload: d.spec.payload.clone(),
+        labels: d.spec.labels.clone().into_iter().collect(),
+        traceparent: String::new(),
+        tracestate: String::new(),
+        ack_deadline: Some(timestamp(d.ack_deadline)),
+        dead_lettered: d.fire.dead_lettered,
+    }
+}
+
+/// The only mapping from core errors to gRPC statuses.
+pub fn status(e: SchedulerError) -> Status {
+    match e {
+        SchedulerError::NotFound(_) => Status::not_found(e.to_string()),
+        SchedulerError::AlreadyExists(_) => Status::already_exists(format!(
+            "{e}; use another id, or cancel the existing job and schedule under a new id"
+        )),
+        SchedulerError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        SchedulerError::InvalidTrigger(_) => Status::invalid_argument(e.to_string()),
+        SchedulerError::Unavailable(_) => Status::unavailable(e.to_string()),
+        SchedulerError::Internal(_) => Status::internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Negative durations keep seconds and nanos of the same sign, as protobuf requires.
+    #[test]
+    fn durations_keep_sign() {
+        assert_eq!(
+            duration(-1_500_000),
+            PbDuration {
+                seconds: -1,
+                nanos: -500_000_000
+            }
+        );
+        assert_eq!(
+            duration(2_000_001),
+            PbDuration {
+                seconds: 2,
+                nanos: 1_000
+            }
+        );
+    }
+}

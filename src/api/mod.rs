@@ -1,0 +1,20 @@
+//! The gRPC layer: the only module that speaks tonic and prost. It validates requests,
+//! converts between protobuf and domain types, maps core errors to statuses in one place
+//! ([`convert::status`]), and runs the server.
+
+mod convert;
+mod server;
+mod service;
+pub mod validate;
+
+pub use server::{ServerError, run, run_with};
+pub use service::SchedulerService;
+
+/// Code generated from `proto/tickd/v1/scheduler.proto`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tickd.v1");
+
+    /// The encoded descriptor set, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tickd_descriptor");
+}

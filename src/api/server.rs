@@ -1,0 +1,171 @@
+//! The gRPC server: wires the core, the Scheduler service, health and reflection, and runs
+//! them until shutdown.
+//!
+//! Shutdown is ordered: health turns NOT_SERVING, open Subscribe streams end with UNAVAILABLE
+//! (their in-flight fires become deliverable again), no new calls are taken while running ones
+//! finish, every accepted change is committed, and the function returns, all within the
+//! configured grace period.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tower::ServiceBuilder;
+use tracing::{info, warn};
+
+use super::pb;
+use super::pb::scheduler_server::SchedulerServer;
+use super::service::SchedulerService;
+use super::validate::Limits;
+use crate::config::Config;
+use crate::domain::time::duration_micros;
+use crate::scheduler::{Clock, Scheduler, SchedulerConfig, StartError, SystemClock};
+use crate::store::{RedbStore, Store, StoreError};
+
+/// Room in a message beyond the payload (ids, labels, times).
+const MESSAGE_OVERHEAD_BYTES: usize = 256 * 1024;
+/// TCP keepalive on accepted connections.
+const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(String),
+    #[error("the gRPC server failed: {0}")]
+    Transport(String),
+}
+
+/// Opens the embedded store in `config.data_dir` and serves on `listener` until `shutdown`
+/// resolves.
+pub async fn run(
+    listener: TcpListener,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || RedbStore::open(&dir))
+        .await
+        .map_err(|e| ServerError::Transport(format!("store open task failed: {e}")))??;
+    run_with(
+        listener,
+        Arc::new(store),
+        Arc::new(SystemClock),
+        config,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves on `listener` with the given store and clock until `shutdown` resolves.
+pub async fn run_with(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let core = Scheduler::start(
+        store,
+        clock,
+        SchedulerConfig {
+            max_catch_up_fires: config.max_catch_up_fires as usize,
+            max_redelivery_backoff: duration_micros(config.max_redelivery_backoff),
+        },
+    )
+    .await?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<SchedulerServer<SchedulerService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+
+    let max_message = config.max_payload_bytes as usize + MESSAGE_OVERHEAD_BYTES;
+    let service = SchedulerServer::new(SchedulerService::new(
+        core.clone(),
+        Limits {
+            max_payload_bytes: config.max_payload_bytes as usize,
+        },
+    ))
+    .max_decoding_message_size(max_message)
+    .max_encoding_message_size(max_message);
+
+    let addr = listener.local_addr().ok();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .tcp_keepalive(Some(TCP_KEEPALIVE))
+        .timeout(config.request_timeout)
+        // Beyond this many calls at once, refuse with UNAVAILABLE rather than queue without
+        // bound: a client can retry elsewhere, a queue only adds latency.
+        .layer(
+            ServiceBuilder::new()
+                .load_shed()
+                .concurrency_limit(config.max_concurrent_requests as usize)
+                .into_inner(),
+        )
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let mut server = tokio::spawn(server);
+    if let Some(addr) = addr {
+        info!(%addr, data_dir = %config.data_dir.display(), "tickd listening");
+    }
+
+    tokio::select! {
+        _ = shutdown => {}
+        result = &mut server => {
+            core.shutdown().await;
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(ServerError::Transport(e.to_string())),
+                Err(e) => Err(ServerError::Transport(e.to_string())),
+            };
+        }
+    }
+
+    info!(grace = ?config.shutdown_grace, "shutting down");
+    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    health
+        .set_not_serving::<SchedulerServer<SchedulerService>>()
+        .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    core.close_subscriptions();
+    let _ = stop_tx.send(());
+    match tokio::time::timeout_at(deadline, &mut server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
+        Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
+        Err(_) => {
+            warn!("calls still running at the end of the shutdown grace period were cut off");
+            server.abort();
+        }
+    }
+    if tokio::time::timeout_at(deadline, core.shutdown())
+        .await
+        .is_err()
+    {
+        warn!("the store could not be flushed within the shutdown grace period");
+    }
+    info!("tickd stopped");
+    Ok(())
+}

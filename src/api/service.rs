@@ -1,0 +1,245 @@
+//! The `tickd.v1.Scheduler` service: validates each request, calls the core, converts the
+//! answer. No scheduling logic lives here.
+
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use super::convert;
+use super::pb;
+use super::pb::subscribe_request::Request as SubReq;
+use super::validate::{self, Limits, Violations};
+use crate::domain::time::MICROS_PER_SECOND;
+use crate::scheduler::{Scheduler, SubscriberHandle};
+
+/// The gRPC face of the core.
+#[derive(Debug, Clone)]
+pub struct SchedulerService {
+    core: Scheduler,
+    limits: Limits,
+}
+
+impl SchedulerService {
+    pub fn new(core: Scheduler, limits: Limits) -> Self {
+        SchedulerService { core, limits }
+    }
+}
+
+type FireStream = Pin<Box<dyn Stream<Item = Result<pb::Fire, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::scheduler_server::Scheduler for SchedulerService {
+    async fn schedule(
+        &self,
+        request: Request<pb::ScheduleRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let spec = validate::schedule_request(request.into_inner(), self.limits, self.core.now())?;
+        let job = self.core.schedule(spec).await.map_err(convert::status)?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<pb::CancelRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = request.into_inner().id;
+        validate::job_id(&id)?;
+        let job = self.core.cancel(&id).await.map_err(convert::status)?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = request.into_inner().id;
+        validate::job_id(&id)?;
+        let job = self.core.get(&id).map_err(convert::status)?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let q = validate::list_request(request.into_inner())?;
+        let (jobs, next) = self.core.list(&q.filter, q.page_size, q.after.as_deref());
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: jobs.iter().map(convert::job).collect(),
+            next_page_token: next
+                .map(|id| validate::encode_page_token(&id))
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn pause_job(
+        &self,
+        request: Request<pb::PauseJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = request.into_inner().id;
+        validate::job_id(&id)?;
+        let job = self.core.pause(&id).await.map_err(convert::status)?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    async fn resume_job(
+        &self,
+        request: Request<pb::ResumeJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let id = request.into_inner().id;
+        validate::job_id(&id)?;
+        let job = self.core.resume(&id).await.map_err(convert::status)?;
+        Ok(Response::new(convert::job(&job)))
+    }
+
+    type SubscribeStream = FireStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<FireStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?;
+        let Some(SubReq::Open(open)) = first.and_then(|m| m.request) else {
+            let mut v = Violations::default();
+            v.add("request", "the first SubscribeRequest must be an open");
+            return Err(v.into_status());
+        };
+        let mut v = Violations::default();
+        validate::check_name(&mut v, "open.queue", &open.queue, true);
+        let max_in_flight = match open.max_in_flight {
+            0 => validate::DEFAULT_MAX_IN_FLIGHT,
+            n if n > validate::MAX_MAX_IN_FLIGHT => {
+                v.add(
+                    "open.max_in_flight",
+                    format!("must be at most {}", validate::MAX_MAX_IN_FLIGHT),
+                );
+                n
+            }
+            n => n,
+        };
+        v.into_result()?;
+
+        let subscription = self
+            .core
+            .subscribe(&open.queue, max_in_flight as usize)
+            .map_err(convert::status)?;
+        debug!(queue = %open.queue, max_in_flight, "subscriber opened");
+
+        // Bad messages later in the stream end it with INVALID_ARGUMENT through this channel.
+        let (errors_tx, errors_rx) = mpsc::channel::<Status>(1);
+        tokio::spawn(read_requests(inbound, subscription.handle(), errors_tx));
+
+        let fires = subscription
+            .map(|d| Ok(convert::fire(d)))
+            .chain(tokio_stream::once(Err(Status::unavailable(
+                "tickd is shutting down; reconnect to receive fires",
+            ))));
+        let errors = ReceiverStream::new(errors_rx).map(Err);
+        Ok(Response::new(Box::pin(fires.merge(errors))))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let req = request.into_inner();
+        let mut v = Violations::default();
+        validate::check_name(&mut v, "queue", &req.queue, true);
+        validate::fire_ids(&mut v, "fire_ids", &req.fire_ids);
+        v.into_result()?;
+        let acked_count = self
+            .core
+            .ack(&req.queue, &req.fire_ids)
+            .await
+            .map_err(convert::status)?;
+        Ok(Response::new(pb::AckResponse { acked_count }))
+    }
+}
+
+/// Reads acks, nacks and extensions from a subscriber until it half-closes (the subscription
+/// stays open) or its stream fails (the subscription ends, and its fires go to others).
+async fn read_requests(
+    mut inbound: Streaming<pb::SubscribeRequest>,
+    handle: SubscriberHandle,
+    errors: mpsc::Sender<Status>,
+) {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return,
+            Err(status) => {
+                debug!(%status, "subscriber stream failed; ending the subscription");
+                handle.close();
+                return;
+            }
+        };
+        match check_request(msg) {
+            Ok(Some(SubReq::Ack(a))) => handle.ack(&a.fire_ids),
+            Ok(Some(SubReq::Nack(n))) => {
+                let delay = n
+                    .retry_delay
+                    .map(|d| d.seconds * MICROS_PER_SECOND + i64::from(d.nanos) / 1_000)
+                    .unwrap_or(0);
+                handle.nack(&n.fire_ids, delay);
+            }
+            Ok(Some(SubReq::Extend(e))) => {
+                let extension = e
+                    .ack_deadline
+                    .map(|d| d.seconds * MICROS_PER_SECOND + i64::from(d.nanos) / 1_000)
+                    .unwrap_or(0);
+                handle.extend(&e.fire_ids, extension);
+            }
+            Ok(Some(SubReq::Open(_)) | None) => {}
+            Err(status) => {
+                let _ = errors.send(status).await;
+                handle.close();
+                return;
+            }
+        }
+    }
+}
+
+/// Validates one message after the open; durations are checked here so that the arithmetic
+/// in `read_requests` cannot overflow.
+fn check_request(msg: pb::SubscribeRequest) -> Result<Option<SubReq>, Status> {
+    let mut v = Violations::default();
+    match &msg.request {
+        Some(SubReq::Open(_)) => v.add("open", "may only be sent once, as the first message"),
+        Some(SubReq::Ack(a)) => validate::fire_ids(&mut v, "ack.fire_ids", &a.fire_ids),
+        Some(SubReq::Nack(n)) => {
+            validate::fire_ids(&mut v, "nack.fire_ids", &n.fire_ids);
+            if let Some(d) = &n.retry_delay {
+                validate::duration(
+                    &mut v,
+                    "nack.retry_delay",
+                    d,
+                    0,
+                    validate::MAX_RETRY_DELAY_MICROS,
+                );
+            }
+        }
+        Some(SubReq::Extend(e)) => {
+            validate::fire_ids(&mut v, "extend.fire_ids", &e.fire_ids);
+            match &e.ack_deadline {
+                Some(d) => {
+                    validate::duration(
+                        &mut v,
+                        "extend.ack_deadline",
+                        d,
+                        validate::MIN_ACK_DEADLINE_MICROS,
+                        validate::MAX_ACK_DEADLINE_MICROS,
+                    );
+                }
+                None => v.add("extend.ack_deadline", "is required"),
+            }
+        }
+        None => v.add("request", "is empty: set ack, nack or extend"),
+    }
+    v.into_result()?;
+    Ok(msg.request)
+}

@@ -1,0 +1,113 @@
+//! Configuration: every setting is a command-line flag and a `TICKD_*` environment variable,
+//! parsed and checked once at start-up.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// tickd: a durable job scheduler served over gRPC.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "tickd", version, about, long_about = None)]
+pub struct Config {
+    /// Address to serve gRPC on. Port 0 picks a free port (the log says which).
+    #[arg(long, env = "TICKD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory of the embedded store (created if missing).
+    #[arg(long, env = "TICKD_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// Largest job payload accepted, in bytes.
+    #[arg(long, env = "TICKD_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u32).range(0..=(16 * 1024 * 1024)))]
+    pub max_payload_bytes: u32,
+
+    /// Most catch-up fires one MISFIRE_POLICY_FIRE_ALL job sends after missing occurrences.
+    #[arg(long, env = "TICKD_MAX_CATCH_UP_FIRES", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_catch_up_fires: u32,
+
+    /// Longest wait before redelivering a fire whose ack deadline expired (the backoff starts
+    /// at 1s and doubles per attempt).
+    #[arg(long, env = "TICKD_MAX_REDELIVERY_BACKOFF", default_value = "60s", value_parser = parse_duration)]
+    pub max_redelivery_backoff: Duration,
+
+    /// How long shutdown (SIGTERM, SIGINT) may take before tickd exits anyway. Keep it below
+    /// the pod's termination grace period.
+    #[arg(long, env = "TICKD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Longest a unary call may take before it fails with DEADLINE_EXCEEDED.
+    #[arg(long, env = "TICKD_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Calls handled at once across all connections; more are refused with UNAVAILABLE.
+    #[arg(long, env = "TICKD_MAX_CONCURRENT_REQUESTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: u32,
+
+    /// Interval of HTTP/2 pings on idle connections, so half-open sockets (behind proxies)
+    /// are found and closed.
+    #[arg(long, env = "TICKD_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long to wait for a keepalive ping's answer before closing the connection.
+    #[arg(long, env = "TICKD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// Log filter, in tracing's EnvFilter syntax (for example `info` or `tickd=debug`).
+    #[arg(long, env = "TICKD_LOG", default_value = "info")]
+    pub log: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use a duration such as 500ms, 30s, 5m)"))
+}
+
+impl Config {
+    /// The defaults, as if started with no flags and no environment (for tests).
+    pub fn defaults() -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./data"),
+            max_payload_bytes: 256 * 1024,
+            max_catch_up_fires: 100,
+            max_redelivery_backoff: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 10_000,
+            http2_keepalive_interval: Duration::from_secs(30),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            log: "info".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The documented defaults are what clap produces with no flags.
+    #[test]
+    fn defaults_match_clap() {
+        let parsed = Config::try_parse_from(["tickd"]).expect("defaults parse");
+        let d = Config::defaults();
+        assert_eq!(parsed.listen, d.listen);
+        assert_eq!(parsed.data_dir, d.data_dir);
+        assert_eq!(parsed.max_payload_bytes, d.max_payload_bytes);
+        assert_eq!(parsed.max_catch_up_fires, d.max_catch_up_fires);
+        assert_eq!(parsed.max_redelivery_backoff, d.max_redelivery_backoff);
+        assert_eq!(parsed.shutdown_grace, d.shutdown_grace);
+        assert_eq!(parsed.request_timeout, d.request_timeout);
+        assert_eq!(parsed.max_concurrent_requests, d.max_concurrent_requests);
+    }
+
+    /// A bad duration is refused with a hint.
+    #[test]
+    fn bad_duration_is_refused() {
+        let err = Config::try_parse_from(["tickd", "--shutdown-grace", "soon"]).expect_err("bad");
+        assert!(err.to_string().contains("30s"), "{err}");
+    }
+}

@@ -1,0 +1,471 @@
+//! Jobs and how they advance past their occurrences.
+//!
+//! [`JobSpec`] is what a client scheduled and never changes; [`JobStatus`] is the part tickd
+//! updates as the job fires, pauses or completes. [`advance`] is the one place that decides which
+//! occurrences fire when a job falls due: the grace period, the misfire policy, `max_fires` and
+//! `end_time` all live there. Pure arithmetic: no clock, no I/O.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::time::{Micros, Timestamp};
+use super::trigger::{MAX_COUNTED_OCCURRENCES, Recurrence, TriggerError, TriggerSpec};
+
+/// A job's id. Cheap to clone; shared between the job map, the timer index and fires.
+pub type JobId = Arc<str>;
+
+/// What happens to occurrences missed by more than the grace period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MisfirePolicy {
+    /// One catch-up fire for the latest missed occurrence.
+    FireOnce,
+    /// Nothing for missed occurrences.
+    Skip,
+    /// One fire per missed occurrence, oldest first, up to a cap.
+    FireAll,
+}
+
+/// A job's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobState {
+    Scheduled,
+    Paused,
+    Completed,
+    Cancelled,
+}
+
+/// What the client scheduled, with defaults filled in. Immutable once stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    pub id: JobId,
+    pub queue: String,
+    pub trigger: TriggerSpec,
+    pub payload: Bytes,
+    pub labels: BTreeMap<String, String>,
+    /// 0 = unbounded.
+    pub max_fires: u64,
+    /// Exclusive.
+    pub end_time: Option<Timestamp>,
+    pub misfire_policy: MisfirePolicy,
+    pub misfire_grace: Micros,
+    pub ack_deadline: Micros,
+    pub max_attempts: u32,
+    pub dead_letter_queue: Option<String>,
+}
+
+/// The part of a job that changes as it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub state: JobState,
+    /// The next occurrence to fire (before jitter); `None` once the job will not fire again.
+    pub next_occurrence: Option<Timestamp>,
+    pub fire_count: u64,
+    pub create_time: Timestamp,
+    pub last_fire_time: Option<Timestamp>,
+}
+
+/// A job as the scheduler holds it: its spec, its resolved trigger and its status.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub spec: Arc<JobSpec>,
+    pub recurrence: Arc<Recurrence>,
+    pub status: JobStatus,
+}
+
+impl Job {
+    /// A new job created at `now`: state SCHEDULED with its first occurrence, or COMPLETED at
+    /// once when it has none (an end_time before the first occurrence).
+    pub fn create(spec: JobSpec, now: Timestamp) -> Result<Job, TriggerError> {
+        let recurrence = Recurrence::resolve(&spec.trigger, now)?;
+        let first = recurrence
+            .first(now)
+            .filter(|o| spec.end_time.is_none_or(|end| *o < end));
+        let status = JobStatus {
+            state: if first.is_some() {
+                JobState::Scheduled
+            } else {
+                JobState::Completed
+            },
+            next_occurrence: first,
+            fire_count: 0,
+            create_time: now,
+            last_fire_time: None,
+        };
+        Ok(Job {
+            spec: Arc::new(spec),
+            recurrence: Arc::new(recurrence),
+            status,
+        })
+    }
+
+    /// A job rebuilt from its stored spec and status.
+    pub fn restore(spec: Arc<JobSpec>, status: JobStatus) -> Result<Job, TriggerError> {
+        let recurrence = Recurrence::resolve(&spec.trigger, status.create_time)?;
+        Ok(Job {
+            spec,
+            recurrence: Arc::new(recurrence),
+            status,
+        })
+    }
+
+    /// When occurrence `o` is released: `o` plus its jitter.
+    pub fn due(&self, occurrence: Timestamp) -> Timestamp {
+        occurrence.plus(jitter_for(
+            &self.spec.id,
+            occurrence,
+            self.spec.trigger.jitter(),
+        ))
+    }
+
+    /// When the next occurrence is released, if the job is waiting for one.
+    pub fn next_due(&self) -> Option<Timestamp> {
+        match self.status.state {
+            JobState::Scheduled => self.status.next_occurrence.map(|o| self.due(o)),
+            _ => None,
+        }
+    }
+}
+
+/// The stable id of one occurrence of one job: `<job id>@<RFC 3339 scheduled time>`.
+pub fn fire_id(job_id: &str, scheduled: Timestamp) -> String {
+    format!("{job_id}@{scheduled}")
+}
+
+/// The jitter of one occurrence, in `[0, max)`: derived from the job id and the occurrence so
+/// that it is the same after a restart and on every replica.
+pub fn jitter_for(job_id: &str, occurrence: Timestamp, max: Micros) -> Micros {
+    if max <= 0 {
+        return 0;
+    }
+    // FNV-1a over the id and the instant, then a splitmix64 finish to spread the low bits.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in job_id.bytes().chain(occurrence.0.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    // `max` is positive, so the remainder fits back into an i64.
+    (h % max as u64) as Micros
+}
+
+/// What [`advance`] decided for a job that fell due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Advance {
+    /// Occurrences to fire now, oldest first.
+    pub fires: Vec<Timestamp>,
+    /// Occurrences passed over without a fire (misfire policy or catch-up cap).
+    pub skipped: u64,
+    /// True when `skipped` stopped counting at [`MAX_COUNTED_OCCURRENCES`].
+    pub skipped_at_least: bool,
+    /// True when the first pending occurrence was late by more than the grace period.
+    pub misfired: bool,
+    /// The job's status after these fires.
+    pub status: JobStatus,
+}
+
+/// Decides which occurrences fire for a job whose next occurrence is due at `now`.
+///
+/// An occurrence late by no more than the grace period fires normally (lateness counts from its
+/// due time, or from the job's creation if that is later: an `at` in the past is not "missed").
+/// When the first pending occurrence is later than that, every occurrence up to `now - grace`
+/// is missed and the misfire policy decides: FIRE_ONCE fires the latest, SKIP fires none,
+/// FIRE_ALL fires them oldest first up to `fire_all_cap`. Occurrences within the grace period
+/// are left for the next call. `max_fires` and `end_time` end the job.
+pub fn advance(job: &Job, now: Timestamp, fire_all_cap: usize) -> Advance {
+    let spec = &job.spec;
+    let mut status = job.status.clone();
+    let unchanged = |status: JobStatus| Advance {
+        fires: Vec::new(),
+        skipped: 0,
+        skipped_at_least: false,
+        misfired: false,
+        status,
+    };
+    let Some(first) = status.next_occurrence else {
+        return unchanged(status);
+    };
+    if status.state != JobState::Scheduled {
+        return unchanged(status);
+    }
+    let due = job.due(first).max(status.create_time);
+    if due > now {
+        return unchanged(status);
+    }
+
+    let rec = &job.recurrence;
+    let in_range = |o: Timestamp| spec.end_time.is_none_or(|end| o < end);
+    let mut fires = Vec::new();
+    let mut skipped = 0;
+    let mut skipped_at_least = false;
+    let misfired = now.since(due) > spec.misfire_grace;
+    let last_handled = if !misfired {
+        fires.push(first);
+        first
+    } else {
+        let mut cutoff = now.minus(spec.misfire_grace);
+        if let Some(end) = spec.end_time {
+            cutoff = cutoff.min(end.minus(1));
+        }
+        let latest = rec
+            .latest_at_or_before(cutoff)
+            .map_or(first, |l| l.max(first));
+        match spec.misfire_policy {
+            MisfirePolicy::FireOnce => {
+                fires.push(latest);
+                let (n, capped) = rec.count_between(first, latest, MAX_COUNTED_OCCURRENCES);
+                skipped = n.saturating_sub(1);
+                skipped_at_least = capped;
+            }
+            MisfirePolicy::Skip => {
+                let (n, capped) = rec.count_between(first, latest, MAX_COUNTED_OCCURRENCES);
+                // `first` is known to be pending even if a cron walk could not re-find it.
+                skipped = n.max(1);
+                skipped_at_least = capped;
+            }
+            MisfirePolicy::FireAll => {
+                let mut cursor = Some(first);
+                while let Some(o) = cursor.filter(|o| *o <= latest) {
+                    if fires.len() == fire_all_cap.max(1) {
+                        let (n, capped) = rec.count_between(o, latest, MAX_COUNTED_OCCURRENCES);
+                        skipped = n;
+                        skipped_at_least = capped;
+                        break;
+                    }
+                    fires.push(o);
+                    cursor = rec.next_after(o);
+                }
+            }
+        }
+        latest
+    };
+
+    if spec.max_fires > 0 {
+        let remaining = spec.max_fires.saturating_sub(status.fire_count);
+        fires.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
+    }
+    status.fire_count += fires.len() as u64;
+    if !fires.is_empty() {
+        status.last_fire_time = Some(now);
+    }
+    let next = rec.next_after(last_handled).filter(|o| in_range(*o));
+    let exhausted = spec.max_fires > 0 && status.fire_count >= spec.max_fires;
+    if exhausted || next.is_none() {
+        status.state = JobState::Completed;
+        status.next_occurrence = None;
+    } else {
+        status.next_occurrence = next;
+    }
+    Advance {
+        fires,
+        skipped,
+        skipped_at_least,
+        misfired,
+        status,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Micros = 1_000_000;
+
+    fn spec(trigger: TriggerSpec) -> JobSpec {
+        JobSpec {
+            id: "job".into(),
+            queue: "q".into(),
+            trigger,
+            payload: Bytes::new(),
+            labels: BTreeMap::new(),
+            max_fires: 0,
+            end_time: None,
+            misfire_policy: MisfirePolicy::FireOnce,
+            misfire_grace: 5 * S,
+            ack_deadline: 30 * S,
+            max_attempts: 10,
+            dead_letter_queue: None,
+        }
+    }
+
+    fn every(period: Micros) -> TriggerSpec {
+        TriggerSpec::Every {
+            period,
+            start_time: Some(Timestamp(0)),
+            jitter: 0,
+        }
+    }
+
+    /// Runs `advance` repeatedly like the timer loop does, until nothing more is due at `now`.
+    fn run_until(job: &mut Job, now: Timestamp) -> (Vec<Timestamp>, u64) {
+        let mut fired = Vec::new();
+        let mut skipped = 0;
+        for _ in 0..1_000 {
+            if job
+                .next_due()
+                .is_none_or(|d| d.max(job.status.create_time) > now)
+            {
+                break;
+            }
+            let a = advance(job, now, 100);
+            fired.extend(a.fires);
+            skipped += a.skipped;
+            job.status = a.status;
+        }
+        (fired, skipped)
+    }
+
+    /// An on-time occurrence fires and the job moves to the next one.
+    #[test]
+    fn on_time_occurrence_fires_and_advances() {
+        let mut job = Job::create(spec(every(10 * S)), Timestamp(0)).expect("valid");
+        assert_eq!(job.status.next_occurrence, Some(Timestamp(0)));
+        let a = advance(&job, Timestamp(S), 100);
+        assert_eq!(a.fires, vec![Timestamp(0)]);
+        assert!(!a.misfired);
+        assert_eq!(a.status.next_occurrence, Some(Timestamp(10 * S)));
+        assert_eq!(a.status.fire_count, 1);
+        assert_eq!(a.status.last_fire_time, Some(Timestamp(S)));
+        job.status = a.status;
+        let a = advance(&job, Timestamp(5 * S), 100);
+        assert!(a.fires.is_empty(), "not due yet");
+    }
+
+    /// FIRE_ONCE after a long outage sends one fire for the latest missed occurrence and
+    /// continues on schedule; those within the grace period fire normally afterwards.
+    #[test]
+    fn fire_once_catches_up_with_one_fire() {
+        let mut job = Job::create(spec(every(10 * S)), Timestamp(0)).expect("valid");
+        let now = Timestamp(100 * S + 2 * S);
+        let a = advance(&job, now, 100);
+        assert!(a.misfired);
+        // cutoff = 97 s: latest missed is 90 s; 100 s is within grace and fires next.
+        assert_eq!(a.fires, vec![Timestamp(90 * S)]);
+        assert_eq!(a.skipped, 9);
+        assert_eq!(a.status.next_occurrence, Some(Timestamp(100 * S)));
+        job.status = a.status;
+        let (fired, _) = run_until(&mut job, now);
+        assert_eq!(fired, vec![Timestamp(100 * S)]);
+        assert_eq!(job.status.next_occurrence, Some(Timestamp(110 * S)));
+    }
+
+    /// SKIP sends nothing for missed occurrences and counts them.
+    #[test]
+    fn skip_sends_nothing_for_missed() {
+        let mut s = spec(every(10 * S));
+        s.misfire_policy = MisfirePolicy::Skip;
+        let mut job = Job::create(s, Timestamp(0)).expect("valid");
+        let (fired, skipped) = run_until(&mut job, Timestamp(95 * S));
+        // cutoff 90 s: 0..=90 missed (10), nothing within grace.
+        assert_eq!(fired, Vec::<Timestamp>::new());
+        assert_eq!(skipped, 10);
+        assert_eq!(job.status.next_occurrence, Some(Timestamp(100 * S)));
+    }
+
+    /// FIRE_ALL sends every missed occurrence oldest first, up to the cap, and skips the rest.
+    #[test]
+    fn fire_all_is_capped() {
+        let mut s = spec(every(S));
+        s.misfire_policy = MisfirePolicy::FireAll;
+        s.misfire_grace = 0;
+        let job = Job::create(s, Timestamp(0)).expect("valid");
+        let a = advance(&job, Timestamp(9 * S), 4);
+        assert_eq!(
+            a.fires,
+            vec![
+                Timestamp(0),
+                Timestamp(S),
+                Timestamp(2 * S),
+                Timestamp(3 * S)
+            ]
+        );
+        assert_eq!(a.skipped, 6, "4..=9 s skipped");
+        assert_eq!(a.status.next_occurrence, Some(Timestamp(10 * S)));
+    }
+
+    /// max_fires completes the job, even in the middle of a FIRE_ALL catch-up.
+    #[test]
+    fn max_fires_completes() {
+        let mut s = spec(every(S));
+        s.misfire_policy = MisfirePolicy::FireAll;
+        s.misfire_grace = 0;
+        s.max_fires = 3;
+        let job = Job::create(s, Timestamp(0)).expect("valid");
+        let a = advance(&job, Timestamp(9 * S), 100);
+        assert_eq!(a.fires.len(), 3);
+        assert_eq!(a.status.state, JobState::Completed);
+        assert_eq!(a.status.next_occurrence, None);
+    }
+
+    /// end_time is exclusive and completes the job as soon as no occurrence is left before it.
+    #[test]
+    fn end_time_is_exclusive() {
+        let mut s = spec(every(10 * S));
+        s.end_time = Some(Timestamp(20 * S));
+        let mut job = Job::create(s, Timestamp(0)).expect("valid");
+        let (fired, _) = run_until(&mut job, Timestamp(10 * S));
+        assert_eq!(fired, vec![Timestamp(0), Timestamp(10 * S)]);
+        assert_eq!(
+            job.status.state,
+            JobState::Completed,
+            "20 s is not before end_time"
+        );
+    }
+
+    /// A job whose end_time comes before its first occurrence is complete at once.
+    #[test]
+    fn end_time_before_first_occurrence_completes_at_creation() {
+        let mut s = spec(TriggerSpec::At {
+            at: Timestamp(50 * S),
+        });
+        s.end_time = Some(Timestamp(10 * S));
+        let job = Job::create(s, Timestamp(0)).expect("valid");
+        assert_eq!(job.status.state, JobState::Completed);
+        assert_eq!(job.next_due(), None);
+    }
+
+    /// An `at` in the past fires at once, even with SKIP: lateness counts from creation.
+    #[test]
+    fn past_at_fires_at_once() {
+        let mut s = spec(TriggerSpec::At { at: Timestamp(0) });
+        s.misfire_policy = MisfirePolicy::Skip;
+        let job = Job::create(s, Timestamp(3_600 * S)).expect("valid");
+        let a = advance(&job, Timestamp(3_600 * S + 1), 100);
+        assert_eq!(a.fires, vec![Timestamp(0)]);
+        assert_eq!(a.status.state, JobState::Completed);
+    }
+
+    /// Paused and completed jobs never fire.
+    #[test]
+    fn paused_job_does_not_fire() {
+        let mut job = Job::create(spec(every(S)), Timestamp(0)).expect("valid");
+        job.status.state = JobState::Paused;
+        assert!(advance(&job, Timestamp(10 * S), 100).fires.is_empty());
+        assert_eq!(job.next_due(), None);
+    }
+
+    /// Jitter stays within [0, max), is stable, and differs between occurrences.
+    #[test]
+    fn jitter_is_bounded_and_stable() {
+        let values: Vec<_> = (0..1_000)
+            .map(|k| jitter_for("job", Timestamp(k * S), 250_000))
+            .collect();
+        assert!(values.iter().all(|j| (0..250_000).contains(j)));
+        assert_eq!(values[7], jitter_for("job", Timestamp(7 * S), 250_000));
+        let distinct: std::collections::HashSet<_> = values.iter().collect();
+        assert!(distinct.len() > 900);
+        assert_eq!(jitter_for("job", Timestamp(0), 0), 0);
+    }
+
+    /// Fire ids are made of the job id and the RFC 3339 scheduled time.
+    #[test]
+    fn fire_id_is_stable() {
+        assert_eq!(fire_id("a", Timestamp(S)), "a@1970-01-01T00:00:01Z");
+    }
+}

@@ -1,0 +1,14 @@
+//! The domain: jobs, triggers, fires and the arithmetic between them.
+//!
+//! Pure types and functions. Nothing here knows about tokio, gRPC, the store or the clock: every
+//! function that depends on time takes `now` as an argument.
+
+pub mod fire;
+pub mod job;
+pub mod time;
+pub mod trigger;
+
+pub use fire::FireRecord;
+pub use job::{Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, advance, fire_id};
+pub use time::{Micros, Timestamp};
+pub use trigger::{Recurrence, TriggerError, TriggerSpec};

@@ -1,0 +1,22 @@
+//! tickd: a durable job scheduler served over gRPC.
+//!
+//! Services schedule jobs (once at a time, once after a delay, every interval, or on a cron
+//! expression in a time zone); when a job falls due, tickd streams a *fire* to one worker
+//! subscribed to the job's queue, and the worker acks it.
+//!
+//! # Layout
+//! - [`domain`]: jobs, triggers, fires and the arithmetic between them. Pure; no I/O, no clock.
+//! - [`store`]: the storage trait, the embedded redb store and an in-memory one for tests.
+//! - [`scheduler`]: the core: one timer loop, per-queue delivery with acks and redelivery, and
+//!   the writer thread that group-commits every durable change.
+//! - [`api`]: the only module that speaks gRPC: validation, conversions, status mapping, the
+//!   server and its graceful shutdown.
+//! - [`config`]: command-line and environment configuration.
+//!
+//! Dependencies point one way: `domain ← store ← scheduler ← api ← main`.
+
+pub mod api;
+pub mod config;
+pub mod domain;
+pub mod scheduler;
+pub mod store;

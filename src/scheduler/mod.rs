@@ -1,0 +1,475 @@
+//! The scheduler core: timers, delivery, acks and misfires, on top of a [`Store`] and a
+//! [`Clock`]. Knows nothing of gRPC; hands out plain Rust types, streams and errors.
+//!
+//! # Where things happen
+//! - A fire is **born** in [`writer`]: the job's advance and the fire's record commit together.
+//! - A fire **waits** in [`state`]: on its queue's ready list, or in the deadline index while
+//!   delayed or in flight.
+//! - A fire is **handed out** by `State::dispatch` to a [`Subscription`], and **acked** through
+//!   [`SubscriberHandle::ack`] or [`Scheduler::ack`], which the writer turns into a delete.
+//! - [`timer`] is the one task that wakes when something is due: a job's next occurrence, an
+//!   ack deadline, or the end of a redelivery delay.
+//!
+//! Durable changes go through the writer thread (group commit); memory is changed only after
+//! the store has the change. There is no task or timer per job.
+
+pub mod clock;
+mod state;
+mod timer;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_stream::Stream;
+use tracing::{info, warn};
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use state::Delivery;
+
+use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TriggerError};
+use crate::store::{Store, StoreError};
+use state::{State, SubId};
+use writer::{Op, Redelivery, Reply, Transition};
+
+/// Tunables of the core.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Most catch-up fires one MISFIRE_POLICY_FIRE_ALL job sends after an outage.
+    pub max_catch_up_fires: usize,
+    /// Longest wait before redelivering a fire whose ack deadline expired.
+    pub max_redelivery_backoff: Micros,
+}
+
+/// Default for [`SchedulerConfig::max_catch_up_fires`].
+pub const DEFAULT_MAX_CATCH_UP_FIRES: usize = 100;
+/// Default for [`SchedulerConfig::max_redelivery_backoff`]: 60 s.
+pub const DEFAULT_MAX_REDELIVERY_BACKOFF_MICROS: Micros = 60_000_000;
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_catch_up_fires: DEFAULT_MAX_CATCH_UP_FIRES,
+            max_redelivery_backoff: DEFAULT_MAX_REDELIVERY_BACKOFF_MICROS,
+        }
+    }
+}
+
+/// Errors of the core. The gRPC layer maps each to one status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SchedulerError {
+    #[error("job {0} not found")]
+    NotFound(String),
+    #[error("job {0} already exists with a different spec")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    InvalidTrigger(#[from] TriggerError),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn shutting_down() -> SchedulerError {
+    SchedulerError::Unavailable("tickd is shutting down; retry on another instance".into())
+}
+
+/// Which jobs ListJobs returns.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub queue: Option<String>,
+    /// Empty: every state.
+    pub states: Vec<JobState>,
+    /// Every one must match.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl JobFilter {
+    fn matches(&self, job: &Job) -> bool {
+        self.queue.as_ref().is_none_or(|q| *q == job.spec.queue)
+            && (self.states.is_empty() || self.states.contains(&job.status.state))
+            && self
+                .labels
+                .iter()
+                .all(|(k, v)| job.spec.labels.get(k) == Some(v))
+    }
+}
+
+/// Shared by the handle, the timer task, the writer thread and subscriptions.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    state: Mutex<State>,
+    clock: Arc<dyn Clock>,
+    store: Arc<dyn Store>,
+    config: SchedulerConfig,
+    ops: mpsc::UnboundedSender<Op>,
+    timer_wake: Notify,
+    stop: watch::Sender<bool>,
+    /// Fires dropped after their last attempt with no dead-letter queue.
+    dropped_fires: AtomicU64,
+}
+
+impl Inner {
+    /// Locks the state. A panic while it was held cannot leave it half-updated in a way that
+    /// matters more than stopping would, so a poisoned lock is taken over.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, op: Op) -> Result<(), SchedulerError> {
+        self.ops.send(op).map_err(|_| shutting_down())
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, SchedulerError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| shutting_down())?
+    }
+
+    fn redeliver(&self, ids: Vec<String>, why: Redelivery) {
+        for fire_id in ids {
+            // After shutdown the writer is gone; the fire stays in the store and comes back
+            // on restart.
+            let _ = self.send(Op::Redeliver { fire_id, why });
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Tasks {
+    writer: std::thread::JoinHandle<()>,
+    timer: tokio::task::JoinHandle<()>,
+}
+
+/// A handle to the running core. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+    tasks: Arc<Mutex<Option<Tasks>>>,
+}
+
+impl Scheduler {
+    /// Loads everything from `store`, rebuilds memory from it, and starts the writer thread
+    /// and the timer task.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: SchedulerConfig,
+    ) -> Result<Scheduler, StartError> {
+        let loader = store.clone();
+        let snapshot = tokio::task::spawn_blocking(move || loader.load())
+            .await
+            .map_err(|e| StartError::Load(format!("loader task failed: {e}")))??;
+        let (jobs, fires) = (snapshot.jobs.len(), snapshot.fires.len());
+        let state = State::restore(snapshot, clock.clone()).map_err(StartError::Load)?;
+        info!(jobs, fires, "state restored from the store");
+
+        let (ops, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            state: Mutex::new(state),
+            clock,
+            store,
+            config,
+            ops,
+            timer_wake: Notify::new(),
+            stop: watch::Sender::new(false),
+            dropped_fires: AtomicU64::new(0),
+        });
+        let writer_inner = inner.clone();
+        let writer = std::thread::Builder::new()
+            .name("tickd-writer".into())
+            .spawn(move || writer::run(writer_inner, rx))
+            .map_err(|e| StartError::Load(format!("cannot start the writer thread: {e}")))?;
+        let timer = tokio::spawn(timer::run(inner.clone(), inner.stop.subscribe()));
+        Ok(Scheduler {
+            inner,
+            tasks: Arc::new(Mutex::new(Some(Tasks { writer, timer }))),
+        })
+    }
+
+    /// Stores a new job (or returns the existing one with the same id and spec). An empty id
+    /// gets a UUIDv7. Answers once the job is on disk.
+    pub async fn schedule(&self, mut spec: JobSpec) -> Result<Job, SchedulerError> {
+        if spec.id.is_empty() {
+            spec.id = uuid::Uuid::now_v7().to_string().into();
+        }
+        let job = Job::create(spec, self.inner.clock.now())?;
+        self.inner.call(|reply| Op::Schedule { job, reply }).await
+    }
+
+    /// Cancels a job. Cancelling a cancelled or completed job returns it unchanged.
+    pub async fn cancel(&self, id: &str) -> Result<Job, SchedulerError> {
+        self.transition(id, Transition::Cancel).await
+    }
+
+    /// Pauses a scheduled job (a paused one stays paused).
+    pub async fn pause(&self, id: &str) -> Result<Job, SchedulerError> {
+        self.transition(id, Transition::Pause).await
+    }
+
+    /// Resumes a paused job; what it missed follows its misfire policy.
+    pub async fn resume(&self, id: &str) -> Result<Job, SchedulerError> {
+        self.transition(id, Transition::Resume).await
+    }
+
+    async fn transition(&self, id: &str, transition: Transition) -> Result<Job, SchedulerError> {
+        let id = id.to_string();
+        self.inner
+            .call(|reply| Op::Transition {
+                id,
+                transition,
+                reply,
+            })
+            .await
+    }
+
+    /// One job.
+    pub fn get(&self, id: &str) -> Result<Job, SchedulerError> {
+        self.inner
+            .lock()
+            .jobs
+            .get(id)
+            .map(|e| e.job.clone())
+            .ok_or_else(|| SchedulerError::NotFound(id.to_string()))
+    }
+
+    /// Up to `page_size` jobs in id order after `after`, and the id to continue after when
+    /// more match.
+    pub fn list(
+        &self,
+        filter: &JobFilter,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> (Vec<Job>, Option<String>) {
+        let state = self.inner.lock();
+        let start = match after {
+            Some(a) => Bound::Excluded(a),
+            None => Bound::Unbounded,
+        };
+        let mut matching = state
+            .jobs
+            .range::<str, _>((start, Bound::Unbounded))
+            .map(|(_, e)| &e.job)
+            .filter(|j| filter.matches(j));
+        let page: Vec<Job> = matching.by_ref().take(page_size).cloned().collect();
+        let more = matching.next().is_some();
+        let next = if more {
+            page.last().map(|j| j.spec.id.to_string())
+        } else {
+            None
+        };
+        (page, next)
+    }
+
+    /// Opens a subscription on `queue` that holds at most `max_in_flight` un-acked fires.
+    pub fn subscribe(
+        &self,
+        queue: &str,
+        max_in_flight: usize,
+    ) -> Result<Subscription, SchedulerError> {
+        let max_in_flight = max_in_flight.max(1);
+        let (tx, rx) = mpsc::channel(max_in_flight);
+        let mut state = self.inner.lock();
+        if state.shutting_down {
+            return Err(shutting_down());
+        }
+        let id = state.add_subscriber(queue, max_in_flight, tx);
+        let wake = state.dispatch(queue);
+        drop(state);
+        if wake {
+            self.inner.timer_wake.notify_one();
+        }
+        Ok(Subscription {
+            handle: SubscriberHandle {
+                id,
+                inner: self.inner.clone(),
+            },
+            rx,
+        })
+    }
+
+    /// Acks fires of `queue` from outside a stream; returns how many were pending. The acks are
+    /// on disk when this returns.
+    pub async fn ack(&self, queue: &str, fire_ids: &[String]) -> Result<u32, SchedulerError> {
+        let acked = mark_acked(&self.inner, fire_ids, Some(queue), None);
+        let n = u32::try_from(acked.len()).unwrap_or(u32::MAX);
+        if acked.is_empty() {
+            return Ok(0);
+        }
+        self.inner
+            .call(|reply| Op::Ack {
+                fire_ids: acked,
+                reply: Some(reply),
+            })
+            .await?;
+        Ok(n)
+    }
+
+    /// Fires dropped after their last attempt because their job has no dead-letter queue.
+    pub fn dropped_fires(&self) -> u64 {
+        self.inner.dropped_fires.load(Ordering::Relaxed)
+    }
+
+    /// First step of shutdown: refuse new subscriptions and end the open ones. Fires they held
+    /// are deliverable again (after a restart, or to a subscriber elsewhere).
+    pub fn close_subscriptions(&self) {
+        let mut state = self.inner.lock();
+        state.shutting_down = true;
+        state.close_all_subscribers();
+    }
+
+    /// Stops the core: ends subscriptions, stops the timer, commits every change already
+    /// accepted, and stops the writer. Idempotent.
+    pub async fn shutdown(&self) {
+        self.close_subscriptions();
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(tasks) = tasks else {
+            return;
+        };
+        self.inner.stop.send_replace(true);
+        if let Err(e) = tasks.timer.await {
+            warn!(error = %e, "timer task ended abnormally");
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.inner.send(Op::Shutdown { reply: tx }).is_ok() {
+            let _ = rx.await;
+        }
+        let joined = tokio::task::spawn_blocking(move || tasks.writer.join()).await;
+        if !matches!(joined, Ok(Ok(()))) {
+            warn!("writer thread ended abnormally");
+        }
+        info!("scheduler stopped; all accepted changes are stored");
+    }
+}
+
+/// Why the core could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot rebuild state from the store: {0}")]
+    Load(String),
+}
+
+fn mark_acked(
+    inner: &Inner,
+    ids: &[String],
+    queue: Option<&str>,
+    sub: Option<SubId>,
+) -> Vec<String> {
+    let mut state = inner.lock();
+    let (acked, freed) = state.mark_acked(ids, queue, sub);
+    let mut wake = false;
+    for q in freed {
+        wake |= state.dispatch(&q);
+    }
+    drop(state);
+    if wake {
+        inner.timer_wake.notify_one();
+    }
+    acked
+}
+
+/// Acks, nacks and deadline extensions for one subscription; usable from any task.
+#[derive(Debug, Clone)]
+pub struct SubscriberHandle {
+    id: SubId,
+    inner: Arc<Inner>,
+}
+
+impl SubscriberHandle {
+    /// Acks fires in flight on this subscription. Written with the next group commit; not
+    /// waited for.
+    pub fn ack(&self, fire_ids: &[String]) {
+        let acked = mark_acked(&self.inner, fire_ids, None, Some(self.id));
+        if !acked.is_empty() {
+            let _ = self.inner.send(Op::Ack {
+                fire_ids: acked,
+                reply: None,
+            });
+        }
+    }
+
+    /// Gives fires back for redelivery after `delay` (attempt + 1).
+    pub fn nack(&self, fire_ids: &[String], delay: Micros) {
+        let taken = {
+            let mut state = self.inner.lock();
+            let taken = state.take_back(fire_ids, self.id);
+            if let Some(queue) = state.subscribers.get(&self.id).map(|s| s.queue.clone()) {
+                state.dispatch(&queue);
+            }
+            taken
+        };
+        self.inner.redeliver(taken, Redelivery::Nack(delay));
+    }
+
+    /// Moves the ack deadline of fires in flight on this subscription to `now + extension`.
+    pub fn extend(&self, fire_ids: &[String], extension: Micros) {
+        let wake = {
+            let mut state = self.inner.lock();
+            let deadline = self.inner.clock.now().plus(extension);
+            state.extend(fire_ids, self.id, deadline)
+        };
+        if wake {
+            self.inner.timer_wake.notify_one();
+        }
+    }
+
+    /// Ends the subscription: fires it held are delivered again to others (attempt + 1).
+    pub fn close(&self) {
+        let held = self.inner.lock().remove_subscriber(self.id);
+        self.inner.redeliver(held, Redelivery::StreamLost);
+    }
+}
+
+/// The fires of one subscription, as a stream. Dropping it ends the subscription.
+#[derive(Debug)]
+pub struct Subscription {
+    handle: SubscriberHandle,
+    rx: mpsc::Receiver<Delivery>,
+}
+
+impl Subscription {
+    /// A handle for acking from another task.
+    pub fn handle(&self) -> SubscriberHandle {
+        self.handle.clone()
+    }
+
+    /// The next fire; `None` once the subscription is closed (shutdown).
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.handle.close();
+    }
+}
+
+impl Scheduler {
+    /// Now, as the core's clock says (for the gRPC layer's validation of relative times).
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// How many jobs the core holds, in every state.
+    pub fn job_count(&self) -> usize {
+        self.inner.lock().jobs.len()
+    }
+}

@@ -1,0 +1,68 @@
+//! The timer loop: the one task that wakes when something is due.
+//!
+//! Each pass takes what is due from the state (jobs whose occurrence has come, ack deadlines
+//! that passed, redelivery delays that ended), hands jobs to the writer in one `Advance` op and
+//! waits for it to commit (that wait is the loop's back-pressure), then sleeps until the
+//! earliest next deadline or until a writer says something earlier was armed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tracing::warn;
+
+use super::Inner;
+use super::writer::{Op, Redelivery};
+
+/// Most jobs advanced in one writer op.
+const MAX_JOBS_PER_ADVANCE: usize = 1_024;
+/// Pause after a failed commit before trying the same jobs again.
+const RETRY_AFTER_FAILED_COMMIT: Duration = Duration::from_secs(1);
+
+pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if *stop.borrow_and_update() {
+            return;
+        }
+        let now = inner.clock.now();
+        let work = inner.lock().take_due(now, MAX_JOBS_PER_ADVANCE);
+        inner.redeliver(work.expired, Redelivery::Expired);
+
+        if !work.jobs.is_empty() {
+            let (tx, rx) = oneshot::channel();
+            if inner
+                .send(Op::Advance {
+                    due: work.jobs,
+                    reply: tx,
+                })
+                .is_err()
+            {
+                return;
+            }
+            match rx.await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => {
+                    warn!(error = %e, "jobs could not be advanced; retrying shortly");
+                }
+                Err(_) => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(RETRY_AFTER_FAILED_COMMIT) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+
+        let sleep = async {
+            match work.next_wake {
+                Some(t) => inner.clock.sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = inner.timer_wake.notified() => {}
+            _ = stop.changed() => {}
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The writer: the one place where durable state changes.
+//!
+//! Every change (Schedule, Cancel, Pause, Resume, a job advancing past its occurrences, an ack, a
+//! redelivery) is an [`Op`] sent to one thread. The thread drains whatever ops are waiting,
+//! decides each against memory plus the changes already decided in this batch, commits all of
+//! them in one store transaction (one fsync: group commit), then applies them to memory and
+//! answers each caller. Because applying happens here and not in the caller, a caller that goes
+//! away mid-call (a cancelled RPC) cannot leave a change half-applied: it is either committed
+//! and applied, or not committed at all.
+//!
+//! A fire is born here: [`decide_advance`] writes the job's new status and the fire's record in
+//! the same transaction, so a crash can never lose an occurrence.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, warn};
+
+use super::state::{FireStatus, State};
+use super::{Inner, SchedulerError};
+use crate::domain::fire::expiry_backoff;
+use crate::domain::{FireRecord, Job, JobId, JobState, Micros, Timestamp, advance, fire_id};
+use crate::store::Write;
+
+/// Most ops decided and committed in one transaction.
+const MAX_OPS_PER_BATCH: usize = 4_096;
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, SchedulerError>>;
+
+/// A lifecycle change asked for by a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transition {
+    Cancel,
+    Pause,
+    Resume,
+}
+
+/// Why a fire goes back for redelivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Redelivery {
+    /// The worker nacked it; deliver again after this delay.
+    Nack(Micros),
+    /// Its ack deadline passed; back off exponentially.
+    Expired,
+    /// The stream that held it went away; deliver again at once.
+    StreamLost,
+}
+
+/// A change for the writer.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Schedule {
+        job: Job,
+        reply: Reply<Job>,
+    },
+    Transition {
+        id: String,
+        transition: Transition,
+        reply: Reply<Job>,
+    },
+    /// Jobs the timer found due, each with the occurrence it saw.
+    Advance {
+        due: Vec<(JobId, Timestamp)>,
+        reply: Reply<()>,
+    },
+    /// Fires already marked acked in memory; their records are deleted.
+    Ack {
+        fire_ids: Vec<String>,
+        reply: Option<Reply<()>>,
+    },
+    Redeliver {
+        fire_id: String,
+        why: Redelivery,
+    },
+    /// Commit what came before, then stop.
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// What to do to memory once a batch is committed.
+#[derive(Debug)]
+enum Effect {
+    /// Replace the job in memory with the batch's version and re-arm its timer.
+    Job(JobId),
+    /// Re-arm a job's timer from memory (an advance that found nothing to do).
+    Rearm(JobId),
+    NewFire(FireRecord),
+    FireUpdated(FireRecord),
+    FireDeleted(String),
+}
+
+/// A batch being decided: the writes, the jobs as they will be after it, and what to apply.
+#[derive(Debug, Default)]
+struct Batch {
+    writes: Vec<Write>,
+    jobs: HashMap<JobId, Job>,
+    effects: Vec<Effect>,
+    job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
+    unit_replies: Vec<Reply<()>>,
+    /// Fires whose redelivery is in this batch; put back unchanged if the commit fails.
+    redelivered: Vec<String>,
+}
+
+impl Batch {
+    fn job(&self, state: &State, id: &str) -> Option<Job> {
+        self.jobs
+            .get(id)
+            .or_else(|| state.jobs.get(id).map(|e| &e.job))
+            .cloned()
+    }
+
+    fn put_job(&mut self, job: Job, spec_too: bool) {
+        let id = job.spec.id.clone();
+        if spec_too {
+            self.writes.push(Write::PutSpec(job.spec.clone()));
+        }
+        self.writes
+            .push(Write::PutStatus(id.clone(), job.status.clone()));
+        self.effects.push(Effect::Job(id.clone()));
+        self.jobs.insert(id, job);
+    }
+}
+
+/// Runs the writer until a `Shutdown` op or until every sender is gone.
+pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut ops = vec![first];
+        while ops.len() < MAX_OPS_PER_BATCH {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut stops = Vec::new();
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .filter_map(|op| match op {
+                Op::Shutdown { reply } => {
+                    stops.push(reply);
+                    None
+                }
+                op => Some(op),
+            })
+            .collect();
+        if !ops.is_empty() {
+            process(&inner, ops);
+        }
+        if !stops.is_empty() {
+            for reply in stops {
+                let _ = reply.send(());
+            }
+            break;
+        }
+    }
+    debug!("writer stopped");
+}
+
+/// Decides, commits and applies one batch of ops.
+fn process(inner: &Inner, ops: Vec<Op>) {
+    let mut batch = Batch::default();
+    {
+        let state = inner.lock();
+        let now = inner.clock.now();
+        for op in ops {
+            decide(inner, &state, &mut batch, op, now);
+        }
+    }
+
+    let result = if batch.writes.is_empty() {
+        Ok(())
+    } else {
+        inner.store.commit(&batch.writes)
+    };
+
+    let mut state = inner.lock();
+    let mut wake_timer = false;
+    match &result {
+        Ok(()) => {
+            for effect in batch.effects {
+                match effect {
+                    Effect::Job(id) => {
+                        if let Some(job) = batch.jobs.get(&id) {
+                            let entry = state.jobs.entry(id.clone()).or_insert_with(|| {
+                                super::state::JobEntry {
+                                    job: job.clone(),
+                                    timer: None,
+                                }
+                            });
+                            entry.job = job.clone();
+                            wake_timer |= state.sync_timer(&id);
+                        }
+                    }
+                    Effect::Rearm(id) => wake_timer |= state.sync_timer(&id),
+                    Effect::NewFire(rec) => {
+                        let spec = state.jobs.get(&rec.job_id).map(|e| e.job.spec.clone());
+                        if let Some(spec) = spec {
+                            let delayed = rec.not_before.is_some();
+                            state.insert_fire(rec, spec);
+                            wake_timer |= delayed;
+                        }
+                    }
+                    Effect::FireUpdated(rec) => {
+                        wake_timer |= rec.not_before.is_some();
+                        state.apply_fire_update(rec);
+                    }
+                    Effect::FireDeleted(id) => {
+                        if let Some(queue) = state.release(&id) {
+                            state.dispatch(&queue);
+                        }
+                        state.fires.remove(&id);
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            error!(error = %e, writes = batch.writes.len(), "store commit failed; the batch's changes were not made");
+            for effect in batch.effects {
+                if let Effect::Job(id) | Effect::Rearm(id) = effect {
+                    wake_timer |= state.sync_timer(&id);
+                }
+            }
+            for id in &batch.redelivered {
+                state.requeue_unchanged(id);
+            }
+        }
+    }
+    // Job replies read the job from memory after apply, so they show the committed state.
+    let mut replies = Vec::with_capacity(batch.job_replies.len());
+    for (reply, outcome) in batch.job_replies {
+        let answer = match (&result, outcome) {
+            (_, Err(e)) => Err(e),
+            (Err(e), Ok(_)) => Err(SchedulerError::Unavailable(format!(
+                "the change could not be stored: {e}"
+            ))),
+            (Ok(()), Ok(id)) => state
+                .jobs
+                .get(&id)
+                .map(|e| e.job.clone())
+                .ok_or_else(|| SchedulerError::Internal(format!("job {id} vanished"))),
+        };
+        replies.push((reply, answer));
+    }
+    drop(state);
+    if wake_timer {
+        inner.timer_wake.notify_one();
+    }
+    for (reply, answer) in replies {
+        let _ = reply.send(answer);
+    }
+    for reply in batch.unit_replies {
+        let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| {
+            SchedulerError::Unavailable(format!("the change could not be stored: {e}"))
+        }));
+    }
+}
+
+fn decide(inner: &Inner, state: &State, batch: &mut Batch, op: Op, now: Timestamp) {
+    match op {
+        Op::Schedule { job, reply } => {
+            let id = job.spec.id.clone();
+            let outcome = match batch.job(state, &id) {
+                Some(existing) if existing.spec == job.spec => Ok(id),
+                Some(_) => Err(SchedulerError::AlreadyExists(id.to_string())),
+                None => {
+                    batch.put_job(job, true);
+                    Ok(id)
+                }
+            };
+            batch.job_replies.push((reply, outcome));
+        }
+        Op::Transition {
+            id,
+            transition,
+            reply,
+        } => {
+            let outcome = decide_transition(state, batch, &id, transition, now);
+            batch.job_replies.push((reply, outcome));
+        }
+        Op::Advance { due, reply } => {
+            for (id, expected) in due {
+                decide_advance(inner, state, batch, id, expected, now);
+            }
+            batch.unit_replies.push(reply);
+        }
+        Op::Ack { fire_ids, reply } => {
+            for id in fire_ids {
+                if state
+                    .fires
+                    .get(&id)
+                    .is_some_and(|f| f.status == FireStatus::Acked)
+                {
+                    batch.writes.push(Write::DeleteFire(id.clone()));
+                    batch.effects.push(Effect::FireDeleted(id));
+                }
+            }
+            if let Some(reply) = reply {
+                batch.unit_replies.push(reply);
+            }
+        }
+        Op::Redeliver { fire_id, why } => decide_redelivery(inner, state, batch, fire_id, why, now),
+        // Filtered out by `run` before deciding.
+        Op::Shutdown { .. } => {}
+    }
+}
+
+fn decide_transition(
+    state: &State,
+    batch: &mut Batch,
+    id: &str,
+    transition: Transition,
+    _now: Timestamp,
+) -> Result<JobId, SchedulerError> {
+    let Some(mut job) = batch.job(state, id) else {
+        return Err(SchedulerError::NotFound(id.to_string()));
+    };
+    let from = job.status.state;
+    let to = match (transition, from) {
+        (Transition::Cancel, JobState::Scheduled | JobState::Paused) => JobState::Cancelled,
+        (Transition::Cancel, JobState::Cancelled | JobState::Completed) => from,
+        (Transition::Pause, JobState::Scheduled | JobState::Paused) => JobState::Paused,
+        (Transition::Resume, JobState::Scheduled | JobState::Paused) => JobState::Scheduled,
+        (Transition::Pause | Transition::Resume, JobState::Completed | JobState::Cancelled) => {
+            return Err(SchedulerError::FailedPrecondition(format!(
+                "job {id} is {}; only scheduled or paused jobs can be paused or resumed",
+                state_word(from)
+            )));
+        }
+    };
+    if to != from {
+        job.status.state = to;
+        if to == JobState::Cancelled {
+            job.status.next_occurrence = None;
+        }
+        batch.put_job(job.clone(), false);
+    }
+    Ok(job.spec.id.clone())
+}
+
+fn state_word(s: JobState) -> &'static str {
+    match s {
+        JobState::Scheduled => "scheduled",
+        JobState::Paused => "paused",
+        JobState::Completed => "completed",
+        JobState::Cancelled => "cancelled",
+    }
+}
+
+/// Advances one due job: the job's new status and a record per fire go into the same batch.
+fn decide_advance(
+    inner: &Inner,
+    state: &State,
+    batch: &mut Batch,
+    id: JobId,
+    expected: Timestamp,
+    now: Timestamp,
+) {
+    let Some(job) = batch.job(state, &id) else {
+        return;
+    };
+    if job.status.state != JobState::Scheduled || job.status.next_occurrence != Some(expected) {
+        // Changed since the timer looked (paused, cancelled, already advanced).
+        batch.effects.push(Effect::Rearm(id));
+        return;
+    }
+    let plan = advance(&job, now, inner.config.max_catch_up_fires);
+    if plan.status == job.status {
+        batch.effects.push(Effect::Rearm(id));
+        return;
+    }
+    if plan.skipped > 0 {
+        let at_least = if plan.skipped_at_least {
+            "at least "
+        } else {
+            ""
+        };
+        warn!(
+            job_id = %id,
+            queue = %job.spec.queue,
+            skipped = plan.skipped,
+            policy = ?job.spec.misfire_policy,
+            "{at_least}{} missed occurrence(s) skipped by the misfire policy",
+            plan.skipped
+        );
+    }
+    for occurrence in &plan.fires {
+        let rec = FireRecord {
+            fire_id: fire_id(&id, *occurrence),
+            job_id: id.clone(),
+            queue: job.spec.queue.clone(),
+            scheduled_time: *occurrence,
+            fire_time: now,
+            attempt: 1,
+            not_before: None,
+            dead_lettered: false,
+        };
+        batch.writes.push(Write::PutFire(rec.clone()));
+        batch.effects.push(Effect::NewFire(rec));
+    }
+    let mut next = job;
+    next.status = plan.status;
+    batch.put_job(next, false);
+}
+
+/// Counts an attempt for a fire that came back, and decides where it goes: its queue again
+/// (at once or after a delay), the dead-letter queue, or nowhere.
+fn decide_redelivery(
+    inner: &Inner,
+    state: &State,
+    batch: &mut Batch,
+    fire_id: String,
+    why: Redelivery,
+    now: Timestamp,
+) {
+    let Some(entry) = state.fires.get(&fire_id) else {
+        return;
+    };
+    if entry.status != FireStatus::Pending {
+        return; // acked while on its way here
+    }
+    let spec = &entry.spec;
+    let mut rec = entry.rec.clone();
+    let delivered_attempt = rec.attempt;
+    batch.redelivered.push(fire_id.clone());
+    if delivered_attempt >= spec.max_attempts {
+        match &spec.dead_letter_queue {
+            Some(dlq) if !rec.dead_lettered => {
+                warn!(fire_id = %fire_id, job_id = %rec.job_id, queue = %rec.queue, dead_letter_queue = %dlq, attempts = delivered_attempt, "fire dead-lettered after its last attempt");
+                rec.queue = dlq.clone();
+                rec.attempt = 1;
+                rec.not_before = None;
+                rec.dead_lettered = true;
+                batch.writes.push(Write::PutFire(rec.clone()));
+                batch.effects.push(Effect::FireUpdated(rec));
+            }
+            _ => {
+                warn!(fire_id = %fire_id, job_id = %rec.job_id, queue = %rec.queue, attempts = delivered_attempt, "fire dropped after its last attempt: no dead-letter queue");
+                inner
+                    .dropped_fires
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                batch.writes.push(Write::DeleteFire(fire_id.clone()));
+                batch.effects.push(Effect::FireDeleted(fire_id));
+            }
+        }
+        return;
+    }
+    let delay = match why {
+        Redelivery::Nack(d) => d,
+        Redelivery::Expired => {
+            expiry_backoff(delivered_attempt, inner.config.max_redelivery_backoff)
+        }
+        Redelivery::StreamLost => 0,
+    };
+    rec.attempt = delivered_attempt + 1;
+    rec.not_before = (delay > 0).then(|| now.plus(delay));
+    batch.writes.push(Write::PutFire(rec.clone()));
+    batch.effects.push(Effect::FireUpdated(rec));
+}

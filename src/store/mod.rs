@@ -1,0 +1,162 @@
+//! Storage: what tickd keeps on disk, behind a small trait.
+//!
+//! The layout is three tables: job specs (written once, when a job is scheduled), job statuses
+//! (small, rewritten whenever a job fires, pauses or completes) and fires (written when a fire
+//! is released or redelivered, deleted when it is acked). Splitting spec from status keeps a
+//! large payload from being rewritten on every fire.
+//!
+//! A store only applies ordered batches of writes atomically and durably, and loads everything
+//! back. It makes no decisions: the scheduler decides, then commits. It must not assume it is the
+//! only process using the data, or that the data is local.
+
+mod memory;
+mod redb_store;
+
+use std::sync::Arc;
+
+pub use memory::MemoryStore;
+pub use redb_store::RedbStore;
+
+use crate::domain::{FireRecord, JobId, JobSpec, JobStatus};
+
+/// One change in a batch. Batches are applied in order, all or nothing.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// A new job's spec.
+    PutSpec(Arc<JobSpec>),
+    /// A job's current status.
+    PutStatus(JobId, JobStatus),
+    /// A fire, new or updated.
+    PutFire(FireRecord),
+    /// A fire that is acked or dropped.
+    DeleteFire(String),
+}
+
+/// Everything a store holds, as loaded at start-up.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub jobs: Vec<(JobSpec, JobStatus)>,
+    pub fires: Vec<FireRecord>,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    #[error("store record {table}/{key} cannot be read: {reason}")]
+    Corrupt {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
+    #[error("job {0} has a status but no spec in the store")]
+    MissingSpec(String),
+}
+
+/// A durable home for jobs and fires.
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Loads every job and fire.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+
+    /// Applies `writes` in order as one atomic, durable transaction: when this returns `Ok`, the
+    /// writes survive a crash; when it returns `Err`, none of them happened.
+    fn commit(&self, writes: &[Write]) -> Result<(), StoreError>;
+}
+
+/// Record encoding shared by the stores: MessagePack with field names, so that fields can be
+/// added later without breaking old data.
+pub(crate) mod codec {
+    use serde::{Serialize, de::DeserializeOwned};
+
+    use super::StoreError;
+
+    pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+        rmp_serde::to_vec_named(value).map_err(|e| StoreError::Io(format!("encode: {e}")))
+    }
+
+    pub fn decode<T: DeserializeOwned>(
+        table: &'static str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<T, StoreError> {
+        rmp_serde::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            table,
+            key: key.to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! Tests every store must pass.
+
+    use super::*;
+    use crate::domain::{JobState, MisfirePolicy, Timestamp, TriggerSpec};
+    use bytes::Bytes;
+    use std::collections::BTreeMap;
+
+    pub fn spec(id: &str) -> JobSpec {
+        JobSpec {
+            id: id.into(),
+            queue: "q".into(),
+            trigger: TriggerSpec::After { after: 1 },
+            payload: Bytes::from_static(b"payload"),
+            labels: BTreeMap::from([("k".to_string(), "v".to_string())]),
+            max_fires: 0,
+            end_time: None,
+            misfire_policy: MisfirePolicy::FireOnce,
+            misfire_grace: 5,
+            ack_deadline: 30,
+            max_attempts: 10,
+            dead_letter_queue: None,
+        }
+    }
+
+    pub fn status(state: JobState) -> JobStatus {
+        JobStatus {
+            state,
+            next_occurrence: Some(Timestamp(7)),
+            fire_count: 3,
+            create_time: Timestamp(1),
+            last_fire_time: None,
+        }
+    }
+
+    pub fn fire(id: &str) -> FireRecord {
+        FireRecord {
+            fire_id: id.into(),
+            job_id: "a".into(),
+            queue: "q".into(),
+            scheduled_time: Timestamp(5),
+            fire_time: Timestamp(6),
+            attempt: 1,
+            not_before: None,
+            dead_lettered: false,
+        }
+    }
+
+    /// Writes are applied in order, and a load returns exactly what was committed.
+    pub fn round_trips(store: &dyn Store) {
+        let a = Arc::new(spec("a"));
+        store
+            .commit(&[
+                Write::PutSpec(a.clone()),
+                Write::PutStatus("a".into(), status(JobState::Scheduled)),
+                Write::PutFire(fire("f1")),
+                Write::PutFire(fire("f2")),
+            ])
+            .expect("commit");
+        store
+            .commit(&[
+                Write::PutStatus("a".into(), status(JobState::Paused)),
+                Write::DeleteFire("f1".into()),
+                Write::DeleteFire("never-existed".into()),
+            ])
+            .expect("commit");
+        let snap = store.load().expect("load");
+        assert_eq!(snap.jobs, vec![(spec("a"), status(JobState::Paused))]);
+        assert_eq!(snap.fires, vec![fire("f2")]);
+    }
+}
