@@ -2,10 +2,10 @@
 //! answer. No scheduling logic lives here.
 
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
@@ -14,7 +14,7 @@ use super::pb;
 use super::pb::subscribe_request::Request as SubReq;
 use super::validate::{self, Limits, Violations};
 use crate::domain::time::MICROS_PER_SECOND;
-use crate::scheduler::{Scheduler, SubscriberHandle};
+use crate::scheduler::{Scheduler, SubscriberHandle, Subscription};
 
 /// The gRPC face of the core.
 #[derive(Debug, Clone)]
@@ -29,7 +29,40 @@ impl SchedulerService {
     }
 }
 
-type FireStream = Pin<Box<dyn Stream<Item = Result<pb::Fire, Status>> + Send + 'static>>;
+/// The response of Subscribe: fires until the subscription ends (UNAVAILABLE, at shutdown)
+/// or a bad request arrives (INVALID_ARGUMENT).
+struct FireStream {
+    subscription: Subscription,
+    errors: mpsc::Receiver<Status>,
+    /// Dropped (which the reader notices) when the response ends.
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl Stream for FireStream {
+    type Item = Result<pb::Fire, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done.is_none() {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(Some(status)) = self.errors.poll_recv(cx) {
+            self.done = None;
+            return Poll::Ready(Some(Err(status)));
+        }
+        match Pin::new(&mut self.subscription).poll_next(cx) {
+            Poll::Ready(Some(delivery)) => Poll::Ready(Some(Ok(convert::fire(delivery)))),
+            Poll::Ready(None) => {
+                self.done = None;
+                Poll::Ready(Some(Err(Status::unavailable(
+                    "tickd is shutting down; reconnect to receive fires",
+                ))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+type BoxFireStream = Pin<Box<dyn Stream<Item = Result<pb::Fire, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl pb::scheduler_server::Scheduler for SchedulerService {
@@ -96,12 +129,12 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         Ok(Response::new(convert::job(&job)))
     }
 
-    type SubscribeStream = FireStream;
+    type SubscribeStream = BoxFireStream;
 
     async fn subscribe(
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
-    ) -> Result<Response<FireStream>, Status> {
+    ) -> Result<Response<BoxFireStream>, Status> {
         let mut inbound = request.into_inner();
         let first = inbound.message().await?;
         let Some(SubReq::Open(open)) = first.and_then(|m| m.request) else {
@@ -130,17 +163,22 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             .map_err(convert::status)?;
         debug!(queue = %open.queue, max_in_flight, "subscriber opened");
 
-        // Bad messages later in the stream end it with INVALID_ARGUMENT through this channel.
-        let (errors_tx, errors_rx) = mpsc::channel::<Status>(1);
-        tokio::spawn(read_requests(inbound, subscription.handle(), errors_tx));
-
-        let fires = subscription
-            .map(|d| Ok(convert::fire(d)))
-            .chain(tokio_stream::once(Err(Status::unavailable(
-                "tickd is shutting down; reconnect to receive fires",
-            ))));
-        let errors = ReceiverStream::new(errors_rx).map(Err);
-        Ok(Response::new(Box::pin(fires.merge(errors))))
+        // Bad messages later in the stream end it with INVALID_ARGUMENT through `errors`;
+        // `done` tells the reader that the response has ended, so it drops the request stream
+        // and the RPC can finish (graceful shutdown waits for that).
+        let (errors_tx, errors) = mpsc::channel::<Status>(1);
+        let (done_tx, done) = oneshot::channel::<()>();
+        tokio::spawn(read_requests(
+            inbound,
+            subscription.handle(),
+            errors_tx,
+            done,
+        ));
+        Ok(Response::new(Box::pin(FireStream {
+            subscription,
+            errors,
+            done: Some(done_tx),
+        })))
     }
 
     async fn ack(
@@ -167,11 +205,20 @@ async fn read_requests(
     mut inbound: Streaming<pb::SubscribeRequest>,
     handle: SubscriberHandle,
     errors: mpsc::Sender<Status>,
+    mut done: oneshot::Receiver<()>,
 ) {
     loop {
-        let msg = match inbound.message().await {
+        let next = tokio::select! {
+            next = inbound.message() => next,
+            _ = &mut done => return,
+        };
+        let msg = match next {
             Ok(Some(msg)) => msg,
-            Ok(None) => return,
+            // Half-closed: the worker sends nothing more but still receives fires.
+            Ok(None) => {
+                let _ = done.await;
+                return;
+            }
             Err(status) => {
                 debug!(%status, "subscriber stream failed; ending the subscription");
                 handle.close();
