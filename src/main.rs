@@ -1,6 +1,7 @@
 //! The tickd server binary: parse configuration, set up logging, bind, run until SIGTERM or
 //! SIGINT.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -20,7 +21,10 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
 
     let listener = match TcpListener::bind(config.listen).await {
         Ok(l) => l,

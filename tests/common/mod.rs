@@ -236,6 +236,15 @@ impl Sub {
     }
 }
 
+/// The fields named by a status's BadRequest violations.
+pub fn bad_fields(status: &Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
 /// Asserts `status` is INVALID_ARGUMENT with a BadRequest violation on `field`.
 pub fn assert_bad_field(status: &Status, field: &str) {
     use tonic_types::StatusExt;
