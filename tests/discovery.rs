@@ -1,0 +1,106 @@
+//! Generic clients can find tickd: grpc.health.v1 reports SERVING, and gRPC reflection (v1 and
+//! v1alpha) lists the Scheduler service.
+
+mod common;
+
+use common::*;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+/// Health reports SERVING for the server and for tickd.v1.Scheduler.
+#[tokio::test]
+async fn health_reports_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(dir.path()).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    for service in ["", "tickd.v1.Scheduler"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("check")
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "service {service:?}");
+    }
+    server.stop().await;
+}
+
+/// Reflection lists tickd.v1.Scheduler, and its file describes every RPC.
+#[tokio::test]
+async fn reflection_lists_the_scheduler() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(dir.path()).await;
+    let channel = Channel::from_shared(format!("http://{}", server.addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = ServerReflectionClient::new(channel);
+    let requests = vec![
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        },
+        ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::FileContainingSymbol(
+                "tickd.v1.Scheduler".into(),
+            )),
+        },
+    ];
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter(requests))
+        .await
+        .expect("reflection")
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) = responses
+        .message()
+        .await
+        .expect("first response")
+        .and_then(|r| r.message_response)
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"tickd.v1.Scheduler"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+    let Some(MessageResponse::FileDescriptorResponse(files)) = responses
+        .message()
+        .await
+        .expect("second response")
+        .and_then(|r| r.message_response)
+    else {
+        panic!("expected a file descriptor");
+    };
+    let bytes: Vec<u8> = files.file_descriptor_proto.concat();
+    let text = String::from_utf8_lossy(&bytes);
+    for method in [
+        "Schedule",
+        "Cancel",
+        "GetJob",
+        "ListJobs",
+        "PauseJob",
+        "ResumeJob",
+        "Subscribe",
+        "Ack",
+    ] {
+        assert!(
+            text.contains(method),
+            "reflection does not describe {method}"
+        );
+    }
+    server.stop().await;
+}
