@@ -46,8 +46,13 @@ impl RedbStore {
             ))
         })?;
         let path = data_dir.join(DB_FILE_NAME);
-        let db = Database::create(&path)
-            .map_err(|e| StoreError::Io(format!("cannot open {}: {e}", path.display())))?;
+        let db = Database::create(&path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Io(format!(
+                "cannot open {}: another tickd process is using this data directory",
+                path.display()
+            )),
+            e => StoreError::Io(format!("cannot open {}: {e}", path.display())),
+        })?;
         // Create the tables up front so that a read of a fresh store finds them.
         let txn = db.begin_write().map_err(io("begin write"))?;
         for table in [SPECS, STATUSES, FIRES] {
@@ -154,6 +159,15 @@ mod tests {
         }
         let store = RedbStore::open(dir.path()).expect("reopen");
         assert_eq!(store.load().expect("load").jobs.len(), 1);
+    }
+
+    /// A second process (or handle) on the same directory is refused with a clear reason.
+    #[test]
+    fn second_opener_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _first = RedbStore::open(dir.path()).expect("open");
+        let err = RedbStore::open(dir.path()).expect_err("already open");
+        assert!(err.to_string().contains("another tickd process"), "{err}");
     }
 
     /// A corrupt record is reported with its table and key, not a panic.
