@@ -255,7 +255,9 @@ pub fn schedule_request(
         id: job.id.into(),
         queue: job.queue,
         trigger,
-        payload: job.payload,
+        // The decoded payload is a slice of the request's receive buffer; a copy of its own
+        // keeps the job from pinning that whole buffer in memory for as long as it lives.
+        payload: bytes::Bytes::copy_from_slice(&job.payload),
         labels,
         max_fires: job.max_fires,
         end_time,

@@ -15,6 +15,10 @@ const SPECS: TableDefinition<&str, &[u8]> = TableDefinition::new("job_specs");
 const STATUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_statuses");
 const FIRES: TableDefinition<&str, &[u8]> = TableDefinition::new("fires");
 
+/// Page cache of the store. tickd reads the store once, at start-up, so the cache mostly
+/// holds pages written recently; a small one is enough.
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// The file name inside the data directory.
 pub const DB_FILE_NAME: &str = "tickd.redb";
 
@@ -37,8 +41,14 @@ fn io<E: std::fmt::Display>(what: &'static str) -> impl Fn(E) -> StoreError {
 }
 
 impl RedbStore {
-    /// Opens (or creates) the store in `data_dir`, creating the directory if needed.
+    /// Opens (or creates) the store in `data_dir`, creating the directory if needed, with
+    /// redb's default page cache.
     pub fn open(data_dir: &Path) -> Result<RedbStore, StoreError> {
+        Self::open_with_cache(data_dir, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store with a page cache of `cache_bytes`.
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: usize) -> Result<RedbStore, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             StoreError::Io(format!(
                 "cannot create data directory {}: {e}",
@@ -46,13 +56,16 @@ impl RedbStore {
             ))
         })?;
         let path = data_dir.join(DB_FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Io(format!(
-                "cannot open {}: another tickd process is using this data directory",
-                path.display()
-            )),
-            e => StoreError::Io(format!("cannot open {}: {e}", path.display())),
-        })?;
+        let db = Database::builder()
+            .set_cache_size(cache_bytes)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Io(format!(
+                    "cannot open {}: another tickd process is using this data directory",
+                    path.display()
+                )),
+                e => StoreError::Io(format!("cannot open {}: {e}", path.display())),
+            })?;
         // Create the tables up front so that a read of a fresh store finds them.
         let txn = db.begin_write().map_err(io("begin write"))?;
         for table in [SPECS, STATUSES, FIRES] {

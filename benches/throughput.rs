@@ -1,0 +1,168 @@
+//! Throughput and memory of tickd on this machine. Not a test: run with
+//! `cargo bench --bench throughput` (optionally `-- JOBS`), read the numbers.
+//!
+//! 1. Schedule rate through gRPC (real server, embedded store, fsync on commit), with many
+//!    concurrent callers so that group commit can work.
+//! 2. Memory per pending job: resident memory growth after scheduling them all.
+//! 3. Simultaneous fires: that many jobs due at the same instant, received and acked by one
+//!    subscriber; time from the due instant to the last fire received.
+
+use std::time::{Duration, Instant};
+
+use prost_types::Timestamp as PbTimestamp;
+use tickd::api::pb;
+use tickd::api::pb::scheduler_client::SchedulerClient;
+use tickd::config::Config;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const CALLERS: usize = 256;
+/// HTTP/2 connections the callers spread over (one connection is served by one task).
+const CONNECTIONS: usize = 8;
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn ts(micros: i64) -> PbTimestamp {
+    PbTimestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
+    }
+}
+
+async fn schedule_all(channels: &[Channel], n: usize, queue: &str, at: i64) -> Duration {
+    let started = Instant::now();
+    let per = n.div_ceil(CALLERS);
+    let mut tasks = Vec::new();
+    for c in 0..CALLERS {
+        let mut client = SchedulerClient::new(channels[c % channels.len()].clone());
+        let queue = queue.to_string();
+        tasks.push(tokio::spawn(async move {
+            for i in (c * per)..((c + 1) * per).min(n) {
+                let job = pb::Job {
+                    id: format!("{queue}-{i}"),
+                    queue: queue.clone(),
+                    trigger: Some(pb::Trigger {
+                        kind: Some(pb::trigger::Kind::At(ts(at))),
+                    }),
+                    payload: b"small payload".to_vec().into(),
+                    ..Default::default()
+                };
+                client
+                    .schedule(pb::ScheduleRequest { job: Some(job) })
+                    .await
+                    .expect("schedule");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("caller");
+    }
+    started.elapsed()
+}
+
+#[tokio::main]
+async fn main() {
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(100_000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config::defaults();
+    config.data_dir = dir.path().to_path_buf();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        tickd::api::run(listener, &config, async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    let mut channels = Vec::new();
+    for _ in 0..CONNECTIONS {
+        channels.push(
+            Channel::from_shared(format!("http://{addr}"))
+                .expect("uri")
+                .connect()
+                .await
+                .expect("connect"),
+        );
+    }
+    let channel = channels[0].clone();
+
+    // 1 and 2: pending jobs, an hour out.
+    let rss_before = rss_bytes();
+    let took = schedule_all(&channels, n, "pending", now_micros() + 3_600_000_000).await;
+    let rss_after = rss_bytes();
+    println!(
+        "schedule: {n} jobs in {:.2} s = {:.0} jobs/s ({CALLERS} concurrent callers on {CONNECTIONS} connections, fsync per group commit)",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
+    println!(
+        "memory: {:.0} bytes resident per pending job (RSS {} MiB -> {} MiB; includes the client)",
+        (rss_after.saturating_sub(rss_before)) as f64 / n as f64,
+        rss_before / (1 << 20),
+        rss_after / (1 << 20)
+    );
+
+    // 3: n jobs due at one instant, a few seconds out so that scheduling them finishes first.
+    let due = now_micros() + 5_000_000 + (n as i64) * 200;
+    let took = schedule_all(&channels, n, "burst", due).await;
+    assert!(
+        now_micros() < due,
+        "scheduling took too long ({took:?}); lower JOBS"
+    );
+    let (tx, rx) = mpsc::channel(1024);
+    tx.send(pb::SubscribeRequest {
+        request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
+            queue: "burst".into(),
+            max_in_flight: 10_000,
+        })),
+    })
+    .await
+    .expect("open");
+    let mut fires = SchedulerClient::new(channel.clone())
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .expect("subscribe")
+        .into_inner();
+    let mut received = 0;
+    let mut batch = Vec::new();
+    while received < n {
+        let fire = fires.message().await.expect("stream").expect("fire");
+        received += 1;
+        batch.push(fire.fire_id);
+        if batch.len() >= 256 || received == n {
+            tx.send(pb::SubscribeRequest {
+                request: Some(pb::subscribe_request::Request::Ack(pb::AckFires {
+                    fire_ids: std::mem::take(&mut batch),
+                })),
+            })
+            .await
+            .expect("ack");
+        }
+    }
+    let last = now_micros();
+    println!(
+        "burst: {n} jobs due at one instant, all received {:.2} s after it ({:.0} fires/s)",
+        (last - due) as f64 / 1e6,
+        n as f64 / ((last - due) as f64 / 1e6)
+    );
+
+    let _ = stop.send(());
+    let _ = server.await;
+}
