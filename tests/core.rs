@@ -315,3 +315,244 @@ async fn jitter_delays_within_bounds() {
     }
     core.shutdown().await;
 }
+
+/// A fire whose deadline passes while its subscription stays open comes back to that same
+/// subscription (attempt 2), and a late ack of attempt 1 still acks it.
+#[tokio::test]
+async fn expired_fire_returns_to_an_open_subscription_and_late_acks_count() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(store.clone(), clock.clone()).await;
+    let mut sub = core.subscribe("q", 1).expect("subscribe");
+    let mut s = spec("a", TriggerSpec::After { after: 0 });
+    s.ack_deadline = 10 * S;
+    core.schedule(s).await.expect("schedule");
+    let first = next(&mut sub).await;
+    clock.advance(10 * S);
+    settle().await;
+    clock.advance(S);
+    let second = next(&mut sub).await;
+    assert_eq!(
+        (second.fire.fire_id.as_str(), second.fire.attempt),
+        (first.fire.fire_id.as_str(), 2)
+    );
+    sub.handle().ack(std::slice::from_ref(&first.fire.fire_id));
+    settle().await;
+    assert!(
+        store.load().expect("load").fires.is_empty(),
+        "the late ack deleted the fire"
+    );
+    clock.advance(60 * S);
+    none(&mut sub).await;
+    core.shutdown().await;
+}
+
+/// An ack whose commit failed is retried: a client's retry answers only once the deletion is
+/// stored, and the fire is not delivered again.
+#[tokio::test]
+async fn a_failed_ack_commit_is_retried_until_stored() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(store.clone(), clock.clone()).await;
+    let mut sub = core.subscribe("q", 10).expect("subscribe");
+    core.schedule(spec("a", TriggerSpec::After { after: 0 }))
+        .await
+        .expect("schedule");
+    let d = next(&mut sub).await;
+    store.set_fail_commits(true);
+    let ids = [d.fire.fire_id.clone()];
+    assert!(core.ack("q", &ids).await.is_err(), "the disk failed");
+    store.set_fail_commits(false);
+    core.ack("q", &ids)
+        .await
+        .expect("the retry is answered after the write");
+    assert!(store.load().expect("load").fires.is_empty());
+    clock.advance(3_600 * S);
+    none(&mut sub).await;
+    core.shutdown().await;
+}
+
+/// A store whose commits block until released, to hold a change inside the writer.
+#[derive(Debug, Default)]
+struct GatedStore {
+    inner: MemoryStore,
+    delay_ms: AtomicUsize,
+}
+
+impl Store for GatedStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load()
+    }
+
+    fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        std::thread::sleep(Duration::from_millis(
+            self.delay_ms.load(Ordering::SeqCst) as u64
+        ));
+        self.inner.commit(writes)
+    }
+}
+
+/// A redelivery applied while the timer loop sleeps with nothing armed still gets its ack
+/// deadline enforced.
+#[tokio::test]
+async fn redelivered_fire_deadline_is_enforced_after_an_idle_timer_pass() {
+    let store = Arc::new(GatedStore::default());
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(store.clone(), clock.clone()).await;
+    let mut a = core.subscribe("q", 10).expect("subscribe");
+    core.schedule(spec("j", TriggerSpec::After { after: 0 }))
+        .await
+        .expect("schedule");
+    let f = next(&mut a).await;
+    store.delay_ms.store(300, Ordering::SeqCst);
+    a.handle().nack(std::slice::from_ref(&f.fire.fire_id), 0);
+    settle().await;
+    clock.advance(S); // a timer pass while the redelivery is being written: nothing armed
+    let again = next(&mut a).await;
+    assert_eq!(again.fire.attempt, 2);
+    store.delay_ms.store(0, Ordering::SeqCst);
+    clock.advance(31 * S); // past the 30 s deadline
+    settle().await;
+    clock.advance(2 * S); // past the backoff
+    let third = next(&mut a).await;
+    assert_eq!(third.fire.attempt, 3);
+    core.shutdown().await;
+}
+
+/// A nack that lets a fire with a short deadline be handed out gets that deadline enforced,
+/// though the timer was sleeping toward a much later one.
+#[tokio::test]
+async fn a_shorter_deadline_wakes_the_timer() {
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(Arc::new(MemoryStore::new()), clock.clone()).await;
+    let mut sub = core.subscribe("q", 1).expect("subscribe");
+    let mut long = spec("long", TriggerSpec::After { after: 0 });
+    long.ack_deadline = 3_600 * S;
+    core.schedule(long).await.expect("schedule");
+    let a = next(&mut sub).await;
+    let mut short = spec("short", TriggerSpec::After { after: 0 });
+    short.ack_deadline = 10 * S;
+    core.schedule(short).await.expect("schedule");
+    settle().await;
+    sub.handle().nack(std::slice::from_ref(&a.fire.fire_id), 0);
+    let b = next(&mut sub).await;
+    assert_eq!(&*b.fire.job_id, "short");
+    clock.advance(11 * S);
+    settle().await;
+    clock.advance(2 * S);
+    let again = next(&mut sub).await;
+    assert_eq!(again.fire.attempt, 2);
+    core.shutdown().await;
+}
+
+/// A clock that stands still and counts how often it is read.
+#[derive(Debug)]
+struct FrozenClock {
+    now: Timestamp,
+    reads: AtomicUsize,
+}
+
+impl Clock for FrozenClock {
+    fn now(&self) -> Timestamp {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.now
+    }
+
+    fn sleep_until(&self, _deadline: Timestamp) -> tickd::scheduler::clock::Sleep<'_> {
+        Box::pin(tokio::time::sleep(Duration::from_millis(50)))
+    }
+}
+
+/// A job created "in the future" (the wall clock stepped back since) waits quietly instead of
+/// spinning the timer loop.
+#[tokio::test]
+async fn a_clock_step_back_does_not_spin_the_timer() {
+    use tickd::domain::JobStatus;
+    let store = Arc::new(MemoryStore::new());
+    store
+        .commit(&[
+            Write::PutSpec(Arc::new(spec(
+                "a",
+                TriggerSpec::At {
+                    at: Timestamp(1_000 * S),
+                },
+            ))),
+            Write::PutStatus(
+                "a".into(),
+                JobStatus {
+                    state: JobState::Scheduled,
+                    next_occurrence: Some(Timestamp(1_000 * S)),
+                    fire_count: 0,
+                    create_time: Timestamp(10_000 * S),
+                    last_fire_time: None,
+                },
+            ),
+        ])
+        .expect("commit");
+    let clock = Arc::new(FrozenClock {
+        now: Timestamp(5_000 * S),
+        reads: AtomicUsize::new(0),
+    });
+    let core = Scheduler::start(store, clock.clone(), SchedulerConfig::default())
+        .await
+        .expect("start");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = clock.reads.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let reads = clock.reads.load(Ordering::Relaxed) - before;
+    core.shutdown().await;
+    assert!(
+        reads < 50,
+        "the timer loop read the clock {reads} times in 200 ms"
+    );
+}
+
+/// Fires a subscription never took (its stream was not polled) lose no attempt when it drops.
+#[tokio::test]
+async fn fires_never_handed_out_lose_no_attempt_when_a_stream_drops() {
+    let store = Arc::new(MemoryStore::new());
+    let core = start(
+        store.clone(),
+        Arc::new(ManualClock::new(Timestamp(1_000 * S))),
+    )
+    .await;
+    let sub = core.subscribe("q", 10).expect("subscribe");
+    let mut s = spec("a", TriggerSpec::After { after: 0 });
+    s.max_attempts = 1;
+    core.schedule(s).await.expect("schedule");
+    settle().await;
+    drop(sub);
+    settle().await;
+    let fires = store.load().expect("load").fires;
+    assert_eq!(
+        fires.len(),
+        1,
+        "the fire was dropped though never delivered"
+    );
+    assert_eq!(fires[0].attempt, 1);
+    let mut sub = core.subscribe("q", 10).expect("subscribe");
+    assert_eq!(next(&mut sub).await.fire.attempt, 1);
+    core.shutdown().await;
+}
+
+/// After shutdown closes subscriptions, their streams end without handing out anything more.
+#[tokio::test]
+async fn closed_subscriptions_hand_out_nothing() {
+    let core = start(
+        Arc::new(MemoryStore::new()),
+        Arc::new(ManualClock::new(Timestamp(1_000 * S))),
+    )
+    .await;
+    let mut sub = core.subscribe("q", 10).expect("subscribe");
+    core.schedule(spec("a", TriggerSpec::After { after: 0 }))
+        .await
+        .expect("schedule");
+    settle().await;
+    core.close_subscriptions();
+    assert!(sub.recv().await.is_none());
+    assert!(matches!(
+        core.subscribe("q", 10),
+        Err(SchedulerError::Unavailable(_))
+    ));
+    core.shutdown().await;
+}

@@ -120,10 +120,14 @@ impl Job {
         ))
     }
 
-    /// When the next occurrence is released, if the job is waiting for one.
+    /// When the next occurrence is released, if the job is waiting for one: its due time, or
+    /// the job's creation if that is later (an `at` in the past is released at once).
     pub fn next_due(&self) -> Option<Timestamp> {
         match self.status.state {
-            JobState::Scheduled => self.status.next_occurrence.map(|o| self.due(o)),
+            JobState::Scheduled => self
+                .status
+                .next_occurrence
+                .map(|o| self.due(o).max(self.status.create_time)),
             _ => None,
         }
     }
@@ -194,7 +198,9 @@ pub fn advance(job: &Job, now: Timestamp, fire_all_cap: usize) -> Advance {
     if status.state != JobState::Scheduled {
         return unchanged(status);
     }
-    let due = job.due(first).max(status.create_time);
+    let Some(due) = job.next_due() else {
+        return unchanged(status);
+    };
     if due > now {
         return unchanged(status);
     }

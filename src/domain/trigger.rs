@@ -111,11 +111,14 @@ impl Recurrence {
         })
     }
 
-    /// The job's first occurrence.
+    /// The job's first occurrence. Only a one-shot trigger may have it before `created` (an
+    /// `at` in the past fires at once); an interval whose start is in the past begins at its
+    /// first grid point at or after creation, as cron begins at its first match after it.
     pub fn first(&self, created: Timestamp) -> Option<Timestamp> {
         match self {
             Recurrence::Once(at) => Some(*at),
-            Recurrence::Every { start, .. } => Some(*start),
+            Recurrence::Every { start, .. } if *start >= created => Some(*start),
+            Recurrence::Every { .. } => self.next_after(created.minus(1)),
             Recurrence::Cron { .. } => self.next_after(created),
         }
     }
@@ -243,6 +246,20 @@ mod tests {
             .expect("valid");
         assert_eq!(r.first(Timestamp(10)), Some(Timestamp(1_500_010)));
         assert_eq!(r.next_after(Timestamp(1_500_010)), None);
+    }
+
+    /// An interval whose start is before creation begins at its first grid point from creation
+    /// on: occurrences from before the job existed are not owed.
+    #[test]
+    fn interval_with_past_start_begins_at_creation() {
+        let spec = TriggerSpec::Every {
+            period: 10,
+            start_time: Some(Timestamp(0)),
+            jitter: 0,
+        };
+        let r = Recurrence::resolve(&spec, Timestamp(1_005)).expect("valid");
+        assert_eq!(r.first(Timestamp(1_005)), Some(Timestamp(1_010)));
+        assert_eq!(r.first(Timestamp(1_010)), Some(Timestamp(1_010)));
     }
 
     /// Intervals land on start + k·period exactly, however late they are asked.

@@ -5,8 +5,9 @@
 //! - A fire is **born** in [`writer`]: the job's advance and the fire's record commit together.
 //! - A fire **waits** in [`state`]: on its queue's ready list, or in the deadline index while
 //!   delayed or in flight.
-//! - A fire is **handed out** by `State::dispatch` to a [`Subscription`], and **acked** through
-//!   [`SubscriberHandle::ack`] or [`Scheduler::ack`], which the writer turns into a delete.
+//! - A fire is **handed out** by `State::poll_delivery` when a [`Subscription`] stream is
+//!   polled, and **acked** through [`SubscriberHandle::ack`] or [`Scheduler::ack`], which the
+//!   writer turns into a delete.
 //! - [`timer`] is the one task that wakes when something is due: a job's next occurrence, an
 //!   ack deadline, or the end of a redelivery delay.
 //!
@@ -121,6 +122,21 @@ impl Inner {
     /// matters more than stopping would, so a poisoned lock is taken over.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the locked state, then wakes the timer loop if `f` armed something earlier
+    /// than what it is sleeping for. Every change that can arm a timer or deadline goes
+    /// through here.
+    pub(crate) fn mutate<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        let (result, wake) = {
+            let mut state = self.lock();
+            let result = f(&mut state);
+            (result, std::mem::take(&mut state.timer_dirty))
+        };
+        if wake {
+            self.timer_wake.notify_one();
+        }
+        result
     }
 
     fn send(&self, op: Op) -> Result<(), SchedulerError> {
@@ -274,38 +290,35 @@ impl Scheduler {
         queue: &str,
         max_in_flight: usize,
     ) -> Result<Subscription, SchedulerError> {
-        let max_in_flight = max_in_flight.max(1);
-        let (tx, rx) = mpsc::channel(max_in_flight);
-        let mut state = self.inner.lock();
-        if state.shutting_down {
-            return Err(shutting_down());
-        }
-        let id = state.add_subscriber(queue, max_in_flight, tx);
-        let wake = state.dispatch(queue);
-        drop(state);
-        if wake {
-            self.inner.timer_wake.notify_one();
-        }
+        let id = self.inner.mutate(|state| {
+            if state.shutting_down {
+                return Err(shutting_down());
+            }
+            Ok(state.add_subscriber(queue, max_in_flight.max(1)))
+        })?;
         Ok(Subscription {
             handle: SubscriberHandle {
                 id,
+                queue: queue.to_string(),
                 inner: self.inner.clone(),
             },
-            rx,
         })
     }
 
     /// Acks fires of `queue` from outside a stream; returns how many were pending. The acks are
     /// on disk when this returns.
     pub async fn ack(&self, queue: &str, fire_ids: &[String]) -> Result<u32, SchedulerError> {
-        let acked = mark_acked(&self.inner, fire_ids, Some(queue), None);
-        let n = u32::try_from(acked.len()).unwrap_or(u32::MAX);
-        if acked.is_empty() {
+        let (newly, mut ids) = self.inner.mutate(|state| state.mark_acked(fire_ids, queue));
+        let n = u32::try_from(newly.len()).unwrap_or(u32::MAX);
+        // Ids already acked but whose deletion is still being written are sent again, so this
+        // call too answers only once that deletion is on disk.
+        ids.extend(newly);
+        if ids.is_empty() {
             return Ok(0);
         }
         self.inner
             .call(|reply| Op::Ack {
-                fire_ids: acked,
+                fire_ids: ids,
                 reply: Some(reply),
             })
             .await?;
@@ -320,9 +333,10 @@ impl Scheduler {
     /// First step of shutdown: refuse new subscriptions and end the open ones. Fires they held
     /// are deliverable again (after a restart, or to a subscriber elsewhere).
     pub fn close_subscriptions(&self) {
-        let mut state = self.inner.lock();
-        state.shutting_down = true;
-        state.close_all_subscribers();
+        self.inner.mutate(|state| {
+            state.shutting_down = true;
+            state.close_all_subscribers();
+        });
     }
 
     /// Stops the core: ends subscriptions, stops the timer, commits every change already
@@ -358,82 +372,58 @@ pub enum StartError {
     Load(String),
 }
 
-fn mark_acked(
-    inner: &Inner,
-    ids: &[String],
-    queue: Option<&str>,
-    sub: Option<SubId>,
-) -> Vec<String> {
-    let mut state = inner.lock();
-    let (acked, freed) = state.mark_acked(ids, queue, sub);
-    let mut wake = false;
-    for q in freed {
-        wake |= state.dispatch(&q);
-    }
-    drop(state);
-    if wake {
-        inner.timer_wake.notify_one();
-    }
-    acked
-}
-
 /// Acks, nacks and deadline extensions for one subscription; usable from any task.
 #[derive(Debug, Clone)]
 pub struct SubscriberHandle {
     id: SubId,
+    queue: String,
     inner: Arc<Inner>,
 }
 
 impl SubscriberHandle {
-    /// Acks fires in flight on this subscription. Written with the next group commit; not
-    /// waited for.
+    /// Acks fires of this subscription's queue (also ones whose deadline has passed). Written
+    /// with the next group commit; not waited for.
     pub fn ack(&self, fire_ids: &[String]) {
-        let acked = mark_acked(&self.inner, fire_ids, None, Some(self.id));
-        if !acked.is_empty() {
+        let (newly, _) = self
+            .inner
+            .mutate(|state| state.mark_acked(fire_ids, &self.queue));
+        if !newly.is_empty() {
             let _ = self.inner.send(Op::Ack {
-                fire_ids: acked,
+                fire_ids: newly,
                 reply: None,
             });
         }
     }
 
-    /// Gives fires back for redelivery after `delay` (attempt + 1).
+    /// Gives fires in flight on this subscription back for redelivery after `delay`
+    /// (attempt + 1).
     pub fn nack(&self, fire_ids: &[String], delay: Micros) {
-        let taken = {
-            let mut state = self.inner.lock();
-            let taken = state.take_back(fire_ids, self.id);
-            if let Some(queue) = state.subscribers.get(&self.id).map(|s| s.queue.clone()) {
-                state.dispatch(&queue);
-            }
-            taken
-        };
+        let taken = self
+            .inner
+            .mutate(|state| state.take_back(fire_ids, self.id));
         self.inner.redeliver(taken, Redelivery::Nack(delay));
     }
 
     /// Moves the ack deadline of fires in flight on this subscription to `now + extension`.
     pub fn extend(&self, fire_ids: &[String], extension: Micros) {
-        let wake = {
-            let mut state = self.inner.lock();
-            let deadline = self.inner.clock.now().plus(extension);
-            state.extend(fire_ids, self.id, deadline)
-        };
-        if wake {
-            self.inner.timer_wake.notify_one();
-        }
+        self.inner.mutate(|state| {
+            let deadline = state.clock.now().plus(extension);
+            state.extend(fire_ids, self.id, deadline);
+        });
     }
 
     /// Ends the subscription: fires it held are delivered again to others (attempt + 1).
     pub fn close(&self) {
-        let held = self.inner.lock().remove_subscriber(self.id);
+        let held = self.inner.mutate(|state| state.remove_subscriber(self.id));
         self.inner.redeliver(held, Redelivery::StreamLost);
     }
 }
 
-/// The fires of one subscription, as a stream. Dropping it ends the subscription.
+/// The fires of one subscription, as a stream: a fire is taken off its queue only when the
+/// stream is polled and the subscription has room. Dropping it ends the subscription.
 #[derive(Debug)]
 pub struct Subscription {
     handle: SubscriberHandle,
-    rx: mpsc::Receiver<Delivery>,
 }
 
 impl Subscription {
@@ -444,15 +434,18 @@ impl Subscription {
 
     /// The next fire; `None` once the subscription is closed (shutdown).
     pub async fn recv(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
+        std::future::poll_fn(|cx| Pin::new(&mut *self).poll_next(cx)).await
     }
 }
 
 impl Stream for Subscription {
     type Item = Delivery;
 
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        self.rx.poll_recv(cx)
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        let id = self.handle.id;
+        self.handle
+            .inner
+            .mutate(|state| state.poll_delivery(id, cx.waker()))
     }
 }
 

@@ -2,16 +2,18 @@
 //! subscribers. Everything here can be rebuilt from the store ([`State::restore`]); the only
 //! things that live in memory alone are which subscriber holds which fire and until when.
 //!
-//! This is where a fire waits (a queue's `ready` list or the `deadlines` index) and where it is
-//! handed to a subscriber ([`State::dispatch`]). Guarded by one std mutex in `Inner`; never held
-//! across an `.await`. Nothing here does I/O or blocks: a full or closed subscriber channel is
-//! noticed with `try_send`, never waited on.
+//! This is where a fire waits (its queue's `ready` list, or the `deadlines` index while delayed)
+//! and where it is handed out ([`State::poll_delivery`]). Delivery is pulled: a subscription
+//! takes a fire only when its stream is polled and it is below `max_in_flight`, so a fire is
+//! never parked in a buffer of a slow or dead stream, and its ack deadline starts when it is
+//! handed to that stream. Guarded by one std mutex (`Inner::state`); never held across an
+//! `.await`; nothing here does I/O or waits.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
-use tokio::sync::mpsc;
-use tracing::{error, warn};
+use tracing::error;
 
 use super::clock::Clock;
 use crate::domain::{FireRecord, Job, JobId, JobSpec, Timestamp};
@@ -35,11 +37,11 @@ pub(crate) enum FireStatus {
     Ready,
     /// Waiting in `deadlines` until it may be delivered (nack delay or backoff).
     Delayed(Timestamp),
-    /// Held by a subscriber until the deadline (also in `deadlines`).
+    /// Handed to a subscriber's stream; back for redelivery at the deadline (in `deadlines`).
     InFlight { sub: SubId, deadline: Timestamp },
     /// Its redelivery is being written; not deliverable until that commit applies.
     Pending,
-    /// Acked; its deletion is being written.
+    /// Acked; its deletion is being written (and retried until it is).
     Acked,
 }
 
@@ -63,8 +65,6 @@ pub(crate) struct QueueState {
     /// those are skipped when popped.
     pub ready: VecDeque<String>,
     pub subs: Vec<SubId>,
-    /// Round-robin cursor into `subs`.
-    pub next_sub: usize,
 }
 
 #[derive(Debug)]
@@ -72,15 +72,8 @@ pub(crate) struct Subscriber {
     pub queue: String,
     pub max_in_flight: usize,
     pub in_flight: HashSet<String>,
-    pub tx: mpsc::Sender<Delivery>,
-    /// Set when the stream's receiver is gone: it takes nothing more.
-    pub closed: bool,
-}
-
-impl Subscriber {
-    fn has_room(&self) -> bool {
-        !self.closed && self.in_flight.len() < self.max_in_flight
-    }
+    /// Set while the stream waits for a fire; woken when one may be there for it.
+    pub waker: Option<Waker>,
 }
 
 /// What the timer loop found due in one pass.
@@ -107,6 +100,9 @@ pub(crate) struct State {
     pub subscribers: HashMap<SubId, Subscriber>,
     pub next_sub_id: SubId,
     pub shutting_down: bool,
+    /// Set when a timer or deadline became the earliest of its index: the timer loop must look
+    /// again. Whoever releases the lock reads and clears it (`Inner::mutate`).
+    pub timer_dirty: bool,
 }
 
 impl State {
@@ -121,6 +117,7 @@ impl State {
             subscribers: HashMap::new(),
             next_sub_id: 0,
             shutting_down: false,
+            timer_dirty: false,
         }
     }
 
@@ -149,32 +146,38 @@ impl State {
     }
 
     /// Puts a job's timer where its status says: armed at its next due time when SCHEDULED,
-    /// absent otherwise. Returns true when it became the earliest timer.
-    pub fn sync_timer(&mut self, id: &JobId) -> bool {
+    /// absent otherwise.
+    pub fn sync_timer(&mut self, id: &JobId) {
         let Some(entry) = self.jobs.get_mut(id) else {
-            return false;
+            return;
         };
         let want = entry.job.next_due();
         if entry.timer == want {
-            return false;
+            return;
         }
         if let Some(old) = entry.timer.take() {
             self.timers.remove(&(old, id.clone()));
         }
-        match want {
-            Some(due) => {
-                entry.timer = Some(due);
-                self.timers.insert((due, id.clone()));
-                self.timers.first().is_some_and(|(t, _)| *t == due)
+        if let Some(due) = want {
+            entry.timer = Some(due);
+            self.timers.insert((due, id.clone()));
+            if self.timers.first().is_some_and(|(t, _)| *t == due) {
+                self.timer_dirty = true;
             }
-            None => false,
         }
+    }
+
+    fn insert_deadline(&mut self, at: Timestamp, fire_id: String) {
+        let key = (at, fire_id);
+        if self.deadlines.first().is_none_or(|first| key < *first) {
+            self.timer_dirty = true;
+        }
+        self.deadlines.insert(key);
     }
 
     /// Adds a stored fire and makes it deliverable (now, or at its `not_before`).
     pub fn insert_fire(&mut self, rec: FireRecord, spec: Arc<JobSpec>) {
         let id = rec.fire_id.clone();
-        let queue = rec.queue.clone();
         let not_before = rec.not_before;
         self.fires.insert(
             id.clone(),
@@ -185,149 +188,132 @@ impl State {
             },
         );
         self.make_deliverable(&id, not_before);
-        self.dispatch(&queue);
     }
 
-    /// Moves a fire to `Ready` on its queue, or to `Delayed` until `not_before`.
+    /// Moves a fire to `Ready` at the back of its queue (waking a subscriber), or to `Delayed`
+    /// until `not_before`.
     fn make_deliverable(&mut self, id: &str, not_before: Option<Timestamp>) {
         let Some(entry) = self.fires.get_mut(id) else {
             return;
         };
         match not_before {
-            Some(t) if t > Timestamp::MIN => {
+            Some(t) if t > self.clock.now() => {
                 entry.status = FireStatus::Delayed(t);
-                self.deadlines.insert((t, id.to_string()));
+                self.insert_deadline(t, id.to_string());
             }
             _ => {
                 entry.status = FireStatus::Ready;
+                let queue = entry.rec.queue.clone();
                 self.queues
-                    .entry(entry.rec.queue.clone())
+                    .entry(queue.clone())
                     .or_default()
                     .ready
                     .push_back(id.to_string());
+                self.wake_queue(&queue);
             }
         }
     }
 
-    /// Hands ready fires of `queue` to its subscribers, round robin, while any has room.
-    /// Returns true when a new deadline became the earliest one.
-    pub fn dispatch(&mut self, queue: &str) -> bool {
-        let mut earliest_changed = false;
-        let Some(q) = self.queues.get_mut(queue) else {
-            return false;
+    /// Wakes the waiting subscribers of `queue` that have room, if it has ready fires.
+    pub fn wake_queue(&mut self, queue: &str) {
+        let Some(q) = self.queues.get(queue) else {
+            return;
         };
-        while !q.ready.is_empty() && !q.subs.is_empty() {
-            // Find a subscriber with room, starting at the round-robin cursor.
-            let n = q.subs.len();
-            let Some(pos) = (0..n).map(|i| (q.next_sub + i) % n).find(|&i| {
-                self.subscribers
-                    .get(&q.subs[i])
-                    .is_some_and(|s| s.has_room())
-            }) else {
-                break;
-            };
-            let sub_id = q.subs[pos];
-            // Find the oldest fire that is still ready.
-            let Some(fire_id) = std::iter::from_fn(|| q.ready.pop_front()).find(|id| {
-                self.fires
-                    .get(id)
-                    .is_some_and(|f| f.status == FireStatus::Ready)
-            }) else {
-                break;
-            };
-            let (Some(entry), Some(sub)) = (
-                self.fires.get_mut(&fire_id),
-                self.subscribers.get_mut(&sub_id),
-            ) else {
-                break;
-            };
-            let now = self.clock.now();
-            let deadline = now.plus(entry.spec.ack_deadline);
-            let delivery = Delivery {
-                fire: entry.rec.clone(),
-                spec: entry.spec.clone(),
-                ack_deadline: deadline,
-            };
-            match sub.tx.try_send(delivery) {
-                Ok(()) => {
-                    entry.status = FireStatus::InFlight {
-                        sub: sub_id,
-                        deadline,
-                    };
-                    sub.in_flight.insert(fire_id.clone());
-                    let key = (deadline, fire_id);
-                    earliest_changed |= self.deadlines.first().is_none_or(|f| key < *f);
-                    self.deadlines.insert(key);
-                    q.next_sub = (pos + 1) % n;
-                }
-                Err(e) => {
-                    // The stream is gone (or, against our accounting, full): keep the fire
-                    // first in line and stop giving this subscriber work.
-                    if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                        warn!(
-                            queue,
-                            sub_id, "subscriber channel full despite room; closing it"
-                        );
-                    }
-                    sub.closed = true;
-                    q.ready.push_front(fire_id);
-                }
+        if q.ready.is_empty() {
+            return;
+        }
+        for sub_id in &q.subs {
+            if let Some(sub) = self.subscribers.get_mut(sub_id)
+                && sub.in_flight.len() < sub.max_in_flight
+                && let Some(waker) = sub.waker.take()
+            {
+                waker.wake();
             }
         }
-        earliest_changed
+    }
+
+    /// Hands the oldest ready fire of the subscriber's queue to it, if it has room. `Ready(None)`
+    /// once the subscription is gone (the stream ends); `Pending` with the waker stored when
+    /// there is nothing for it now.
+    pub fn poll_delivery(&mut self, sub_id: SubId, waker: &Waker) -> Poll<Option<Delivery>> {
+        let Some(sub) = self.subscribers.get_mut(&sub_id) else {
+            return Poll::Ready(None);
+        };
+        if sub.in_flight.len() < sub.max_in_flight
+            && let Some(q) = self.queues.get_mut(&sub.queue)
+        {
+            while let Some(fire_id) = q.ready.pop_front() {
+                let Some(entry) = self.fires.get_mut(&fire_id) else {
+                    continue;
+                };
+                if entry.status != FireStatus::Ready {
+                    continue;
+                }
+                let deadline = self.clock.now().plus(entry.spec.ack_deadline);
+                entry.status = FireStatus::InFlight {
+                    sub: sub_id,
+                    deadline,
+                };
+                sub.in_flight.insert(fire_id.clone());
+                let delivery = Delivery {
+                    fire: entry.rec.clone(),
+                    spec: entry.spec.clone(),
+                    ack_deadline: deadline,
+                };
+                self.insert_deadline(deadline, fire_id);
+                return Poll::Ready(Some(delivery));
+            }
+        }
+        sub.waker = Some(waker.clone());
+        Poll::Pending
     }
 
     /// Takes a fire off whatever holds it (a subscriber slot, the deadline index), leaving its
-    /// status to the caller. Returns the queue whose subscriber got room, if any.
-    pub fn release(&mut self, id: &str) -> Option<String> {
-        let entry = self.fires.get(id)?;
+    /// status to the caller. Wakes the subscribers of a queue that got room.
+    pub fn release(&mut self, id: &str) {
+        let Some(entry) = self.fires.get(id) else {
+            return;
+        };
         match entry.status {
             FireStatus::InFlight { sub, deadline } => {
                 self.deadlines.remove(&(deadline, id.to_string()));
-                let s = self.subscribers.get_mut(&sub)?;
-                s.in_flight.remove(id);
-                Some(s.queue.clone())
+                if let Some(s) = self.subscribers.get_mut(&sub) {
+                    s.in_flight.remove(id);
+                    let queue = s.queue.clone();
+                    self.wake_queue(&queue);
+                }
             }
             FireStatus::Delayed(t) => {
                 self.deadlines.remove(&(t, id.to_string()));
-                None
             }
-            FireStatus::Ready | FireStatus::Pending | FireStatus::Acked => None,
+            FireStatus::Ready | FireStatus::Pending | FireStatus::Acked => {}
         }
     }
 
-    /// Marks fires acked (in memory) and returns those that were pending, for the store to
-    /// delete, plus the queues that got room. `queue` restricts the ack to fires of one queue;
-    /// `sub` to fires in flight on one stream.
-    pub fn mark_acked(
-        &mut self,
-        ids: &[String],
-        queue: Option<&str>,
-        sub: Option<SubId>,
-    ) -> (Vec<String>, Vec<String>) {
-        let mut acked = Vec::new();
-        let mut freed = Vec::new();
+    /// Marks fires of `queue` acked in memory, wherever they are in their delivery. Returns the
+    /// ids whose deletion must be written: first those newly acked, then those already acked
+    /// whose deletion is still being written (a retried ack waits for that write too).
+    pub fn mark_acked(&mut self, ids: &[String], queue: &str) -> (Vec<String>, Vec<String>) {
+        let mut newly = Vec::new();
+        let mut already = Vec::new();
         for id in ids {
             let Some(entry) = self.fires.get(id) else {
                 continue;
             };
-            if entry.status == FireStatus::Acked
-                || queue.is_some_and(|q| q != entry.rec.queue)
-                || sub.is_some_and(
-                    |s| !matches!(entry.status, FireStatus::InFlight { sub, .. } if sub == s),
-                )
-            {
+            if entry.rec.queue != queue {
                 continue;
             }
-            if let Some(q) = self.release(id) {
-                freed.push(q);
+            if entry.status == FireStatus::Acked {
+                already.push(id.clone());
+                continue;
             }
+            self.release(id);
             if let Some(entry) = self.fires.get_mut(id) {
                 entry.status = FireStatus::Acked;
             }
-            acked.push(id.clone());
+            newly.push(id.clone());
         }
-        (acked, freed)
+        (newly, already)
     }
 
     /// Takes fires in flight on `sub` back for redelivery: they become `Pending`.
@@ -350,7 +336,7 @@ impl State {
 
     /// Collects what is due at `now`: up to `max_jobs` jobs (taken out of the timer index),
     /// expired deadlines (fires become `Pending`) and delayed fires whose time has come (they
-    /// become ready and are dispatched).
+    /// become ready).
     pub fn take_due(&mut self, now: Timestamp, max_jobs: usize) -> DueWork {
         let mut work = DueWork::default();
         while work.jobs.len() < max_jobs {
@@ -368,7 +354,6 @@ impl State {
                 }
             }
         }
-        let mut wake_queues = HashSet::new();
         while let Some((t, id)) = self.deadlines.first().cloned() {
             if t > now {
                 break;
@@ -378,23 +363,18 @@ impl State {
                 continue;
             };
             match entry.status {
-                FireStatus::InFlight { sub, .. } => {
+                FireStatus::InFlight { sub, deadline } if deadline == t => {
                     entry.status = FireStatus::Pending;
                     if let Some(s) = self.subscribers.get_mut(&sub) {
                         s.in_flight.remove(&id);
-                        wake_queues.insert(s.queue.clone());
+                        let queue = s.queue.clone();
+                        self.wake_queue(&queue);
                     }
                     work.expired.push(id);
                 }
-                FireStatus::Delayed(_) => {
-                    wake_queues.insert(entry.rec.queue.clone());
-                    self.make_deliverable(&id, None);
-                }
-                FireStatus::Ready | FireStatus::Pending | FireStatus::Acked => {}
+                FireStatus::Delayed(at) if at == t => self.make_deliverable(&id, None),
+                _ => {}
             }
-        }
-        for q in wake_queues {
-            self.dispatch(&q);
         }
         work.next_wake = match (self.timers.first(), self.deadlines.first()) {
             (Some((a, _)), Some((b, _))) => Some((*a).min(*b)),
@@ -417,33 +397,25 @@ impl State {
         };
         let pending = entry.status == FireStatus::Pending;
         let not_before = rec.not_before;
-        let queue = rec.queue.clone();
         entry.rec = rec;
         if pending {
             self.make_deliverable(&id, not_before);
-            self.dispatch(&queue);
         }
     }
 
     /// Puts a `Pending` fire back in line unchanged (its redelivery could not be written).
     pub fn requeue_unchanged(&mut self, id: &str) {
-        let Some(entry) = self.fires.get(id) else {
-            return;
-        };
-        if entry.status == FireStatus::Pending {
-            let queue = entry.rec.queue.clone();
+        if self
+            .fires
+            .get(id)
+            .is_some_and(|e| e.status == FireStatus::Pending)
+        {
             self.make_deliverable(id, None);
-            self.dispatch(&queue);
         }
     }
 
-    /// Registers a subscriber on `queue` and gives it work at once.
-    pub fn add_subscriber(
-        &mut self,
-        queue: &str,
-        max_in_flight: usize,
-        tx: mpsc::Sender<Delivery>,
-    ) -> SubId {
+    /// Registers a subscriber on `queue`.
+    pub fn add_subscriber(&mut self, queue: &str, max_in_flight: usize) -> SubId {
         self.next_sub_id += 1;
         let id = self.next_sub_id;
         self.subscribers.insert(
@@ -452,8 +424,7 @@ impl State {
                 queue: queue.to_string(),
                 max_in_flight,
                 in_flight: HashSet::new(),
-                tx,
-                closed: false,
+                waker: None,
             },
         );
         self.queues
@@ -464,14 +435,20 @@ impl State {
         id
     }
 
-    /// Removes a subscriber; returns the fires it held, now `Pending` for redelivery.
+    /// Removes a subscriber and wakes its stream (which then ends). Returns the fires it held,
+    /// now `Pending`, oldest first.
     pub fn remove_subscriber(&mut self, id: SubId) -> Vec<String> {
-        let Some(sub) = self.subscribers.remove(&id) else {
+        let Some(mut sub) = self.subscribers.remove(&id) else {
             return Vec::new();
         };
+        if let Some(waker) = sub.waker.take() {
+            waker.wake();
+        }
         if let Some(q) = self.queues.get_mut(&sub.queue) {
             q.subs.retain(|s| *s != id);
-            q.next_sub = 0;
+            if q.subs.is_empty() && q.ready.is_empty() {
+                self.queues.remove(&sub.queue);
+            }
         }
         let mut held = Vec::new();
         for fire_id in sub.in_flight {
@@ -480,18 +457,20 @@ impl State {
             {
                 self.deadlines.remove(&(deadline, fire_id.clone()));
                 entry.status = FireStatus::Pending;
-                held.push(fire_id);
+                held.push((entry.rec.fire_time, fire_id));
             }
         }
-        held
+        held.sort();
+        held.into_iter().map(|(_, id)| id).collect()
     }
 
-    /// Ends every subscription: their streams close, and fires they held go back to the front
-    /// of their queues without counting an attempt (the worker did nothing wrong).
+    /// Ends every subscription: their streams end, and fires they held go back to the front
+    /// of their queues in their original order, without counting an attempt (the worker did
+    /// nothing wrong).
     pub fn close_all_subscribers(&mut self) {
         let subs: Vec<SubId> = self.subscribers.keys().copied().collect();
         for id in subs {
-            for fire_id in self.remove_subscriber(id) {
+            for fire_id in self.remove_subscriber(id).into_iter().rev() {
                 if let Some(entry) = self.fires.get_mut(&fire_id) {
                     entry.status = FireStatus::Ready;
                     self.queues
@@ -504,9 +483,8 @@ impl State {
         }
     }
 
-    /// Extends the deadline of fires in flight on `sub`.
-    pub fn extend(&mut self, ids: &[String], sub: SubId, deadline: Timestamp) -> bool {
-        let mut earliest_changed = false;
+    /// Moves the deadline of fires in flight on `sub` to `deadline`.
+    pub fn extend(&mut self, ids: &[String], sub: SubId, deadline: Timestamp) {
         for id in ids {
             let Some(entry) = self.fires.get_mut(id) else {
                 continue;
@@ -517,13 +495,10 @@ impl State {
             } = entry.status
                 && s == sub
             {
-                self.deadlines.remove(&(old, id.clone()));
                 entry.status = FireStatus::InFlight { sub, deadline };
-                let key = (deadline, id.clone());
-                earliest_changed |= self.deadlines.first().is_none_or(|f| key < *f);
-                self.deadlines.insert(key);
+                self.deadlines.remove(&(old, id.clone()));
+                self.insert_deadline(deadline, id.clone());
             }
         }
-        earliest_changed
     }
 }

@@ -6,18 +6,20 @@
 //! earliest next deadline or until a writer says something earlier was armed.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tracing::warn;
 
 use super::Inner;
 use super::writer::{Op, Redelivery};
+use crate::domain::Micros;
 
 /// Most jobs advanced in one writer op.
 const MAX_JOBS_PER_ADVANCE: usize = 1_024;
 /// Pause after a failed commit before trying the same jobs again.
-const RETRY_AFTER_FAILED_COMMIT: Duration = Duration::from_secs(1);
+const RETRY_AFTER_FAILED_COMMIT_MICROS: Micros = 1_000_000;
+/// Longest sleep with nothing armed: a safety net, so that a missed wake-up costs at most this.
+const IDLE_RECHECK_MICROS: Micros = 60_000_000;
 
 pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -25,7 +27,7 @@ pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             return;
         }
         let now = inner.clock.now();
-        let work = inner.lock().take_due(now, MAX_JOBS_PER_ADVANCE);
+        let work = inner.mutate(|state| state.take_due(now, MAX_JOBS_PER_ADVANCE));
         inner.redeliver(work.expired, Redelivery::Expired);
 
         if !work.jobs.is_empty() {
@@ -47,20 +49,17 @@ pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                 Err(_) => return,
             }
             tokio::select! {
-                _ = tokio::time::sleep(RETRY_AFTER_FAILED_COMMIT) => {}
+                _ = inner.clock.sleep_until(now.plus(RETRY_AFTER_FAILED_COMMIT_MICROS)) => {}
                 _ = stop.changed() => {}
             }
             continue;
         }
 
-        let sleep = async {
-            match work.next_wake {
-                Some(t) => inner.clock.sleep_until(t).await,
-                None => std::future::pending().await,
-            }
-        };
+        let wake_at = work
+            .next_wake
+            .unwrap_or_else(|| now.plus(IDLE_RECHECK_MICROS));
         tokio::select! {
-            _ = sleep => {}
+            _ = inner.clock.sleep_until(wake_at) => {}
             _ = inner.timer_wake.notified() => {}
             _ = stop.changed() => {}
         }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use super::state::{FireStatus, State};
+use super::state::{FireStatus, JobEntry, State};
 use super::{Inner, SchedulerError};
 use crate::domain::fire::expiry_backoff;
 use crate::domain::{FireRecord, Job, JobId, JobState, Micros, Timestamp, advance, fire_id};
@@ -25,6 +25,8 @@ use crate::store::Write;
 
 /// Most ops decided and committed in one transaction.
 const MAX_OPS_PER_BATCH: usize = 4_096;
+/// Pause of the writer after a failed commit, before it takes the next batch.
+const RETRY_AFTER_FAILED_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, SchedulerError>>;
 
@@ -101,6 +103,8 @@ struct Batch {
     unit_replies: Vec<Reply<()>>,
     /// Fires whose redelivery is in this batch; put back unchanged if the commit fails.
     redelivered: Vec<String>,
+    /// Acked fires deleted in this batch; their deletion is retried if the commit fails.
+    acked: Vec<String>,
 }
 
 impl Batch {
@@ -174,85 +178,93 @@ fn process(inner: &Inner, ops: Vec<Op>) {
         inner.store.commit(&batch.writes)
     };
 
-    let mut state = inner.lock();
-    let mut wake_timer = false;
-    match &result {
-        Ok(()) => {
-            for effect in batch.effects {
-                match effect {
-                    Effect::Job(id) => {
-                        if let Some(job) = batch.jobs.get(&id) {
-                            let entry = state.jobs.entry(id.clone()).or_insert_with(|| {
-                                super::state::JobEntry {
-                                    job: job.clone(),
-                                    timer: None,
-                                }
-                            });
-                            entry.job = job.clone();
-                            wake_timer |= state.sync_timer(&id);
-                        }
+    let replies = inner.mutate(|state| {
+        match &result {
+            Ok(()) => apply(state, &batch.jobs, batch.effects),
+            Err(e) => {
+                error!(error = %e, writes = batch.writes.len(), "store commit failed; the batch's changes were not made");
+                for effect in batch.effects {
+                    if let Effect::Job(id) | Effect::Rearm(id) = effect {
+                        state.sync_timer(&id);
                     }
-                    Effect::Rearm(id) => wake_timer |= state.sync_timer(&id),
-                    Effect::NewFire(rec) => {
-                        let spec = state.jobs.get(&rec.job_id).map(|e| e.job.spec.clone());
-                        if let Some(spec) = spec {
-                            let delayed = rec.not_before.is_some();
-                            state.insert_fire(rec, spec);
-                            wake_timer |= delayed;
-                        }
-                    }
-                    Effect::FireUpdated(rec) => {
-                        wake_timer |= rec.not_before.is_some();
-                        state.apply_fire_update(rec);
-                    }
-                    Effect::FireDeleted(id) => {
-                        if let Some(queue) = state.release(&id) {
-                            state.dispatch(&queue);
-                        }
-                        state.fires.remove(&id);
-                    }
+                }
+                for id in &batch.redelivered {
+                    state.requeue_unchanged(id);
                 }
             }
         }
-        Err(e) => {
-            error!(error = %e, writes = batch.writes.len(), "store commit failed; the batch's changes were not made");
-            for effect in batch.effects {
-                if let Effect::Job(id) | Effect::Rearm(id) = effect {
-                    wake_timer |= state.sync_timer(&id);
-                }
-            }
-            for id in &batch.redelivered {
-                state.requeue_unchanged(id);
-            }
+        // Job replies read the job from memory after apply, so they show the committed state.
+        let mut replies = Vec::with_capacity(batch.job_replies.len());
+        for (reply, outcome) in batch.job_replies {
+            let answer = match (&result, outcome) {
+                (_, Err(e)) => Err(e),
+                (Err(e), Ok(_)) => Err(not_stored(e)),
+                (Ok(()), Ok(id)) => state
+                    .jobs
+                    .get(&id)
+                    .map(|e| e.job.clone())
+                    .ok_or_else(|| SchedulerError::Internal(format!("job {id} vanished"))),
+            };
+            replies.push((reply, answer));
         }
-    }
-    // Job replies read the job from memory after apply, so they show the committed state.
-    let mut replies = Vec::with_capacity(batch.job_replies.len());
-    for (reply, outcome) in batch.job_replies {
-        let answer = match (&result, outcome) {
-            (_, Err(e)) => Err(e),
-            (Err(e), Ok(_)) => Err(SchedulerError::Unavailable(format!(
-                "the change could not be stored: {e}"
-            ))),
-            (Ok(()), Ok(id)) => state
-                .jobs
-                .get(&id)
-                .map(|e| e.job.clone())
-                .ok_or_else(|| SchedulerError::Internal(format!("job {id} vanished"))),
-        };
-        replies.push((reply, answer));
-    }
-    drop(state);
-    if wake_timer {
-        inner.timer_wake.notify_one();
-    }
+        replies
+    });
     for (reply, answer) in replies {
         let _ = reply.send(answer);
     }
     for reply in batch.unit_replies {
-        let _ = reply.send(result.as_ref().map(|_| ()).map_err(|e| {
-            SchedulerError::Unavailable(format!("the change could not be stored: {e}"))
-        }));
+        let _ = reply.send(result.as_ref().map(|_| ()).map_err(not_stored));
+    }
+    if result.is_err() {
+        // Acked fires stay acked in memory; their deletion is retried until the store takes
+        // it, so memory and store agree again. Back off so a broken disk is not hammered.
+        std::thread::sleep(RETRY_AFTER_FAILED_COMMIT);
+        if !batch.acked.is_empty() {
+            let _ = inner.ops.send(Op::Ack {
+                fire_ids: batch.acked,
+                reply: None,
+            });
+        }
+    }
+}
+
+fn not_stored(e: &crate::store::StoreError) -> SchedulerError {
+    SchedulerError::Unavailable(format!("the change could not be stored: {e}"))
+}
+
+/// Applies a committed batch to memory.
+fn apply(state: &mut State, jobs: &HashMap<JobId, Job>, effects: Vec<Effect>) {
+    for effect in effects {
+        match effect {
+            Effect::Job(id) => {
+                if let Some(job) = jobs.get(&id) {
+                    match state.jobs.get_mut(&id) {
+                        Some(entry) => entry.job = job.clone(),
+                        None => {
+                            state.jobs.insert(
+                                id.clone(),
+                                JobEntry {
+                                    job: job.clone(),
+                                    timer: None,
+                                },
+                            );
+                        }
+                    }
+                    state.sync_timer(&id);
+                }
+            }
+            Effect::Rearm(id) => state.sync_timer(&id),
+            Effect::NewFire(rec) => {
+                if let Some(spec) = state.jobs.get(&rec.job_id).map(|e| e.job.spec.clone()) {
+                    state.insert_fire(rec, spec);
+                }
+            }
+            Effect::FireUpdated(rec) => state.apply_fire_update(rec),
+            Effect::FireDeleted(id) => {
+                state.release(&id);
+                state.fires.remove(&id);
+            }
+        }
     }
 }
 
@@ -292,7 +304,8 @@ fn decide(inner: &Inner, state: &State, batch: &mut Batch, op: Op, now: Timestam
                     .is_some_and(|f| f.status == FireStatus::Acked)
                 {
                     batch.writes.push(Write::DeleteFire(id.clone()));
-                    batch.effects.push(Effect::FireDeleted(id));
+                    batch.effects.push(Effect::FireDeleted(id.clone()));
+                    batch.acked.push(id);
                 }
             }
             if let Some(reply) = reply {
