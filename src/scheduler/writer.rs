@@ -108,11 +108,13 @@ struct Batch {
 }
 
 impl Batch {
-    fn job(&self, state: &State, id: &str) -> Option<Job> {
-        self.jobs
-            .get(id)
-            .or_else(|| state.jobs.get(id).map(|e| &e.job))
-            .cloned()
+    /// The job as this batch leaves it: from the batch, else from memory (locked only for the
+    /// clone; memory's durable parts change only in this thread, so the copy stays valid).
+    fn job(&self, inner: &Inner, id: &str) -> Option<Job> {
+        if let Some(job) = self.jobs.get(id) {
+            return Some(job.clone());
+        }
+        inner.lock().jobs.get(id).map(|e| e.job.clone())
     }
 
     fn put_job(&mut self, job: Job, spec_too: bool) {
@@ -163,13 +165,12 @@ pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
 
 /// Decides, commits and applies one batch of ops.
 fn process(inner: &Inner, ops: Vec<Op>) {
+    // Deciding runs without holding the state lock (misfire arithmetic can be slow); it takes
+    // the lock only to copy what it reads.
     let mut batch = Batch::default();
-    {
-        let state = inner.lock();
-        let now = inner.clock.now();
-        for op in ops {
-            decide(inner, &state, &mut batch, op, now);
-        }
+    let now = inner.clock.now();
+    for op in ops {
+        decide(inner, &mut batch, op, now);
     }
 
     let result = if batch.writes.is_empty() {
@@ -268,11 +269,11 @@ fn apply(state: &mut State, jobs: &HashMap<JobId, Job>, effects: Vec<Effect>) {
     }
 }
 
-fn decide(inner: &Inner, state: &State, batch: &mut Batch, op: Op, now: Timestamp) {
+fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
     match op {
         Op::Schedule { job, reply } => {
             let id = job.spec.id.clone();
-            let outcome = match batch.job(state, &id) {
+            let outcome = match batch.job(inner, &id) {
                 Some(existing) if existing.spec == job.spec => Ok(id),
                 Some(_) => Err(SchedulerError::AlreadyExists(id.to_string())),
                 None => {
@@ -287,45 +288,50 @@ fn decide(inner: &Inner, state: &State, batch: &mut Batch, op: Op, now: Timestam
             transition,
             reply,
         } => {
-            let outcome = decide_transition(state, batch, &id, transition, now);
+            let outcome = decide_transition(inner, batch, &id, transition);
             batch.job_replies.push((reply, outcome));
         }
         Op::Advance { due, reply } => {
             for (id, expected) in due {
-                decide_advance(inner, state, batch, id, expected, now);
+                decide_advance(inner, batch, id, expected, now);
             }
             batch.unit_replies.push(reply);
         }
         Op::Ack { fire_ids, reply } => {
-            for id in fire_ids {
-                if state
-                    .fires
-                    .get(&id)
-                    .is_some_and(|f| f.status == FireStatus::Acked)
-                {
-                    batch.writes.push(Write::DeleteFire(id.clone()));
-                    batch.effects.push(Effect::FireDeleted(id.clone()));
-                    batch.acked.push(id);
-                }
+            let acked: Vec<String> = {
+                let state = inner.lock();
+                fire_ids
+                    .into_iter()
+                    .filter(|id| {
+                        state
+                            .fires
+                            .get(id)
+                            .is_some_and(|f| f.status == FireStatus::Acked)
+                    })
+                    .collect()
+            };
+            for id in acked {
+                batch.writes.push(Write::DeleteFire(id.clone()));
+                batch.effects.push(Effect::FireDeleted(id.clone()));
+                batch.acked.push(id);
             }
             if let Some(reply) = reply {
                 batch.unit_replies.push(reply);
             }
         }
-        Op::Redeliver { fire_id, why } => decide_redelivery(inner, state, batch, fire_id, why, now),
+        Op::Redeliver { fire_id, why } => decide_redelivery(inner, batch, fire_id, why, now),
         // Filtered out by `run` before deciding.
         Op::Shutdown { .. } => {}
     }
 }
 
 fn decide_transition(
-    state: &State,
+    inner: &Inner,
     batch: &mut Batch,
     id: &str,
     transition: Transition,
-    _now: Timestamp,
 ) -> Result<JobId, SchedulerError> {
-    let Some(mut job) = batch.job(state, id) else {
+    let Some(mut job) = batch.job(inner, id) else {
         return Err(SchedulerError::NotFound(id.to_string()));
     };
     let from = job.status.state;
@@ -363,13 +369,12 @@ fn state_word(s: JobState) -> &'static str {
 /// Advances one due job: the job's new status and a record per fire go into the same batch.
 fn decide_advance(
     inner: &Inner,
-    state: &State,
     batch: &mut Batch,
     id: JobId,
     expected: Timestamp,
     now: Timestamp,
 ) {
-    let Some(job) = batch.job(state, &id) else {
+    let Some(job) = batch.job(inner, &id) else {
         return;
     };
     if job.status.state != JobState::Scheduled || job.status.next_occurrence != Some(expected) {
@@ -420,20 +425,21 @@ fn decide_advance(
 /// (at once or after a delay), the dead-letter queue, or nowhere.
 fn decide_redelivery(
     inner: &Inner,
-    state: &State,
     batch: &mut Batch,
     fire_id: String,
     why: Redelivery,
     now: Timestamp,
 ) {
-    let Some(entry) = state.fires.get(&fire_id) else {
-        return;
+    let (spec, mut rec) = {
+        let state = inner.lock();
+        match state.fires.get(&fire_id) {
+            // Anything but Pending: acked while on its way here.
+            Some(entry) if entry.status == FireStatus::Pending => {
+                (entry.spec.clone(), entry.rec.clone())
+            }
+            _ => return,
+        }
     };
-    if entry.status != FireStatus::Pending {
-        return; // acked while on its way here
-    }
-    let spec = &entry.spec;
-    let mut rec = entry.rec.clone();
     let delivered_attempt = rec.attempt;
     batch.redelivered.push(fire_id.clone());
     if delivered_attempt >= spec.max_attempts {
