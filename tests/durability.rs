@@ -175,3 +175,41 @@ async fn missed_occurrences_follow_the_misfire_policy_after_restart() {
     }
     server.stop().await;
 }
+
+/// SIGTERM: open streams end with UNAVAILABLE, health stops serving, and the process exits 0
+/// well within its grace period, with what it accepted stored.
+#[tokio::test]
+async fn sigterm_shuts_down_in_order_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, addr) = spawn_binary(dir.path());
+    let mut client = connect(addr).await;
+    let mut sub = Sub::open(&mut client, "q", 10).await;
+    let job = schedule(&mut client, job("q", after_trigger(3_600_000))).await;
+    let started = std::time::Instant::now();
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    match sub.end(5_000).await {
+        Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let (mut child, addr) = spawn_binary(dir.path());
+    let mut client = connect(addr).await;
+    client
+        .get_job(pb::GetJobRequest { id: job.id })
+        .await
+        .expect("the job survived");
+    child.kill().expect("kill");
+    child.wait().expect("reap");
+}
