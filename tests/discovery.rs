@@ -4,7 +4,6 @@
 mod common;
 
 use common::*;
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -18,12 +17,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 async fn health_reports_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(dir.path()).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(channel(server.addr).await);
     for service in ["", "tickd.v1.Scheduler"] {
         let status = health
             .check(HealthCheckRequest {
@@ -43,12 +37,7 @@ async fn health_reports_serving() {
 async fn reflection_lists_the_scheduler() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = TestServer::start(dir.path()).await;
-    let channel = Channel::from_shared(format!("http://{}", server.addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = ServerReflectionClient::new(channel);
+    let mut client = ServerReflectionClient::new(channel(server.addr).await);
     let requests = vec![
         ServerReflectionRequest {
             host: String::new(),

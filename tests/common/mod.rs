@@ -73,14 +73,18 @@ impl TestServer {
     }
 }
 
-/// Connects a client to `addr`.
-pub async fn connect(addr: SocketAddr) -> Client {
-    let channel = Channel::from_shared(format!("http://{addr}"))
+/// A plaintext HTTP/2 channel to `addr`.
+pub async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect()
         .await
-        .expect("connect");
-    SchedulerClient::new(channel)
+        .expect("connect")
+}
+
+/// Connects a client to `addr`.
+pub async fn connect(addr: SocketAddr) -> Client {
+    SchedulerClient::new(channel(addr).await)
 }
 
 pub fn now_micros() -> i64 {
