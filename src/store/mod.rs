@@ -15,7 +15,7 @@ mod redb_store;
 use std::sync::Arc;
 
 pub use memory::MemoryStore;
-pub use redb_store::RedbStore;
+pub use redb_store::{DB_FILE_NAME, RedbStore};
 
 use crate::domain::{FireRecord, JobId, JobSpec, JobStatus};
 
