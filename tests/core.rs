@@ -372,11 +372,13 @@ async fn a_failed_ack_commit_is_retried_until_stored() {
     core.shutdown().await;
 }
 
-/// A store whose commits block until released, to hold a change inside the writer.
+/// A store whose commits can be slowed down (to hold a change inside the writer) and whose
+/// deletes can be made to fail.
 #[derive(Debug, Default)]
 struct GatedStore {
     inner: MemoryStore,
     delay_ms: AtomicUsize,
+    fail_deletes: std::sync::atomic::AtomicBool,
 }
 
 impl Store for GatedStore {
@@ -385,9 +387,12 @@ impl Store for GatedStore {
     }
 
     fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
-        std::thread::sleep(Duration::from_millis(
-            self.delay_ms.load(Ordering::SeqCst) as u64
-        ));
+        let delay = self.delay_ms.load(Ordering::SeqCst) as u64;
+        std::thread::sleep(Duration::from_millis(delay));
+        let deletes = writes.iter().any(|w| matches!(w, Write::DeleteFire(_)));
+        if deletes && self.fail_deletes.load(Ordering::SeqCst) {
+            return Err(StoreError::Io("injected delete failure".into()));
+        }
         self.inner.commit(writes)
     }
 }
@@ -554,5 +559,127 @@ async fn closed_subscriptions_hand_out_nothing() {
         core.subscribe("q", 10),
         Err(SchedulerError::Unavailable(_))
     ));
+    core.shutdown().await;
+}
+
+/// A retried Ack answers only once the deletion is stored, even when a dead-lettering moved
+/// the fire to another queue while the first attempt was failing.
+#[tokio::test]
+async fn a_retried_ack_after_dead_lettering_waits_for_the_delete() {
+    let store = Arc::new(GatedStore::default());
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(store.clone(), clock.clone()).await;
+    let mut sub = core.subscribe("q", 1).expect("subscribe");
+    let mut s = spec("a", TriggerSpec::After { after: 0 });
+    s.max_attempts = 1;
+    s.ack_deadline = 10 * S;
+    s.dead_letter_queue = Some("dead".into());
+    core.schedule(s).await.expect("schedule");
+    let d = next(&mut sub).await;
+    let ids = [d.fire.fire_id.clone()];
+    store.delay_ms.store(300, Ordering::SeqCst);
+    clock.advance(10 * S); // expiry: the dead-lettering is written slowly
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.fail_deletes.store(true, Ordering::SeqCst);
+    assert!(core.ack("q", &ids).await.is_err());
+    store.delay_ms.store(0, Ordering::SeqCst);
+    store.fail_deletes.store(false, Ordering::SeqCst);
+    core.ack("q", &ids).await.expect("retry");
+    let stored = store.load().expect("load").fires;
+    assert!(
+        stored.is_empty(),
+        "answered OK but still stored: {stored:?}"
+    );
+    core.shutdown().await;
+}
+
+/// A nack whose commit fails still keeps its retry delay.
+#[tokio::test]
+async fn a_failed_nack_commit_keeps_the_delay() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(store.clone(), clock.clone()).await;
+    let mut sub = core.subscribe("q", 10).expect("subscribe");
+    core.schedule(spec("a", TriggerSpec::After { after: 0 }))
+        .await
+        .expect("schedule");
+    let d = next(&mut sub).await;
+    store.set_fail_commits(true);
+    sub.handle()
+        .nack(std::slice::from_ref(&d.fire.fire_id), 3_600 * S);
+    settle().await;
+    none(&mut sub).await;
+    store.set_fail_commits(false);
+    clock.advance(3_600 * S);
+    let again = next(&mut sub).await;
+    assert_eq!(again.fire.fire_id, d.fire.fire_id);
+    core.shutdown().await;
+}
+
+/// A fire dropped after its last attempt is counted once, when the drop is stored.
+#[tokio::test]
+async fn a_dropped_fire_is_counted_once() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(store.clone(), clock.clone()).await;
+    let mut sub = core.subscribe("q", 10).expect("subscribe");
+    let mut s = spec("a", TriggerSpec::After { after: 0 });
+    s.max_attempts = 1;
+    s.ack_deadline = 10 * S;
+    core.schedule(s).await.expect("schedule");
+    next(&mut sub).await;
+    store.set_fail_commits(true);
+    clock.advance(10 * S); // expires; the drop cannot be stored, so the fire stays
+    let again = next(&mut sub).await;
+    assert_eq!(again.fire.attempt, 1);
+    assert_eq!(core.dropped_fires(), 0);
+    store.set_fail_commits(false);
+    clock.advance(10 * S);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store.load().expect("load").fires.is_empty());
+    assert_eq!(core.dropped_fires(), 1);
+    core.shutdown().await;
+}
+
+/// A stored job that can no longer be loaded (its time zone is unknown now) is left out with an
+/// error log; every other job still runs.
+#[tokio::test]
+async fn an_unloadable_job_does_not_stop_the_others() {
+    use tickd::domain::JobStatus;
+    let store = Arc::new(MemoryStore::new());
+    let status = JobStatus {
+        state: JobState::Scheduled,
+        next_occurrence: Some(Timestamp(2_000 * S)),
+        fire_count: 0,
+        create_time: Timestamp(0),
+        last_fire_time: None,
+    };
+    let bad = spec(
+        "bad",
+        TriggerSpec::Cron {
+            expression: "0 * * * *".into(),
+            time_zone: "Mars/Olympus".into(),
+        },
+    );
+    let good = spec(
+        "good",
+        TriggerSpec::At {
+            at: Timestamp(2_000 * S),
+        },
+    );
+    store
+        .commit(&[
+            Write::PutSpec(Arc::new(bad)),
+            Write::PutStatus("bad".into(), status.clone()),
+            Write::PutSpec(Arc::new(good)),
+            Write::PutStatus("good".into(), status),
+        ])
+        .expect("commit");
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(store, clock.clone()).await;
+    assert_eq!(core.job_count(), 1);
+    let mut sub = core.subscribe("q", 10).expect("subscribe");
+    clock.advance(1_000 * S);
+    assert_eq!(&*next(&mut sub).await.fire.job_id, "good");
     core.shutdown().await;
 }

@@ -54,7 +54,7 @@ impl Stream for FireStream {
             Poll::Ready(None) => {
                 self.done = None;
                 Poll::Ready(Some(Err(Status::unavailable(
-                    "tickd is shutting down; reconnect to receive fires",
+                    "subscription closed (tickd is shutting down); reconnect to receive fires",
                 ))))
             }
             Poll::Pending => Poll::Pending,

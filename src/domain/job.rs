@@ -219,9 +219,16 @@ pub fn advance(job: &Job, now: Timestamp, fire_all_cap: usize) -> Advance {
         if let Some(end) = spec.end_time {
             cutoff = cutoff.min(end.minus(1));
         }
-        let latest = rec
+        let mut latest = rec
             .latest_at_or_before(cutoff)
             .map_or(first, |l| l.max(first));
+        // Jitter can push an occurrence's release past the cutoff: such an occurrence is not
+        // missed yet, so step back to one that is (`first` is due, or we would not be here).
+        while latest > first && job.due(latest) > cutoff {
+            latest = rec
+                .latest_at_or_before(latest.minus(1))
+                .map_or(first, |l| l.max(first));
+        }
         match spec.misfire_policy {
             MisfirePolicy::FireOnce => {
                 fires.push(latest);
@@ -467,6 +474,33 @@ mod tests {
         let distinct: std::collections::HashSet<_> = values.iter().collect();
         assert!(distinct.len() > 900);
         assert_eq!(jitter_for("job", Timestamp(0), 0), 0);
+    }
+
+    /// A catch-up never fires an occurrence before its jittered due time.
+    #[test]
+    fn catch_up_respects_jitter() {
+        let mut s = spec(TriggerSpec::Every {
+            period: 10 * S,
+            start_time: Some(Timestamp(10 * S)),
+            jitter: 10 * S,
+        });
+        s.misfire_grace = 0;
+        for id in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+            s.id = id.into();
+            for policy in [MisfirePolicy::FireOnce, MisfirePolicy::FireAll] {
+                s.misfire_policy = policy;
+                let job = Job::create(s.clone(), Timestamp(0)).expect("valid");
+                for now in [20 * S + S / 2, 25 * S, 29 * S, 45 * S] {
+                    let a = advance(&job, Timestamp(now), 100);
+                    for o in &a.fires {
+                        assert!(
+                            job.due(*o) <= Timestamp(now),
+                            "{id} {policy:?}: {o:?} fired early at {now}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Fire ids are made of the job id and the RFC 3339 scheduled time.

@@ -124,17 +124,24 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Runs `f` on the locked state, then wakes the timer loop if `f` armed something earlier
-    /// than what it is sleeping for. Every change that can arm a timer or deadline goes
-    /// through here.
+    /// Runs `f` on the locked state, then, with the lock released, wakes the timer loop if `f`
+    /// armed something earlier than what it is sleeping for, and the subscription streams that
+    /// may now have a fire. Every change to the state goes through here.
     pub(crate) fn mutate<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let (result, wake) = {
+        let (result, wake, wakers) = {
             let mut state = self.lock();
             let result = f(&mut state);
-            (result, std::mem::take(&mut state.timer_dirty))
+            (
+                result,
+                std::mem::take(&mut state.timer_dirty),
+                std::mem::take(&mut state.wakers),
+            )
         };
         if wake {
             self.timer_wake.notify_one();
+        }
+        for waker in wakers {
+            waker.wake();
         }
         result
     }
@@ -184,7 +191,7 @@ impl Scheduler {
             .await
             .map_err(|e| StartError::Load(format!("loader task failed: {e}")))??;
         let (jobs, fires) = (snapshot.jobs.len(), snapshot.fires.len());
-        let state = State::restore(snapshot, clock.clone()).map_err(StartError::Load)?;
+        let state = State::restore(snapshot, clock.clone());
         info!(jobs, fires, "state restored from the store");
 
         let (ops, rx) = mpsc::unbounded_channel();
@@ -359,7 +366,7 @@ impl Scheduler {
         if !matches!(joined, Ok(Ok(()))) {
             warn!("writer thread ended abnormally");
         }
-        info!("scheduler stopped; all accepted changes are stored");
+        info!("scheduler stopped");
     }
 }
 

@@ -103,6 +103,8 @@ pub(crate) struct State {
     /// Set when a timer or deadline became the earliest of its index: the timer loop must look
     /// again. Whoever releases the lock reads and clears it (`Inner::mutate`).
     pub timer_dirty: bool,
+    /// Subscription streams to wake once the lock is released (`Inner::mutate`).
+    pub wakers: Vec<Waker>,
 }
 
 impl State {
@@ -118,17 +120,25 @@ impl State {
             next_sub_id: 0,
             shutting_down: false,
             timer_dirty: false,
+            wakers: Vec::new(),
         }
     }
 
     /// Rebuilds memory from what the store holds: every SCHEDULED job armed at its next due
-    /// time, every stored fire waiting on its queue in release order.
-    pub fn restore(snapshot: Snapshot, clock: Arc<dyn Clock>) -> Result<State, String> {
+    /// time, every stored fire waiting on its queue in release order. A job that cannot be
+    /// loaded (say its time zone left the time-zone database) is logged and left out, rather
+    /// than keeping every other job from running.
+    pub fn restore(snapshot: Snapshot, clock: Arc<dyn Clock>) -> State {
         let mut state = State::new(clock);
         for (spec, status) in snapshot.jobs {
             let id = spec.id.clone();
-            let job = Job::restore(Arc::new(spec), status)
-                .map_err(|e| format!("stored job {id} cannot be loaded: {e}"))?;
+            let job = match Job::restore(Arc::new(spec), status) {
+                Ok(job) => job,
+                Err(e) => {
+                    error!(job_id = %id, error = %e, "stored job cannot be loaded; it stays in the store but does not fire");
+                    continue;
+                }
+            };
             state.jobs.insert(id.clone(), JobEntry { job, timer: None });
             state.sync_timer(&id);
         }
@@ -142,7 +152,7 @@ impl State {
             let spec = entry.job.spec.clone();
             state.insert_fire(rec, spec);
         }
-        Ok(state)
+        state
     }
 
     /// Puts a job's timer where its status says: armed at its next due time when SCHEDULED,
@@ -227,7 +237,7 @@ impl State {
                 && sub.in_flight.len() < sub.max_in_flight
                 && let Some(waker) = sub.waker.take()
             {
-                waker.wake();
+                self.wakers.push(waker);
             }
         }
     }
@@ -300,11 +310,13 @@ impl State {
             let Some(entry) = self.fires.get(id) else {
                 continue;
             };
-            if entry.rec.queue != queue {
-                continue;
-            }
+            // An acked fire whose deletion is still being written counts whatever queue it is
+            // on by now (a dead-lettering may have moved it meanwhile).
             if entry.status == FireStatus::Acked {
                 already.push(id.clone());
+                continue;
+            }
+            if entry.rec.queue != queue {
                 continue;
             }
             self.release(id);
@@ -403,14 +415,16 @@ impl State {
         }
     }
 
-    /// Puts a `Pending` fire back in line unchanged (its redelivery could not be written).
-    pub fn requeue_unchanged(&mut self, id: &str) {
+    /// Puts a `Pending` fire back in line when its redelivery could not be written: with the
+    /// delay that was decided (so a nack delay or backoff still holds), but without the
+    /// attempt, which is not stored.
+    pub fn requeue_unwritten(&mut self, id: &str, not_before: Option<Timestamp>) {
         if self
             .fires
             .get(id)
             .is_some_and(|e| e.status == FireStatus::Pending)
         {
-            self.make_deliverable(id, None);
+            self.make_deliverable(id, not_before);
         }
     }
 
@@ -442,7 +456,7 @@ impl State {
             return Vec::new();
         };
         if let Some(waker) = sub.waker.take() {
-            waker.wake();
+            self.wakers.push(waker);
         }
         if let Some(q) = self.queues.get_mut(&sub.queue) {
             q.subs.retain(|s| *s != id);

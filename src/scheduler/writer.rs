@@ -11,7 +11,7 @@
 //! A fire is born here: [`decide_advance`] writes the job's new status and the fire's record in
 //! the same transaction, so a crash can never lose an occurrence.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -91,6 +91,14 @@ enum Effect {
     NewFire(FireRecord),
     FireUpdated(FireRecord),
     FireDeleted(String),
+    /// Moved to its job's dead-letter queue after its last attempt on `from_queue`.
+    FireDeadLettered {
+        rec: FireRecord,
+        from_queue: String,
+        attempts: u32,
+    },
+    /// Deleted after its last attempt: its job has no dead-letter queue.
+    FireDropped(FireRecord),
 }
 
 /// A batch being decided: the writes, the jobs as they will be after it, and what to apply.
@@ -101,10 +109,11 @@ struct Batch {
     effects: Vec<Effect>,
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
     unit_replies: Vec<Reply<()>>,
-    /// Fires whose redelivery is in this batch; put back unchanged if the commit fails.
-    redelivered: Vec<String>,
+    /// Fires whose redelivery is in this batch, with the delay decided for them; put back in
+    /// line with that delay if the commit fails.
+    redelivered: Vec<(String, Option<Timestamp>)>,
     /// Acked fires deleted in this batch; their deletion is retried if the commit fails.
-    acked: Vec<String>,
+    acked: HashSet<String>,
 }
 
 impl Batch {
@@ -181,7 +190,7 @@ fn process(inner: &Inner, ops: Vec<Op>) {
 
     let replies = inner.mutate(|state| {
         match &result {
-            Ok(()) => apply(state, &batch.jobs, batch.effects),
+            Ok(()) => apply(inner, state, &batch.jobs, batch.effects),
             Err(e) => {
                 error!(error = %e, writes = batch.writes.len(), "store commit failed; the batch's changes were not made");
                 for effect in batch.effects {
@@ -189,8 +198,8 @@ fn process(inner: &Inner, ops: Vec<Op>) {
                         state.sync_timer(&id);
                     }
                 }
-                for id in &batch.redelivered {
-                    state.requeue_unchanged(id);
+                for (id, not_before) in &batch.redelivered {
+                    state.requeue_unwritten(id, *not_before);
                 }
             }
         }
@@ -222,7 +231,7 @@ fn process(inner: &Inner, ops: Vec<Op>) {
         std::thread::sleep(RETRY_AFTER_FAILED_COMMIT);
         if !batch.acked.is_empty() {
             let _ = inner.ops.send(Op::Ack {
-                fire_ids: batch.acked,
+                fire_ids: batch.acked.into_iter().collect(),
                 reply: None,
             });
         }
@@ -234,7 +243,7 @@ fn not_stored(e: &crate::store::StoreError) -> SchedulerError {
 }
 
 /// Applies a committed batch to memory.
-fn apply(state: &mut State, jobs: &HashMap<JobId, Job>, effects: Vec<Effect>) {
+fn apply(inner: &Inner, state: &mut State, jobs: &HashMap<JobId, Job>, effects: Vec<Effect>) {
     for effect in effects {
         match effect {
             Effect::Job(id) => {
@@ -264,6 +273,22 @@ fn apply(state: &mut State, jobs: &HashMap<JobId, Job>, effects: Vec<Effect>) {
             Effect::FireDeleted(id) => {
                 state.release(&id);
                 state.fires.remove(&id);
+            }
+            Effect::FireDeadLettered {
+                rec,
+                from_queue,
+                attempts,
+            } => {
+                warn!(fire_id = %rec.fire_id, job_id = %rec.job_id, queue = %from_queue, dead_letter_queue = %rec.queue, attempts, "fire dead-lettered after its last attempt");
+                state.apply_fire_update(rec);
+            }
+            Effect::FireDropped(rec) => {
+                warn!(fire_id = %rec.fire_id, job_id = %rec.job_id, queue = %rec.queue, attempts = rec.attempt, "fire dropped after its last attempt: its job has no dead-letter queue");
+                inner
+                    .dropped_fires
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state.release(&rec.fire_id);
+                state.fires.remove(&rec.fire_id);
             }
         }
     }
@@ -311,9 +336,11 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
                     .collect()
             };
             for id in acked {
-                batch.writes.push(Write::DeleteFire(id.clone()));
-                batch.effects.push(Effect::FireDeleted(id.clone()));
-                batch.acked.push(id);
+                // The same id may come from a stream ack, a unary ack and a retry at once.
+                if batch.acked.insert(id.clone()) {
+                    batch.writes.push(Write::DeleteFire(id.clone()));
+                    batch.effects.push(Effect::FireDeleted(id));
+                }
             }
             if let Some(reply) = reply {
                 batch.unit_replies.push(reply);
@@ -441,25 +468,24 @@ fn decide_redelivery(
         }
     };
     let delivered_attempt = rec.attempt;
-    batch.redelivered.push(fire_id.clone());
     if delivered_attempt >= spec.max_attempts {
+        batch.redelivered.push((fire_id.clone(), None));
         match &spec.dead_letter_queue {
             Some(dlq) if !rec.dead_lettered => {
-                warn!(fire_id = %fire_id, job_id = %rec.job_id, queue = %rec.queue, dead_letter_queue = %dlq, attempts = delivered_attempt, "fire dead-lettered after its last attempt");
-                rec.queue = dlq.clone();
+                let from_queue = std::mem::replace(&mut rec.queue, dlq.clone());
                 rec.attempt = 1;
                 rec.not_before = None;
                 rec.dead_lettered = true;
                 batch.writes.push(Write::PutFire(rec.clone()));
-                batch.effects.push(Effect::FireUpdated(rec));
+                batch.effects.push(Effect::FireDeadLettered {
+                    rec,
+                    from_queue,
+                    attempts: delivered_attempt,
+                });
             }
             _ => {
-                warn!(fire_id = %fire_id, job_id = %rec.job_id, queue = %rec.queue, attempts = delivered_attempt, "fire dropped after its last attempt: no dead-letter queue");
-                inner
-                    .dropped_fires
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                batch.writes.push(Write::DeleteFire(fire_id.clone()));
-                batch.effects.push(Effect::FireDeleted(fire_id));
+                batch.writes.push(Write::DeleteFire(fire_id));
+                batch.effects.push(Effect::FireDropped(rec));
             }
         }
         return;
@@ -473,6 +499,7 @@ fn decide_redelivery(
     };
     rec.attempt = delivered_attempt + 1;
     rec.not_before = (delay > 0).then(|| now.plus(delay));
+    batch.redelivered.push((fire_id, rec.not_before));
     batch.writes.push(Write::PutFire(rec.clone()));
     batch.effects.push(Effect::FireUpdated(rec));
 }
