@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::telemetry::LogFormat;
+
 /// tickd: a durable job scheduler served over gRPC.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "tickd", version, about, long_about = None)]
@@ -60,6 +62,10 @@ pub struct Config {
     /// Log filter, in tracing's EnvFilter syntax (for example `info` or `tickd=debug`).
     #[arg(long, env = "TICKD_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log line format: `text`, or `json` (one object per line, with trace_id and span_id).
+    #[arg(long, env = "TICKD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -81,6 +87,7 @@ impl Config {
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
             log: "info".into(),
+            log_format: LogFormat::Text,
         }
     }
 }

@@ -11,12 +11,14 @@
 //!   the writer thread that group-commits every durable change.
 //! - [`api`]: the only module that speaks gRPC: validation, conversions, status mapping, the
 //!   server and its graceful shutdown.
+//! - [`telemetry`]: logs and OpenTelemetry traces; turns the core's fire events into spans.
 //! - [`config`]: command-line and environment configuration.
 //!
-//! Dependencies point one way: `domain ← store ← scheduler ← api ← main`.
+//! Dependencies point one way: `domain ← store ← scheduler ← telemetry ← api ← main`.
 
 pub mod api;
 pub mod config;
 pub mod domain;
 pub mod scheduler;
 pub mod store;
+pub mod telemetry;

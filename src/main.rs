@@ -1,30 +1,30 @@
-//! The tickd server binary: parse configuration, set up logging, bind, run until SIGTERM or
-//! SIGINT.
+//! The tickd server binary: parse configuration, set up logs and traces, bind, run until
+//! SIGTERM or SIGINT, flush spans.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing::error;
-use tracing_subscriber::EnvFilter;
 
 use tickd::config::Config;
+use tickd::telemetry::{self, TelemetryOptions};
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
-    let filter = match EnvFilter::try_new(&config.log) {
-        Ok(f) => f,
+    let telemetry = match telemetry::init(&TelemetryOptions {
+        log_filter: config.log.clone(),
+        log_format: config.log_format,
+        otlp_traces_endpoint: TelemetryOptions::otlp_endpoint_from_env(),
+        export_delay: None,
+    }) {
+        Ok(t) => t,
         Err(e) => {
-            eprintln!("tickd: invalid --log filter {:?}: {e}", config.log);
+            eprintln!("tickd: {e}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
 
     let listener = match TcpListener::bind(config.listen).await {
         Ok(l) => l,
@@ -33,13 +33,16 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match tickd::api::run(listener, &config, shutdown_signal()).await {
+    let code = match tickd::api::run(listener, &config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "tickd failed");
             ExitCode::FAILURE
         }
-    }
+    };
+    // Spans still in the batch are exported before exit.
+    telemetry.shutdown();
+    code
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -96,8 +96,18 @@ pub fn fire(d: Delivery) -> pb::Fire {
         attempt: d.fire.attempt,
         payload: d.spec.payload.clone(),
         labels: d.spec.labels.clone().into_iter().collect(),
-        traceparent: String::new(),
-        tracestate: String::new(),
+        traceparent: d
+            .fire
+            .trace
+            .as_ref()
+            .map(|t| t.traceparent.clone())
+            .unwrap_or_default(),
+        tracestate: d
+            .fire
+            .trace
+            .as_ref()
+            .map(|t| t.tracestate.clone())
+            .unwrap_or_default(),
         ack_deadline: Some(timestamp(d.ack_deadline)),
         dead_lettered: d.fire.dead_lettered,
     }

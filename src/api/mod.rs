@@ -3,6 +3,7 @@
 //! ([`convert::status`]), and runs the server.
 
 mod convert;
+mod rpc_span;
 mod server;
 mod service;
 pub mod validate;

@@ -18,6 +18,7 @@ use tower::ServiceBuilder;
 use tracing::{info, warn};
 
 use super::pb;
+use super::rpc_span::RpcSpanLayer;
 use super::pb::scheduler_server::SchedulerServer;
 use super::service::SchedulerService;
 use super::validate::Limits;
@@ -25,6 +26,7 @@ use crate::config::Config;
 use crate::domain::time::duration_micros;
 use crate::scheduler::{Clock, Scheduler, SchedulerConfig, StartError, SystemClock};
 use crate::store::{RedbStore, Store, StoreError};
+use crate::telemetry::FireTracer;
 
 /// Room in a message beyond the payload (ids, labels, times).
 const MESSAGE_OVERHEAD_BYTES: usize = 256 * 1024;
@@ -79,6 +81,7 @@ pub async fn run_with(
         SchedulerConfig {
             max_catch_up_fires: config.max_catch_up_fires as usize,
             max_redelivery_backoff: duration_micros(config.max_redelivery_backoff),
+            observer: Arc::new(FireTracer),
         },
     )
     .await?;
@@ -124,6 +127,7 @@ pub async fn run_with(
         // bound: a client can retry elsewhere, a queue only adds latency.
         .layer(
             ServiceBuilder::new()
+                .layer(RpcSpanLayer)
                 .load_shed()
                 .concurrency_limit(config.max_concurrent_requests as usize)
                 .into_inner(),

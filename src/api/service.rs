@@ -15,6 +15,8 @@ use super::pb::subscribe_request::Request as SubReq;
 use super::validate::{self, Limits, Violations};
 use crate::domain::time::MICROS_PER_SECOND;
 use crate::scheduler::{Scheduler, SubscriberHandle, Subscription};
+use crate::telemetry;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 /// The gRPC face of the core.
 #[derive(Debug, Clone)]
@@ -71,7 +73,13 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         request: Request<pb::ScheduleRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let spec = validate::schedule_request(request.into_inner(), self.limits, self.core.now())?;
-        let job = self.core.schedule(spec).await.map_err(convert::status)?;
+        // The job remembers this call's span, so that each of its fires can link back to it.
+        let trace = telemetry::trace_context_of(&tracing::Span::current().context());
+        let job = self
+            .core
+            .schedule_traced(spec, trace)
+            .await
+            .map_err(convert::status)?;
         Ok(Response::new(convert::job(&job)))
     }
 

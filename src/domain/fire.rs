@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::job::JobId;
 use super::time::{Micros, Timestamp};
+use super::trace::TraceContext;
 
 /// A fire as stored. `attempt` is the attempt number of its next (or current) delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +22,9 @@ pub struct FireRecord {
     /// Not deliverable before this time (a nack delay or a redelivery backoff).
     pub not_before: Option<Timestamp>,
     pub dead_lettered: bool,
+    /// The fire's span, which every delivery of it carries to the worker.
+    #[serde(default)]
+    pub trace: Option<TraceContext>,
 }
 
 /// Delay before redelivering a fire whose ack deadline expired on `attempt`: one second, doubling

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::time::{Micros, Timestamp};
+use super::trace::TraceContext;
 use super::trigger::{MAX_COUNTED_OCCURRENCES, Recurrence, TriggerError, TriggerSpec};
 
 /// A job's id. Cheap to clone; shared between the job map, the timer index and fires.
@@ -65,6 +66,9 @@ pub struct JobStatus {
     pub fire_count: u64,
     pub create_time: Timestamp,
     pub last_fire_time: Option<Timestamp>,
+    /// The span of the Schedule call that created the job; its fires link to it.
+    #[serde(default)]
+    pub trace: Option<TraceContext>,
 }
 
 /// A job as the scheduler holds it: its spec, its resolved trigger and its status.
@@ -93,6 +97,7 @@ impl Job {
             fire_count: 0,
             create_time: now,
             last_fire_time: None,
+            trace: None,
         };
         Ok(Job {
             spec: Arc::new(spec),

@@ -6,9 +6,11 @@
 pub mod fire;
 pub mod job;
 pub mod time;
+pub mod trace;
 pub mod trigger;
 
 pub use fire::FireRecord;
 pub use job::{Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, advance, fire_id};
 pub use time::{Micros, Timestamp};
+pub use trace::TraceContext;
 pub use trigger::{Recurrence, TriggerError, TriggerSpec};

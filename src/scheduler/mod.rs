@@ -15,6 +15,7 @@
 //! the store has the change. There is no task or timer per job.
 
 pub mod clock;
+pub mod observe;
 mod state;
 mod timer;
 mod writer;
@@ -31,9 +32,10 @@ use tokio_stream::Stream;
 use tracing::{info, warn};
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use observe::{NoopObserver, Observer, RedeliveryReason};
 pub use state::Delivery;
 
-use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TriggerError};
+use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
 use crate::store::{Store, StoreError};
 use state::{State, SubId};
 use writer::{Op, Redelivery, Reply, Transition};
@@ -45,6 +47,8 @@ pub struct SchedulerConfig {
     pub max_catch_up_fires: usize,
     /// Longest wait before redelivering a fire whose ack deadline expired.
     pub max_redelivery_backoff: Micros,
+    /// Told what happens to fires and commits (tracing, metrics).
+    pub observer: Arc<dyn Observer>,
 }
 
 /// Default for [`SchedulerConfig::max_catch_up_fires`].
@@ -57,6 +61,7 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             max_catch_up_fires: DEFAULT_MAX_CATCH_UP_FIRES,
             max_redelivery_backoff: DEFAULT_MAX_REDELIVERY_BACKOFF_MICROS,
+            observer: Arc::new(NoopObserver),
         }
     }
 }
@@ -219,11 +224,22 @@ impl Scheduler {
 
     /// Stores a new job (or returns the existing one with the same id and spec). An empty id
     /// gets a UUIDv7. Answers once the job is on disk.
-    pub async fn schedule(&self, mut spec: JobSpec) -> Result<Job, SchedulerError> {
+    pub async fn schedule(&self, spec: JobSpec) -> Result<Job, SchedulerError> {
+        self.schedule_traced(spec, None).await
+    }
+
+    /// [`Scheduler::schedule`], remembering the trace context of the call so that the job's
+    /// fires can link to it.
+    pub async fn schedule_traced(
+        &self,
+        mut spec: JobSpec,
+        trace: Option<TraceContext>,
+    ) -> Result<Job, SchedulerError> {
         if spec.id.is_empty() {
             spec.id = uuid::Uuid::now_v7().to_string().into();
         }
-        let job = Job::create(spec, self.inner.clock.now())?;
+        let mut job = Job::create(spec, self.inner.clock.now())?;
+        job.status.trace = trace;
         self.inner.call(|reply| Op::Schedule { job, reply }).await
     }
 
@@ -450,9 +466,15 @@ impl Stream for Subscription {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let id = self.handle.id;
-        self.handle
-            .inner
-            .mutate(|state| state.poll_delivery(id, cx.waker()))
+        let inner = &self.handle.inner;
+        let polled = inner.mutate(|state| state.poll_delivery(id, cx.waker()));
+        if let Poll::Ready(Some(delivery)) = &polled {
+            inner
+                .config
+                .observer
+                .fire_delivered(&delivery.fire, inner.clock.now());
+        }
+        polled
     }
 }
 

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
+use super::observe::RedeliveryReason;
 use super::state::{FireStatus, JobEntry, State};
 use super::{Inner, SchedulerError};
 use crate::domain::fire::expiry_backoff;
@@ -38,7 +39,7 @@ pub(crate) enum Transition {
     Resume,
 }
 
-/// Why a fire goes back for redelivery.
+/// Why a fire goes back for redelivery, and so when it is delivered again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Redelivery {
     /// The worker nacked it; deliver again after this delay.
@@ -47,6 +48,25 @@ pub(crate) enum Redelivery {
     Expired,
     /// The stream that held it went away; deliver again at once.
     StreamLost,
+}
+
+impl Redelivery {
+    fn reason(self) -> RedeliveryReason {
+        match self {
+            Redelivery::Nack(_) => RedeliveryReason::Nack,
+            Redelivery::Expired => RedeliveryReason::Expired,
+            Redelivery::StreamLost => RedeliveryReason::StreamLost,
+        }
+    }
+}
+
+/// What the observer is told once a batch is applied.
+#[derive(Debug)]
+enum Event {
+    Acked(FireRecord),
+    Redelivered(FireRecord, RedeliveryReason),
+    DeadLettered(FireRecord, String),
+    Dropped(FireRecord),
 }
 
 /// A change for the writer.
@@ -89,7 +109,8 @@ enum Effect {
     /// Re-arm a job's timer from memory (an advance that found nothing to do).
     Rearm(JobId),
     NewFire(FireRecord),
-    FireUpdated(FireRecord),
+    /// Back on its queue with the next attempt (now or after `not_before`).
+    FireRedelivered(FireRecord, RedeliveryReason),
     FireDeleted(String),
     /// Moved to its job's dead-letter queue after its last attempt on `from_queue`.
     FireDeadLettered {
@@ -185,12 +206,19 @@ fn process(inner: &Inner, ops: Vec<Op>) {
     let result = if batch.writes.is_empty() {
         Ok(())
     } else {
-        inner.store.commit(&batch.writes)
+        let started = std::time::Instant::now();
+        let result = inner.store.commit(&batch.writes);
+        inner
+            .config
+            .observer
+            .store_committed(batch.writes.len(), started.elapsed(), result.is_ok());
+        result
     };
 
-    let replies = inner.mutate(|state| {
+    let (replies, events) = inner.mutate(|state| {
+        let mut events = Vec::new();
         match &result {
-            Ok(()) => apply(inner, state, &batch.jobs, batch.effects),
+            Ok(()) => events = apply(inner, state, &batch.jobs, batch.effects),
             Err(e) => {
                 error!(error = %e, writes = batch.writes.len(), "store commit failed; the batch's changes were not made");
                 for effect in batch.effects {
@@ -217,8 +245,17 @@ fn process(inner: &Inner, ops: Vec<Op>) {
             };
             replies.push((reply, answer));
         }
-        replies
+        (replies, events)
     });
+    let observer = &inner.config.observer;
+    for event in events {
+        match event {
+            Event::Acked(rec) => observer.fire_acked(&rec),
+            Event::Redelivered(rec, reason) => observer.fire_redelivered(&rec, reason),
+            Event::DeadLettered(rec, from) => observer.fire_dead_lettered(&rec, &from),
+            Event::Dropped(rec) => observer.fire_dropped(&rec),
+        }
+    }
     for (reply, answer) in replies {
         let _ = reply.send(answer);
     }
@@ -243,7 +280,13 @@ fn not_stored(e: &crate::store::StoreError) -> SchedulerError {
 }
 
 /// Applies a committed batch to memory.
-fn apply(inner: &Inner, state: &mut State, jobs: &HashMap<JobId, Job>, effects: Vec<Effect>) {
+fn apply(
+    inner: &Inner,
+    state: &mut State,
+    jobs: &HashMap<JobId, Job>,
+    effects: Vec<Effect>,
+) -> Vec<Event> {
+    let mut events = Vec::new();
     for effect in effects {
         match effect {
             Effect::Job(id) => {
@@ -269,10 +312,15 @@ fn apply(inner: &Inner, state: &mut State, jobs: &HashMap<JobId, Job>, effects: 
                     state.insert_fire(rec, spec);
                 }
             }
-            Effect::FireUpdated(rec) => state.apply_fire_update(rec),
+            Effect::FireRedelivered(rec, reason) => {
+                events.push(Event::Redelivered(rec.clone(), reason));
+                state.apply_fire_update(rec);
+            }
             Effect::FireDeleted(id) => {
                 state.release(&id);
-                state.fires.remove(&id);
+                if let Some(entry) = state.fires.remove(&id) {
+                    events.push(Event::Acked(entry.rec));
+                }
             }
             Effect::FireDeadLettered {
                 rec,
@@ -280,6 +328,7 @@ fn apply(inner: &Inner, state: &mut State, jobs: &HashMap<JobId, Job>, effects: 
                 attempts,
             } => {
                 warn!(fire_id = %rec.fire_id, job_id = %rec.job_id, queue = %from_queue, dead_letter_queue = %rec.queue, attempts, "fire dead-lettered after its last attempt");
+                events.push(Event::DeadLettered(rec.clone(), from_queue));
                 state.apply_fire_update(rec);
             }
             Effect::FireDropped(rec) => {
@@ -289,9 +338,11 @@ fn apply(inner: &Inner, state: &mut State, jobs: &HashMap<JobId, Job>, effects: 
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 state.release(&rec.fire_id);
                 state.fires.remove(&rec.fire_id);
+                events.push(Event::Dropped(rec));
             }
         }
     }
+    events
 }
 
 fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
@@ -430,7 +481,7 @@ fn decide_advance(
         );
     }
     for occurrence in &plan.fires {
-        let rec = FireRecord {
+        let mut rec = FireRecord {
             fire_id: fire_id(&id, *occurrence),
             job_id: id.clone(),
             queue: job.spec.queue.clone(),
@@ -439,7 +490,9 @@ fn decide_advance(
             attempt: 1,
             not_before: None,
             dead_lettered: false,
+            trace: None,
         };
+        rec.trace = inner.config.observer.fire_released(&rec, &job);
         batch.writes.push(Write::PutFire(rec.clone()));
         batch.effects.push(Effect::NewFire(rec));
     }
@@ -501,5 +554,5 @@ fn decide_redelivery(
     rec.not_before = (delay > 0).then(|| now.plus(delay));
     batch.redelivered.push((fire_id, rec.not_before));
     batch.writes.push(Write::PutFire(rec.clone()));
-    batch.effects.push(Effect::FireUpdated(rec));
+    batch.effects.push(Effect::FireRedelivered(rec, why.reason()));
 }

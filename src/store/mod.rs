@@ -121,6 +121,7 @@ pub(crate) mod contract {
             fire_count: 3,
             create_time: Timestamp(1),
             last_fire_time: None,
+            trace: None,
         }
     }
 
@@ -134,6 +135,7 @@ pub(crate) mod contract {
             attempt: 1,
             not_before: None,
             dead_lettered: false,
+            trace: None,
         }
     }
 

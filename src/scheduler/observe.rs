@@ -1,0 +1,62 @@
+//! Hooks through which the core reports what happens to fires and to the store, so that the
+//! telemetry layer can trace and count it. The core knows nothing of OpenTelemetry; it calls
+//! these with its lock released, and a hook must not block.
+
+use std::fmt::Debug;
+use std::time::Duration;
+
+use crate::domain::{FireRecord, Job, Timestamp, TraceContext};
+
+/// Why a fire went back for redelivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedeliveryReason {
+    /// The worker nacked it.
+    Nack,
+    /// Its ack deadline passed.
+    Expired,
+    /// The stream that held it went away.
+    StreamLost,
+}
+
+impl RedeliveryReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedeliveryReason::Nack => "nack",
+            RedeliveryReason::Expired => "expired",
+            RedeliveryReason::StreamLost => "stream_lost",
+        }
+    }
+}
+
+/// Receives the core's events. Every method has a no-op default.
+pub trait Observer: Send + Sync + Debug + 'static {
+    /// A fire is being released for `job` (before it is stored). Returns the trace context to
+    /// store with the fire and send with every delivery of it.
+    fn fire_released(&self, _fire: &FireRecord, _job: &Job) -> Option<TraceContext> {
+        None
+    }
+
+    /// A fire was handed to a subscriber at `now`.
+    fn fire_delivered(&self, _fire: &FireRecord, _now: Timestamp) {}
+
+    /// A fire's ack is stored.
+    fn fire_acked(&self, _fire: &FireRecord) {}
+
+    /// A fire's redelivery is stored; `fire.attempt` is the attempt to come.
+    fn fire_redelivered(&self, _fire: &FireRecord, _reason: RedeliveryReason) {}
+
+    /// A fire moved to the dead-letter queue (`fire.queue`) from `from_queue`.
+    fn fire_dead_lettered(&self, _fire: &FireRecord, _from_queue: &str) {}
+
+    /// A fire was dropped after its last attempt (no dead-letter queue).
+    fn fire_dropped(&self, _fire: &FireRecord) {}
+
+    /// A store commit of `writes` writes finished (or failed) after `elapsed`.
+    fn store_committed(&self, _writes: usize, _elapsed: Duration, _ok: bool) {}
+}
+
+/// Observes nothing.
+#[derive(Debug, Default)]
+pub struct NoopObserver;
+
+impl Observer for NoopObserver {}
