@@ -66,11 +66,14 @@ impl TelemetryOptions {
         if std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none") {
             return None;
         }
-        ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]
-            .iter()
-            .filter_map(|k| std::env::var(k).ok())
-            .map(|v| v.trim().to_string())
-            .find(|v| !v.is_empty())
+        [
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .map(|v| v.trim().to_string())
+        .find(|v| !v.is_empty())
     }
 }
 
@@ -315,7 +318,10 @@ impl Observer for FireTracer {
             fire,
             format!("dead_letter {from_queue}"),
             SpanKind::Internal,
-            vec![KeyValue::new("tickd.dead_letter.from_queue", from_queue.to_string())],
+            vec![KeyValue::new(
+                "tickd.dead_letter.from_queue",
+                from_queue.to_string(),
+            )],
         );
     }
 
@@ -346,10 +352,7 @@ where
     ) -> fmt::Result {
         let meta = event.metadata();
         let mut line = serde_json::Map::new();
-        line.insert(
-            "timestamp".into(),
-            Timestamp::now_utc().to_string().into(),
-        );
+        line.insert("timestamp".into(), Timestamp::now_utc().to_string().into());
         line.insert("level".into(), meta.level().as_str().into());
         line.insert("target".into(), meta.target().into());
         let mut fields = JsonFields(serde_json::Map::new());

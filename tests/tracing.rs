@@ -164,7 +164,10 @@ fn caller_traceparent_parents_the_server_span() {
         assert_eq!(hex(&span.trace_id), CALLER_TRACE);
         assert_eq!(span.kind, 2, "SPAN_KIND_SERVER");
         assert_eq!(attr(&span, "rpc.system").as_deref(), Some("grpc"));
-        assert_eq!(attr(&span, "rpc.service").as_deref(), Some("tickd.v1.Scheduler"));
+        assert_eq!(
+            attr(&span, "rpc.service").as_deref(),
+            Some("tickd.v1.Scheduler")
+        );
         assert_eq!(attr(&span, "rpc.method").as_deref(), Some("Schedule"));
         assert_eq!(attr(&span, "rpc.grpc.status_code").as_deref(), Some("0"));
         server.stop().await;
@@ -190,12 +193,18 @@ fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
             .await
             .expect("schedule");
         let first = sub.next(2_000).await;
-        assert!(!first.traceparent.is_empty(), "the Fire carries a traceparent");
+        assert!(
+            !first.traceparent.is_empty(),
+            "the Fire carries a traceparent"
+        );
         let (fire_trace, fire_span_id) = ids(&first.traceparent);
         assert_ne!(fire_trace, CALLER_TRACE, "a fire starts a trace of its own");
         sub.nack(&[&first.fire_id], None).await;
         let second = sub.next(2_000).await;
-        assert_eq!(second.traceparent, first.traceparent, "same span on redelivery");
+        assert_eq!(
+            second.traceparent, first.traceparent,
+            "same span on redelivery"
+        );
         sub.ack(&[&second.fire_id]).await;
 
         let schedule = wait_for(&h.collector, "Schedule span", |s| {
@@ -209,7 +218,10 @@ fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
         assert_eq!(fire.name, "fire traced.fires");
         assert_eq!(fire.kind, 4, "SPAN_KIND_PRODUCER");
         assert_eq!(attr(&fire, "tickd.job.id").as_deref(), Some("fired"));
-        assert_eq!(attr(&fire, "tickd.fire.id").as_deref(), Some(first.fire_id.as_str()));
+        assert_eq!(
+            attr(&fire, "tickd.fire.id").as_deref(),
+            Some(first.fire_id.as_str())
+        );
         assert!(
             fire.links
                 .iter()
@@ -227,9 +239,16 @@ fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
             }
         };
         wait_for(&h.collector, "first send", child("send traced.fires", "1")).await;
-        let redeliver =
-            wait_for(&h.collector, "redeliver", child("redeliver traced.fires", "2")).await;
-        assert_eq!(attr(&redeliver, "tickd.redelivery.reason").as_deref(), Some("nack"));
+        let redeliver = wait_for(
+            &h.collector,
+            "redeliver",
+            child("redeliver traced.fires", "2"),
+        )
+        .await;
+        assert_eq!(
+            attr(&redeliver, "tickd.redelivery.reason").as_deref(),
+            Some("nack")
+        );
         wait_for(&h.collector, "second send", child("send traced.fires", "2")).await;
         wait_for(&h.collector, "ack", child("ack traced.fires", "2")).await;
         server.stop().await;

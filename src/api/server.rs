@@ -18,8 +18,8 @@ use tower::ServiceBuilder;
 use tracing::{info, warn};
 
 use super::pb;
-use super::rpc_span::RpcSpanLayer;
 use super::pb::scheduler_server::SchedulerServer;
+use super::rpc_span::RpcSpanLayer;
 use super::service::SchedulerService;
 use super::validate::Limits;
 use crate::config::Config;

@@ -208,10 +208,11 @@ fn process(inner: &Inner, ops: Vec<Op>) {
     } else {
         let started = std::time::Instant::now();
         let result = inner.store.commit(&batch.writes);
-        inner
-            .config
-            .observer
-            .store_committed(batch.writes.len(), started.elapsed(), result.is_ok());
+        inner.config.observer.store_committed(
+            batch.writes.len(),
+            started.elapsed(),
+            result.is_ok(),
+        );
         result
     };
 
@@ -554,5 +555,7 @@ fn decide_redelivery(
     rec.not_before = (delay > 0).then(|| now.plus(delay));
     batch.redelivered.push((fire_id, rec.not_before));
     batch.writes.push(Write::PutFire(rec.clone()));
-    batch.effects.push(Effect::FireRedelivered(rec, why.reason()));
+    batch
+        .effects
+        .push(Effect::FireRedelivered(rec, why.reason()));
 }

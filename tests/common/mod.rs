@@ -3,8 +3,10 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
@@ -261,4 +263,53 @@ pub fn assert_bad_field(status: &Status, field: &str) {
         "no violation on {field}: {:?}",
         bad.field_violations
     );
+}
+
+/// Starts the real `tickd` binary on a free port with `dir` as its data directory and extra
+/// environment; returns the child and its address. Its stdout lines are forwarded to `lines`.
+pub fn spawn_binary_with(
+    dir: &Path,
+    env: &[(&str, &str)],
+    lines: Option<std::sync::mpsc::Sender<String>>,
+) -> (Child, SocketAddr) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tickd"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("TICKD_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("spawn tickd");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line
+                .split("addr=")
+                .nth(1)
+                .or_else(|| line.split("\"addr\":\"").nth(1))
+            {
+                let addr: String = rest
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect();
+                let _ = tx.send(addr);
+            }
+            if let Some(lines) = &lines {
+                let _ = lines.send(line);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("tickd logged its address");
+    (child, addr.parse().expect("address"))
+}
+
+/// [`spawn_binary_with`] with default settings.
+pub fn spawn_binary(dir: &Path) -> (Child, SocketAddr) {
+    spawn_binary_with(dir, &[], None)
 }
