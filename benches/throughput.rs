@@ -84,9 +84,13 @@ async fn main() {
     config.data_dir = dir.path().to_path_buf();
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let listeners = tickd::api::Listeners {
+        grpc: listener,
+        metrics: TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        tickd::api::run(listener, &config, async {
+        tickd::api::run(listeners, &config, async {
             let _ = stopped.await;
         })
         .await

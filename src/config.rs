@@ -17,6 +17,10 @@ pub struct Config {
     #[arg(long, env = "TICKD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus scrape endpoint (`GET /metrics`).
+    #[arg(long, env = "TICKD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+
     /// Directory of the embedded store (created if missing).
     #[arg(long, env = "TICKD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
@@ -77,6 +81,7 @@ impl Config {
     pub fn defaults() -> Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             data_dir: PathBuf::from("./data"),
             max_payload_bytes: 256 * 1024,
             max_catch_up_fires: 100,
@@ -102,6 +107,7 @@ mod tests {
         let parsed = Config::try_parse_from(["tickd"]).expect("defaults parse");
         let d = Config::defaults();
         assert_eq!(parsed.listen, d.listen);
+        assert_eq!(parsed.metrics_listen, d.metrics_listen);
         assert_eq!(parsed.data_dir, d.data_dir);
         assert_eq!(parsed.max_payload_bytes, d.max_payload_bytes);
         assert_eq!(parsed.max_catch_up_fires, d.max_catch_up_fires);

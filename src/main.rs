@@ -7,6 +7,7 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tracing::error;
 
+use tickd::api::Listeners;
 use tickd::config::Config;
 use tickd::telemetry::{self, TelemetryOptions};
 
@@ -26,22 +27,31 @@ async fn main() -> ExitCode {
         }
     };
 
-    let listener = match TcpListener::bind(config.listen).await {
-        Ok(l) => l,
-        Err(e) => {
-            error!(addr = %config.listen, error = %e, "cannot listen");
-            return ExitCode::FAILURE;
+    let mut listeners = Vec::new();
+    for addr in [config.listen, config.metrics_listen] {
+        match TcpListener::bind(addr).await {
+            Ok(l) => listeners.push(l),
+            Err(e) => {
+                error!(%addr, error = %e, "cannot listen");
+                telemetry.shutdown();
+                return ExitCode::FAILURE;
+            }
         }
+    }
+    let (Some(metrics), Some(grpc)) = (listeners.pop(), listeners.pop()) else {
+        return ExitCode::FAILURE;
     };
-    let code = match tickd::api::run(listener, &config, shutdown_signal()).await {
+    let listeners = Listeners { grpc, metrics };
+    let code = match tickd::api::run(listeners, &config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "tickd failed");
             ExitCode::FAILURE
         }
     };
-    // Spans still in the batch are exported before exit.
+    // Spans and metrics still waiting are exported before exit.
     telemetry.shutdown();
+    tickd::telemetry::metrics::shutdown();
     code
 }
 

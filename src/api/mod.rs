@@ -3,12 +3,13 @@
 //! ([`convert::status`]), and runs the server.
 
 mod convert;
+mod metrics_http;
 mod rpc_span;
 mod server;
 mod service;
 pub mod validate;
 
-pub use server::{ServerError, run, run_with};
+pub use server::{Listeners, ServerError, run, run_with};
 pub use service::SchedulerService;
 
 /// Code generated from `proto/tickd/v1/scheduler.proto`.

@@ -1,18 +1,20 @@
-//! A tower layer that gives every gRPC call a server span: the caller's W3C trace context
-//! (`traceparent`, `tracestate`, `baggage` metadata) becomes its parent, and it carries the
-//! OpenTelemetry RPC attributes (`rpc.system`, `rpc.service`, `rpc.method`,
-//! `rpc.grpc.status_code`).
+//! A tower layer that gives every gRPC call a server span and a duration measurement: the
+//! caller's W3C trace context (`traceparent`, `tracestate`, `baggage` metadata) becomes the
+//! span's parent, and both carry the OpenTelemetry RPC attributes (`rpc.system`,
+//! `rpc.service`, `rpc.method`, `rpc.grpc.status_code`).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use opentelemetry::global;
 use opentelemetry::propagation::Extractor;
+use opentelemetry::{KeyValue, global};
 use tonic::codegen::http;
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::telemetry::metrics;
 
 /// Adds [`RpcSpan`] around a service.
 #[derive(Debug, Clone, Copy, Default)]
@@ -86,6 +88,12 @@ where
             self.inner.call(request)
         };
         let recorder = span.clone();
+        let started = std::time::Instant::now();
+        let metric_attrs = [
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", service.to_string()),
+            KeyValue::new("rpc.method", method.to_string()),
+        ];
         Box::pin(
             async move {
                 let result = call.await;
@@ -101,6 +109,11 @@ where
                     Err(_) => 2,
                 };
                 recorder.record("rpc.grpc.status_code", code);
+                let mut attrs = metric_attrs.to_vec();
+                attrs.push(KeyValue::new("rpc.grpc.status_code", code));
+                metrics::instruments()
+                    .rpc_duration
+                    .record(started.elapsed().as_secs_f64(), &attrs);
                 if is_server_error(code) {
                     recorder.record("otel.status_code", "ERROR");
                 }

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::domain::time::duration_micros;
 use crate::scheduler::{Clock, Scheduler, SchedulerConfig, StartError, SystemClock};
 use crate::store::{RedbStore, Store, StoreError};
-use crate::telemetry::FireTracer;
+use crate::telemetry::{FireTelemetry, metrics};
 
 /// Room in a message beyond the payload (ids, labels, times).
 const MESSAGE_OVERHEAD_BYTES: usize = 256 * 1024;
@@ -46,10 +46,19 @@ pub enum ServerError {
     Transport(String),
 }
 
-/// Opens the embedded store in `config.data_dir` and serves on `listener` until `shutdown`
+/// The sockets tickd serves on; the caller binds them (tests use port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    /// gRPC.
+    pub grpc: TcpListener,
+    /// Prometheus `/metrics`.
+    pub metrics: TcpListener,
+}
+
+/// Opens the embedded store in `config.data_dir` and serves on `listeners` until `shutdown`
 /// resolves.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
@@ -58,7 +67,7 @@ pub async fn run(
         .await
         .map_err(|e| ServerError::Transport(format!("store open task failed: {e}")))??;
     run_with(
-        listener,
+        listeners,
         Arc::new(store),
         Arc::new(SystemClock),
         config,
@@ -67,9 +76,9 @@ pub async fn run(
     .await
 }
 
-/// Serves on `listener` with the given store and clock until `shutdown` resolves.
+/// Serves on `listeners` with the given store and clock until `shutdown` resolves.
 pub async fn run_with(
-    listener: TcpListener,
+    listeners: Listeners,
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
     config: &Config,
@@ -81,7 +90,7 @@ pub async fn run_with(
         SchedulerConfig {
             max_catch_up_fires: config.max_catch_up_fires as usize,
             max_redelivery_backoff: duration_micros(config.max_redelivery_backoff),
-            observer: Arc::new(FireTracer),
+            observer: Arc::new(FireTelemetry::default()),
         },
     )
     .await?;
@@ -116,7 +125,14 @@ pub async fn run_with(
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
 
+    let listener = listeners.grpc;
     let addr = listener.local_addr().ok();
+    metrics::watch(&core);
+    let metrics_addr = listeners.metrics.local_addr().ok();
+    let (metrics_stop, metrics_stopped) = oneshot::channel::<()>();
+    let metrics_server = tokio::spawn(super::metrics_http::serve(listeners.metrics, async {
+        let _ = metrics_stopped.await;
+    }));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = Server::builder()
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
@@ -140,14 +156,16 @@ pub async fn run_with(
             let _ = stop_rx.await;
         });
     let mut server = tokio::spawn(server);
-    if let Some(addr) = addr {
-        info!(%addr, data_dir = %config.data_dir.display(), "tickd listening");
+    if let (Some(addr), Some(metrics_addr)) = (addr, metrics_addr) {
+        info!(%addr, %metrics_addr, data_dir = %config.data_dir.display(), "tickd listening");
     }
 
     tokio::select! {
         _ = shutdown => {}
         result = &mut server => {
             core.shutdown().await;
+            metrics::unwatch();
+            let _ = metrics_stop.send(());
             return match result {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(ServerError::Transport(e.to_string())),
@@ -181,6 +199,9 @@ pub async fn run_with(
     {
         warn!("the store could not be flushed within the shutdown grace period");
     }
+    metrics::unwatch();
+    let _ = metrics_stop.send(());
+    let _ = tokio::time::timeout_at(deadline, metrics_server).await;
     info!("tickd stopped");
     Ok(())
 }

@@ -30,12 +30,24 @@ pub enum MisfirePolicy {
 }
 
 /// A job's lifecycle state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum JobState {
     Scheduled,
     Paused,
     Completed,
     Cancelled,
+}
+
+impl JobState {
+    /// Lower-case name, for logs and metric attributes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Scheduled => "scheduled",
+            JobState::Paused => "paused",
+            JobState::Completed => "completed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// What the client scheduled, with defaults filled in. Immutable once stored.

@@ -87,6 +87,25 @@ fn shutting_down() -> SchedulerError {
     SchedulerError::Unavailable("tickd is shutting down; retry on another instance".into())
 }
 
+/// Counts for gauges; see [`Scheduler::stats`].
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Jobs per state (states with no job are left out).
+    pub jobs: Vec<(JobState, u64)>,
+    /// Per queue with fires or subscribers.
+    pub queues: Vec<(String, QueueStats)>,
+}
+
+/// Counts of one queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Fires waiting for delivery (ready, delayed, or being redelivered).
+    pub backlog: u64,
+    /// Fires handed to a subscriber and not yet acked.
+    pub in_flight: u64,
+    pub subscribers: u64,
+}
+
 /// Which jobs ListJobs returns.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
@@ -346,6 +365,36 @@ impl Scheduler {
             })
             .await?;
         Ok(n)
+    }
+
+    /// Counts for gauges: jobs by state, and per queue the fires waiting, in flight, and the
+    /// subscribers. Scans jobs and fires under the state lock (about 10 ms per million jobs);
+    /// meant for a scrape every few seconds, not for a hot path.
+    pub fn stats(&self) -> Stats {
+        let state = self.inner.lock();
+        let mut stats = Stats::default();
+        let mut by_state: BTreeMap<JobState, u64> = BTreeMap::new();
+        for entry in state.jobs.values() {
+            *by_state.entry(entry.job.status.state).or_default() += 1;
+        }
+        stats.jobs = by_state.into_iter().collect();
+        let mut queues: BTreeMap<&str, QueueStats> = BTreeMap::new();
+        for entry in state.fires.values() {
+            let q = queues.entry(entry.rec.queue.as_str()).or_default();
+            match entry.status {
+                state::FireStatus::InFlight { .. } => q.in_flight += 1,
+                state::FireStatus::Acked => {}
+                _ => q.backlog += 1,
+            }
+        }
+        for sub in state.subscribers.values() {
+            queues.entry(sub.queue.as_str()).or_default().subscribers += 1;
+        }
+        stats.queues = queues
+            .into_iter()
+            .map(|(name, q)| (name.to_string(), q))
+            .collect();
+        stats
     }
 
     /// Fires dropped after their last attempt because their job has no dead-letter queue.

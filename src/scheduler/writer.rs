@@ -422,7 +422,7 @@ fn decide_transition(
         (Transition::Pause | Transition::Resume, JobState::Completed | JobState::Cancelled) => {
             return Err(SchedulerError::FailedPrecondition(format!(
                 "job {id} is {}; only scheduled or paused jobs can be paused or resumed",
-                state_word(from)
+                from.as_str()
             )));
         }
     };
@@ -434,15 +434,6 @@ fn decide_transition(
         batch.put_job(job.clone(), false);
     }
     Ok(job.spec.id.clone())
-}
-
-fn state_word(s: JobState) -> &'static str {
-    match s {
-        JobState::Scheduled => "scheduled",
-        JobState::Paused => "paused",
-        JobState::Completed => "completed",
-        JobState::Cancelled => "cancelled",
-    }
 }
 
 /// Advances one due job: the job's new status and a record per fire go into the same batch.

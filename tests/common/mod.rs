@@ -25,6 +25,8 @@ pub type Client = SchedulerClient<Channel>;
 /// A running server.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The Prometheus endpoint (`GET /metrics`).
+    pub metrics_addr: SocketAddr,
     pub client: Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), tickd::api::ServerError>>>,
@@ -44,9 +46,15 @@ impl TestServer {
         tweak(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
+        let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let metrics_addr = metrics.local_addr().expect("local addr");
+        let listeners = tickd::api::Listeners {
+            grpc: listener,
+            metrics,
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            tickd::api::run(listener, &config, async {
+            tickd::api::run(listeners, &config, async {
                 let _ = stopped.await;
             })
             .await
@@ -54,6 +62,7 @@ impl TestServer {
         let client = connect(addr).await;
         TestServer {
             addr,
+            metrics_addr,
             client,
             stop: Some(stop),
             task: Some(task),
@@ -274,7 +283,13 @@ pub fn spawn_binary_with(
 ) -> (Child, SocketAddr) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tickd"));
     command
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir)
         .env("TICKD_LOG", "info")
         .stdout(Stdio::piped())

@@ -1,22 +1,22 @@
-//! Logs and traces: the global tracing subscriber, the OpenTelemetry pipeline behind it, and
-//! the spans of a job's fires.
+//! Logs, traces and metrics: the global tracing subscriber, the OpenTelemetry pipelines behind
+//! it, and [`FireTelemetry`], which turns the core's fire events into spans and counts.
 //!
 //! Logs go to stdout as text or JSON; inside a span, a JSON line carries that span's
 //! `trace_id` and `span_id`. Traces are exported over OTLP/gRPC (batched) only when an OTLP
 //! endpoint is configured (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
 //! `OTEL_EXPORTER_OTLP_ENDPOINT`); the standard `OTEL_SERVICE_NAME`,
 //! `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` are
-//! honoured by the SDK. [`FireTracer`] turns the core's fire events into spans.
+//! honoured by the SDK. Metrics are in [`metrics`]; fire spans in [`traces`].
 
-use std::collections::HashMap;
+pub mod metrics;
+pub mod traces;
+
 use std::fmt;
 use std::time::Duration;
 
-use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
-use opentelemetry::trace::{
-    Link, SpanContext, SpanKind, TraceContextExt, Tracer, TracerProvider as _,
-};
-use opentelemetry::{Context, KeyValue, global};
+use opentelemetry::propagation::TextMapCompositePropagator;
+use opentelemetry::trace::{SpanKind, TraceContextExt, TracerProvider as _};
+use opentelemetry::{KeyValue, global};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_sdk::trace::{BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider};
@@ -29,6 +29,8 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
+
+pub use traces::{span_context_of, trace_context_of};
 
 use crate::domain::{FireRecord, Job, Timestamp, TraceContext};
 use crate::scheduler::{Observer, RedeliveryReason};
@@ -188,103 +190,36 @@ fn tracer_provider(
         .build())
 }
 
-/// The W3C trace context of `cx`'s span; `None` when it has no valid (sampled or not) span.
-pub fn trace_context_of(cx: &Context) -> Option<TraceContext> {
-    if !cx.span().span_context().is_valid() {
-        return None;
-    }
-    let mut carrier = HashMap::new();
-    TraceContextPropagator::new().inject_context(cx, &mut carrier);
-    Some(TraceContext {
-        traceparent: carrier.remove("traceparent").unwrap_or_default(),
-        tracestate: carrier.remove("tracestate").unwrap_or_default(),
-    })
+/// The core's observer: a span and a count for each step of a fire, and commit timings.
+#[derive(Debug)]
+pub struct FireTelemetry {
+    metrics: &'static metrics::Instruments,
 }
 
-/// The span context a stored trace context names (invalid if it names none).
-pub fn span_context_of(trace: &TraceContext) -> SpanContext {
-    let carrier = HashMap::from([
-        ("traceparent".to_string(), trace.traceparent.clone()),
-        ("tracestate".to_string(), trace.tracestate.clone()),
-    ]);
-    TraceContextPropagator::new()
-        .extract(&carrier)
-        .span()
-        .span_context()
-        .clone()
-}
-
-/// Turns the core's fire events into spans.
-///
-/// Each fire starts a trace of its own: a `fire <queue>` span (kind PRODUCER) with a link to
-/// the span of the Schedule call that created the job. A job can fire for months, so a child
-/// of that call would make one trace without end; the link keeps each fire's trace small and
-/// still leads back to who scheduled it. The fire span's context is stored with the fire and
-/// sent as the Fire's `traceparent`, so the worker's span is its child, and every later step
-/// of the fire (each delivery, a redelivery, the ack, dead-lettering) is a short child span of
-/// it too, also after a restart.
-#[derive(Debug, Default)]
-pub struct FireTracer;
-
-fn fire_attributes(fire: &FireRecord) -> Vec<KeyValue> {
-    vec![
-        KeyValue::new("messaging.system", "tickd"),
-        KeyValue::new("messaging.destination.name", fire.queue.clone()),
-        KeyValue::new("messaging.message.id", fire.fire_id.clone()),
-        KeyValue::new("tickd.job.id", fire.job_id.to_string()),
-        KeyValue::new("tickd.queue", fire.queue.clone()),
-        KeyValue::new("tickd.fire.id", fire.fire_id.clone()),
-        KeyValue::new("tickd.fire.attempt", i64::from(fire.attempt)),
-    ]
-}
-
-impl FireTracer {
-    /// A finished child span of the fire's span.
-    fn step(&self, fire: &FireRecord, name: String, kind: SpanKind, extra: Vec<KeyValue>) {
-        let Some(trace) = &fire.trace else {
-            return;
-        };
-        let parent = Context::new().with_remote_span_context(span_context_of(trace));
-        let tracer = global::tracer(TRACER_NAME);
-        let mut attributes = fire_attributes(fire);
-        attributes.extend(extra);
-        let _span = tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attributes)
-            .start_with_context(&tracer, &parent);
+impl Default for FireTelemetry {
+    fn default() -> Self {
+        FireTelemetry {
+            metrics: metrics::instruments(),
+        }
     }
 }
 
-impl Observer for FireTracer {
+fn queue_attr(fire: &FireRecord) -> [KeyValue; 1] {
+    [KeyValue::new("tickd.queue", fire.queue.clone())]
+}
+
+impl Observer for FireTelemetry {
     fn fire_released(&self, fire: &FireRecord, job: &Job) -> Option<TraceContext> {
-        let tracer = global::tracer(TRACER_NAME);
-        let links = job
-            .status
-            .trace
-            .as_ref()
-            .map(span_context_of)
-            .filter(SpanContext::is_valid)
-            .map(|sc| vec![Link::with_context(sc)])
-            .unwrap_or_default();
-        let mut attributes = fire_attributes(fire);
-        attributes.push(KeyValue::new("messaging.operation.type", "create"));
-        attributes.push(KeyValue::new(
-            "tickd.fire.scheduled_time",
-            fire.scheduled_time.to_string(),
-        ));
-        let span = tracer
-            .span_builder(format!("fire {}", fire.queue))
-            .with_kind(SpanKind::Producer)
-            .with_attributes(attributes)
-            .with_links(links)
-            .start_with_context(&tracer, &Context::new());
-        trace_context_of(&Context::new().with_span(span))
+        self.metrics.fires.add(1, &queue_attr(fire));
+        traces::fire_released(fire, job)
     }
 
     fn fire_delivered(&self, fire: &FireRecord, now: Timestamp) {
-        let lateness = now.since(fire.scheduled_time) as f64 / 1e6;
-        self.step(
+        let lateness = now.since(fire.scheduled_time).max(0) as f64 / 1e6;
+        self.metrics
+            .fire_lateness
+            .record(lateness, &queue_attr(fire));
+        traces::fire_step(
             fire,
             format!("send {}", fire.queue),
             SpanKind::Producer,
@@ -296,7 +231,7 @@ impl Observer for FireTracer {
     }
 
     fn fire_acked(&self, fire: &FireRecord) {
-        self.step(
+        traces::fire_step(
             fire,
             format!("ack {}", fire.queue),
             SpanKind::Internal,
@@ -305,7 +240,14 @@ impl Observer for FireTracer {
     }
 
     fn fire_redelivered(&self, fire: &FireRecord, reason: RedeliveryReason) {
-        self.step(
+        self.metrics.redeliveries.add(
+            1,
+            &[
+                KeyValue::new("tickd.queue", fire.queue.clone()),
+                KeyValue::new("tickd.redelivery.reason", reason.as_str()),
+            ],
+        );
+        traces::fire_step(
             fire,
             format!("redeliver {}", fire.queue),
             SpanKind::Internal,
@@ -314,7 +256,10 @@ impl Observer for FireTracer {
     }
 
     fn fire_dead_lettered(&self, fire: &FireRecord, from_queue: &str) {
-        self.step(
+        self.metrics
+            .dead_letters
+            .add(1, &[KeyValue::new("tickd.queue", from_queue.to_string())]);
+        traces::fire_step(
             fire,
             format!("dead_letter {from_queue}"),
             SpanKind::Internal,
@@ -326,12 +271,21 @@ impl Observer for FireTracer {
     }
 
     fn fire_dropped(&self, fire: &FireRecord) {
-        self.step(
+        self.metrics.dropped.add(1, &queue_attr(fire));
+        traces::fire_step(
             fire,
             format!("drop {}", fire.queue),
             SpanKind::Internal,
             Vec::new(),
         );
+    }
+
+    fn store_committed(&self, writes: usize, elapsed: Duration, ok: bool) {
+        let outcome = [KeyValue::new("tickd.commit.ok", ok)];
+        self.metrics
+            .commit_duration
+            .record(elapsed.as_secs_f64(), &outcome);
+        self.metrics.commit_writes.record(writes as u64, &outcome);
     }
 }
 

@@ -1,0 +1,238 @@
+//! Metrics: OpenTelemetry instruments, read by a Prometheus registry (served on `/metrics`)
+//! and, when an OTLP endpoint is configured, pushed over OTLP/gRPC every 60 s
+//! (`OTEL_METRIC_EXPORT_INTERVAL`).
+//!
+//! Names and units follow the OpenTelemetry conventions (`rpc.server.call.duration` in
+//! seconds, `{fire}` counts); the Prometheus exporter turns them into `tickd_fires_total`,
+//! `rpc_server_call_duration_seconds` and so on.
+
+use std::sync::{Mutex, OnceLock};
+
+use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
+use opentelemetry::{KeyValue, global};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use prometheus::{Encoder, TextEncoder};
+
+use super::{DEFAULT_SERVICE_NAME, TRACER_NAME};
+use crate::scheduler::Scheduler;
+
+/// Bucket bounds, in seconds, for latencies from sub-millisecond RPCs to minutes-late fires.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    120.0,
+];
+/// Bucket bounds for commit batch sizes, in writes.
+const BATCH_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
+];
+
+/// tickd's instruments.
+#[derive(Debug)]
+pub struct Instruments {
+    pub fires: Counter<u64>,
+    pub fire_lateness: Histogram<f64>,
+    pub redeliveries: Counter<u64>,
+    pub dead_letters: Counter<u64>,
+    pub dropped: Counter<u64>,
+    pub rpc_duration: Histogram<f64>,
+    pub commit_duration: Histogram<f64>,
+    pub commit_writes: Histogram<u64>,
+}
+
+struct Installed {
+    registry: prometheus::Registry,
+    instruments: Instruments,
+    provider: SdkMeterProvider,
+}
+
+static INSTALLED: OnceLock<Installed> = OnceLock::new();
+/// The core whose jobs and queues the gauges report (the last one started).
+static WATCHED: Mutex<Option<Scheduler>> = Mutex::new(None);
+
+fn otlp_metrics_endpoint() -> Option<String> {
+    if std::env::var("OTEL_METRICS_EXPORTER").is_ok_and(|v| v.trim() == "none") {
+        return None;
+    }
+    [
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok())
+    .map(|v| v.trim().to_string())
+    .find(|v| !v.is_empty())
+}
+
+fn install() -> Installed {
+    let registry = prometheus::Registry::new();
+    let mut builder = SdkMeterProvider::builder();
+    match opentelemetry_prometheus::exporter()
+        .with_registry(registry.clone())
+        .build()
+    {
+        Ok(exporter) => builder = builder.with_reader(exporter),
+        Err(e) => {
+            tracing::error!(error = %e, "Prometheus exporter unavailable; /metrics will be empty")
+        }
+    }
+    if let Some(endpoint) = otlp_metrics_endpoint() {
+        use opentelemetry_otlp::WithExportConfig;
+        match opentelemetry_otlp::MetricExporter::builder()
+            .with_tonic()
+            .with_endpoint(&endpoint)
+            .build()
+        {
+            Ok(exporter) => {
+                builder = builder.with_reader(PeriodicReader::builder(exporter).build())
+            }
+            Err(e) => tracing::error!(%endpoint, error = %e, "OTLP metrics exporter unavailable"),
+        }
+    }
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(DEFAULT_SERVICE_NAME);
+    }
+    let provider = builder.with_resource(resource.build()).build();
+    global::set_meter_provider(provider.clone());
+    let meter = provider.meter(TRACER_NAME);
+
+    meter
+        .u64_observable_gauge("tickd.jobs")
+        .with_unit("{job}")
+        .with_description("Jobs by state")
+        .with_callback(|gauge| {
+            if let Some(stats) = watched_stats() {
+                for (state, n) in stats.jobs {
+                    gauge.observe(n, &[KeyValue::new("tickd.job.state", state.as_str())]);
+                }
+            }
+        })
+        .build();
+    meter
+        .u64_observable_gauge("tickd.queue.backlog")
+        .with_unit("{fire}")
+        .with_description("Fires waiting for delivery, by queue")
+        .with_callback(|gauge| {
+            for (queue, q) in watched_stats().map(|s| s.queues).unwrap_or_default() {
+                gauge.observe(q.backlog, &[KeyValue::new("tickd.queue", queue)]);
+            }
+        })
+        .build();
+    meter
+        .u64_observable_gauge("tickd.deliveries.in_flight")
+        .with_unit("{fire}")
+        .with_description("Fires handed to a subscriber and not yet acked, by queue")
+        .with_callback(|gauge| {
+            for (queue, q) in watched_stats().map(|s| s.queues).unwrap_or_default() {
+                gauge.observe(q.in_flight, &[KeyValue::new("tickd.queue", queue)]);
+            }
+        })
+        .build();
+    meter
+        .u64_observable_gauge("tickd.queue.subscribers")
+        .with_unit("{subscriber}")
+        .with_description("Open Subscribe streams, by queue")
+        .with_callback(|gauge| {
+            for (queue, q) in watched_stats().map(|s| s.queues).unwrap_or_default() {
+                gauge.observe(q.subscribers, &[KeyValue::new("tickd.queue", queue)]);
+            }
+        })
+        .build();
+
+    let instruments = Instruments {
+        fires: meter
+            .u64_counter("tickd.fires")
+            .with_unit("{fire}")
+            .with_description("Fires released, by queue")
+            .build(),
+        fire_lateness: meter
+            .f64_histogram("tickd.fire.lateness")
+            .with_unit("s")
+            .with_description("Delivery time minus scheduled time, by queue")
+            .with_boundaries(SECONDS_BUCKETS.to_vec())
+            .build(),
+        redeliveries: meter
+            .u64_counter("tickd.redeliveries")
+            .with_unit("{fire}")
+            .with_description("Fires sent back for redelivery, by queue and reason")
+            .build(),
+        dead_letters: meter
+            .u64_counter("tickd.dead_letters")
+            .with_unit("{fire}")
+            .with_description("Fires moved to a dead-letter queue, by original queue")
+            .build(),
+        dropped: meter
+            .u64_counter("tickd.fires.dropped")
+            .with_unit("{fire}")
+            .with_description("Fires dropped after their last attempt (no dead-letter queue)")
+            .build(),
+        rpc_duration: meter
+            .f64_histogram("rpc.server.call.duration")
+            .with_unit("s")
+            .with_description("gRPC call duration, by method and status code")
+            .with_boundaries(SECONDS_BUCKETS.to_vec())
+            .build(),
+        commit_duration: meter
+            .f64_histogram("tickd.store.commit.duration")
+            .with_unit("s")
+            .with_description("Store commit latency (fsync included)")
+            .with_boundaries(SECONDS_BUCKETS.to_vec())
+            .build(),
+        commit_writes: meter
+            .u64_histogram("tickd.store.commit.writes")
+            .with_unit("{write}")
+            .with_description("Writes per store commit (group-commit batch size)")
+            .with_boundaries(BATCH_BUCKETS.to_vec())
+            .build(),
+    };
+    Installed {
+        registry,
+        instruments,
+        provider,
+    }
+}
+
+fn installed() -> &'static Installed {
+    INSTALLED.get_or_init(install)
+}
+
+/// The instruments, set up on first use.
+pub fn instruments() -> &'static Instruments {
+    &installed().instruments
+}
+
+fn watched_stats() -> Option<crate::scheduler::Stats> {
+    let watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+    watched.as_ref().map(Scheduler::stats)
+}
+
+/// Makes the gauges report `core`.
+pub fn watch(core: &Scheduler) {
+    installed();
+    *WATCHED.lock().unwrap_or_else(|p| p.into_inner()) = Some(core.clone());
+}
+
+/// Stops the gauges reporting any core.
+pub fn unwatch() {
+    *WATCHED.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// Everything in the Prometheus text format.
+pub fn render() -> String {
+    let families = installed().registry.gather();
+    let mut out = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Pushes pending OTLP metrics and stops the exporters.
+pub fn shutdown() {
+    if let Some(i) = INSTALLED.get()
+        && let Err(e) = i.provider.shutdown()
+    {
+        eprintln!("tickd: flushing metrics at shutdown failed: {e}");
+    }
+}
