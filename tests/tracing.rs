@@ -170,6 +170,25 @@ fn caller_traceparent_parents_the_server_span() {
         );
         assert_eq!(attr(&span, "rpc.method").as_deref(), Some("Schedule"));
         assert_eq!(attr(&span, "rpc.grpc.status_code").as_deref(), Some("0"));
+        assert_eq!(attr(&span, "tickd.job.id").as_deref(), Some("parented"));
+        assert_eq!(attr(&span, "tickd.queue").as_deref(), Some("traced"));
+
+        // A refused call records its status code.
+        let mut missing = tonic::Request::new(pb::GetJobRequest {
+            id: "missing".into(),
+        });
+        missing.metadata_mut().insert(
+            "traceparent",
+            format!("00-{CALLER_TRACE}-2222222222222222-01")
+                .parse()
+                .expect("ascii"),
+        );
+        server.client.get_job(missing).await.expect_err("not found");
+        let span = wait_for(&h.collector, "GetJob server span", |s| {
+            s.name == "tickd.v1.Scheduler/GetJob" && hex(&s.parent_span_id) == "2222222222222222"
+        })
+        .await;
+        assert_eq!(attr(&span, "rpc.grpc.status_code").as_deref(), Some("5"));
         server.stop().await;
     });
 }

@@ -73,6 +73,8 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         request: Request<pb::ScheduleRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let spec = validate::schedule_request(request.into_inner(), self.limits, self.core.now())?;
+        let span = tracing::Span::current();
+        span.record("tickd.queue", spec.queue.as_str());
         // The job remembers this call's span, so that each of its fires can link back to it.
         let trace = telemetry::trace_context_of(&tracing::Span::current().context());
         let job = self
@@ -80,6 +82,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             .schedule_traced(spec, trace)
             .await
             .map_err(convert::status)?;
+        span.record("tickd.job.id", &*job.spec.id);
         Ok(Response::new(convert::job(&job)))
     }
 
@@ -89,6 +92,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
     ) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().id;
         validate::job_id(&id)?;
+        tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.cancel(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job)))
     }
@@ -99,6 +103,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
     ) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().id;
         validate::job_id(&id)?;
+        tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.get(&id).map_err(convert::status)?;
         Ok(Response::new(convert::job(&job)))
     }
@@ -123,6 +128,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
     ) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().id;
         validate::job_id(&id)?;
+        tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.pause(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job)))
     }
@@ -133,6 +139,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
     ) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().id;
         validate::job_id(&id)?;
+        tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.resume(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job)))
     }
@@ -164,6 +171,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             n => n,
         };
         v.into_result()?;
+        tracing::Span::current().record("tickd.queue", open.queue.as_str());
 
         let subscription = self
             .core
@@ -198,6 +206,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         validate::check_name(&mut v, "queue", &req.queue, true);
         validate::fire_ids(&mut v, "fire_ids", &req.fire_ids);
         v.into_result()?;
+        tracing::Span::current().record("tickd.queue", req.queue.as_str());
         let acked_count = self
             .core
             .ack(&req.queue, &req.fire_ids)
