@@ -104,5 +104,12 @@ async fn main() {
         added >> 20,
         added / n as u64
     );
+    let started = Instant::now();
+    let stats = core.stats();
+    println!(
+        "stats (what a /metrics scrape counts): {:.1} ms for {} jobs",
+        started.elapsed().as_secs_f64() * 1e3,
+        stats.jobs.iter().map(|(_, n)| n).sum::<u64>()
+    );
     core.shutdown().await;
 }

@@ -685,3 +685,41 @@ async fn an_unloadable_job_does_not_stop_the_others() {
     assert_eq!(&*next(&mut sub).await.fire.job_id, "good");
     core.shutdown().await;
 }
+
+/// Stats count jobs by state as they change, and per queue the waiting and in-flight fires and
+/// the subscribers.
+#[tokio::test]
+async fn stats_follow_jobs_and_fires() {
+    use tickd::scheduler::QueueStats;
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(Arc::new(MemoryStore::new()), clock.clone()).await;
+    for id in ["a", "b", "c"] {
+        core.schedule(spec(id, TriggerSpec::After { after: 0 }))
+            .await
+            .expect("schedule");
+    }
+    core.schedule(spec("later", TriggerSpec::After { after: 60 * S }))
+        .await
+        .expect("schedule");
+    core.cancel("later").await.expect("cancel");
+    settle().await;
+    let mut sub = core.subscribe("q", 1).expect("subscribe");
+    next(&mut sub).await;
+    let stats = core.stats();
+    assert_eq!(
+        stats.jobs,
+        vec![(JobState::Completed, 3), (JobState::Cancelled, 1)]
+    );
+    assert_eq!(
+        stats.queues,
+        vec![(
+            "q".to_string(),
+            QueueStats {
+                backlog: 2,
+                in_flight: 1,
+                subscribers: 1
+            }
+        )]
+    );
+    core.shutdown().await;
+}

@@ -258,7 +258,7 @@ impl Scheduler {
             spec.id = uuid::Uuid::now_v7().to_string().into();
         }
         let mut job = Job::create(spec, self.inner.clock.now())?;
-        job.status.trace = trace;
+        job.status.trace = trace.map(Box::new);
         self.inner.call(|reply| Op::Schedule { job, reply }).await
     }
 
@@ -367,17 +367,18 @@ impl Scheduler {
         Ok(n)
     }
 
-    /// Counts for gauges: jobs by state, and per queue the fires waiting, in flight, and the
-    /// subscribers. Scans jobs and fires under the state lock (about 10 ms per million jobs);
-    /// meant for a scrape every few seconds, not for a hot path.
+    /// Counts for gauges: jobs by state (kept up to date as jobs change), and per queue the
+    /// fires waiting, in flight, and the subscribers (counted by a scan of the outstanding
+    /// fires under the state lock). Meant for a scrape every few seconds, not a hot path.
     pub fn stats(&self) -> Stats {
         let state = self.inner.lock();
         let mut stats = Stats::default();
-        let mut by_state: BTreeMap<JobState, u64> = BTreeMap::new();
-        for entry in state.jobs.values() {
-            *by_state.entry(entry.job.status.state).or_default() += 1;
-        }
-        stats.jobs = by_state.into_iter().collect();
+        stats.jobs = state
+            .job_counts
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(s, n)| (*s, *n))
+            .collect();
         let mut queues: BTreeMap<&str, QueueStats> = BTreeMap::new();
         for entry in state.fires.values() {
             let q = queues.entry(entry.rec.queue.as_str()).or_default();

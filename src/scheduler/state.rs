@@ -16,7 +16,7 @@ use std::task::{Poll, Waker};
 use tracing::error;
 
 use super::clock::Clock;
-use crate::domain::{FireRecord, Job, JobId, JobSpec, Timestamp};
+use crate::domain::{FireRecord, Job, JobId, JobSpec, JobState, Timestamp};
 use crate::store::Snapshot;
 
 /// Identifies one Subscribe stream.
@@ -91,6 +91,8 @@ pub(crate) struct DueWork {
 pub(crate) struct State {
     pub clock: Arc<dyn Clock>,
     pub jobs: BTreeMap<JobId, JobEntry>,
+    /// How many jobs are in each state; changed only through [`State::put_job`].
+    pub job_counts: BTreeMap<JobState, u64>,
     /// (due time, job id) of every SCHEDULED job with a next occurrence.
     pub timers: BTreeSet<(Timestamp, JobId)>,
     pub fires: HashMap<String, FireEntry>,
@@ -112,6 +114,7 @@ impl State {
         State {
             clock,
             jobs: BTreeMap::new(),
+            job_counts: BTreeMap::new(),
             timers: BTreeSet::new(),
             fires: HashMap::new(),
             deadlines: BTreeSet::new(),
@@ -139,8 +142,7 @@ impl State {
                     continue;
                 }
             };
-            state.jobs.insert(id.clone(), JobEntry { job, timer: None });
-            state.sync_timer(&id);
+            state.put_job(job);
         }
         let mut fires = snapshot.fires;
         fires.sort_by(|a, b| (a.fire_time, &a.fire_id).cmp(&(b.fire_time, &b.fire_id)));
@@ -153,6 +155,24 @@ impl State {
             state.insert_fire(rec, spec);
         }
         state
+    }
+
+    /// Stores a new or changed job, keeps the counts by state, and re-arms its timer.
+    pub fn put_job(&mut self, job: Job) {
+        let id = job.spec.id.clone();
+        *self.job_counts.entry(job.status.state).or_default() += 1;
+        match self.jobs.get_mut(&id) {
+            Some(entry) => {
+                let old = std::mem::replace(&mut entry.job, job);
+                if let Some(n) = self.job_counts.get_mut(&old.status.state) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            None => {
+                self.jobs.insert(id.clone(), JobEntry { job, timer: None });
+            }
+        }
+        self.sync_timer(&id);
     }
 
     /// Puts a job's timer where its status says: armed at its next due time when SCHEDULED,

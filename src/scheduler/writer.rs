@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
 use super::observe::RedeliveryReason;
-use super::state::{FireStatus, JobEntry, State};
+use super::state::{FireStatus, State};
 use super::{Inner, SchedulerError};
 use crate::domain::fire::expiry_backoff;
 use crate::domain::{FireRecord, Job, JobId, JobState, Micros, Timestamp, advance, fire_id};
@@ -292,19 +292,7 @@ fn apply(
         match effect {
             Effect::Job(id) => {
                 if let Some(job) = jobs.get(&id) {
-                    match state.jobs.get_mut(&id) {
-                        Some(entry) => entry.job = job.clone(),
-                        None => {
-                            state.jobs.insert(
-                                id.clone(),
-                                JobEntry {
-                                    job: job.clone(),
-                                    timer: None,
-                                },
-                            );
-                        }
-                    }
-                    state.sync_timer(&id);
+                    state.put_job(job.clone());
                 }
             }
             Effect::Rearm(id) => state.sync_timer(&id),

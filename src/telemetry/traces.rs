@@ -64,7 +64,7 @@ pub(crate) fn fire_released(fire: &FireRecord, job: &Job) -> Option<TraceContext
     let links = job
         .status
         .trace
-        .as_ref()
+        .as_deref()
         .map(span_context_of)
         .filter(SpanContext::is_valid)
         .map(|sc| vec![Link::with_context(sc)])
