@@ -372,8 +372,7 @@ impl Scheduler {
     /// fires under the state lock). Meant for a scrape every few seconds, not a hot path.
     pub fn stats(&self) -> Stats {
         let state = self.inner.lock();
-        let mut stats = Stats::default();
-        stats.jobs = state
+        let jobs = state
             .job_counts
             .iter()
             .filter(|(_, n)| **n > 0)
@@ -391,11 +390,11 @@ impl Scheduler {
         for sub in state.subscribers.values() {
             queues.entry(sub.queue.as_str()).or_default().subscribers += 1;
         }
-        stats.queues = queues
+        let queues = queues
             .into_iter()
             .map(|(name, q)| (name.to_string(), q))
             .collect();
-        stats
+        Stats { jobs, queues }
     }
 
     /// Fires dropped after their last attempt because their job has no dead-letter queue.
