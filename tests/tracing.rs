@@ -49,6 +49,8 @@ impl TraceService for Collector {
 struct Harness {
     runtime: Runtime,
     collector: Collector,
+    /// Where the collector listens, as an OTLP endpoint URL.
+    endpoint: String,
 }
 
 /// The shared runtime with the collector running and telemetry installed.
@@ -62,7 +64,7 @@ fn harness() -> &'static Harness {
             .expect("runtime");
         let collector = Collector::default();
         let service = collector.clone();
-        runtime.block_on(async {
+        let endpoint = runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                 .await
                 .expect("bind");
@@ -81,8 +83,13 @@ fn harness() -> &'static Harness {
             .expect("telemetry");
             // Lives as long as the test process.
             std::mem::forget(telemetry);
+            format!("http://{addr}")
         });
-        Harness { runtime, collector }
+        Harness {
+            runtime,
+            collector,
+            endpoint,
+        }
     })
 }
 
@@ -271,5 +278,82 @@ fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
         wait_for(&h.collector, "second send", child("send traced.fires", "2")).await;
         wait_for(&h.collector, "ack", child("ack traced.fires", "2")).await;
         server.stop().await;
+    });
+}
+
+/// The link from a fire to its Schedule span survives a restart: the Schedule span's context
+/// is stored with the job.
+#[test]
+fn the_link_to_schedule_survives_a_restart() {
+    let h = harness();
+    h.runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = TestServer::start(dir.path()).await;
+        let caller_span = "3333333333333333";
+        let tp = format!("00-{CALLER_TRACE}-{caller_span}-01");
+        let mut j = job("traced.restart", after_trigger(300));
+        j.id = "restarted".into();
+        server
+            .client
+            .schedule(traced_schedule(j, &tp))
+            .await
+            .expect("schedule");
+        server.stop().await;
+
+        let mut server = TestServer::start(dir.path()).await;
+        let mut sub = Sub::open(&mut server.client, "traced.restart", 10).await;
+        let fire = sub.next(2_000).await;
+        let (_, fire_span_id) = ids(&fire.traceparent);
+        let schedule = wait_for(&h.collector, "Schedule span", |s| {
+            s.name == "tickd.v1.Scheduler/Schedule" && hex(&s.parent_span_id) == caller_span
+        })
+        .await;
+        let fire_span = wait_for(&h.collector, "fire span", |s| {
+            hex(&s.span_id) == fire_span_id
+        })
+        .await;
+        assert!(
+            fire_span
+                .links
+                .iter()
+                .any(|l| l.span_id == schedule.span_id),
+            "the fire released after the restart links to the Schedule span"
+        );
+        server.stop().await;
+    });
+}
+
+/// Spans waiting in the batch are exported when tickd shuts down: the binary's batch waits
+/// 5 s, but its Schedule span arrives right after SIGTERM.
+#[test]
+fn spans_are_flushed_on_shutdown() {
+    let h = harness();
+    h.runtime.block_on(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut child, addr) = spawn_binary_with(
+            dir.path(),
+            &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", h.endpoint.as_str())],
+            None,
+        );
+        let mut client = connect(addr).await;
+        let mut j = job("flushed", after_trigger(3_600_000));
+        j.id = "flushed-on-shutdown".into();
+        schedule(&mut client, j).await;
+        let pid = i32::try_from(child.id()).expect("pid");
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+        assert!(status.success());
+        let found = h
+            .collector
+            .spans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .any(|s| attr(s, "tickd.job.id").as_deref() == Some("flushed-on-shutdown"));
+        assert!(found, "the Schedule span was not exported at shutdown");
     });
 }
