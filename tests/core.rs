@@ -62,6 +62,21 @@ async fn none(sub: &mut Subscription) {
     }
 }
 
+/// A core at 1000 s on `store` with a subscriber on "q" that has received the one fire of job
+/// "a" (due at once).
+async fn one_fire_delivered(
+    store: Arc<dyn Store>,
+) -> (Scheduler, Arc<ManualClock>, Subscription, Delivery) {
+    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+    let core = start(store, clock.clone()).await;
+    let mut sub = core.subscribe("q", 10).expect("subscribe");
+    core.schedule(spec("a", TriggerSpec::After { after: 0 }))
+        .await
+        .expect("schedule");
+    let d = next(&mut sub).await;
+    (core, clock, sub, d)
+}
+
 /// Lets the timer loop and the writer run after a clock move.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -352,13 +367,7 @@ async fn expired_fire_returns_to_an_open_subscription_and_late_acks_count() {
 #[tokio::test]
 async fn a_failed_ack_commit_is_retried_until_stored() {
     let store = Arc::new(MemoryStore::new());
-    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
-    let core = start(store.clone(), clock.clone()).await;
-    let mut sub = core.subscribe("q", 10).expect("subscribe");
-    core.schedule(spec("a", TriggerSpec::After { after: 0 }))
-        .await
-        .expect("schedule");
-    let d = next(&mut sub).await;
+    let (core, clock, mut sub, d) = one_fire_delivered(store.clone()).await;
     store.set_fail_commits(true);
     let ids = [d.fire.fire_id.clone()];
     assert!(core.ack("q", &ids).await.is_err(), "the disk failed");
@@ -598,13 +607,7 @@ async fn a_retried_ack_after_dead_lettering_waits_for_the_delete() {
 #[tokio::test]
 async fn a_failed_nack_commit_keeps_the_delay() {
     let store = Arc::new(MemoryStore::new());
-    let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
-    let core = start(store.clone(), clock.clone()).await;
-    let mut sub = core.subscribe("q", 10).expect("subscribe");
-    core.schedule(spec("a", TriggerSpec::After { after: 0 }))
-        .await
-        .expect("schedule");
-    let d = next(&mut sub).await;
+    let (core, clock, mut sub, d) = one_fire_delivered(store.clone()).await;
     store.set_fail_commits(true);
     sub.handle()
         .nack(std::slice::from_ref(&d.fire.fire_id), 3_600 * S);

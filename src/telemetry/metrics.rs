@@ -10,11 +10,10 @@ use std::sync::{Mutex, OnceLock};
 
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
 use opentelemetry::{KeyValue, global};
-use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use prometheus::{Encoder, TextEncoder};
 
-use super::{DEFAULT_SERVICE_NAME, TRACER_NAME};
+use super::TRACER_NAME;
 use crate::scheduler::Scheduler;
 
 /// Bucket bounds, in seconds, for latencies from sub-millisecond RPCs to minutes-late fires.
@@ -50,20 +49,6 @@ static INSTALLED: OnceLock<Installed> = OnceLock::new();
 /// The core whose jobs and queues the gauges report (the last one started).
 static WATCHED: Mutex<Option<Scheduler>> = Mutex::new(None);
 
-fn otlp_metrics_endpoint() -> Option<String> {
-    if std::env::var("OTEL_METRICS_EXPORTER").is_ok_and(|v| v.trim() == "none") {
-        return None;
-    }
-    [
-        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-    ]
-    .iter()
-    .filter_map(|k| std::env::var(k).ok())
-    .map(|v| v.trim().to_string())
-    .find(|v| !v.is_empty())
-}
-
 fn install() -> Installed {
     let registry = prometheus::Registry::new();
     let mut builder = SdkMeterProvider::builder();
@@ -76,7 +61,10 @@ fn install() -> Installed {
             tracing::error!(error = %e, "Prometheus exporter unavailable; /metrics will be empty")
         }
     }
-    if let Some(endpoint) = otlp_metrics_endpoint() {
+    if let Some(endpoint) = super::otlp_endpoint_from_env(
+        "OTEL_METRICS_EXPORTER",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    ) {
         use opentelemetry_otlp::WithExportConfig;
         match opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
@@ -89,11 +77,7 @@ fn install() -> Installed {
             Err(e) => tracing::error!(%endpoint, error = %e, "OTLP metrics exporter unavailable"),
         }
     }
-    let mut resource = Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").is_err() {
-        resource = resource.with_service_name(DEFAULT_SERVICE_NAME);
-    }
-    let provider = builder.with_resource(resource.build()).build();
+    let provider = builder.with_resource(super::resource()).build();
     global::set_meter_provider(provider.clone());
     let meter = provider.meter(TRACER_NAME);
 

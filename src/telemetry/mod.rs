@@ -65,18 +65,31 @@ impl TelemetryOptions {
     /// The OTLP traces endpoint from the standard environment variables, if any is set and
     /// `OTEL_TRACES_EXPORTER` is not `none`.
     pub fn otlp_endpoint_from_env() -> Option<String> {
-        if std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.trim() == "none") {
-            return None;
-        }
-        [
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-        ]
+        otlp_endpoint_from_env("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    }
+}
+
+/// The OTLP endpoint of one signal: its own variable (`signal_endpoint`), else
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`; none when unset, empty, or when `exporter` says `none`.
+pub(crate) fn otlp_endpoint_from_env(exporter: &str, signal_endpoint: &str) -> Option<String> {
+    if std::env::var(exporter).is_ok_and(|v| v.trim() == "none") {
+        return None;
+    }
+    [signal_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT"]
         .iter()
         .filter_map(|k| std::env::var(k).ok())
         .map(|v| v.trim().to_string())
         .find(|v| !v.is_empty())
+}
+
+/// The resource of tickd's telemetry: what the SDK reads from `OTEL_SERVICE_NAME` and
+/// `OTEL_RESOURCE_ATTRIBUTES`, with the service name defaulting to `tickd`.
+pub(crate) fn resource() -> Resource {
+    let mut resource = Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(DEFAULT_SERVICE_NAME);
     }
+    resource.build()
 }
 
 /// Why telemetry could not start.
@@ -180,13 +193,9 @@ fn tracer_provider(
     let processor = BatchSpanProcessor::builder(exporter)
         .with_batch_config(batch.build())
         .build();
-    let mut resource = Resource::builder();
-    if std::env::var("OTEL_SERVICE_NAME").is_err() {
-        resource = resource.with_service_name(DEFAULT_SERVICE_NAME);
-    }
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
-        .with_resource(resource.build())
+        .with_resource(resource())
         .build())
 }
 
