@@ -1,0 +1,213 @@
+"""The Helm chart and the Dockerfile, checked without a cluster.
+
+The chart is rendered and linted by Helm v4's own engine (helm-python-sdk), and every rendered
+manifest is validated against the Kubernetes schemas of 1.29 to 1.33 (kubernetes-validate).
+The image and the chart are checked against the code: binary name, ports, settings, version.
+"""
+
+import re
+import tomllib
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "tickd"
+ALL_ON = yaml.safe_load((CHART / "ci" / "all-on-values.yaml").read_text())
+KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+# Custom resources have no schema among Kubernetes' own.
+CUSTOM_KINDS = {"ServiceMonitor"}
+
+
+def render(values=None):
+    with helm.Chart.load(str(CHART)) as chart:
+        return chart.render(values or {}, name="tickd", namespace="scheduling")
+
+
+def manifests(values=None):
+    docs = []
+    for path, text in render(values).items():
+        if path.endswith("NOTES.txt"):
+            continue
+        docs.extend(d for d in yaml.safe_load_all(text) if d)
+    return docs
+
+
+def of_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def statefulset(values=None):
+    (sts,) = of_kind(manifests(values), "StatefulSet")
+    return sts
+
+
+def config_defaults():
+    """Defaults and env variables as src/config.rs declares them."""
+    source = (ROOT / "src" / "config.rs").read_text()
+    return {
+        "env": set(re.findall(r'env = "(TICKD_[A-Z0-9_]+)"', source)),
+        "grpc_port": int(re.search(r'TICKD_LISTEN", default_value = "[^:]+:(\d+)"', source)[1]),
+        "metrics_port": int(
+            re.search(r'TICKD_METRICS_LISTEN", default_value = "[^:]+:(\d+)"', source)[1]
+        ),
+    }
+
+
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+def test_lint_finds_no_errors(values):
+    """helm lint (strict) reports no errors for the defaults and for every option on."""
+    result = helm.lint(str(CHART), values, strict=True)
+    assert result["errors"] == [], result
+    errors = [m for m in result["messages"] if m["severity"] >= 3]
+    assert errors == [], errors
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+def test_manifests_are_valid_kubernetes(values, kube):
+    """Every rendered manifest is valid against the Kubernetes schema of each version."""
+    docs = manifests(values)
+    assert {"StatefulSet", "Service", "ServiceAccount", "PodDisruptionBudget", "Pod"} <= {
+        d["kind"] for d in docs
+    }
+    for doc in docs:
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        kubernetes_validate.validate(doc, kube, strict=True)
+
+
+def test_all_on_renders_every_optional_part():
+    """The all-on values add the ServiceMonitor and the NetworkPolicy with their peers."""
+    docs = manifests(ALL_ON)
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    peers = [rule["from"] for rule in policy["spec"]["ingress"]]
+    assert peers[0][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "apps"
+    }
+    env = {e["name"]: e.get("value") for e in statefulset(ALL_ON)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector.observability:4317"
+    assert env["OTEL_SERVICE_NAME"] == "tickd-prod"
+    assert env["OTEL_TRACES_SAMPLER_ARG"] == "0.1"
+    assert env["RUST_BACKTRACE"] == "1"
+
+
+def test_optional_parts_are_off_by_default():
+    """ServiceMonitor and NetworkPolicy are opt-in; no OTEL_* variable is set by default."""
+    docs = manifests()
+    assert not of_kind(docs, "ServiceMonitor")
+    assert not of_kind(docs, "NetworkPolicy")
+    env = statefulset()["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not [e for e in env if e["name"].startswith("OTEL_")]
+
+
+def test_more_than_one_replica_fails_with_the_reason():
+    """replicaCount > 1 refuses to render, and says why."""
+    with pytest.raises(helm.HelmError) as err:
+        render({"replicaCount": 2})
+    assert "replicaCount must be 1" in str(err.value)
+    assert "multi-replica" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"service": {"grpcPort": "fifty"}},
+        {"service": {"grpcPort": 70000}},
+        {"tickd": {"logFormat": "xml"}},
+        {"tickd": {"shutdownGrace": "soon"}},
+        {"image": {"pullPolicy": "Sometimes"}},
+        {"persistence": {"size": "lots"}},
+        {"otel": {"endpoint": "collector:4317"}},
+        {"unknownKey": True},
+    ],
+    ids=lambda v: next(iter(v)),
+)
+def test_schema_rejects_bad_values(values):
+    """values.schema.json refuses bad values before anything renders."""
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(values)
+        with pytest.raises(helm.HelmError):
+            chart.render(values, name="tickd", namespace="scheduling")
+
+
+def test_every_setting_is_reachable_from_values():
+    """Each TICKD_* variable tickd reads is set by the chart."""
+    container = statefulset()["spec"]["template"]["spec"]["containers"][0]
+    names = {e["name"] for e in container["env"]}
+    assert config_defaults()["env"] <= names, config_defaults()["env"] - names
+
+
+def test_pod_is_locked_down_and_probed():
+    """gRPC probes, a restrictive security context, a volume claim, and a grace period longer
+    than tickd's own shutdown grace."""
+    sts = statefulset()
+    pod = sts["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    grpc_port = config_defaults()["grpc_port"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["grpc"]["port"] == grpc_port
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["resources"]["requests"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert container["volumeMounts"][0]["name"] == claim["metadata"]["name"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    grace = env["TICKD_SHUTDOWN_GRACE"]
+    assert grace.endswith("s")
+    assert pod["terminationGracePeriodSeconds"] > int(grace[:-1])
+
+
+def test_service_ports_match_the_code():
+    """The Service exposes the ports tickd listens on by default, with appProtocol set."""
+    defaults = config_defaults()
+    (service,) = [s for s in of_kind(manifests(), "Service") if "clusterIP" not in s["spec"]]
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert ports["grpc"]["port"] == defaults["grpc_port"]
+    assert ports["metrics"]["port"] == defaults["metrics_port"]
+    assert all(p.get("appProtocol") for p in ports.values())
+
+
+def test_app_version_is_the_crate_version():
+    """Chart.yaml's appVersion is Cargo.toml's version."""
+    cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["appVersion"] == cargo["package"]["version"]
+
+
+def test_dockerfile_matches_the_code_and_chart():
+    """The image runs the tickd binary as a non-root user and exposes the ports of the code
+    and the chart."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    binary = cargo["package"]["name"]
+    assert re.search(rf'ENTRYPOINT \["/usr/local/bin/{binary}"\]', dockerfile)
+    assert f"cargo build --release --locked --bin {binary}" in dockerfile
+    (exposed,) = re.findall(r"^EXPOSE (.+)$", dockerfile, re.M)
+    defaults = config_defaults()
+    assert [int(p) for p in exposed.split()] == [defaults["grpc_port"], defaults["metrics_port"]]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["service"]["grpcPort"] == defaults["grpc_port"]
+    assert values["service"]["metricsPort"] == defaults["metrics_port"]
+    user = re.findall(r"^USER (\S+)$", dockerfile, re.M)
+    assert user and not user[-1].startswith("0") and user[-1] != "root"
+    dockerignore = (ROOT / ".dockerignore").read_text().split()
+    assert "target/" in dockerignore
+
+
+def test_notes_say_how_to_reach_tickd():
+    """NOTES.txt explains the port-forward and a grpcurl call."""
+    notes = render()["tickd/templates/NOTES.txt"]
+    assert "port-forward svc/tickd 50051:50051" in notes
+    assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in notes
