@@ -1,0 +1,613 @@
+//! tickctl: the command line for tickd. Schedules, inspects and controls jobs, and subscribes
+//! to a queue, over tickd's gRPC API.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
+use serde_json::{Value, json};
+use tickd::api::pb;
+use tickd::api::pb::scheduler_client::SchedulerClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, ClientTlsConfig};
+use tonic_types::StatusExt;
+
+type Client = SchedulerClient<Channel>;
+
+/// Schedule and control jobs on a tickd server, and receive their fires.
+#[derive(Debug, Parser)]
+#[command(name = "tickctl", version, about)]
+struct Cli {
+    /// tickd's address: host:port, or a URL (http://…, https://… for TLS).
+    #[arg(
+        long,
+        env = "TICKD_ADDR",
+        default_value = "127.0.0.1:50051",
+        global = true
+    )]
+    addr: String,
+
+    /// Output format.
+    #[arg(long, short, value_enum, default_value = "table", global = true)]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Readable text.
+    Table,
+    /// JSON, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Schedule a job and print it.
+    Schedule(Box<ScheduleArgs>),
+    /// Cancel a job: it fires no more.
+    Cancel { id: String },
+    /// Show a job.
+    Get { id: String },
+    /// List jobs (every page).
+    List(ListArgs),
+    /// Pause a job.
+    Pause { id: String },
+    /// Resume a paused job.
+    Resume { id: String },
+    /// Receive a queue's fires, one JSON line each, acking each after printing it.
+    Subscribe(SubscribeArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("trigger").required(true).args(["at", "after", "every", "cron"])))]
+struct ScheduleArgs {
+    /// Queue whose subscribers receive the fires.
+    #[arg(long)]
+    queue: String,
+    /// Job id; tickd assigns one when omitted.
+    #[arg(long)]
+    id: Option<String>,
+    /// Fire once at this RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    at: Option<DateTime<Utc>>,
+    /// Fire once after this long (e.g. 30s, 5m).
+    #[arg(long, value_parser = parse_duration)]
+    after: Option<Duration>,
+    /// Fire every period (e.g. 5m).
+    #[arg(long, value_parser = parse_duration)]
+    every: Option<Duration>,
+    /// With --every: the first occurrence (RFC 3339).
+    #[arg(long, value_parser = parse_time, requires = "every")]
+    start: Option<DateTime<Utc>>,
+    /// With --every: delay each fire by a random amount below this.
+    #[arg(long, value_parser = parse_duration, requires = "every")]
+    jitter: Option<Duration>,
+    /// Fire on a cron expression (5 fields, 6 with seconds, or @hourly etc.).
+    #[arg(long)]
+    cron: Option<String>,
+    /// With --cron: IANA time zone (default UTC).
+    #[arg(long, requires = "cron")]
+    tz: Option<String>,
+    /// Payload given as a string.
+    #[arg(long, conflicts_with = "payload_file")]
+    payload: Option<String>,
+    /// Payload read from a file, or from stdin with -.
+    #[arg(long)]
+    payload_file: Option<String>,
+    /// A label, key=value; repeat for more.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Complete the job after this many fires.
+    #[arg(long)]
+    max_fires: Option<u64>,
+    /// No occurrence at or after this RFC 3339 time fires.
+    #[arg(long, value_parser = parse_time)]
+    end: Option<DateTime<Utc>>,
+    /// What to do with missed occurrences.
+    #[arg(long, value_enum)]
+    misfire: Option<Misfire>,
+    /// How late an occurrence may be and still fire normally.
+    #[arg(long, value_parser = parse_duration)]
+    misfire_grace: Option<Duration>,
+    /// How long a worker has to ack a fire.
+    #[arg(long, value_parser = parse_duration)]
+    ack_deadline: Option<Duration>,
+    /// Deliveries of a fire before it is dead-lettered or dropped.
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Queue for fires that used up their attempts.
+    #[arg(long)]
+    dead_letter_queue: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Misfire {
+    /// One catch-up fire for the latest missed occurrence.
+    Once,
+    /// Nothing for missed occurrences.
+    Skip,
+    /// One fire per missed occurrence.
+    All,
+}
+
+#[derive(Debug, Args)]
+struct ListArgs {
+    /// Only jobs on this queue.
+    #[arg(long)]
+    queue: Option<String>,
+    /// Only jobs in this state; repeat for several.
+    #[arg(long = "state", value_enum)]
+    states: Vec<State>,
+    /// Only jobs with this label, key=value; repeat and all must match.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Jobs per request.
+    #[arg(long, default_value_t = 500)]
+    page_size: i32,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum State {
+    Scheduled,
+    Paused,
+    Completed,
+    Cancelled,
+}
+
+#[derive(Debug, Args)]
+struct SubscribeArgs {
+    /// The queue to receive fires from.
+    queue: String,
+    /// Print fires without acking them (they are delivered again after their deadline).
+    #[arg(long)]
+    no_ack: bool,
+    /// Most un-acked fires at once.
+    #[arg(long, default_value_t = 64)]
+    max_in_flight: u32,
+    /// Exit after this many fires.
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 500ms, 30s, 5m, 1h)"))
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{e} (use RFC 3339, e.g. 2026-12-01T09:00:00Z)"))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
+}
+
+fn pb_duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn pb_time(t: DateTime<Utc>) -> PbTimestamp {
+    PbTimestamp {
+        seconds: t.timestamp(),
+        nanos: i32::try_from(t.timestamp_subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A failure to report: what went wrong, and the exit code.
+struct Failure(String, u8);
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        let violations = status
+            .get_details_bad_request()
+            .map(|b| b.field_violations)
+            .unwrap_or_default();
+        let mut text = if violations.is_empty() {
+            format!("error: {:?}: {}", status.code(), status.message())
+        } else {
+            format!("error: {:?}: the request was refused:", status.code())
+        };
+        for v in violations {
+            text.push_str(&format!("\n  {}: {}", v.field, v.description));
+        }
+        Failure(text, 1)
+    }
+}
+
+async fn connect(addr: &str) -> Result<Client, Failure> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let mut endpoint = Channel::from_shared(url.clone())
+        .map_err(|e| Failure(format!("error: invalid address {addr:?}: {e}"), 2))?
+        .connect_timeout(Duration::from_secs(5));
+    if url.starts_with("https://") {
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().with_webpki_roots())
+            .map_err(|e| Failure(format!("error: TLS setup for {addr}: {e}"), 2))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Failure(format!("error: cannot reach tickd at {addr}: {e}"), 1))?;
+    Ok(SchedulerClient::new(channel))
+}
+
+fn time_str(t: &Option<PbTimestamp>) -> Option<String> {
+    let t = t.as_ref()?;
+    let nanos = u32::try_from(t.nanos).ok()?;
+    DateTime::<Utc>::from_timestamp(t.seconds, nanos)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+}
+
+fn duration_str(d: &Option<PbDuration>) -> Option<String> {
+    let d = d.as_ref()?;
+    let std = Duration::new(u64::try_from(d.seconds).ok()?, u32::try_from(d.nanos).ok()?);
+    Some(humantime::format_duration(std).to_string())
+}
+
+fn payload_json(payload: &[u8]) -> (Value, Value) {
+    let text = std::str::from_utf8(payload).map_or(Value::Null, |s| Value::String(s.into()));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(payload);
+    (text, Value::String(b64))
+}
+
+fn labels_json(labels: &HashMap<String, String>) -> Value {
+    let sorted: std::collections::BTreeMap<_, _> = labels.iter().collect();
+    json!(sorted)
+}
+
+fn trigger_text(t: &Option<pb::Trigger>) -> String {
+    use pb::trigger::Kind;
+    match t.as_ref().and_then(|t| t.kind.as_ref()) {
+        Some(Kind::At(at)) => format!("at {}", time_str(&Some(*at)).unwrap_or_default()),
+        Some(Kind::After(d)) => format!("after {}", duration_str(&Some(*d)).unwrap_or_default()),
+        Some(Kind::Every(e)) => {
+            let mut s = format!("every {}", duration_str(&e.period).unwrap_or_default());
+            if let Some(start) = time_str(&e.start_time) {
+                s.push_str(&format!(" from {start}"));
+            }
+            if let Some(j) = duration_str(&e.jitter) {
+                s.push_str(&format!(" jitter {j}"));
+            }
+            s
+        }
+        Some(Kind::Cron(c)) => {
+            let tz = if c.time_zone.is_empty() {
+                "UTC"
+            } else {
+                &c.time_zone
+            };
+            format!("cron {:?} in {tz}", c.expression)
+        }
+        None => String::new(),
+    }
+}
+
+fn state_name(job: &pb::Job) -> &'static str {
+    match job.state() {
+        pb::JobState::Scheduled => "SCHEDULED",
+        pb::JobState::Paused => "PAUSED",
+        pb::JobState::Completed => "COMPLETED",
+        pb::JobState::Cancelled => "CANCELLED",
+        pb::JobState::Unspecified => "UNSPECIFIED",
+    }
+}
+
+fn job_json(job: &pb::Job) -> Value {
+    let (payload, payload_base64) = payload_json(&job.payload);
+    json!({
+        "id": job.id,
+        "queue": job.queue,
+        "state": state_name(job),
+        "trigger": trigger_text(&job.trigger),
+        "next_fire_time": time_str(&job.next_fire_time),
+        "fire_count": job.fire_count,
+        "create_time": time_str(&job.create_time),
+        "last_fire_time": time_str(&job.last_fire_time),
+        "labels": labels_json(&job.labels),
+        "payload": payload,
+        "payload_base64": payload_base64,
+        "max_fires": job.max_fires,
+        "end_time": time_str(&job.end_time),
+        "misfire_policy": job.misfire_policy().as_str_name(),
+        "misfire_grace_period": duration_str(&job.misfire_grace_period),
+        "ack_deadline": duration_str(&job.ack_deadline),
+        "max_attempts": job.max_attempts,
+        "dead_letter_queue": job.dead_letter_queue,
+    })
+}
+
+fn fire_json(fire: &pb::Fire) -> Value {
+    let (payload, payload_base64) = payload_json(&fire.payload);
+    json!({
+        "fire_id": fire.fire_id,
+        "job_id": fire.job_id,
+        "queue": fire.queue,
+        "scheduled_time": time_str(&fire.scheduled_time),
+        "fire_time": time_str(&fire.fire_time),
+        "attempt": fire.attempt,
+        "dead_lettered": fire.dead_lettered,
+        "labels": labels_json(&fire.labels),
+        "payload": payload,
+        "payload_base64": payload_base64,
+        "traceparent": fire.traceparent,
+    })
+}
+
+fn print_job(job: &pb::Job, output: Output) {
+    match output {
+        Output::Json => println!("{}", job_json(job)),
+        Output::Table => {
+            let dash = || "-".to_string();
+            println!("id:             {}", job.id);
+            println!("queue:          {}", job.queue);
+            println!("state:          {}", state_name(job));
+            println!("trigger:        {}", trigger_text(&job.trigger));
+            println!(
+                "next fire:      {}",
+                time_str(&job.next_fire_time).unwrap_or_else(dash)
+            );
+            println!("fires:          {}", job.fire_count);
+            println!(
+                "created:        {}",
+                time_str(&job.create_time).unwrap_or_else(dash)
+            );
+            if !job.labels.is_empty() {
+                let mut labels: Vec<_> =
+                    job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                println!("labels:         {}", labels.join(", "));
+            }
+        }
+    }
+}
+
+fn read_payload(args: &ScheduleArgs) -> Result<Vec<u8>, Failure> {
+    if let Some(p) = &args.payload {
+        return Ok(p.clone().into_bytes());
+    }
+    let Some(path) = &args.payload_file else {
+        return Ok(Vec::new());
+    };
+    let mut bytes = Vec::new();
+    let read = if path == "-" {
+        std::io::stdin().read_to_end(&mut bytes).map(|_| ())
+    } else {
+        std::fs::read(path).map(|b| bytes = b)
+    };
+    read.map_err(|e| Failure(format!("error: cannot read payload from {path}: {e}"), 2))?;
+    Ok(bytes)
+}
+
+async fn schedule(client: &mut Client, args: ScheduleArgs, output: Output) -> Result<(), Failure> {
+    use pb::trigger::Kind;
+    let kind = if let Some(at) = args.at {
+        Kind::At(pb_time(at))
+    } else if let Some(after) = args.after {
+        Kind::After(pb_duration(after))
+    } else if let Some(every) = args.every {
+        Kind::Every(pb::Interval {
+            period: Some(pb_duration(every)),
+            start_time: args.start.map(pb_time),
+            jitter: args.jitter.map(pb_duration),
+        })
+    } else if let Some(cron) = &args.cron {
+        Kind::Cron(pb::Cron {
+            expression: cron.clone(),
+            time_zone: args.tz.clone().unwrap_or_default(),
+        })
+    } else {
+        return Err(Failure(
+            "error: give one of --at, --after, --every, --cron".into(),
+            2,
+        ));
+    };
+    let payload = read_payload(&args)?;
+    let misfire_policy = match args.misfire {
+        None => pb::MisfirePolicy::Unspecified,
+        Some(Misfire::Once) => pb::MisfirePolicy::FireOnce,
+        Some(Misfire::Skip) => pb::MisfirePolicy::Skip,
+        Some(Misfire::All) => pb::MisfirePolicy::FireAll,
+    };
+    let job = pb::Job {
+        id: args.id.unwrap_or_default(),
+        queue: args.queue,
+        trigger: Some(pb::Trigger { kind: Some(kind) }),
+        payload: payload.into(),
+        labels: args.labels.into_iter().collect(),
+        max_fires: args.max_fires.unwrap_or(0),
+        end_time: args.end.map(pb_time),
+        misfire_policy: misfire_policy.into(),
+        misfire_grace_period: args.misfire_grace.map(pb_duration),
+        ack_deadline: args.ack_deadline.map(pb_duration),
+        max_attempts: args.max_attempts.unwrap_or(0),
+        dead_letter_queue: args.dead_letter_queue.unwrap_or_default(),
+        ..Default::default()
+    };
+    let job = client
+        .schedule(pb::ScheduleRequest { job: Some(job) })
+        .await?
+        .into_inner();
+    print_job(&job, output);
+    Ok(())
+}
+
+async fn list(client: &mut Client, args: ListArgs, output: Output) -> Result<(), Failure> {
+    let states = args
+        .states
+        .iter()
+        .map(|s| match s {
+            State::Scheduled => pb::JobState::Scheduled,
+            State::Paused => pb::JobState::Paused,
+            State::Completed => pb::JobState::Completed,
+            State::Cancelled => pb::JobState::Cancelled,
+        } as i32)
+        .collect::<Vec<_>>();
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .list_jobs(pb::ListJobsRequest {
+                queue: args.queue.clone().unwrap_or_default(),
+                states: states.clone(),
+                labels: args.labels.iter().cloned().collect(),
+                page_size: args.page_size,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    match output {
+        Output::Json => println!("{}", Value::Array(jobs.iter().map(job_json).collect())),
+        Output::Table => {
+            let rows: Vec<[String; 6]> = jobs
+                .iter()
+                .map(|j| {
+                    [
+                        j.id.clone(),
+                        j.queue.clone(),
+                        state_name(j).to_string(),
+                        time_str(&j.next_fire_time).unwrap_or_else(|| "-".into()),
+                        j.fire_count.to_string(),
+                        trigger_text(&j.trigger),
+                    ]
+                })
+                .collect();
+            let header =
+                ["ID", "QUEUE", "STATE", "NEXT FIRE", "FIRES", "TRIGGER"].map(String::from);
+            let mut widths = header.clone().map(|h| h.len());
+            for row in &rows {
+                for (w, cell) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(cell.len());
+                }
+            }
+            for row in std::iter::once(&header).chain(&rows) {
+                let cells: Vec<String> = row
+                    .iter()
+                    .zip(widths)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect();
+                println!("{}", cells.join("  ").trim_end());
+            }
+            if rows.is_empty() {
+                println!("(no jobs)");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn subscribe(client: &mut Client, args: SubscribeArgs) -> Result<(), Failure> {
+    use pb::subscribe_request::Request;
+    let (tx, rx) = mpsc::channel(64);
+    let send = |request| pb::SubscribeRequest {
+        request: Some(request),
+    };
+    let _ = tx
+        .send(send(Request::Open(pb::SubscribeOpen {
+            queue: args.queue.clone(),
+            max_in_flight: args.max_in_flight,
+        })))
+        .await;
+    let mut fires = client
+        .subscribe(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut received = 0u64;
+    let stdout = std::io::stdout();
+    while args.count.is_none_or(|n| received < n) {
+        let Some(fire) = fires.message().await? else {
+            break;
+        };
+        {
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{}", fire_json(&fire));
+            let _ = out.flush();
+        }
+        if !args.no_ack {
+            let _ = tx
+                .send(send(Request::Ack(pb::AckFires {
+                    fire_ids: vec![fire.fire_id.clone()],
+                })))
+                .await;
+        }
+        received += 1;
+    }
+    if !args.no_ack && received > 0 {
+        // Acks on the stream are not answered; give the last one a moment to leave.
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let mut client = connect(&cli.addr).await?;
+    let output = cli.output;
+    match cli.command {
+        Command::Schedule(args) => schedule(&mut client, *args, output).await,
+        Command::Cancel { id } => {
+            let job = client.cancel(pb::CancelRequest { id }).await?.into_inner();
+            print_job(&job, output);
+            Ok(())
+        }
+        Command::Get { id } => {
+            let job = client.get_job(pb::GetJobRequest { id }).await?.into_inner();
+            print_job(&job, output);
+            Ok(())
+        }
+        Command::Pause { id } => {
+            let job = client
+                .pause_job(pb::PauseJobRequest { id })
+                .await?
+                .into_inner();
+            print_job(&job, output);
+            Ok(())
+        }
+        Command::Resume { id } => {
+            let job = client
+                .resume_job(pb::ResumeJobRequest { id })
+                .await?
+                .into_inner();
+            print_job(&job, output);
+            Ok(())
+        }
+        Command::List(args) => list(&mut client, args, output).await,
+        Command::Subscribe(args) => subscribe(&mut client, args).await,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(text, code)) => {
+            eprintln!("{text}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! tickctl against a real server: every trigger kind, the job commands, list, subscribe, and
+//! a refused request reported with its field and a non-zero exit code.
+
+mod common;
+
+use std::process::Output;
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+/// Runs tickctl against `server` with `args`, feeding `stdin`.
+async fn tickctl(server: &TestServer, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tickctl"))
+        .arg("--addr")
+        .arg(format!("http://{}", server.addr))
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tickctl");
+    let mut input = child.stdin.take().expect("stdin");
+    if let Some(bytes) = stdin {
+        input.write_all(bytes).await.expect("write stdin");
+    }
+    drop(input);
+    tokio::time::timeout(std::time::Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("tickctl finished in time")
+        .expect("tickctl ran")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("JSON output")
+}
+
+/// schedule, then `subscribe --count 1` prints the fire as a JSON line and acks it; `list`
+/// shows the job.
+#[tokio::test]
+async fn schedule_subscribe_and_list() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(dir.path()).await;
+    let out = tickctl(
+        &server,
+        &[
+            "schedule",
+            "--queue",
+            "cli",
+            "--id",
+            "hello",
+            "--after",
+            "200ms",
+            "--payload",
+            "hi",
+            "--label",
+            "team=ops",
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout(&out).contains("id:             hello"));
+
+    let out = tickctl(&server, &["subscribe", "cli", "--count", "1"], None).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fire: serde_json::Value =
+        serde_json::from_str(stdout(&out).lines().next().expect("a line")).expect("JSON line");
+    assert_eq!(fire["job_id"], "hello");
+    assert_eq!(fire["payload"], "hi");
+    assert_eq!(fire["labels"]["team"], "ops");
+    assert_eq!(fire["attempt"], 1);
+
+    let table = tickctl(&server, &["list"], None).await;
+    let text = stdout(&table);
+    assert!(
+        text.lines().next().is_some_and(|h| h.starts_with("ID")),
+        "{text}"
+    );
+    assert!(
+        text.contains("hello") && text.contains("COMPLETED"),
+        "{text}"
+    );
+
+    // Acked: nothing comes again.
+    let again = tickctl(&server, &["subscribe", "cli", "--count", "1"], None);
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(600), again)
+            .await
+            .is_err(),
+        "an acked fire was delivered again"
+    );
+    server.stop().await;
+}
+
+/// Every trigger kind and option is accepted; get, pause, resume and cancel work; list filters
+/// and pages for the user.
+#[tokio::test]
+async fn every_trigger_and_job_command() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(dir.path()).await;
+    let cases: [&[&str]; 4] = [
+        &["--id", "at", "--at", "2030-01-01T09:00:00Z"],
+        &[
+            "--id",
+            "after",
+            "--after",
+            "30s",
+            "--misfire",
+            "skip",
+            "--max-attempts",
+            "3",
+        ],
+        &[
+            "--id",
+            "every",
+            "--every",
+            "5m",
+            "--start",
+            "2030-01-01T00:00:00Z",
+            "--jitter",
+            "10s",
+            "--max-fires",
+            "4",
+            "--end",
+            "2031-01-01T00:00:00Z",
+        ],
+        &[
+            "--id",
+            "cron",
+            "--cron",
+            "0 9 * * MON-FRI",
+            "--tz",
+            "Europe/Berlin",
+            "--ack-deadline",
+            "2m",
+            "--dead-letter-queue",
+            "cli.dead",
+            "--misfire-grace",
+            "1m",
+        ],
+    ];
+    for case in cases {
+        let mut args = vec!["-o", "json", "schedule", "--queue", "cli"];
+        args.extend_from_slice(case);
+        let job = json(&tickctl(&server, &args, None).await);
+        assert_eq!(job["state"], "SCHEDULED", "{job}");
+    }
+    let stdin_job = json(
+        &tickctl(
+            &server,
+            &[
+                "-o",
+                "json",
+                "schedule",
+                "--queue",
+                "other",
+                "--after",
+                "1h",
+                "--payload-file",
+                "-",
+            ],
+            Some(b"from stdin"),
+        )
+        .await,
+    );
+    assert_eq!(stdin_job["payload"], "from stdin");
+
+    let cron = json(&tickctl(&server, &["-o", "json", "get", "cron"], None).await);
+    assert_eq!(cron["trigger"], "cron \"0 9 * * MON-FRI\" in Europe/Berlin");
+    assert_eq!(cron["dead_letter_queue"], "cli.dead");
+    let paused = json(&tickctl(&server, &["-o", "json", "pause", "cron"], None).await);
+    assert_eq!(paused["state"], "PAUSED");
+    let resumed = json(&tickctl(&server, &["-o", "json", "resume", "cron"], None).await);
+    assert_eq!(resumed["state"], "SCHEDULED");
+    let cancelled = json(&tickctl(&server, &["-o", "json", "cancel", "every"], None).await);
+    assert_eq!(cancelled["state"], "CANCELLED");
+
+    let listed = json(
+        &tickctl(
+            &server,
+            &[
+                "-o",
+                "json",
+                "list",
+                "--queue",
+                "cli",
+                "--state",
+                "scheduled",
+                "--page-size",
+                "1",
+            ],
+            None,
+        )
+        .await,
+    );
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("array")
+        .iter()
+        .filter_map(|j| j["id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        vec!["after", "at", "cron"],
+        "paged through one job at a time"
+    );
+    server.stop().await;
+}
+
+/// A refused request exits non-zero and names the field; so does an unknown job.
+#[tokio::test]
+async fn errors_name_the_field_and_exit_non_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = TestServer::start(dir.path()).await;
+    let out = tickctl(
+        &server,
+        &["schedule", "--queue", "cli", "--cron", "not a cron"],
+        None,
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("InvalidArgument"), "{err}");
+    assert!(err.contains("job.trigger.cron.expression"), "{err}");
+
+    let out = tickctl(&server, &["get", "missing"], None).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tickctl"))
+        .args(["--addr", "127.0.0.1:9", "get", "x"])
+        .output()
+        .await
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach tickd"));
+    server.stop().await;
+}
