@@ -1,0 +1,32 @@
+// Schedules a job on tickd: `node scheduler.js QUEUE [SECONDS]` fires once, SECONDS from now.
+const { connect } = require("./tickd");
+
+function scheduleAfter(client, queue, seconds, payload = "", id = "") {
+  const job = {
+    id,
+    queue,
+    trigger: { after: { seconds, nanos: 0 } },
+    payload: Buffer.from(payload),
+    labels: { source: "node-example" },
+  };
+  return new Promise((resolve, reject) =>
+    client.Schedule({ job }, (err, created) => (err ? reject(err) : resolve(created))),
+  );
+}
+
+async function main() {
+  const [queue = "emails", seconds = "2"] = process.argv.slice(2);
+  const client = connect();
+  const job = await scheduleAfter(client, queue, Number(seconds), "hello from node");
+  console.log(`scheduled ${job.id} on ${job.queue}, state ${job.state}`);
+  client.close();
+}
+
+if (require.main === module) {
+  main().catch((err) => {
+    console.error(`refused: ${err.code} ${err.details}`);
+    process.exit(1);
+  });
+}
+
+module.exports = { scheduleAfter };

@@ -1,0 +1,41 @@
+// Receives a queue's fires from tickd and acks each: `node worker.js QUEUE [COUNT]`.
+const { connect } = require("./tickd");
+
+function work(client, queue, count, handle = console.log) {
+  return new Promise((resolve, reject) => {
+    const stream = client.Subscribe();
+    let done = 0;
+    stream.on("data", (fire) => {
+      handle(fire);
+      stream.write({ ack: { fire_ids: [fire.fire_id] } });
+      done += 1;
+      if (count && done >= count) {
+        // Let the ack leave before closing the stream.
+        setTimeout(() => stream.cancel(), 100);
+        resolve(done);
+      }
+    });
+    stream.on("error", (err) => {
+      if (err.code !== 1 /* CANCELLED, by us */) reject(err);
+    });
+    stream.write({ open: { queue, max_in_flight: 10 } });
+  });
+}
+
+async function main() {
+  const [queue = "emails", count] = process.argv.slice(2);
+  const client = connect();
+  await work(client, queue, count ? Number(count) : 0, (fire) =>
+    console.log(`fire ${fire.fire_id} (attempt ${fire.attempt}): ${fire.payload.toString()}`),
+  );
+  client.close();
+}
+
+if (require.main === module) {
+  main().catch((err) => {
+    console.error(`error: ${err.code} ${err.details}`);
+    process.exit(1);
+  });
+}
+
+module.exports = { work };

@@ -1,0 +1,52 @@
+"""Receives a queue's fires from tickd and acks each: `python worker.py QUEUE [COUNT]`.
+
+Set TICKD_ADDR (default localhost:50051) to reach another server.
+"""
+
+import queue as queue_module
+import sys
+
+from scheduler import connect
+from tickd_api import pb
+
+
+def work(stub, queue, count=None, handle=print):
+    """Subscribes to `queue`, calls `handle(fire)` for each fire, then acks it (the unary Ack
+    answers once the ack is stored). Returns after `count` fires (never when None)."""
+    outbox = queue_module.Queue()
+    outbox.put(pb.SubscribeRequest(open=pb.SubscribeOpen(queue=queue, max_in_flight=10)))
+
+    def requests():
+        while True:
+            request = outbox.get()
+            if request is None:
+                return
+            yield request
+
+    stream = stub.Subscribe(requests())
+    done = 0
+    try:
+        for fire in stream:
+            handle(fire)
+            stub.Ack(pb.AckRequest(queue=queue, fire_ids=[fire.fire_id]))
+            done += 1
+            if count is not None and done >= count:
+                break
+    finally:
+        outbox.put(None)
+        stream.cancel()
+    return done
+
+
+def main():
+    queue = sys.argv[1] if len(sys.argv) > 1 else "emails"
+    count = int(sys.argv[2]) if len(sys.argv) > 2 else None
+
+    def show(fire):
+        print(f"fire {fire.fire_id} (attempt {fire.attempt}): {fire.payload!r}", flush=True)
+
+    work(connect(), queue, count, show)
+
+
+if __name__ == "__main__":
+    main()
