@@ -14,7 +14,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use prometheus::{Encoder, TextEncoder};
 
 use super::TRACER_NAME;
-use crate::scheduler::Scheduler;
+use crate::scheduler::{QueueStats, Scheduler};
 
 /// Bucket bounds, in seconds, for latencies from sub-millisecond RPCs to minutes-late fires.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -38,6 +38,14 @@ pub struct Instruments {
     pub commit_duration: Histogram<f64>,
     pub commit_writes: Histogram<u64>,
 }
+
+/// A per-queue gauge: name, unit, description, and which count it reports.
+type QueueGauge = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&QueueStats) -> u64,
+);
 
 struct Installed {
     registry: prometheus::Registry,
@@ -93,36 +101,38 @@ fn install() -> Installed {
             }
         })
         .build();
-    meter
-        .u64_observable_gauge("tickd.queue.backlog")
-        .with_unit("{fire}")
-        .with_description("Fires waiting for delivery, by queue")
-        .with_callback(|gauge| {
-            for (queue, q) in watched_stats().map(|s| s.queues).unwrap_or_default() {
-                gauge.observe(q.backlog, &[KeyValue::new("tickd.queue", queue)]);
-            }
-        })
-        .build();
-    meter
-        .u64_observable_gauge("tickd.deliveries.in_flight")
-        .with_unit("{fire}")
-        .with_description("Fires handed to a subscriber and not yet acked, by queue")
-        .with_callback(|gauge| {
-            for (queue, q) in watched_stats().map(|s| s.queues).unwrap_or_default() {
-                gauge.observe(q.in_flight, &[KeyValue::new("tickd.queue", queue)]);
-            }
-        })
-        .build();
-    meter
-        .u64_observable_gauge("tickd.queue.subscribers")
-        .with_unit("{subscriber}")
-        .with_description("Open Subscribe streams, by queue")
-        .with_callback(|gauge| {
-            for (queue, q) in watched_stats().map(|s| s.queues).unwrap_or_default() {
-                gauge.observe(q.subscribers, &[KeyValue::new("tickd.queue", queue)]);
-            }
-        })
-        .build();
+    let queue_gauges: [QueueGauge; 3] = [
+        (
+            "tickd.queue.backlog",
+            "{fire}",
+            "Fires waiting for delivery, by queue",
+            |q| q.backlog,
+        ),
+        (
+            "tickd.deliveries.in_flight",
+            "{fire}",
+            "Fires handed to a subscriber and not yet acked, by queue",
+            |q| q.in_flight,
+        ),
+        (
+            "tickd.queue.subscribers",
+            "{subscriber}",
+            "Open Subscribe streams, by queue",
+            |q| q.subscribers,
+        ),
+    ];
+    for (name, unit, description, pick) in queue_gauges {
+        meter
+            .u64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |gauge| {
+                for (queue, q) in watched_stats().map(|s| s.queues).unwrap_or_default() {
+                    gauge.observe(pick(&q), &[KeyValue::new("tickd.queue", queue)]);
+                }
+            })
+            .build();
+    }
 
     let instruments = Instruments {
         fires: meter
