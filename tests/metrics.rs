@@ -49,8 +49,18 @@ async fn metrics_move_as_a_run_proceeds() {
     sub.nack(&[&fire.fire_id], None).await;
     let again = sub.next(2_000).await;
 
-    let during = scrape(server.metrics_addr).await;
+    // Counters are recorded right after the writer applies a change, which can be a moment
+    // after the subscriber sees its effect: wait until the redelivery is counted.
     let q = "tickd_queue=\"metered\"";
+    let redelivered = [q, "tickd_redelivery_reason=\"nack\""];
+    let mut during = scrape(server.metrics_addr).await;
+    for _ in 0..40 {
+        if sample(&during, "tickd_redeliveries_total", &redelivered).is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        during = scrape(server.metrics_addr).await;
+    }
     assert_eq!(
         sample(&during, "tickd_fires_total", &[q]),
         Some(fires_before + 1.0),
