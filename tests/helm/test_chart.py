@@ -211,3 +211,41 @@ def test_notes_say_how_to_reach_tickd():
     notes = render()["tickd/templates/NOTES.txt"]
     assert "port-forward svc/tickd 50051:50051" in notes
     assert "grpcurl -plaintext localhost:50051 grpc.health.v1.Health/Check" in notes
+
+
+def test_numbers_render_as_plain_integers():
+    """Large numbers from a values file reach tickd as integers it can parse, not 1.048576e+06."""
+    env = {
+        e["name"]: e.get("value")
+        for e in statefulset(ALL_ON)["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["TICKD_MAX_PAYLOAD_BYTES"] == "1048576"
+    for name in ("TICKD_MAX_PAYLOAD_BYTES", "TICKD_MAX_CATCH_UP_FIRES", "TICKD_MAX_CONCURRENT_REQUESTS"):
+        assert re.fullmatch(r"[0-9]+", env[name]), (name, env[name])
+
+
+def test_long_names_stay_within_kubernetes_limits():
+    """A 63-character fullnameOverride still gives valid Service and StatefulSet names."""
+    docs = manifests({"fullnameOverride": "x" * 63})
+    for doc in docs:
+        assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+    (sts,) = of_kind(docs, "StatefulSet")
+    assert len(sts["metadata"]["name"]) <= 52
+    headless = [s for s in of_kind(docs, "Service") if s["spec"].get("clusterIP") == "None"]
+    assert sts["spec"]["serviceName"] == headless[0]["metadata"]["name"]
+
+
+def test_test_pod_is_not_selected_as_a_tickd_pod():
+    """The helm test pod is outside the selectors of the Services, the PDB and the
+    NetworkPolicy, and the NetworkPolicy lets it reach gRPC."""
+    docs = manifests(ALL_ON)
+    (pod,) = of_kind(docs, "Pod")
+    selector = statefulset(ALL_ON)["spec"]["selector"]["matchLabels"]
+    labels = pod["metadata"]["labels"]
+    assert not all(labels.get(k) == v for k, v in selector.items())
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    grpc_peers = policy["spec"]["ingress"][0]["from"]
+    assert any(
+        p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "test"
+        for p in grpc_peers
+    )

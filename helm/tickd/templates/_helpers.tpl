@@ -63,3 +63,28 @@ The image reference.
 {{- define "tickd.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/*
+Labels of the `helm test` pod: the release's, without the selector pair.
+*/}}
+{{- define "tickd.testLabels" -}}
+helm.sh/chart: {{ include "tickd.chart" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Name of the StatefulSet: at most 52 characters, so that the controller-revision-hash label of its
+pods (name plus a hash) stays within 63.
+*/}}
+{{- define "tickd.statefulsetName" -}}
+{{- include "tickd.fullname" . | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Name of the headless Service that governs the StatefulSet.
+*/}}
+{{- define "tickd.headlessName" -}}
+{{- printf "%s-headless" (include "tickd.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
