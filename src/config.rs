@@ -49,7 +49,7 @@ pub struct Config {
     #[arg(long, env = "TICKD_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
-    /// Calls handled at once across all connections; more are refused with UNAVAILABLE.
+    /// Calls handled at once across all connections; more are refused at once with RESOURCE_EXHAUSTED.
     #[arg(long, env = "TICKD_MAX_CONCURRENT_REQUESTS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: u32,

@@ -52,11 +52,44 @@ fn is_server_error(code: i64) -> bool {
     matches!(code, 2 | 4 | 12 | 13 | 14 | 15)
 }
 
+/// Records a call's status code and duration once: when it completes, or, if its future is
+/// dropped first (the request timeout fired, or the client went away), as CANCELLED.
+struct Outcome {
+    span: tracing::Span,
+    started: std::time::Instant,
+    attrs: Vec<KeyValue>,
+    recorded: bool,
+}
+
+impl Outcome {
+    fn record(&mut self, code: i64) {
+        if std::mem::replace(&mut self.recorded, true) {
+            return;
+        }
+        self.span.record("rpc.grpc.status_code", code);
+        if is_server_error(code) {
+            self.span.record("otel.status_code", "ERROR");
+        }
+        let mut attrs = std::mem::take(&mut self.attrs);
+        attrs.push(KeyValue::new("rpc.grpc.status_code", code));
+        metrics::instruments()
+            .rpc_duration
+            .record(self.started.elapsed().as_secs_f64(), &attrs);
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        // CANCELLED
+        self.record(1);
+    }
+}
+
 impl<S, B, R> Service<http::Request<B>> for RpcSpan<S>
 where
     S: Service<http::Request<B>, Response = http::Response<R>>,
     S::Future: Send + 'static,
-    S::Error: 'static,
+    S::Error: std::borrow::Borrow<dyn std::error::Error + Send + Sync> + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -89,13 +122,16 @@ where
             let _entered = span.enter();
             self.inner.call(request)
         };
-        let recorder = span.clone();
-        let started = std::time::Instant::now();
-        let metric_attrs = [
-            KeyValue::new("rpc.system", "grpc"),
-            KeyValue::new("rpc.service", service.to_string()),
-            KeyValue::new("rpc.method", method.to_string()),
-        ];
+        let mut outcome = Outcome {
+            span: span.clone(),
+            started: std::time::Instant::now(),
+            attrs: vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", service.to_string()),
+                KeyValue::new("rpc.method", method.to_string()),
+            ],
+            recorded: false,
+        };
         Box::pin(
             async move {
                 let result = call.await;
@@ -108,17 +144,12 @@ where
                         .and_then(|v| v.to_str().ok())
                         .and_then(|v| v.parse::<i64>().ok())
                         .unwrap_or(0),
+                    // What tonic answers for a call refused by load shedding.
+                    Err(e) if std::borrow::Borrow::<dyn std::error::Error + Send + Sync>::borrow(e)
+                        .is::<tower::load_shed::error::Overloaded>() => 8,
                     Err(_) => 2,
                 };
-                recorder.record("rpc.grpc.status_code", code);
-                let mut attrs = metric_attrs.to_vec();
-                attrs.push(KeyValue::new("rpc.grpc.status_code", code));
-                metrics::instruments()
-                    .rpc_duration
-                    .record(started.elapsed().as_secs_f64(), &attrs);
-                if is_server_error(code) {
-                    recorder.record("otel.status_code", "ERROR");
-                }
+                outcome.record(code);
                 result
             }
             .instrument(span),

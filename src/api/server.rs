@@ -139,7 +139,7 @@ pub async fn run_with(
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
         .tcp_keepalive(Some(TCP_KEEPALIVE))
         .timeout(config.request_timeout)
-        // Beyond this many calls at once, refuse with UNAVAILABLE rather than queue without
+        // Beyond this many calls at once, refuse with RESOURCE_EXHAUSTED rather than queue without
         // bound: a client can retry elsewhere, a queue only adds latency.
         .layer(
             ServiceBuilder::new()

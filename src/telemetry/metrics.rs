@@ -17,9 +17,9 @@ use super::TRACER_NAME;
 use crate::scheduler::{QueueStats, Scheduler};
 
 /// Bucket bounds, in seconds, for latencies from sub-millisecond RPCs to minutes-late fires.
-const SECONDS_BUCKETS: [f64; 16] = [
+const SECONDS_BUCKETS: [f64; 19] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    120.0,
+    120.0, 300.0, 900.0, 3600.0,
 ];
 /// Bucket bounds for commit batch sizes, in writes.
 const BATCH_BUCKETS: [f64; 12] = [
@@ -77,6 +77,7 @@ fn install() -> Installed {
         match opentelemetry_otlp::MetricExporter::builder()
             .with_tonic()
             .with_endpoint(&endpoint)
+            .with_timeout(std::time::Duration::from_secs(5))
             .build()
         {
             Ok(exporter) => {
@@ -196,9 +197,22 @@ pub fn instruments() -> &'static Instruments {
     &installed().instruments
 }
 
+/// How long one count of the core serves the gauges: a collection reads several gauges in a
+/// row, and counting takes the scheduler's lock.
+const STATS_REUSE: std::time::Duration = std::time::Duration::from_millis(20);
+
 fn watched_stats() -> Option<crate::scheduler::Stats> {
-    let watched = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
-    watched.as_ref().map(Scheduler::stats)
+    static LAST: Mutex<Option<(std::time::Instant, crate::scheduler::Stats)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((at, stats)) = last.as_ref()
+        && at.elapsed() < STATS_REUSE
+    {
+        return Some(stats.clone());
+    }
+    let core = WATCHED.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let stats = core.stats();
+    *last = Some((std::time::Instant::now(), stats.clone()));
+    Some(stats)
 }
 
 /// Makes the gauges report `core`.

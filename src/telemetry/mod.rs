@@ -35,6 +35,17 @@ pub use traces::{span_context_of, trace_context_of};
 use crate::domain::{FireRecord, Job, Timestamp, TraceContext};
 use crate::scheduler::{Observer, RedeliveryReason};
 
+/// Set once a trace exporter is installed; until then no fire span is built at all.
+static TRACES_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans are exported (an OTLP endpoint is configured).
+pub fn traces_enabled() -> bool {
+    TRACES_ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Most time an exporter may take to send one batch (also at shutdown).
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The instrumentation scope of tickd's spans.
 pub const TRACER_NAME: &str = "tickd";
 /// Service name when `OTEL_SERVICE_NAME` is not set.
@@ -152,6 +163,7 @@ pub fn init(options: &TelemetryOptions) -> Result<Telemetry, TelemetryError> {
     });
     if let Some(p) = &provider {
         global::set_tracer_provider(p.clone());
+        TRACES_ENABLED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -184,6 +196,7 @@ fn tracer_provider(
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)
+        .with_timeout(EXPORT_TIMEOUT)
         .build()
         .map_err(|e| TelemetryError::Exporter(endpoint.to_string(), e.to_string()))?;
     let mut batch = BatchConfigBuilder::default();
@@ -356,6 +369,18 @@ impl tracing::field::Visit for JsonFields {
 
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
         self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().into(), value.into());
+    }
+
+    fn record_error(
+        &mut self,
+        field: &tracing::field::Field,
+        value: &(dyn std::error::Error + 'static),
+    ) {
+        self.0.insert(field.name().into(), value.to_string().into());
     }
 
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn fmt::Debug) {
