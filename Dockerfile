@@ -2,6 +2,8 @@
 #   docker build -t tickd:0.1.0 .
 #   docker run -p 50051:50051 -p 9464:9464 -v tickd-data:/var/lib/tickd tickd:0.1.0
 #
+# The image also carries tickctl: `kubectl exec tickd-0 -- tickctl list` works without a shell.
+#
 # Stage 1 compiles the dependencies alone (cached until Cargo.toml or Cargo.lock change),
 # stage 2 compiles tickd, stage 3 is a small distroless runtime running as a non-root user.
 
@@ -21,11 +23,11 @@ RUN mkdir -p src benches \
 FROM deps AS build
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
- && cargo build --release --locked --bin tickd \
+ && cargo build --release --locked --bin tickd --bin tickctl \
  && mkdir -p /out/var/lib/tickd
 
 FROM gcr.io/distroless/cc-debian12:nonroot
-COPY --from=build /src/target/release/tickd /usr/local/bin/tickd
+COPY --from=build /src/target/release/tickd /src/target/release/tickctl /usr/local/bin/
 COPY --from=build --chown=65532:65532 /out/var/lib/tickd /var/lib/tickd
 ENV TICKD_LISTEN=0.0.0.0:50051 \
     TICKD_METRICS_LISTEN=0.0.0.0:9464 \

@@ -145,8 +145,14 @@ where
                         .and_then(|v| v.parse::<i64>().ok())
                         .unwrap_or(0),
                     // What tonic answers for a call refused by load shedding.
-                    Err(e) if std::borrow::Borrow::<dyn std::error::Error + Send + Sync>::borrow(e)
-                        .is::<tower::load_shed::error::Overloaded>() => 8,
+                    Err(e)
+                        if std::borrow::Borrow::<dyn std::error::Error + Send + Sync>::borrow(
+                            e,
+                        )
+                        .is::<tower::load_shed::error::Overloaded>() =>
+                    {
+                        8
+                    }
                     Err(_) => 2,
                 };
                 outcome.record(code);

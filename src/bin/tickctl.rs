@@ -37,6 +37,10 @@ struct Cli {
     #[arg(long, short, value_enum, default_value = "table", global = true)]
     output: Output,
 
+    /// Longest a command may wait for tickd (not `subscribe`, which waits for fires).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, global = true)]
+    timeout: Duration,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -229,7 +233,7 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-async fn connect(addr: &str) -> Result<Client, Failure> {
+async fn connect(addr: &str, timeout: Option<Duration>) -> Result<Client, Failure> {
     let url = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -238,6 +242,9 @@ async fn connect(addr: &str) -> Result<Client, Failure> {
     let mut endpoint = Channel::from_shared(url.clone())
         .map_err(|e| Failure(format!("error: invalid address {addr:?}: {e}"), 2))?
         .connect_timeout(Duration::from_secs(5));
+    if let Some(timeout) = timeout {
+        endpoint = endpoint.timeout(timeout);
+    }
     if url.starts_with("https://") {
         endpoint = endpoint
             .tls_config(ClientTlsConfig::new().with_webpki_roots())
@@ -352,21 +359,33 @@ fn fire_json(fire: &pb::Fire) -> Value {
     })
 }
 
+/// `emit` with `format!` arguments.
+macro_rules! emit_fmt {
+    ($($arg:tt)*) => {
+        emit(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout; a closed pipe (`| head`) is not worth a panic.
+fn emit(line: impl std::fmt::Display) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
 fn print_job(job: &pb::Job, output: Output) {
     match output {
-        Output::Json => println!("{}", job_json(job)),
+        Output::Json => emit(job_json(job)),
         Output::Table => {
             let dash = || "-".to_string();
-            println!("id:             {}", job.id);
-            println!("queue:          {}", job.queue);
-            println!("state:          {}", state_name(job));
-            println!("trigger:        {}", trigger_text(&job.trigger));
-            println!(
+            emit_fmt!("id:             {}", job.id);
+            emit_fmt!("queue:          {}", job.queue);
+            emit_fmt!("state:          {}", state_name(job));
+            emit_fmt!("trigger:        {}", trigger_text(&job.trigger));
+            emit_fmt!(
                 "next fire:      {}",
                 time_str(&job.next_fire_time).unwrap_or_else(dash)
             );
-            println!("fires:          {}", job.fire_count);
-            println!(
+            emit_fmt!("fires:          {}", job.fire_count);
+            emit_fmt!(
                 "created:        {}",
                 time_str(&job.create_time).unwrap_or_else(dash)
             );
@@ -374,7 +393,7 @@ fn print_job(job: &pb::Job, output: Output) {
                 let mut labels: Vec<_> =
                     job.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 labels.sort();
-                println!("labels:         {}", labels.join(", "));
+                emit_fmt!("labels:         {}", labels.join(", "));
             }
         }
     }
@@ -510,10 +529,10 @@ async fn list(client: &mut Client, args: ListArgs, output: Output) -> Result<(),
                     .zip(widths)
                     .map(|(c, w)| format!("{c:<w$}"))
                     .collect();
-                println!("{}", cells.join("  ").trim_end());
+                emit_fmt!("{}", cells.join("  ").trim_end());
             }
             if rows.is_empty() {
-                println!("(no jobs)");
+                emit_fmt!("(no jobs)");
             }
         }
     }
@@ -522,50 +541,63 @@ async fn list(client: &mut Client, args: ListArgs, output: Output) -> Result<(),
 
 async fn subscribe(client: &mut Client, args: SubscribeArgs) -> Result<(), Failure> {
     use pb::subscribe_request::Request;
-    let (tx, rx) = mpsc::channel(64);
-    let send = |request| pb::SubscribeRequest {
-        request: Some(request),
+    // With --count, take no more fires than will be printed: fires held when the stream closes
+    // would be redelivered with one attempt used up.
+    let max_in_flight = match args.count {
+        Some(n) => args
+            .max_in_flight
+            .min(u32::try_from(n).unwrap_or(u32::MAX))
+            .max(1),
+        None => args.max_in_flight,
     };
+    let (tx, rx) = mpsc::channel(1);
     let _ = tx
-        .send(send(Request::Open(pb::SubscribeOpen {
-            queue: args.queue.clone(),
-            max_in_flight: args.max_in_flight,
-        })))
+        .send(pb::SubscribeRequest {
+            request: Some(Request::Open(pb::SubscribeOpen {
+                queue: args.queue.clone(),
+                max_in_flight,
+            })),
+        })
         .await;
+    let mut acker = client.clone();
     let mut fires = client
         .subscribe(ReceiverStream::new(rx))
         .await?
         .into_inner();
     let mut received = 0u64;
-    let stdout = std::io::stdout();
     while args.count.is_none_or(|n| received < n) {
         let Some(fire) = fires.message().await? else {
             break;
         };
-        {
-            let mut out = stdout.lock();
-            let _ = writeln!(out, "{}", fire_json(&fire));
-            let _ = out.flush();
+        // Ack only what was really written out: a closed pipe stops here, un-acked.
+        let written = {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}", fire_json(&fire)).and_then(|()| out.flush())
+        };
+        if let Err(e) = written {
+            return Err(Failure(
+                format!("error: cannot write the fire out ({e}); it was not acked"),
+                1,
+            ));
         }
         if !args.no_ack {
-            let _ = tx
-                .send(send(Request::Ack(pb::AckFires {
-                    fire_ids: vec![fire.fire_id.clone()],
-                })))
-                .await;
+            // The unary Ack answers once the ack is stored.
+            acker
+                .ack(pb::AckRequest {
+                    queue: args.queue.clone(),
+                    fire_ids: vec![fire.fire_id],
+                })
+                .await?;
         }
         received += 1;
     }
-    if !args.no_ack && received > 0 {
-        // Acks on the stream are not answered; give the last one a moment to leave.
-        drop(tx);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    drop(tx);
     Ok(())
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    let mut client = connect(&cli.addr).await?;
+    let timeout = (!matches!(cli.command, Command::Subscribe(_))).then_some(cli.timeout);
+    let mut client = connect(&cli.addr, timeout).await?;
     let output = cli.output;
     match cli.command {
         Command::Schedule(args) => schedule(&mut client, *args, output).await,
