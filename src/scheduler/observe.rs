@@ -36,6 +36,9 @@ pub trait Observer: Send + Sync + Debug + 'static {
         None
     }
 
+    /// A released fire is stored (its commit succeeded).
+    fn fire_stored(&self, _fire: &FireRecord) {}
+
     /// A fire was handed to a subscriber at `now`.
     fn fire_delivered(&self, _fire: &FireRecord, _now: Timestamp) {}
 

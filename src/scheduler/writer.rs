@@ -63,6 +63,7 @@ impl Redelivery {
 /// What the observer is told once a batch is applied.
 #[derive(Debug)]
 enum Event {
+    Stored(FireRecord),
     Acked(FireRecord),
     Redelivered(FireRecord, RedeliveryReason),
     DeadLettered(FireRecord, String),
@@ -251,6 +252,7 @@ fn process(inner: &Inner, ops: Vec<Op>) {
     let observer = &inner.config.observer;
     for event in events {
         match event {
+            Event::Stored(rec) => observer.fire_stored(&rec),
             Event::Acked(rec) => observer.fire_acked(&rec),
             Event::Redelivered(rec, reason) => observer.fire_redelivered(&rec, reason),
             Event::DeadLettered(rec, from) => observer.fire_dead_lettered(&rec, &from),
@@ -298,6 +300,7 @@ fn apply(
             Effect::Rearm(id) => state.sync_timer(&id),
             Effect::NewFire(rec) => {
                 if let Some(spec) = state.jobs.get(&rec.job_id).map(|e| e.job.spec.clone()) {
+                    events.push(Event::Stored(rec.clone()));
                     state.insert_fire(rec, spec);
                 }
             }
