@@ -336,8 +336,14 @@ where
         line.extend(fields.0);
         if let Some(span) = ctx.lookup_current() {
             line.insert("span".into(), span.name().into());
+        }
+        // The trace ids come from the current span as the registry knows it, not as this
+        // layer's filter does: a warning inside an RPC carries the RPC's trace even when the
+        // log filter hides INFO spans. (The otel layer has set the span's parent already.)
+        let current = tracing::Span::current();
+        if let Some(id) = current.id() {
             let cx = tracing::dispatcher::get_default(|dispatch| {
-                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
+                tracing_opentelemetry::get_otel_context(&id, dispatch)
             });
             if let Some(cx) = cx {
                 let sc = cx.span().span_context().clone();
