@@ -93,3 +93,44 @@ async fn reflection_lists_the_scheduler() {
     }
     server.stop().await;
 }
+
+/// At the concurrency limit, calls are refused at once with RESOURCE_EXHAUSTED, while health
+/// checks are still answered.
+#[tokio::test]
+async fn overload_refuses_calls_but_not_health_checks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = TestServer::start_with(dir.path(), |c| c.max_concurrent_requests = 1).await;
+    // A Subscribe call that never sends its open holds the only slot.
+    let (_hold, rx) = tokio::sync::mpsc::channel::<tickd::api::pb::SubscribeRequest>(1);
+    let mut holder = server.client.clone();
+    let held = tokio::spawn(async move {
+        holder
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    let refused = server
+        .client
+        .get_job(tickd::api::pb::GetJobRequest { id: "x".into() })
+        .await
+        .expect_err("no slot left");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+
+    let mut health = HealthClient::new(channel(server.addr).await);
+    let status = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health is always admitted")
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+    held.abort();
+    server.stop().await;
+}

@@ -2,6 +2,7 @@
 //! converts between protobuf and domain types, maps core errors to statuses in one place
 //! ([`convert::status`]), and runs the server.
 
+mod admission;
 mod convert;
 mod metrics_http;
 mod rpc_span;

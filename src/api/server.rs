@@ -17,6 +17,7 @@ use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 use tracing::{info, warn};
 
+use super::admission::AdmissionLayer;
 use super::pb;
 use super::pb::scheduler_server::SchedulerServer;
 use super::rpc_span::RpcSpanLayer;
@@ -140,12 +141,12 @@ pub async fn run_with(
         .tcp_keepalive(Some(TCP_KEEPALIVE))
         .timeout(config.request_timeout)
         // Beyond this many calls at once, refuse with RESOURCE_EXHAUSTED rather than queue without
-        // bound: a client can retry elsewhere, a queue only adds latency.
+        // bound: a client can retry elsewhere, a queue only adds latency. Health checks are
+        // always admitted.
         .layer(
             ServiceBuilder::new()
                 .layer(RpcSpanLayer)
-                .load_shed()
-                .concurrency_limit(config.max_concurrent_requests as usize)
+                .layer(AdmissionLayer::new(config.max_concurrent_requests as usize))
                 .into_inner(),
         )
         .add_service(health_service)
