@@ -186,6 +186,12 @@ def test_app_version_is_the_crate_version():
     assert chart["appVersion"] == cargo["package"]["version"]
 
 
+def test_cargo_run_starts_the_server():
+    """The README's `cargo run --release` needs a default binary, now that there are two."""
+    cargo = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    assert cargo["package"]["default-run"] == cargo["package"]["name"] == "tickd"
+
+
 def test_dockerfile_matches_the_code_and_chart():
     """The image runs the tickd binary as a non-root user and exposes the ports of the code
     and the chart."""
