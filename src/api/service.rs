@@ -13,7 +13,7 @@ use super::convert;
 use super::pb;
 use super::pb::subscribe_request::Request as SubReq;
 use super::validate::{self, Limits, Violations};
-use crate::domain::time::MICROS_PER_SECOND;
+use crate::domain::Micros;
 use crate::scheduler::{Scheduler, SubscriberHandle, Subscription};
 use crate::telemetry;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -243,22 +243,9 @@ async fn read_requests(
             }
         };
         match check_request(msg) {
-            Ok(Some(SubReq::Ack(a))) => handle.ack(&a.fire_ids),
-            Ok(Some(SubReq::Nack(n))) => {
-                let delay = n
-                    .retry_delay
-                    .map(|d| d.seconds * MICROS_PER_SECOND + i64::from(d.nanos) / 1_000)
-                    .unwrap_or(0);
-                handle.nack(&n.fire_ids, delay);
-            }
-            Ok(Some(SubReq::Extend(e))) => {
-                let extension = e
-                    .ack_deadline
-                    .map(|d| d.seconds * MICROS_PER_SECOND + i64::from(d.nanos) / 1_000)
-                    .unwrap_or(0);
-                handle.extend(&e.fire_ids, extension);
-            }
-            Ok(Some(SubReq::Open(_)) | None) => {}
+            Ok(StreamRequest::Ack(ids)) => handle.ack(&ids),
+            Ok(StreamRequest::Nack(ids, delay)) => handle.nack(&ids, delay),
+            Ok(StreamRequest::Extend(ids, extension)) => handle.extend(&ids, extension),
             Err(status) => {
                 let _ = errors.send(status).await;
                 handle.close();
@@ -268,42 +255,63 @@ async fn read_requests(
     }
 }
 
-/// Validates one message after the open; durations are checked here so that the arithmetic
-/// in `read_requests` cannot overflow.
-fn check_request(msg: pb::SubscribeRequest) -> Result<Option<SubReq>, Status> {
+/// A validated message after the open, with its durations in microseconds.
+enum StreamRequest {
+    Ack(Vec<String>),
+    Nack(Vec<String>, Micros),
+    Extend(Vec<String>, Micros),
+}
+
+/// Validates one message after the open and converts its durations.
+fn check_request(msg: pb::SubscribeRequest) -> Result<StreamRequest, Status> {
     let mut v = Violations::default();
-    match &msg.request {
-        Some(SubReq::Open(_)) => v.add("open", "may only be sent once, as the first message"),
-        Some(SubReq::Ack(a)) => validate::fire_ids(&mut v, "ack.fire_ids", &a.fire_ids),
+    let request = match msg.request {
+        Some(SubReq::Open(_)) => {
+            v.add("open", "may only be sent once, as the first message");
+            None
+        }
+        Some(SubReq::Ack(a)) => {
+            validate::fire_ids(&mut v, "ack.fire_ids", &a.fire_ids);
+            Some(StreamRequest::Ack(a.fire_ids))
+        }
         Some(SubReq::Nack(n)) => {
             validate::fire_ids(&mut v, "nack.fire_ids", &n.fire_ids);
-            if let Some(d) = &n.retry_delay {
-                validate::duration(
+            let delay = match &n.retry_delay {
+                Some(d) => validate::duration(
                     &mut v,
                     "nack.retry_delay",
                     d,
                     0,
                     validate::MAX_RETRY_DELAY_MICROS,
-                );
-            }
+                ),
+                None => Some(0),
+            };
+            delay.map(|d| StreamRequest::Nack(n.fire_ids, d))
         }
         Some(SubReq::Extend(e)) => {
             validate::fire_ids(&mut v, "extend.fire_ids", &e.fire_ids);
-            match &e.ack_deadline {
-                Some(d) => {
-                    validate::duration(
-                        &mut v,
-                        "extend.ack_deadline",
-                        d,
-                        validate::MIN_ACK_DEADLINE_MICROS,
-                        validate::MAX_ACK_DEADLINE_MICROS,
-                    );
+            let extension = match &e.ack_deadline {
+                Some(d) => validate::duration(
+                    &mut v,
+                    "extend.ack_deadline",
+                    d,
+                    validate::MIN_ACK_DEADLINE_MICROS,
+                    validate::MAX_ACK_DEADLINE_MICROS,
+                ),
+                None => {
+                    v.add("extend.ack_deadline", "is required");
+                    None
                 }
-                None => v.add("extend.ack_deadline", "is required"),
-            }
+            };
+            extension.map(|d| StreamRequest::Extend(e.fire_ids, d))
         }
-        None => v.add("request", "is empty: set ack, nack or extend"),
+        None => {
+            v.add("request", "is empty: set ack, nack or extend");
+            None
+        }
+    };
+    match request {
+        Some(request) if v.is_empty() => Ok(request),
+        _ => Err(v.into_status()),
     }
-    v.into_result()?;
-    Ok(msg.request)
 }
