@@ -110,7 +110,7 @@ async fn expired_deadline_redelivers_after_backoff() {
     j.ack_deadline = Some(ms(200));
     schedule(&mut server.client, j).await;
     let fire = sub.next(1_000).await;
-    let deadline = micros_of(&fire.ack_deadline);
+    let deadline = micros_of(&fire.ack_deadline_time);
     let again = sub.next(3_000).await;
     assert_eq!(again.fire_id, fire.fire_id);
     assert_eq!(again.attempt, 2);

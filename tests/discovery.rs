@@ -78,7 +78,7 @@ async fn reflection_lists_the_scheduler() {
     let text = String::from_utf8_lossy(&bytes);
     for method in [
         "Schedule",
-        "Cancel",
+        "CancelJob",
         "GetJob",
         "ListJobs",
         "PauseJob",

@@ -149,7 +149,7 @@ async fn cancel_stops_fires() {
     let job = schedule(&mut server.client, job("q", every_trigger(200, None))).await;
     let cancelled = server
         .client
-        .cancel(pb::CancelRequest { id: job.id.clone() })
+        .cancel_job(pb::CancelJobRequest { id: job.id.clone() })
         .await
         .expect("cancel")
         .into_inner();
@@ -158,14 +158,14 @@ async fn cancel_stops_fires() {
     sub.expect_none(600).await;
     let again = server
         .client
-        .cancel(pb::CancelRequest { id: job.id.clone() })
+        .cancel_job(pb::CancelJobRequest { id: job.id.clone() })
         .await
         .expect("second cancel is not an error")
         .into_inner();
     assert_eq!(again.state(), pb::JobState::Cancelled);
     let missing = server
         .client
-        .cancel(pb::CancelRequest { id: "nope".into() })
+        .cancel_job(pb::CancelJobRequest { id: "nope".into() })
         .await
         .expect_err("unknown id");
     assert_eq!(missing.code(), Code::NotFound);
@@ -215,7 +215,7 @@ async fn pause_and_resume_follow_misfire_policy() {
     // Pausing a cancelled job is refused.
     server
         .client
-        .cancel(pb::CancelRequest { id: job.id.clone() })
+        .cancel_job(pb::CancelJobRequest { id: job.id.clone() })
         .await
         .expect("cancel");
     let err = server

@@ -269,7 +269,7 @@ async fn bad_ids_filters_and_acks_are_refused() {
         "id",
     );
     assert_bad_field(
-        &c.cancel(pb::CancelRequest { id: "a b".into() })
+        &c.cancel_job(pb::CancelJobRequest { id: "a b".into() })
             .await
             .expect_err("bad"),
         "id",

@@ -1,4 +1,5 @@
-"""Generates the Python code for tickd's API from ../../proto on first import, and exposes it.
+"""Generates the Python code for tickd's API from ../../proto on first import (and again when the
+proto changes), and exposes it. google.api annotations come from googleapis-common-protos.
 
     from tickd_api import pb, rpc   # tickd.v1 messages and the SchedulerStub
 """
@@ -22,13 +23,15 @@ def _generate():
         f"-I{well_known}",
         f"--python_out={OUT}",
         f"--grpc_python_out={OUT}",
-        str(PROTO_ROOT / "tickd" / "v1" / "scheduler.proto"),
+        str(_PROTO),
     ])
     if code != 0:
         raise RuntimeError(f"protoc failed with {code}")
 
 
-if not (OUT / "tickd" / "v1" / "scheduler_pb2.py").exists():
+_PROTO = PROTO_ROOT / "tickd" / "v1" / "scheduler.proto"
+_GENERATED = OUT / "tickd" / "v1" / "scheduler_pb2.py"
+if not _GENERATED.exists() or _GENERATED.stat().st_mtime < _PROTO.stat().st_mtime:
     _generate()
 sys.path.insert(0, str(OUT))
 pb = importlib.import_module("tickd.v1.scheduler_pb2")

@@ -108,7 +108,7 @@ pub fn fire(d: Delivery) -> pb::Fire {
             .as_ref()
             .map(|t| t.tracestate.clone())
             .unwrap_or_default(),
-        ack_deadline: Some(timestamp(d.ack_deadline)),
+        ack_deadline_time: Some(timestamp(d.ack_deadline)),
         dead_lettered: d.fire.dead_lettered,
     }
 }

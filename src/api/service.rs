@@ -86,9 +86,9 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         Ok(Response::new(convert::job(&job)))
     }
 
-    async fn cancel(
+    async fn cancel_job(
         &self,
-        request: Request<pb::CancelRequest>,
+        request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
         let id = request.into_inner().id;
         validate::job_id(&id)?;

@@ -387,7 +387,7 @@ pub fn labels(
     labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// Checks a job id given to Cancel, GetJob, PauseJob or ResumeJob.
+/// Checks a job id given to CancelJob, GetJob, PauseJob or ResumeJob.
 pub fn job_id(id: &str) -> Result<(), Status> {
     let mut v = Violations::default();
     check_name(&mut v, "id", id, true);

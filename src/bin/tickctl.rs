@@ -602,7 +602,10 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Schedule(args) => schedule(&mut client, *args, output).await,
         Command::Cancel { id } => {
-            let job = client.cancel(pb::CancelRequest { id }).await?.into_inner();
+            let job = client
+                .cancel_job(pb::CancelJobRequest { id })
+                .await?
+                .into_inner();
             print_job(&job, output);
             Ok(())
         }

@@ -33,7 +33,7 @@ def test_schedule_receive_ack_cancel(tickd_addr):
     assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     later = scheduler.schedule_after(stub, "py.example", 3600, job_id="py-later")
-    cancelled = stub.Cancel(pb.CancelRequest(id=later.id))
+    cancelled = stub.CancelJob(pb.CancelJobRequest(id=later.id))
     assert cancelled.state == pb.JOB_STATE_CANCELLED
 
 
