@@ -23,8 +23,7 @@ async fn due_now(client: &mut Client, queue: &str, n: usize) -> Vec<String> {
 /// no acked fire is delivered again.
 #[tokio::test]
 async fn competing_consumers_share_a_queue() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut a = Sub::open(&mut server.client, "work", 4).await;
     let mut b = Sub::open(&mut server.client, "work", 4).await;
     let jobs = due_now(&mut server.client, "work", 20).await;
@@ -57,8 +56,7 @@ async fn competing_consumers_share_a_queue() {
 /// with a delay waits that long.
 #[tokio::test]
 async fn nack_redelivers_with_next_attempt() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     due_now(&mut server.client, "q", 1).await;
     let first = sub.next(1_000).await;
@@ -87,8 +85,7 @@ async fn nack_redelivers_with_next_attempt() {
 /// A fire in flight on a stream that drops goes to another subscriber with attempt + 1.
 #[tokio::test]
 async fn dropped_stream_redelivers_to_another_subscriber() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut first = Sub::open(&mut server.client, "q", 10).await;
     due_now(&mut server.client, "q", 1).await;
     let fire = first.next(1_000).await;
@@ -103,8 +100,7 @@ async fn dropped_stream_redelivers_to_another_subscriber() {
 /// A fire not acked before its deadline is redelivered after a backoff of about a second.
 #[tokio::test]
 async fn expired_deadline_redelivers_after_backoff() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let mut j = job("q", at_trigger(ts_in(-1)));
     j.ack_deadline = Some(ms(200));
@@ -125,8 +121,7 @@ async fn expired_deadline_redelivers_after_backoff() {
 /// payload and starting again at attempt 1.
 #[tokio::test]
 async fn exhausted_fire_is_dead_lettered() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let mut dead = Sub::open(&mut server.client, "q.dead", 10).await;
     let mut j = job("q", at_trigger(ts_in(-1)));
@@ -154,8 +149,7 @@ async fn exhausted_fire_is_dead_lettered() {
 /// Without a dead-letter queue an exhausted fire is dropped (and not delivered again).
 #[tokio::test]
 async fn exhausted_fire_without_dead_letter_queue_is_dropped() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let mut j = job("q", at_trigger(ts_in(-1)));
     j.max_attempts = 1;
@@ -169,8 +163,7 @@ async fn exhausted_fire_without_dead_letter_queue_is_dropped() {
 /// A subscriber never holds more than max_in_flight un-acked fires; an ack makes room.
 #[tokio::test]
 async fn max_in_flight_is_respected() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 2).await;
     due_now(&mut server.client, "q", 5).await;
     let a = sub.next(1_000).await;
@@ -186,8 +179,7 @@ async fn max_in_flight_is_respected() {
 /// Fires of a queue with no subscriber wait until one subscribes.
 #[tokio::test]
 async fn fires_wait_for_a_subscriber() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let job = due_now(&mut server.client, "later", 1).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let mut sub = Sub::open(&mut server.client, "later", 10).await;
@@ -200,8 +192,7 @@ async fn fires_wait_for_a_subscriber() {
 /// stream drops. Unknown ids are not an error.
 #[tokio::test]
 async fn unary_ack_is_final() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     due_now(&mut server.client, "q", 1).await;
     let f = sub.next(1_000).await;
@@ -234,8 +225,7 @@ async fn unary_ack_is_final() {
 /// Shutdown ends open streams with UNAVAILABLE so workers reconnect elsewhere.
 #[tokio::test]
 async fn shutdown_ends_streams_with_unavailable() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let started = std::time::Instant::now();
     server.stop().await;

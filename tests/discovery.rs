@@ -15,8 +15,7 @@ use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 /// Health reports SERVING for the server and for tickd.v1.Scheduler.
 #[tokio::test]
 async fn health_reports_serving() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(dir.path()).await;
+    let server = TestServer::start().await;
     let mut health = HealthClient::new(channel(server.addr).await);
     for service in ["", "tickd.v1.Scheduler"] {
         let status = health
@@ -35,8 +34,7 @@ async fn health_reports_serving() {
 /// Reflection lists tickd.v1.Scheduler, and its file describes every RPC.
 #[tokio::test]
 async fn reflection_lists_the_scheduler() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(dir.path()).await;
+    let server = TestServer::start().await;
     let mut client = ServerReflectionClient::new(channel(server.addr).await);
     let requests = vec![
         ServerReflectionRequest {
@@ -98,8 +96,7 @@ async fn reflection_lists_the_scheduler() {
 /// checks are still answered.
 #[tokio::test]
 async fn overload_refuses_calls_but_not_health_checks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start_with(dir.path(), |c| c.max_concurrent_requests = 1).await;
+    let mut server = TestServer::start_with(|c| c.max_concurrent_requests = 1).await;
     // A Subscribe call that never sends its open holds the only slot.
     let (_hold, rx) = tokio::sync::mpsc::channel::<tickd::api::pb::SubscribeRequest>(1);
     let mut holder = server.client.clone();

@@ -1,5 +1,6 @@
-//! Restart durability: jobs and un-acked fires survive a graceful restart and a kill -9, acked
-//! fires stay acked, and occurrences missed while the server was down follow the misfire policy.
+//! Restart durability: jobs and un-acked fires survive a graceful restart and a kill -9 with
+//! their exact state, acked fires stay acked, attempts are kept, and occurrences missed while
+//! the server was down follow the misfire policy, exactly (on a manual clock).
 
 mod common;
 
@@ -7,162 +8,354 @@ use std::time::Duration;
 
 use common::*;
 use tickd::api::pb;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 
-/// Jobs and un-acked fires come back after a graceful restart on the same directory.
+/// Jobs and un-acked fires come back after a graceful restart on the same directory; the
+/// fire that was in flight comes back without an attempt counted (the README's promise for a
+/// shutdown), and once acked it is gone.
 #[tokio::test]
 async fn graceful_restart_keeps_jobs_and_unacked_fires() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
-    let mut sub = Sub::open(&mut server.client, "q", 10).await;
-    let pending = schedule(&mut server.client, job("q", after_trigger(3_600_000))).await;
-    let fired = schedule(&mut server.client, job("q", at_trigger(ts_in(-1)))).await;
-    let fire = sub.next(1_000).await;
-    assert_eq!(fire.job_id, fired.id);
-    server.stop().await;
+    let mut server = TestServer::manual().await;
+    let mut sub = server.subscribe("q", 10).await;
+    let pending = server.schedule(job("q", after_trigger(3_600_000))).await;
+    let fired = server.schedule(job("q", after_trigger(0))).await;
+    server.settle().await;
+    let fire = sub.recv().await;
+    assert_eq!((fire.job_id.as_str(), fire.attempt), (fired.id.as_str(), 1));
 
-    let mut server = TestServer::start(dir.path()).await;
-    let got = server
-        .client
-        .get_job(pb::GetJobRequest {
-            id: pending.id.clone(),
-        })
-        .await
-        .expect("job survived")
-        .into_inner();
+    let mut server = server.restart().await;
+    let got = server.job(&pending.id).await;
     assert_eq!(got.state(), pb::JobState::Scheduled);
     assert_eq!(got.next_fire_time, pending.next_fire_time);
-    let mut sub = Sub::open(&mut server.client, "q", 10).await;
-    let again = sub.next(1_000).await;
+    assert_eq!(server.job(&fired.id).await.state(), pb::JobState::Completed);
+    let mut sub = server.subscribe("q", 10).await;
+    let again = sub.recv().await;
     assert_eq!(
-        again.fire_id, fire.fire_id,
-        "the un-acked fire is delivered again"
+        (again.fire_id.as_str(), again.attempt),
+        (fire.fire_id.as_str(), 1),
+        "the un-acked fire is delivered again, its attempt not counted"
     );
     sub.ack(&[&again.fire_id]).await;
-    sub.expect_none(200).await;
+    server.wait_in_flight("q", 0).await;
+    assert_eq!(server.queue("q").backlog, 0);
+
+    let server = server.restart().await;
+    assert_eq!(
+        (server.queue("q").backlog, server.queue("q").in_flight),
+        (0, 0),
+        "an acked fire does not come back after a restart"
+    );
     server.stop().await;
 }
 
-/// After kill -9: every acknowledged job is back, the un-acked fire is delivered again with the
-/// same fire_id, and a fire acked through the unary Ack is not.
+/// After kill -9, everything that was answered OK is there exactly as it was: a pending job
+/// with its next fire time, a cancelled, a paused and a resumed job in their states, a fire
+/// acked by the unary Ack and one acked on the stream stay acked, and the fire that was in
+/// flight on its second attempt is delivered again with attempt 2 and the same fire_id.
 #[tokio::test]
-async fn kill_dash_nine_loses_nothing_acknowledged() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, addr) = spawn_binary(dir.path());
-    let mut client = connect(addr).await;
+async fn kill_dash_nine_keeps_every_acknowledged_change() {
+    let mut tickd = TickdProcess::start();
+    let mut client = tickd.client().await;
     let mut sub = Sub::open(&mut client, "q", 10).await;
-    let pending = schedule(&mut client, job("q", after_trigger(3_600_000))).await;
-    let acked_job = schedule(&mut client, job("q", at_trigger(ts_in(-1)))).await;
-    let acked = sub.next(2_000).await;
-    assert_eq!(acked.job_id, acked_job.id);
-    let resp = client
+    let named = |id: &str, trigger| {
+        let mut j = job("q", trigger);
+        j.id = id.into();
+        j
+    };
+    let pending = schedule(&mut client, named("pending", after_trigger(3_600_000))).await;
+    schedule(&mut client, named("cancelled", after_trigger(3_600_000))).await;
+    schedule(&mut client, named("paused", every_trigger(3_600_000, None))).await;
+    schedule(
+        &mut client,
+        named("resumed", every_trigger(3_600_000, None)),
+    )
+    .await;
+    client
+        .cancel_job(pb::CancelJobRequest {
+            id: "cancelled".into(),
+        })
+        .await
+        .expect("cancel");
+    for id in ["paused", "resumed"] {
+        client
+            .pause_job(pb::PauseJobRequest { id: id.into() })
+            .await
+            .expect("pause");
+    }
+    client
+        .resume_job(pb::ResumeJobRequest {
+            id: "resumed".into(),
+        })
+        .await
+        .expect("resume");
+
+    // One fire acked by the unary Ack.
+    schedule(&mut client, named("unary-acked", after_trigger(0))).await;
+    let f = sub.recv().await;
+    assert_eq!(f.job_id, "unary-acked");
+    let acked = client
         .ack(pb::AckRequest {
             queue: "q".into(),
-            fire_ids: vec![acked.fire_id.clone()],
+            fire_ids: vec![f.fire_id.clone()],
         })
         .await
         .expect("ack")
         .into_inner();
-    assert_eq!(resp.acked_count, 1);
-    let unacked_job = schedule(&mut client, job("q", at_trigger(ts_in(-1)))).await;
-    let unacked = sub.next(2_000).await;
-    assert_eq!(unacked.job_id, unacked_job.id);
+    assert_eq!(acked.acked_count, 1);
 
-    child.kill().expect("kill -9");
-    child.wait().expect("reap");
-    drop(sub);
-
-    let (mut child, addr) = spawn_binary(dir.path());
-    let mut client = connect(addr).await;
-    for id in [&pending.id, &acked_job.id, &unacked_job.id] {
-        client
-            .get_job(pb::GetJobRequest { id: id.clone() })
-            .await
-            .unwrap_or_else(|e| panic!("job {id} lost: {e:?}"));
+    // One acked on the stream. Nothing else is happening, so the next commit after the ack is
+    // the ack's own (a stream ack gets no answer; it is written with the next group commit).
+    schedule(&mut client, named("stream-acked", after_trigger(0))).await;
+    let f = sub.recv().await;
+    assert_eq!(f.job_id, "stream-acked");
+    let commits = commit_count(&tickd).await;
+    sub.ack(&[&f.fire_id]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while commit_count(&tickd).await == commits {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream ack was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+
+    // One in flight on its second attempt.
+    schedule(&mut client, named("in-flight", after_trigger(0))).await;
+    let first = sub.recv().await;
+    assert_eq!((first.job_id.as_str(), first.attempt), ("in-flight", 1));
+    sub.nack(&[&first.fire_id], None).await;
+    let second = sub.recv().await;
+    assert_eq!(
+        (second.fire_id.as_str(), second.attempt),
+        (first.fire_id.as_str(), 2)
+    );
+
+    tickd.kill9();
+    drop(sub);
+    let tickd = tickd.start_again();
+    let mut client = tickd.client().await;
+    let state = |job: pb::Job| (job.id.clone(), job.state());
+    let mut states = Vec::new();
+    for id in [
+        "pending",
+        "cancelled",
+        "paused",
+        "resumed",
+        "unary-acked",
+        "stream-acked",
+        "in-flight",
+    ] {
+        let job = client
+            .get_job(pb::GetJobRequest { id: id.into() })
+            .await
+            .unwrap_or_else(|e| panic!("job {id} lost: {e:?}"))
+            .into_inner();
+        if id == "pending" {
+            assert_eq!(job.next_fire_time, pending.next_fire_time);
+        }
+        states.push(state(job));
+    }
+    use pb::JobState::*;
+    let want: Vec<(String, pb::JobState)> = [
+        ("pending", Scheduled),
+        ("cancelled", Cancelled),
+        ("paused", Paused),
+        ("resumed", Scheduled),
+        ("unary-acked", Completed),
+        ("stream-acked", Completed),
+        ("in-flight", Completed),
+    ]
+    .into_iter()
+    .map(|(id, s)| (id.to_string(), s))
+    .collect();
+    assert_eq!(states, want);
+
+    // Exactly one fire is stored: the one in flight at the crash.
+    let metrics = scrape(tickd.metrics_addr).await;
+    assert_eq!(
+        sample(&metrics, "tickd_queue_backlog", &["tickd_queue=\"q\""]),
+        Some(1.0),
+        "{metrics}"
+    );
     let mut sub = Sub::open(&mut client, "q", 10).await;
-    let again = sub.next(2_000).await;
-    assert_eq!(again.fire_id, unacked.fire_id);
-    sub.ack(&[&again.fire_id]).await;
-    sub.expect_none(300).await;
-    child.kill().expect("kill");
-    child.wait().expect("reap");
+    let back = sub.recv().await;
+    assert_eq!(
+        (back.fire_id.as_str(), back.attempt),
+        (first.fire_id.as_str(), 2),
+        "the fire in flight at the crash comes back with the attempt it had"
+    );
 }
 
-/// Occurrences that fell due while the server was down follow each job's misfire policy.
-#[tokio::test]
-async fn missed_occurrences_follow_the_misfire_policy_after_restart() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
-    let start = now_micros() + 200_000;
-    let mut ids = Vec::new();
+/// Successful store commits so far, from the process's `/metrics`.
+async fn commit_count(tickd: &TickdProcess) -> f64 {
+    let text = scrape(tickd.metrics_addr).await;
+    sample(
+        &text,
+        "tickd_store_commit_duration_seconds_count",
+        &["tickd_commit_ok=\"true\""],
+    )
+    .unwrap_or(0.0)
+}
+
+/// Three interval jobs, one per misfire policy, every 100 ms from `start` with a 50 ms grace
+/// period, on queues named after their policy.
+async fn jobs_per_policy(server: &mut TestServer, start: i64) {
     for (queue, policy) in [
         ("once", pb::MisfirePolicy::FireOnce),
         ("skip", pb::MisfirePolicy::Skip),
         ("all", pb::MisfirePolicy::FireAll),
     ] {
         let mut j = job(queue, every_trigger(100, Some(ts_micros(start))));
+        j.id = queue.into();
         j.misfire_policy = policy.into();
         j.misfire_grace_period = Some(ms(50));
-        ids.push(schedule(&mut server.client, j).await.id);
+        server.schedule(j).await;
     }
-    server.stop().await;
-    // Down across the occurrences at start, start + 100 ms, ...
-    tokio::time::sleep(Duration::from_millis(900)).await;
-    let restarted_at = now_micros();
-    let mut server = TestServer::start(dir.path()).await;
-    let grid = |t: i64| (t - start) % 100_000 == 0;
+}
 
-    // FIRE_ONCE: one catch-up fire for the latest missed occurrence, then back on the grid.
-    let mut once = Sub::open(&mut server.client, "once", 100).await;
-    let catch_up = once.next(1_000).await;
-    let c = micros_of(&catch_up.scheduled_time);
-    assert!(grid(c));
-    assert!(c > start, "the latest missed occurrence, not the first");
-    assert!(c <= restarted_at, "a missed occurrence");
-    let next = once.next(1_000).await;
-    assert_eq!(micros_of(&next.scheduled_time), c + 100_000);
+/// Receives every fire waiting on `queue` (the server is settled) and returns their
+/// scheduled times relative to `start`, in ms.
+async fn drain(server: &mut TestServer, queue: &str, start: i64) -> Vec<i64> {
+    let n = server.queue(queue).backlog;
+    let mut sub = server.subscribe(queue, 1_000).await;
+    let mut times = Vec::new();
+    for _ in 0..n {
+        let fire = sub.recv().await;
+        times.push((micros_of(&fire.scheduled_time) - start) / 1_000);
+        sub.ack(&[&fire.fire_id]).await;
+    }
+    server.wait_in_flight(queue, 0).await;
+    assert_eq!(server.queue(queue).backlog, 0);
+    times
+}
 
-    // SKIP: nothing for what was missed by more than the grace period.
-    let mut skip = Sub::open(&mut server.client, "skip", 100).await;
-    let first = skip.next(1_000).await;
-    let f = micros_of(&first.scheduled_time);
-    assert!(grid(f));
-    assert!(
-        f >= restarted_at - 150_000,
-        "an occurrence missed by more than the grace period fired: {} ms before restart",
-        (restarted_at - f) / 1_000
+/// Down from before the first occurrence (at +200 ms) until +900 ms: the occurrences at
+/// 200..=800 ms are missed by more than the grace period, the one at 900 ms is on time.
+/// FIRE_ONCE sends the latest missed one (800) then 900; SKIP sends only 900; FIRE_ALL sends
+/// all of them, oldest first.
+#[tokio::test]
+async fn missed_occurrences_follow_the_misfire_policy_after_restart() {
+    let mut server = TestServer::manual().await;
+    let start = server.now() + 200_000;
+    jobs_per_policy(&mut server, start).await;
+    let mut server = server.restart_after(900).await;
+    server.settle().await;
+
+    assert_eq!(drain(&mut server, "once", start).await, vec![600, 700]);
+    assert_eq!(drain(&mut server, "skip", start).await, vec![700]);
+    assert_eq!(
+        drain(&mut server, "all", start).await,
+        vec![0, 100, 200, 300, 400, 500, 600, 700]
     );
-
-    // FIRE_ALL: every missed occurrence, oldest first.
-    let mut all = Sub::open(&mut server.client, "all", 100).await;
-    for k in 0..6 {
-        let fire = all.next(1_000).await;
-        assert_eq!(micros_of(&fire.scheduled_time), start + k * 100_000);
+    // And each is back on its grid.
+    server.advance(100).await;
+    for queue in ["once", "skip", "all"] {
+        assert_eq!(drain(&mut server, queue, start).await, vec![800], "{queue}");
     }
     server.stop().await;
 }
 
-/// SIGTERM: open streams end with UNAVAILABLE, health stops serving, and the process exits 0
-/// well within its grace period, with what it accepted stored.
+/// `--max-catch-up-fires` caps FIRE_ALL: of seven missed occurrences only the three oldest are
+/// sent; the rest are skipped, and the job goes on with its next on-time occurrence.
+#[tokio::test]
+async fn fire_all_is_capped_by_max_catch_up_fires() {
+    let mut server = TestServer::manual_with(|c| c.max_catch_up_fires = 3).await;
+    let start = server.now() + 200_000;
+    jobs_per_policy(&mut server, start).await;
+    let mut server = server.restart_after(900).await;
+    server.settle().await;
+    assert_eq!(
+        drain(&mut server, "all", start).await,
+        vec![0, 100, 200, 700]
+    );
+    server.stop().await;
+}
+
+/// A daily 02:30 Europe/Berlin job, down across the spring-forward night: FIRE_ALL catches up
+/// on each missed day at its real instant (03:00 CEST on the night 02:30 does not exist, and
+/// the offset changes from +01:00 to +02:00), FIRE_ONCE only on the latest.
+#[tokio::test]
+async fn cron_catch_up_across_a_dst_change() {
+    // Friday 2026-03-27 12:00 UTC; Berlin springs forward on Sunday 2026-03-29 at 02:00.
+    let friday_noon = 1_774_612_800_000_000;
+    let mut server = TestServer::manual_at(friday_noon, |_| {}).await;
+    for (id, policy) in [
+        ("all", pb::MisfirePolicy::FireAll),
+        ("once", pb::MisfirePolicy::FireOnce),
+    ] {
+        let mut j = job(id, cron_trigger("30 2 * * *", "Europe/Berlin"));
+        j.id = id.into();
+        j.misfire_policy = policy.into();
+        server.schedule(j).await;
+    }
+    // Back on Tuesday 2026-03-31 at 12:00 UTC.
+    let mut server = server.restart_after(4 * 24 * 3_600_000).await;
+    server.settle().await;
+    let utc = |t: i64| {
+        chrono::DateTime::from_timestamp_micros(friday_noon + t * 1_000)
+            .expect("time")
+            .format("%m-%d %H:%M")
+            .to_string()
+    };
+    let all: Vec<String> = drain(&mut server, "all", friday_noon)
+        .await
+        .into_iter()
+        .map(utc)
+        .collect();
+    assert_eq!(
+        all,
+        vec!["03-28 01:30", "03-29 01:00", "03-30 00:30", "03-31 00:30"],
+        "02:30 CET, 03:00 CEST (02:30 does not exist), then 02:30 CEST, in UTC"
+    );
+    let once: Vec<String> = drain(&mut server, "once", friday_noon)
+        .await
+        .into_iter()
+        .map(utc)
+        .collect();
+    assert_eq!(once, vec!["03-31 00:30"]);
+    server.stop().await;
+}
+
+/// SIGTERM: health turns NOT_SERVING (seen on a Watch opened before), open streams end with
+/// UNAVAILABLE, the process exits 0 well within its grace period, and after a start on the
+/// same directory the accepted job is there and the fire that was in flight comes back with
+/// its attempt not counted.
 #[tokio::test]
 async fn sigterm_shuts_down_in_order_and_exits_zero() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (mut child, addr) = spawn_binary(dir.path());
-    let mut client = connect(addr).await;
+    let mut tickd = TickdProcess::start();
+    let mut client = tickd.client().await;
+    let mut health = HealthClient::new(channel(tickd.addr).await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("watch").expect("a status");
+    assert_eq!(first.status(), ServingStatus::Serving);
+
     let mut sub = Sub::open(&mut client, "q", 10).await;
-    let job = schedule(&mut client, job("q", after_trigger(3_600_000))).await;
+    let job = schedule(&mut client, job("q", after_trigger(0))).await;
+    let fire = sub.recv().await;
+    assert_eq!(fire.attempt, 1);
+
     let started = std::time::Instant::now();
-    let pid = i32::try_from(child.id()).expect("pid");
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    match sub.end(5_000).await {
+    tickd.sigterm();
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("health changes in time");
+    assert!(
+        matches!(&next, Ok(Some(s)) if s.status() == ServingStatus::NotServing),
+        "health turns NOT_SERVING first, got {next:?}"
+    );
+    match sub.end(10_000).await {
         Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}"),
         other => panic!("expected UNAVAILABLE, got {other:?}"),
     }
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
+    let status = tickd.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "exit status {status:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
@@ -170,12 +363,17 @@ async fn sigterm_shuts_down_in_order_and_exits_zero() {
         started.elapsed()
     );
 
-    let (mut child, addr) = spawn_binary(dir.path());
-    let mut client = connect(addr).await;
+    let tickd = tickd.start_again();
+    let mut client = tickd.client().await;
     client
         .get_job(pb::GetJobRequest { id: job.id })
         .await
         .expect("the job survived");
-    child.kill().expect("kill");
-    child.wait().expect("reap");
+    let mut sub = Sub::open(&mut client, "q", 10).await;
+    let again = sub.recv().await;
+    assert_eq!(
+        (again.fire_id.as_str(), again.attempt),
+        (fire.fire_id.as_str(), 1),
+        "handed back at shutdown without counting an attempt"
+    );
 }

@@ -10,9 +10,9 @@ use common::*;
 /// JSON lines parse, and lines inside the Subscribe call's span carry its trace ids.
 #[tokio::test]
 async fn json_logs_carry_trace_ids() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (lines_tx, lines) = std::sync::mpsc::channel();
-    let (mut child, addr) = spawn_binary_with(
+    let dir = tempdir();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    let tickd = TickdProcess::start_in(
         dir.path(),
         &[
             ("TICKD_LOG_FORMAT", "json"),
@@ -22,11 +22,11 @@ async fn json_logs_carry_trace_ids() {
         ],
         Some(lines_tx),
     );
-    let mut client = connect(addr).await;
+    let mut client = tickd.client().await;
     let _sub = Sub::open(&mut client, "logged", 1).await;
     let mut traced = None;
     let mut parsed = 0;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while traced.is_none() && std::time::Instant::now() < deadline {
         let Ok(line) = lines.recv_timeout(Duration::from_millis(100)) else {
             continue;
@@ -46,6 +46,4 @@ async fn json_logs_carry_trace_ids() {
     assert_eq!(trace_id.len(), 32);
     assert_eq!(span_id.len(), 16);
     assert_eq!(line["queue"], "logged");
-    child.kill().expect("kill");
-    child.wait().expect("reap");
 }

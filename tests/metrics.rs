@@ -3,41 +3,12 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// `GET /metrics`, as text.
-async fn scrape(addr: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: tickd\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("request");
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .await
-        .expect("response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-}
-
-/// The value of the first sample whose line starts with `name{` and contains every label.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
 
 /// Fires, lateness, redeliveries, RPC durations, commits and gauges show up and move.
 #[tokio::test]
 async fn metrics_move_as_a_run_proceeds() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let before = scrape(server.metrics_addr).await;
     let fires_before =
         sample(&before, "tickd_fires_total", &["tickd_queue=\"metered\""]).unwrap_or(0.0);

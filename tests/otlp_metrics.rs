@@ -62,8 +62,7 @@ async fn metrics_are_pushed_over_otlp() {
         std::env::set_var("OTEL_METRIC_EXPORT_INTERVAL", "100");
     }
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "pushed", 10).await;
     schedule(&mut server.client, job("pushed", at_trigger(ts_in(-1)))).await;
     let fire = sub.next(2_000).await;

@@ -44,8 +44,7 @@ fn json(o: &Output) -> serde_json::Value {
 /// shows the job.
 #[tokio::test]
 async fn schedule_subscribe_and_list() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(dir.path()).await;
+    let server = TestServer::start().await;
     let out = tickctl(
         &server,
         &[
@@ -110,8 +109,7 @@ async fn schedule_subscribe_and_list() {
 /// and pages for the user.
 #[tokio::test]
 async fn every_trigger_and_job_command() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(dir.path()).await;
+    let server = TestServer::start().await;
     let cases: [&[&str]; 4] = [
         &["--id", "at", "--at", "2030-01-01T09:00:00Z"],
         &[
@@ -224,8 +222,7 @@ async fn every_trigger_and_job_command() {
 /// A refused request exits non-zero and names the field; so does an unknown job.
 #[tokio::test]
 async fn errors_name_the_field_and_exit_non_zero() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = TestServer::start(dir.path()).await;
+    let server = TestServer::start().await;
     let out = tickctl(
         &server,
         &["schedule", "--queue", "cli", "--cron", "not a cron"],

@@ -153,8 +153,7 @@ const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 fn caller_traceparent_parents_the_server_span() {
     let h = harness();
     h.runtime.block_on(async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut server = TestServer::start(dir.path()).await;
+        let mut server = TestServer::start().await;
         let caller_span = "00f067aa0ba902b7";
         let tp = format!("00-{CALLER_TRACE}-{caller_span}-01");
         let mut j = job("traced", after_trigger(3_600_000));
@@ -206,8 +205,7 @@ fn caller_traceparent_parents_the_server_span() {
 fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
     let h = harness();
     h.runtime.block_on(async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut server = TestServer::start(dir.path()).await;
+        let mut server = TestServer::start().await;
         let caller_span = "1111111111111111";
         let tp = format!("00-{CALLER_TRACE}-{caller_span}-01");
         let mut sub = Sub::open(&mut server.client, "traced.fires", 10).await;
@@ -287,8 +285,7 @@ fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
 fn the_link_to_schedule_survives_a_restart() {
     let h = harness();
     h.runtime.block_on(async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut server = TestServer::start(dir.path()).await;
+        let mut server = TestServer::manual().await;
         let caller_span = "3333333333333333";
         let tp = format!("00-{CALLER_TRACE}-{caller_span}-01");
         let mut j = job("traced.restart", after_trigger(300));
@@ -298,11 +295,10 @@ fn the_link_to_schedule_survives_a_restart() {
             .schedule(traced_schedule(j, &tp))
             .await
             .expect("schedule");
-        server.stop().await;
-
-        let mut server = TestServer::start(dir.path()).await;
+        let mut server = server.restart().await;
         let mut sub = Sub::open(&mut server.client, "traced.restart", 10).await;
-        let fire = sub.next(2_000).await;
+        server.advance(300).await;
+        let fire = sub.recv().await;
         let (_, fire_span_id) = ids(&fire.traceparent);
         let schedule = wait_for(&h.collector, "Schedule span", |s| {
             s.name == "tickd.v1.Scheduler/Schedule" && hex(&s.parent_span_id) == caller_span
@@ -329,23 +325,18 @@ fn the_link_to_schedule_survives_a_restart() {
 fn spans_are_flushed_on_shutdown() {
     let h = harness();
     h.runtime.block_on(async {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mut child, addr) = spawn_binary_with(
+        let dir = tempdir();
+        let mut tickd = TickdProcess::start_in(
             dir.path(),
             &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", h.endpoint.as_str())],
             None,
         );
-        let mut client = connect(addr).await;
+        let mut client = tickd.client().await;
         let mut j = job("flushed", after_trigger(3_600_000));
         j.id = "flushed-on-shutdown".into();
         schedule(&mut client, j).await;
-        let pid = i32::try_from(child.id()).expect("pid");
-        // SAFETY: sending a signal to our own child process.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let status = tokio::task::spawn_blocking(move || child.wait())
-            .await
-            .expect("join")
-            .expect("wait");
+        tickd.sigterm();
+        let status = tickd.wait_exit(Duration::from_secs(20)).await;
         assert!(status.success());
         let found = h
             .collector

@@ -10,8 +10,7 @@ use tonic::Code;
 /// An `at` trigger fires at its time, carrying that time as scheduled_time.
 #[tokio::test]
 async fn at_fires_at_its_time() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let at = ts_in(300);
     let job = schedule(&mut server.client, job("q", at_trigger(at))).await;
@@ -38,8 +37,7 @@ fn rfc3339(micros: i64) -> String {
 /// An `at` in the past fires at once, and the job completes.
 #[tokio::test]
 async fn past_at_fires_at_once_and_completes() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let job = schedule(&mut server.client, job("q", at_trigger(ts_in(-60_000)))).await;
     let fire = sub.next(1_000).await;
@@ -60,8 +58,7 @@ async fn past_at_fires_at_once_and_completes() {
 /// `after` fires once, that long after scheduling.
 #[tokio::test]
 async fn after_fires_after_its_delay() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let before = now_micros();
     let job = schedule(&mut server.client, job("q", after_trigger(250))).await;
@@ -76,8 +73,7 @@ async fn after_fires_after_its_delay() {
 /// An interval fires at start + k·period exactly, without drift.
 #[tokio::test]
 async fn every_fires_on_a_fixed_grid() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let start = now_micros() + 200_000;
     let job = schedule(
@@ -97,8 +93,7 @@ async fn every_fires_on_a_fixed_grid() {
 /// A cron expression with seconds fires on whole seconds, in its time zone.
 #[tokio::test]
 async fn cron_with_seconds_fires_on_whole_seconds() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let job = schedule(
         &mut server.client,
@@ -120,8 +115,7 @@ async fn cron_with_seconds_fires_on_whole_seconds() {
 /// max_fires completes a job after that many fires.
 #[tokio::test]
 async fn max_fires_completes_the_job() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let mut j = job("q", every_trigger(100, None));
     j.max_fires = 2;
@@ -143,8 +137,7 @@ async fn max_fires_completes_the_job() {
 /// Cancel stops further fires; cancelling twice is fine; an unknown id is NOT_FOUND.
 #[tokio::test]
 async fn cancel_stops_fires() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let job = schedule(&mut server.client, job("q", every_trigger(200, None))).await;
     let cancelled = server
@@ -176,8 +169,7 @@ async fn cancel_stops_fires() {
 /// (FIRE_ONCE: one catch-up fire for the latest missed occurrence).
 #[tokio::test]
 async fn pause_and_resume_follow_misfire_policy() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     let start = now_micros() + 300_000;
     let mut j = job("q", every_trigger(100, Some(ts_micros(start))));
@@ -231,8 +223,7 @@ async fn pause_and_resume_follow_misfire_policy() {
 /// ALREADY_EXISTS. An empty id gets a generated one.
 #[tokio::test]
 async fn schedule_is_idempotent_by_id() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut j = job("q", after_trigger(60_000));
     j.id = "report-1".into();
     let first = schedule(&mut server.client, j.clone()).await;
@@ -260,8 +251,7 @@ async fn schedule_is_idempotent_by_id() {
 /// ListJobs filters by queue, state and labels, and pages through results.
 #[tokio::test]
 async fn list_jobs_filters_and_pages() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     for i in 0..5 {
         let mut j = job(if i < 3 { "a" } else { "b" }, after_trigger(60_000));
         j.id = format!("job-{i}");

@@ -202,8 +202,7 @@ fn cases(max_payload: usize) -> Vec<Case> {
 /// Every bad Schedule request is refused on the right field and stores nothing.
 #[tokio::test]
 async fn bad_schedule_requests_are_refused_and_change_nothing() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut failures = Vec::new();
     for case in cases(256 * 1024) {
         match server
@@ -239,8 +238,7 @@ async fn bad_schedule_requests_are_refused_and_change_nothing() {
 /// The payload limit is configurable.
 #[tokio::test]
 async fn payload_limit_is_configurable() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start_with(dir.path(), |c| c.max_payload_bytes = 16).await;
+    let mut server = TestServer::start_with(|c| c.max_payload_bytes = 16).await;
     let mut j = ok_job();
     j.payload = vec![1u8; 17].into();
     let err = server
@@ -259,8 +257,7 @@ async fn payload_limit_is_configurable() {
 /// Bad ids, list filters and acks are refused on the right field.
 #[tokio::test]
 async fn bad_ids_filters_and_acks_are_refused() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let c = &mut server.client;
     assert_bad_field(
         &c.get_job(pb::GetJobRequest { id: String::new() })
@@ -339,8 +336,7 @@ async fn bad_ids_filters_and_acks_are_refused() {
 /// A Subscribe whose first message is not an open is refused, as is a bad open.
 #[tokio::test]
 async fn subscribe_must_open_first() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let first = pb::SubscribeRequest {
         request: Some(pb::subscribe_request::Request::Ack(pb::AckFires {
             fire_ids: vec![],
@@ -372,8 +368,7 @@ async fn subscribe_must_open_first() {
 /// A bad message later on a stream ends it with INVALID_ARGUMENT naming the field.
 #[tokio::test]
 async fn bad_message_on_a_stream_ends_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(dir.path()).await;
+    let mut server = TestServer::start().await;
     let mut sub = Sub::open(&mut server.client, "q", 10).await;
     sub.send(pb::subscribe_request::Request::Nack(pb::NackFires {
         fire_ids: vec!["x".into()],

@@ -31,6 +31,9 @@ use crate::telemetry::{FireTelemetry, metrics};
 
 /// Room in a message beyond the payload (ids, labels, times).
 const MESSAGE_OVERHEAD_BYTES: usize = 256 * 1024;
+/// The Scheduler service's name in grpc.health.v1.
+const SCHEDULER_SERVICE_NAME: &str =
+    <SchedulerServer<SchedulerService> as tonic::server::NamedService>::NAME;
 /// TCP keepalive on accepted connections.
 const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -85,7 +88,17 @@ pub async fn run_with(
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let core = Scheduler::start(
+    let core = start_core(store, clock, config).await?;
+    serve(listeners, core, config, shutdown).await
+}
+
+/// Starts the core on `store` and `clock` with the settings of `config`, its fires traced.
+pub async fn start_core(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: &Config,
+) -> Result<Scheduler, ServerError> {
+    Ok(Scheduler::start(
         store,
         clock,
         SchedulerConfig {
@@ -94,9 +107,19 @@ pub async fn run_with(
             observer: Arc::new(FireTelemetry::default()),
         },
     )
-    .await?;
+    .await?)
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
+/// Serves `core` on `listeners` until `shutdown` resolves, then shuts the core down in order
+/// (see the module doc). The caller may keep a clone of `core` (tests do, to drive and
+/// inspect it); the core is stopped all the same.
+pub async fn serve(
+    listeners: Listeners,
+    core: Scheduler,
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (mut health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<SchedulerServer<SchedulerService>>()
         .await;
@@ -185,6 +208,10 @@ pub async fn run_with(
         .await;
     core.close_subscriptions();
     let _ = stop_tx.send(());
+    // Health Watch streams would hold the drain open until the grace period ends: once no new
+    // call is taken, end them (each has seen NOT_SERVING first).
+    health.clear_service_status(SCHEDULER_SERVICE_NAME).await;
+    health.clear_service_status("").await;
     match tokio::time::timeout_at(deadline, &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),

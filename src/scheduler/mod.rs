@@ -539,6 +539,27 @@ impl Scheduler {
         self.inner.clock.now()
     }
 
+    /// Waits until the core has done everything due at the clock's current time: the timer has
+    /// taken every due occurrence, ack deadline and redelivery delay, and the writer has
+    /// committed and applied what they caused, together with every change asked for before
+    /// this call. For tests and tools that drive a [`ManualClock`]: advance it, settle, then
+    /// look. Under the system clock and steady load it may take long to find a quiet moment.
+    pub async fn settle(&self) {
+        loop {
+            let now = self.inner.clock.now();
+            let idle_before = self.inner.lock().idle_at(now);
+            let (tx, rx) = oneshot::channel();
+            if self.inner.send(Op::Flush { reply: tx }).is_err() || rx.await.is_err() {
+                return; // The writer has stopped: nothing more will change.
+            }
+            if idle_before && self.inner.clock.now() == now && self.inner.lock().idle_at(now) {
+                return;
+            }
+            // Let the timer task run (it may share this thread).
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
     /// How many jobs the core holds, in every state.
     pub fn job_count(&self) -> usize {
         self.inner.lock().jobs.len()

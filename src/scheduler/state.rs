@@ -107,6 +107,9 @@ pub(crate) struct State {
     pub timer_dirty: bool,
     /// Subscription streams to wake once the lock is released (`Inner::mutate`).
     pub wakers: Vec<Waker>,
+    /// Set while the timer loop holds work it took from the indexes and has not finished
+    /// handing to the writer (see `Scheduler::settle`).
+    pub timer_busy: bool,
 }
 
 impl State {
@@ -124,6 +127,7 @@ impl State {
             shutting_down: false,
             timer_dirty: false,
             wakers: Vec::new(),
+            timer_busy: false,
         }
     }
 
@@ -417,7 +421,16 @@ impl State {
         if work.jobs.len() == max_jobs {
             work.next_wake = Some(now);
         }
+        self.timer_busy = !work.jobs.is_empty() || !work.expired.is_empty();
         work
+    }
+
+    /// Whether nothing in the timer or deadline indexes is due at `now`, and the timer loop
+    /// holds no work it took earlier.
+    pub fn idle_at(&self, now: Timestamp) -> bool {
+        !self.timer_busy
+            && self.timers.first().is_none_or(|(t, _)| *t > now)
+            && self.deadlines.first().is_none_or(|(t, _)| *t > now)
     }
 
     /// Applies a committed fire update (redelivery or dead-lettering): the fire becomes

@@ -28,9 +28,14 @@ pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         }
         let now = inner.clock.now();
         let work = inner.mutate(|state| state.take_due(now, MAX_JOBS_PER_ADVANCE));
+        let expired_any = !work.expired.is_empty();
         inner.redeliver(work.expired, Redelivery::Expired);
-
-        if !work.jobs.is_empty() {
+        if work.jobs.is_empty() {
+            if expired_any {
+                // Every op of this pass is sent (see `Scheduler::settle`).
+                inner.mutate(|state| state.timer_busy = false);
+            }
+        } else {
             let (tx, rx) = oneshot::channel();
             if inner
                 .send(Op::Advance {
@@ -41,7 +46,9 @@ pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             {
                 return;
             }
-            match rx.await {
+            let committed = rx.await;
+            inner.mutate(|state| state.timer_busy = false);
+            match committed {
                 Ok(Ok(())) => continue,
                 Ok(Err(e)) => {
                     warn!(error = %e, "jobs could not be advanced; retrying shortly");

@@ -96,6 +96,10 @@ pub(crate) enum Op {
         fire_id: String,
         why: Redelivery,
     },
+    /// Answered once every op sent before it is committed and applied.
+    Flush {
+        reply: oneshot::Sender<()>,
+    },
     /// Commit what came before, then stop.
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -171,6 +175,7 @@ pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
             }
         }
         let mut stops = Vec::new();
+        let mut flushes = Vec::new();
         let ops: Vec<Op> = ops
             .into_iter()
             .filter_map(|op| match op {
@@ -178,11 +183,18 @@ pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
                     stops.push(reply);
                     None
                 }
+                Op::Flush { reply } => {
+                    flushes.push(reply);
+                    None
+                }
                 op => Some(op),
             })
             .collect();
         if !ops.is_empty() {
             process(&inner, ops);
+        }
+        for reply in flushes {
+            let _ = reply.send(());
         }
         if !stops.is_empty() {
             for reply in stops {
@@ -391,7 +403,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
         }
         Op::Redeliver { fire_id, why } => decide_redelivery(inner, batch, fire_id, why, now),
         // Filtered out by `run` before deciding.
-        Op::Shutdown { .. } => {}
+        Op::Flush { .. } | Op::Shutdown { .. } => {}
     }
 }
 

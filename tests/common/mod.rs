@@ -1,18 +1,25 @@
 //! Shared test harness: a real tickd server on an ephemeral port with a temporary data
-//! directory, driven by the generated tonic client.
+//! directory it owns, driven by the generated tonic client; optionally on a manual clock that
+//! the test moves, so time-dependent behaviour is exact and fast. Also a guard for the real
+//! binary run as a child process, and helpers for the repeated calls.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
 use tickd::api::pb;
 use tickd::api::pb::scheduler_client::SchedulerClient;
 use tickd::config::Config;
+use tickd::domain::Timestamp;
+use tickd::scheduler::{Clock, ManualClock, QueueStats, Scheduler, SystemClock};
+use tickd::store::RedbStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -22,28 +29,73 @@ use tonic::{Code, Status, Streaming};
 
 pub type Client = SchedulerClient<Channel>;
 
-/// A running server.
+/// Where a manual clock starts: 2026-06-01T00:00:00Z.
+pub const MANUAL_START_MICROS: i64 = 1_780_272_000_000_000;
+/// Longest a test waits for the server to settle or for something it is sure will come.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A running server on 127.0.0.1:0 with its own temporary data directory. Started on the system
+/// clock ([`TestServer::start`]) or on a manual clock that only the test moves
+/// ([`TestServer::manual`]); [`TestServer::restart`] stops it gracefully and starts it again on
+/// the same directory, clock and configuration.
 pub struct TestServer {
     pub addr: SocketAddr,
     /// The Prometheus endpoint (`GET /metrics`).
     pub metrics_addr: SocketAddr,
     pub client: Client,
+    /// The running core, to settle it and read its counts. Dropped before a restart.
+    pub core: Scheduler,
+    /// Set for a server on a manual clock.
+    pub clock: Option<Arc<ManualClock>>,
+    config: Config,
+    dir: Arc<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), tickd::api::ServerError>>>,
 }
 
 impl TestServer {
-    /// Starts a server on 127.0.0.1:0 keeping its data in `dir`.
-    pub async fn start(dir: &Path) -> TestServer {
-        Self::start_with(dir, |_| {}).await
+    /// A server on the system clock with default settings.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
     }
 
-    /// Starts a server with adjusted configuration.
-    pub async fn start_with(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let mut config = Config::defaults();
-        config.data_dir = dir.to_path_buf();
-        config.shutdown_grace = Duration::from_secs(5);
-        tweak(&mut config);
+    /// A server on the system clock with adjusted configuration.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        Self::launch(Arc::new(tempdir()), None, test_config(tweak)).await
+    }
+
+    /// A server on a manual clock at [`MANUAL_START_MICROS`].
+    pub async fn manual() -> TestServer {
+        Self::manual_with(|_| {}).await
+    }
+
+    /// A server on a manual clock with adjusted configuration.
+    pub async fn manual_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let clock = Arc::new(ManualClock::new(Timestamp(MANUAL_START_MICROS)));
+        Self::launch(Arc::new(tempdir()), Some(clock), test_config(tweak)).await
+    }
+
+    /// A server on a manual clock at `micros` with adjusted configuration.
+    pub async fn manual_at(micros: i64, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let clock = Arc::new(ManualClock::new(Timestamp(micros)));
+        Self::launch(Arc::new(tempdir()), Some(clock), test_config(tweak)).await
+    }
+
+    async fn launch(
+        dir: Arc<tempfile::TempDir>,
+        clock: Option<Arc<ManualClock>>,
+        config: Config,
+    ) -> TestServer {
+        let mut config = config;
+        config.data_dir = dir.path().to_path_buf();
+        let store = RedbStore::open(dir.path()).expect("open the store");
+        let core_clock: Arc<dyn Clock> = match &clock {
+            Some(c) => c.clone(),
+            None => Arc::new(SystemClock),
+        };
+        let core = tickd::api::start_core(Arc::new(store), core_clock, &config)
+            .await
+            .expect("start the core");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -53,8 +105,10 @@ impl TestServer {
             metrics,
         };
         let (stop, stopped) = oneshot::channel::<()>();
+        let served = core.clone();
+        let serve_config = config.clone();
         let task = tokio::spawn(async move {
-            tickd::api::run(listeners, &config, async {
+            tickd::api::serve(listeners, served, &serve_config, async {
                 let _ = stopped.await;
             })
             .await
@@ -64,22 +118,207 @@ impl TestServer {
             addr,
             metrics_addr,
             client,
+            core,
+            clock,
+            config,
+            dir,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Shuts the server down gracefully and waits until it has stopped.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.shut_down().await;
+    }
+
+    async fn shut_down(mut self) -> (Arc<tempfile::TempDir>, Option<Arc<ManualClock>>, Config) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            let result = tokio::time::timeout(Duration::from_secs(10), task)
+            let result = tokio::time::timeout(PATIENCE, task)
                 .await
-                .expect("server stops within 10 s")
+                .expect("server stops in time")
                 .expect("server task");
             result.expect("server ran without error");
+        }
+        (self.dir.clone(), self.clock.clone(), self.config.clone())
+    }
+
+    /// Stops the server gracefully and starts it again on the same data directory, clock and
+    /// configuration (with new ports and a new client).
+    pub async fn restart(self) -> TestServer {
+        let (dir, clock, config) = self.shut_down().await;
+        Self::launch(dir, clock, config).await
+    }
+
+    /// Stops the server gracefully, moves its manual clock forward by `ms` while it is down,
+    /// and starts it again.
+    pub async fn restart_after(self, ms: i64) -> TestServer {
+        let (dir, clock, config) = self.shut_down().await;
+        clock
+            .as_deref()
+            .expect("a server on a manual clock")
+            .advance(ms * 1_000);
+        Self::launch(dir, clock, config).await
+    }
+
+    /// The manual clock; panics for a server on the system clock.
+    pub fn manual_clock(&self) -> &ManualClock {
+        self.clock.as_deref().expect("a server on a manual clock")
+    }
+
+    /// Now, as the server's clock says, in microseconds.
+    pub fn now(&self) -> i64 {
+        self.core.now().as_micros()
+    }
+
+    /// A Timestamp `offset_ms` from the server's now.
+    pub fn ts_in(&self, offset_ms: i64) -> PbTimestamp {
+        ts_micros(self.now() + offset_ms * 1_000)
+    }
+
+    /// Waits until everything due at the current time is released, committed and applied.
+    pub async fn settle(&self) {
+        tokio::time::timeout(PATIENCE, self.core.settle())
+            .await
+            .expect("the server settles in time");
+    }
+
+    /// Moves the manual clock forward by `ms` and settles.
+    pub async fn advance(&self, ms: i64) {
+        self.manual_clock().advance(ms * 1_000);
+        self.settle().await;
+    }
+
+    /// Moves the manual clock forward to `micros` (no-op if it is already there) and settles.
+    pub async fn advance_to(&self, micros: i64) {
+        let by = micros - self.now();
+        if by > 0 {
+            self.manual_clock().advance(by);
+        }
+        self.settle().await;
+    }
+
+    /// The core's counts for `queue` (all zero for a queue it does not know).
+    pub fn queue(&self, queue: &str) -> QueueStats {
+        self.core
+            .stats()
+            .queues
+            .into_iter()
+            .find(|(name, _)| name == queue)
+            .map(|(_, q)| q)
+            .unwrap_or_default()
+    }
+
+    /// Polls until `check` holds, failing the test if it never does.
+    pub async fn wait_until(&self, what: &str, mut check: impl FnMut(&TestServer) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !check(self) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "never happened: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Polls until `queue` has `in_flight` fires in flight (after stream acks, nacks and
+    /// drops, which the server learns of asynchronously), then settles.
+    pub async fn wait_in_flight(&self, queue: &str, in_flight: u64) {
+        self.wait_until(&format!("{in_flight} fire(s) in flight on {queue}"), |s| {
+            s.queue(queue).in_flight == in_flight
+        })
+        .await;
+        self.settle().await;
+    }
+
+    pub async fn schedule(&mut self, job: pb::Job) -> pb::Job {
+        schedule(&mut self.client, job).await
+    }
+
+    pub async fn get(&mut self, id: &str) -> Result<pb::Job, Status> {
+        let id = id.to_string();
+        self.client
+            .get_job(pb::GetJobRequest { id })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// The job, which must exist.
+    pub async fn job(&mut self, id: &str) -> pb::Job {
+        self.get(id)
+            .await
+            .unwrap_or_else(|e| panic!("job {id}: {e:?}"))
+    }
+
+    pub async fn cancel(&mut self, id: &str) -> Result<pb::Job, Status> {
+        let id = id.to_string();
+        self.client
+            .cancel_job(pb::CancelJobRequest { id })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn pause(&mut self, id: &str) -> Result<pb::Job, Status> {
+        let id = id.to_string();
+        self.client
+            .pause_job(pb::PauseJobRequest { id })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn resume(&mut self, id: &str) -> Result<pb::Job, Status> {
+        let id = id.to_string();
+        self.client
+            .resume_job(pb::ResumeJobRequest { id })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Acks through the unary Ack; returns how many were pending.
+    pub async fn ack(&mut self, queue: &str, fire_ids: &[&str]) -> u32 {
+        self.client
+            .ack(pb::AckRequest {
+                queue: queue.into(),
+                fire_ids: fire_ids.iter().map(|s| s.to_string()).collect(),
+            })
+            .await
+            .expect("ack")
+            .into_inner()
+            .acked_count
+    }
+
+    pub async fn subscribe(&mut self, queue: &str, max_in_flight: u32) -> Sub {
+        Sub::open(&mut self.client, queue, max_in_flight).await
+    }
+}
+
+/// Test defaults: a shutdown grace that keeps a broken shutdown from hanging a test long.
+fn test_config(tweak: impl FnOnce(&mut Config)) -> Config {
+    let mut config = Config::defaults();
+    config.shutdown_grace = Duration::from_secs(5);
+    tweak(&mut config);
+    config
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Asserts that `result` failed with `code`, and returns its status.
+pub fn expect_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    match result {
+        Ok(v) => panic!("expected {code:?}, got Ok({v:?})"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{s:?}");
+            s
         }
     }
 }
@@ -212,6 +451,12 @@ impl Sub {
         }
     }
 
+    /// The next fire, for one the test knows is ready or coming; fails the test after a long
+    /// wait.
+    pub async fn recv(&mut self) -> pb::Fire {
+        self.next(PATIENCE.as_millis() as u64).await
+    }
+
     /// Asserts that no fire arrives within `ms`.
     pub async fn expect_none(&mut self, ms: u64) {
         if let Ok(r) = tokio::time::timeout(Duration::from_millis(ms), self.fires.message()).await {
@@ -241,6 +486,16 @@ impl Sub {
         .await;
     }
 
+    pub async fn extend(&self, fire_ids: &[&str], deadline_ms: i64) {
+        self.send(pb::subscribe_request::Request::Extend(
+            pb::ExtendAckDeadline {
+                fire_ids: fire_ids.iter().map(|s| s.to_string()).collect(),
+                ack_deadline: Some(ms(deadline_ms)),
+            },
+        ))
+        .await;
+    }
+
     pub async fn send(&self, request: pb::subscribe_request::Request) {
         self.tx
             .send(pb::SubscribeRequest {
@@ -249,6 +504,31 @@ impl Sub {
             .await
             .expect("send");
     }
+}
+
+/// `GET /metrics`, as text.
+pub async fn scrape(addr: SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: tickd\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("request");
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .await
+        .expect("response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the first sample whose line starts with `name{` and contains every label.
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// The fields named by a status's BadRequest violations.
@@ -274,57 +554,150 @@ pub fn assert_bad_field(status: &Status, field: &str) {
     );
 }
 
-/// Starts the real `tickd` binary on a free port with `dir` as its data directory and extra
-/// environment; returns the child and its address. Its stdout lines are forwarded to `lines`.
-pub fn spawn_binary_with(
-    dir: &Path,
-    env: &[(&str, &str)],
-    lines: Option<std::sync::mpsc::Sender<String>>,
-) -> (Child, SocketAddr) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tickd"));
-    command
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env("TICKD_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("spawn tickd");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line
-                .split("addr=")
-                .nth(1)
-                .or_else(|| line.split("\"addr\":\"").nth(1))
-            {
-                let addr: String = rest
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '"')
-                    .collect();
-                let _ = tx.send(addr);
-            }
-            if let Some(lines) = &lines {
-                let _ = lines.send(line);
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("tickd logged its address");
-    (child, addr.parse().expect("address"))
+/// The real `tickd` binary as a child process on free ports, with a data directory it may
+/// own. Killed (SIGKILL) and reaped when dropped, so a failing assertion leaves no server
+/// behind.
+pub struct TickdProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    /// The Prometheus endpoint.
+    pub metrics_addr: SocketAddr,
+    /// Set when this process owns its data directory (see [`TickdProcess::start`]).
+    owned_dir: Option<tempfile::TempDir>,
+    dir: PathBuf,
+    exited: Option<ExitStatus>,
 }
 
-/// [`spawn_binary_with`] with default settings.
-pub fn spawn_binary(dir: &Path) -> (Child, SocketAddr) {
-    spawn_binary_with(dir, &[], None)
+impl TickdProcess {
+    /// Starts tickd on a new temporary data directory.
+    pub fn start() -> TickdProcess {
+        let dir = tempdir();
+        let mut p = Self::start_in(dir.path(), &[], None);
+        p.owned_dir = Some(dir);
+        p
+    }
+
+    /// Starts tickd on `dir` with extra environment; its stdout lines go to `lines`.
+    pub fn start_in(
+        dir: &Path,
+        env: &[(&str, &str)],
+        lines: Option<std::sync::mpsc::Sender<String>>,
+    ) -> TickdProcess {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tickd"));
+        command
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
+            .arg(dir)
+            .env("TICKD_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn tickd");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let (Some(grpc), Some(metrics)) =
+                    (log_field(&line, "addr"), log_field(&line, "metrics_addr"))
+                {
+                    let _ = tx.send((grpc, metrics));
+                }
+                if let Some(lines) = &lines {
+                    let _ = lines.send(line);
+                }
+            }
+        });
+        let (addr, metrics_addr) = match rx.recv_timeout(PATIENCE) {
+            Ok(addrs) => addrs,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tickd did not log its address: {e}");
+            }
+        };
+        TickdProcess {
+            child,
+            addr: addr.parse().expect("address"),
+            metrics_addr: metrics_addr.parse().expect("metrics address"),
+            owned_dir: None,
+            dir: dir.to_path_buf(),
+            exited: None,
+        }
+    }
+
+    /// Starts tickd again on this process's data directory (after it exited); the new process
+    /// takes over the directory.
+    pub fn start_again(mut self) -> TickdProcess {
+        assert!(
+            self.exited.is_some(),
+            "the previous process is still running"
+        );
+        let mut next = Self::start_in(&self.dir, &[], None);
+        next.owned_dir = self.owned_dir.take();
+        next
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(self.addr).await
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid")
+    }
+
+    /// Sends SIGTERM (a graceful shutdown).
+    pub fn sigterm(&self) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGTERM) }, 0);
+    }
+
+    /// kill -9, and reaps the process.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("kill -9");
+        self.exited = Some(self.child.wait().expect("reap"));
+    }
+
+    /// Waits for the process to exit, failing the test after `within`.
+    pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "tickd did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// The value of `key` in a text (`key=value`) or JSON (`"key":"value"`) log line.
+fn log_field(line: &str, key: &str) -> Option<String> {
+    let text = format!(" {key}=");
+    let json = format!("\"{key}\":\"");
+    let rest = line.split_once(&text).or_else(|| line.split_once(&json))?.1;
+    Some(
+        rest.chars()
+            .take_while(|c| !c.is_whitespace() && *c != '"')
+            .collect(),
+    )
+}
+
+impl Drop for TickdProcess {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
