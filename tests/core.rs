@@ -48,16 +48,26 @@ async fn start(store: Arc<dyn Store>, clock: Arc<ManualClock>) -> Scheduler {
         .expect("start")
 }
 
-/// The next delivery, or a failed test after a short real-time wait.
+/// The next delivery, for one the test knows is coming; fails the test after a long wait.
 async fn next(sub: &mut Subscription) -> Delivery {
-    tokio::time::timeout(Duration::from_secs(2), sub.recv())
+    tokio::time::timeout(Duration::from_secs(20), sub.recv())
         .await
         .expect("a delivery in time")
         .expect("subscription open")
 }
 
-async fn none(sub: &mut Subscription) {
-    if let Ok(d) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
+/// Asserts that the subscription has nothing to hand out once the core has settled: exact,
+/// since a settled core has put every deliverable fire on its queue.
+async fn none(core: &Scheduler, sub: &mut Subscription) {
+    settle(core).await;
+    let polled = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(tokio_stream::Stream::poll_next(
+            std::pin::Pin::new(&mut *sub),
+            cx,
+        ))
+    })
+    .await;
+    if let std::task::Poll::Ready(d) = polled {
         panic!("expected nothing, got {d:?}");
     }
 }
@@ -77,9 +87,11 @@ async fn one_fire_delivered(
     (core, clock, sub, d)
 }
 
-/// Lets the timer loop and the writer run after a clock move.
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(20)).await;
+/// Waits until the core has done everything due at the clock's now.
+async fn settle(core: &Scheduler) {
+    tokio::time::timeout(Duration::from_secs(20), core.settle())
+        .await
+        .expect("the core settles");
 }
 
 /// A daily 02:30 Berlin job over a week that contains the spring-forward night fires once a
@@ -146,11 +158,11 @@ async fn extended_deadline_and_expiry_backoff() {
     sub.handle()
         .extend(std::slice::from_ref(&d.fire.fire_id), 60 * S);
     clock.advance(30 * S);
-    settle().await;
-    none(&mut sub).await;
+    settle(&core).await;
+    none(&core, &mut sub).await;
     clock.advance(31 * S); // 61 s: the extension expired
-    settle().await;
-    none(&mut sub).await; // waiting out the 1 s backoff
+    settle(&core).await;
+    none(&core, &mut sub).await; // waiting out the 1 s backoff
     clock.advance(S);
     let d2 = next(&mut sub).await;
     assert_eq!(
@@ -158,10 +170,10 @@ async fn extended_deadline_and_expiry_backoff() {
         (d.fire.fire_id.as_str(), 2)
     );
     clock.advance(10 * S);
-    settle().await;
+    settle(&core).await;
     clock.advance(S);
-    settle().await;
-    none(&mut sub).await; // second backoff is 2 s
+    settle(&core).await;
+    none(&core, &mut sub).await; // second backoff is 2 s
     clock.advance(S);
     let d3 = next(&mut sub).await;
     assert_eq!(d3.fire.attempt, 3);
@@ -201,17 +213,23 @@ async fn concurrent_schedules_share_commits() {
     let calls: Vec<_> = (0..200)
         .map(|i| {
             let core = core.clone();
+            let store = store.clone();
             tokio::spawn(async move {
-                core.schedule(spec(
-                    &format!("j{i}"),
-                    TriggerSpec::After { after: 3_600 * S },
-                ))
-                .await
+                let id = format!("j{i}");
+                core.schedule(spec(&id, TriggerSpec::After { after: 3_600 * S }))
+                    .await
+                    .expect("scheduled");
+                // At the moment the call answers, its job is in the store.
+                let stored = store.inner.load().expect("load").jobs;
+                assert!(
+                    stored.iter().any(|(spec, _)| *spec.id == *id),
+                    "{id} answered before its commit"
+                );
             })
         })
         .collect();
     for c in calls {
-        c.await.expect("task").expect("scheduled");
+        c.await.expect("each call answers after its commit");
     }
     let commits = store.commits.load(Ordering::SeqCst);
     assert!(commits <= 20, "200 schedules took {commits} commits");
@@ -237,7 +255,7 @@ async fn a_cancelled_caller_leaves_the_change_whole() {
             .is_err(),
         "the call was dropped before its commit finished"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&core).await;
     let job = core.get("j").expect("the change was applied");
     assert_eq!(job.status.state, JobState::Scheduled);
     assert_eq!(store.inner.load().expect("load").jobs.len(), 1);
@@ -285,7 +303,7 @@ async fn restart_rebuilds_memory_from_the_store() {
     .await
     .expect("schedule");
     clock.advance(10 * S);
-    settle().await; // fires for 110 s with nobody subscribed: it waits, stored
+    settle(&core).await; // fires for 110 s with nobody subscribed: it waits, stored
     let before = core.get("every").expect("job");
     assert_eq!(before.status.next_occurrence, Some(Timestamp(120 * S)));
     core.shutdown().await;
@@ -302,11 +320,13 @@ async fn restart_rebuilds_memory_from_the_store() {
     core.shutdown().await;
 }
 
-/// Jitter delays each fire by less than the jitter, and the delay survives restarts.
+/// Jitter delays each fire by less than the jitter, and the delay survives restarts: a core
+/// restarted on the same store after each fire arms the next one at the same jittered time.
 #[tokio::test]
 async fn jitter_delays_within_bounds() {
+    let store = Arc::new(MemoryStore::new());
     let clock = Arc::new(ManualClock::new(Timestamp(0)));
-    let core = start(Arc::new(MemoryStore::new()), clock.clone()).await;
+    let mut core = start(store.clone(), clock.clone()).await;
     let mut sub = core.subscribe("q", 100).expect("subscribe");
     core.schedule(spec(
         "j",
@@ -327,6 +347,13 @@ async fn jitter_delays_within_bounds() {
         assert_eq!(d.fire.scheduled_time, occurrence);
         assert_eq!(d.fire.fire_time, due);
         sub.handle().ack(&[d.fire.fire_id]);
+        settle(&core).await;
+        let armed = core.get("j").expect("job").next_due();
+        drop(sub);
+        core.shutdown().await;
+        core = start(store.clone(), clock.clone()).await;
+        sub = core.subscribe("q", 100).expect("subscribe");
+        assert_eq!(core.get("j").expect("job").next_due(), armed);
     }
     core.shutdown().await;
 }
@@ -344,7 +371,7 @@ async fn expired_fire_returns_to_an_open_subscription_and_late_acks_count() {
     core.schedule(s).await.expect("schedule");
     let first = next(&mut sub).await;
     clock.advance(10 * S);
-    settle().await;
+    settle(&core).await;
     clock.advance(S);
     let second = next(&mut sub).await;
     assert_eq!(
@@ -352,13 +379,13 @@ async fn expired_fire_returns_to_an_open_subscription_and_late_acks_count() {
         (first.fire.fire_id.as_str(), 2)
     );
     sub.handle().ack(std::slice::from_ref(&first.fire.fire_id));
-    settle().await;
+    settle(&core).await;
     assert!(
         store.load().expect("load").fires.is_empty(),
         "the late ack deleted the fire"
     );
     clock.advance(60 * S);
-    none(&mut sub).await;
+    none(&core, &mut sub).await;
     core.shutdown().await;
 }
 
@@ -377,7 +404,7 @@ async fn a_failed_ack_commit_is_retried_until_stored() {
         .expect("the retry is answered after the write");
     assert!(store.load().expect("load").fires.is_empty());
     clock.advance(3_600 * S);
-    none(&mut sub).await;
+    none(&core, &mut sub).await;
     core.shutdown().await;
 }
 
@@ -420,13 +447,13 @@ async fn redelivered_fire_deadline_is_enforced_after_an_idle_timer_pass() {
     let f = next(&mut a).await;
     store.delay_ms.store(300, Ordering::SeqCst);
     a.handle().nack(std::slice::from_ref(&f.fire.fire_id), 0);
-    settle().await;
+    settle(&core).await;
     clock.advance(S); // a timer pass while the redelivery is being written: nothing armed
     let again = next(&mut a).await;
     assert_eq!(again.fire.attempt, 2);
     store.delay_ms.store(0, Ordering::SeqCst);
     clock.advance(31 * S); // past the 30 s deadline
-    settle().await;
+    settle(&core).await;
     clock.advance(2 * S); // past the backoff
     let third = next(&mut a).await;
     assert_eq!(third.fire.attempt, 3);
@@ -447,12 +474,12 @@ async fn a_shorter_deadline_wakes_the_timer() {
     let mut short = spec("short", TriggerSpec::After { after: 0 });
     short.ack_deadline = 10 * S;
     core.schedule(short).await.expect("schedule");
-    settle().await;
+    settle(&core).await;
     sub.handle().nack(std::slice::from_ref(&a.fire.fire_id), 0);
     let b = next(&mut sub).await;
     assert_eq!(&*b.fire.job_id, "short");
     clock.advance(11 * S);
-    settle().await;
+    settle(&core).await;
     clock.advance(2 * S);
     let again = next(&mut sub).await;
     assert_eq!(again.fire.attempt, 2);
@@ -535,9 +562,9 @@ async fn fires_never_handed_out_lose_no_attempt_when_a_stream_drops() {
     let mut s = spec("a", TriggerSpec::After { after: 0 });
     s.max_attempts = 1;
     core.schedule(s).await.expect("schedule");
-    settle().await;
+    settle(&core).await;
     drop(sub);
-    settle().await;
+    settle(&core).await;
     let fires = store.load().expect("load").fires;
     assert_eq!(
         fires.len(),
@@ -562,7 +589,7 @@ async fn closed_subscriptions_hand_out_nothing() {
     core.schedule(spec("a", TriggerSpec::After { after: 0 }))
         .await
         .expect("schedule");
-    settle().await;
+    settle(&core).await;
     core.close_subscriptions();
     assert!(sub.recv().await.is_none());
     assert!(matches!(
@@ -611,8 +638,8 @@ async fn a_failed_nack_commit_keeps_the_delay() {
     store.set_fail_commits(true);
     sub.handle()
         .nack(std::slice::from_ref(&d.fire.fire_id), 3_600 * S);
-    settle().await;
-    none(&mut sub).await;
+    settle(&core).await;
+    none(&core, &mut sub).await;
     store.set_fail_commits(false);
     clock.advance(3_600 * S);
     let again = next(&mut sub).await;
@@ -639,7 +666,7 @@ async fn a_dropped_fire_is_counted_once() {
     assert_eq!(core.dropped_fires(), 0);
     store.set_fail_commits(false);
     clock.advance(10 * S);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    settle(&core).await;
     assert!(store.load().expect("load").fires.is_empty());
     assert_eq!(core.dropped_fires(), 1);
     core.shutdown().await;
@@ -705,7 +732,7 @@ async fn stats_follow_jobs_and_fires() {
         .await
         .expect("schedule");
     core.cancel("later").await.expect("cancel");
-    settle().await;
+    settle(&core).await;
     let mut sub = core.subscribe("q", 1).expect("subscribe");
     next(&mut sub).await;
     let stats = core.stats();

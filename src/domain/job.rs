@@ -494,6 +494,21 @@ mod tests {
         assert_eq!(jitter_for("job", Timestamp(0), 0), 0);
     }
 
+    /// Jitter is a pure function of the job id and the occurrence, fixed across processes,
+    /// versions and replicas: these values must never change (a restart or an upgrade would
+    /// otherwise move fires that are already armed).
+    #[test]
+    fn jitter_values_are_fixed() {
+        assert_eq!(
+            [
+                jitter_for("job", Timestamp(7 * S), 250_000),
+                jitter_for("job", Timestamp(8 * S), 250_000),
+                jitter_for("report-42", Timestamp(1_780_272_000 * S), 60 * S),
+            ],
+            [19_896, 187_765, 18_787_564]
+        );
+    }
+
     /// A catch-up never fires an occurrence before its jittered due time.
     #[test]
     fn catch_up_respects_jitter() {
