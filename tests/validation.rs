@@ -232,6 +232,13 @@ async fn bad_schedule_requests_are_refused_and_change_nothing() {
         "a refused request left a job: {:?}",
         list.jobs
     );
+    // Nor in the store: a restart rebuilds memory from the store alone.
+    let server = server.restart().await;
+    assert_eq!(
+        server.core.job_count(),
+        0,
+        "a refused request left a stored job"
+    );
     server.stop().await;
 }
 
