@@ -6,6 +6,7 @@ mod common;
 use std::process::Output;
 
 use common::*;
+use tickd::api::pb;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -157,6 +158,33 @@ async fn every_trigger_and_job_command() {
         let job = json(&tickctl(&server, &args, None).await);
         assert_eq!(job["state"], "SCHEDULED", "{job}");
     }
+    // Every delivery option reached the server, read back through the API.
+    let mut client = server.client.clone();
+    let mut get = async |id: &str| {
+        client
+            .get_job(pb::GetJobRequest { id: id.into() })
+            .await
+            .expect("get")
+            .into_inner()
+    };
+    let after = get("after").await;
+    assert_eq!(after.misfire_policy(), pb::MisfirePolicy::Skip);
+    assert_eq!(after.max_attempts, 3);
+    let every = get("every").await;
+    assert_eq!(every.max_fires, 4);
+    assert_eq!(every.end_time.map(|t| t.seconds), Some(1_924_992_000));
+    match every.trigger.and_then(|t| t.kind) {
+        Some(pb::trigger::Kind::Every(i)) => {
+            assert_eq!(i.period, Some(ms(300_000)));
+            assert_eq!(i.start_time.map(|t| t.seconds), Some(1_893_456_000));
+            assert_eq!(i.jitter, Some(ms(10_000)));
+        }
+        other => panic!("not an interval: {other:?}"),
+    }
+    let cron = get("cron").await;
+    assert_eq!(cron.ack_deadline, Some(ms(120_000)));
+    assert_eq!(cron.misfire_grace_period, Some(ms(60_000)));
+    assert_eq!(cron.dead_letter_queue, "cli.dead");
     let stdin_job = json(
         &tickctl(
             &server,

@@ -19,7 +19,10 @@ function startTickd() {
     "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0", "--data-dir", data,
   ], { env: { ...process.env, TICKD_LOG: "info", TICKD_LOG_FORMAT: "text" } });
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error("tickd did not log its address")), 20000);
+    const timer = setTimeout(() => {
+      child.kill("SIGKILL");
+      reject(new Error("tickd did not log its address"));
+    }, 20000);
     let buffered = "";
     child.stdout.on("data", (chunk) => {
       buffered += chunk;
@@ -32,14 +35,14 @@ function startTickd() {
   });
 }
 
-test("schedule a job and receive its fire", async () => {
+test("schedule a job and receive its fire", { timeout: 60000 }, async () => {
   const { child, addr } = await startTickd();
   try {
     const client = connect(addr);
     const job = await scheduleAfter(client, "node.example", 1, "hi", "node-once");
     assert.strictEqual(job.state, "JOB_STATE_SCHEDULED");
     const fires = [];
-    await work(client, "node.example", 1, (fire) => fires.push(fire));
+    await work(client, "node.example", 1, (fire) => fires.push(fire), 30000);
     assert.strictEqual(fires[0].job_id, "node-once");
     assert.strictEqual(fires[0].payload.toString(), "hi");
     assert.strictEqual(fires[0].labels.source, "node-example");

@@ -10,7 +10,9 @@ function scheduleAfter(client, queue, seconds, payload = "", id = "") {
     labels: { source: "node-example" },
   };
   return new Promise((resolve, reject) =>
-    client.Schedule({ job }, (err, created) => (err ? reject(err) : resolve(created))),
+    client.Schedule({ job }, { deadline: Date.now() + 30000 }, (err, created) =>
+      err ? reject(err) : resolve(created),
+    ),
   );
 }
 

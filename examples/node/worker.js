@@ -1,9 +1,12 @@
 // Receives a queue's fires from tickd and acks each: `node worker.js QUEUE [COUNT]`.
 const { connect } = require("./tickd");
 
-function work(client, queue, count, handle = console.log) {
+// With `timeoutMs`, the subscription ends with DEADLINE_EXCEEDED (and the promise rejects)
+// after that long.
+function work(client, queue, count, handle = console.log, timeoutMs = 0) {
   return new Promise((resolve, reject) => {
-    const stream = client.Subscribe();
+    const options = timeoutMs ? { deadline: Date.now() + timeoutMs } : {};
+    const stream = client.Subscribe(options);
     let done = 0;
     stream.on("data", (fire) => {
       handle(fire);

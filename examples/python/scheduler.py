@@ -28,7 +28,7 @@ def schedule_after(stub, queue, seconds, payload=b"", job_id=""):
         payload=payload,
         labels={"source": "python-example"},
     )
-    return stub.Schedule(pb.ScheduleRequest(job=job))
+    return stub.Schedule(pb.ScheduleRequest(job=job), timeout=30)
 
 
 def field_violations(error):

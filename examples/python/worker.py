@@ -10,9 +10,10 @@ from scheduler import connect
 from tickd_api import pb
 
 
-def work(stub, queue, count=None, handle=print):
+def work(stub, queue, count=None, handle=print, timeout=None):
     """Subscribes to `queue`, calls `handle(fire)` for each fire, then acks it (the unary Ack
-    answers once the ack is stored). Returns after `count` fires (never when None)."""
+    answers once the ack is stored). Returns after `count` fires (never when None). With
+    `timeout` (seconds), the subscription ends with DEADLINE_EXCEEDED after that long."""
     outbox = queue_module.Queue()
     outbox.put(pb.SubscribeRequest(open=pb.SubscribeOpen(queue=queue, max_in_flight=10)))
 
@@ -23,12 +24,12 @@ def work(stub, queue, count=None, handle=print):
                 return
             yield request
 
-    stream = stub.Subscribe(requests())
+    stream = stub.Subscribe(requests(), timeout=timeout)
     done = 0
     try:
         for fire in stream:
             handle(fire)
-            stub.Ack(pb.AckRequest(queue=queue, fire_ids=[fire.fire_id]))
+            stub.Ack(pb.AckRequest(queue=queue, fire_ids=[fire.fire_id]), timeout=30)
             done += 1
             if count is not None and done >= count:
                 break

@@ -36,6 +36,12 @@ def tickd_addr(tmp_path_factory):
     if not found.wait(20):
         proc.kill()
         raise RuntimeError("tickd did not log its address")
-    yield addr["value"]
-    proc.terminate()
-    proc.wait(10)
+    try:
+        yield addr["value"]
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -20,7 +20,7 @@ def test_schedule_receive_ack_cancel(tickd_addr):
     assert job.state == pb.JOB_STATE_SCHEDULED
 
     fires = []
-    assert worker.work(stub, "py.example", 1, fires.append) == 1
+    assert worker.work(stub, "py.example", 1, fires.append, timeout=30) == 1
     assert fires[0].job_id == "py-once"
     assert fires[0].payload == b"hello"
     assert fires[0].labels["source"] == "python-example"
@@ -33,7 +33,7 @@ def test_schedule_receive_ack_cancel(tickd_addr):
     assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     later = scheduler.schedule_after(stub, "py.example", 3600, job_id="py-later")
-    cancelled = stub.CancelJob(pb.CancelJobRequest(id=later.id))
+    cancelled = stub.CancelJob(pb.CancelJobRequest(id=later.id), timeout=30)
     assert cancelled.state == pb.JOB_STATE_CANCELLED
 
 
@@ -41,7 +41,7 @@ def test_refused_request_names_the_field(tickd_addr):
     stub = scheduler.connect(tickd_addr)
     bad = pb.Job(queue="py.example", trigger=pb.Trigger(cron=pb.Cron(expression="nope")))
     with pytest.raises(grpc.RpcError) as refused:
-        stub.Schedule(pb.ScheduleRequest(job=bad))
+        stub.Schedule(pb.ScheduleRequest(job=bad), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     fields = [field for field, _ in scheduler.field_violations(refused.value)]
     assert "job.trigger.cron.expression" in fields
