@@ -20,12 +20,6 @@ async fn due_now(server: &mut TestServer, queue: &str, n: usize) -> Vec<String> 
     ids
 }
 
-/// (backlog, in flight) of `queue`.
-fn counts(server: &TestServer, queue: &str) -> (u64, u64) {
-    let q = server.queue(queue);
-    (q.backlog, q.in_flight)
-}
-
 /// Two subscribers share a queue: every fire goes to exactly one of them, both get work, and
 /// no acked fire is delivered again.
 #[tokio::test]
@@ -55,7 +49,7 @@ async fn competing_consumers_share_a_queue() {
     assert!(by_sub.get("a").copied().unwrap_or(0) > 0, "{by_sub:?}");
     assert!(by_sub.get("b").copied().unwrap_or(0) > 0, "{by_sub:?}");
     server.wait_in_flight("work", 0).await;
-    assert_eq!(counts(&server, "work"), (0, 0), "nothing left to deliver");
+    assert_eq!(server.counts("work"), (0, 0), "nothing left to deliver");
     server.stop().await;
 }
 
@@ -79,13 +73,13 @@ async fn nack_redelivers_with_next_attempt() {
     sub.nack(&[&second.fire_id], Some(400)).await;
     server.wait_in_flight("q", 0).await;
     server.advance(399).await;
-    assert_eq!(counts(&server, "q"), (1, 0), "held for the delay");
+    assert_eq!(server.counts("q"), (1, 0), "held for the delay");
     server.advance(1).await;
     let third = sub.recv().await;
     assert_eq!(third.attempt, 3);
     sub.ack(&[&third.fire_id]).await;
     server.wait_in_flight("q", 0).await;
-    assert_eq!(counts(&server, "q"), (0, 0));
+    assert_eq!(server.counts("q"), (0, 0));
     server.stop().await;
 }
 
@@ -122,10 +116,10 @@ async fn expired_deadline_redelivers_after_backoff() {
         "the deadline starts when the fire is handed out"
     );
     server.advance(199).await;
-    assert_eq!(counts(&server, "q"), (0, 1), "leased until the deadline");
+    assert_eq!(server.counts("q"), (0, 1), "leased until the deadline");
     server.advance(1).await;
     server.advance(999).await;
-    assert_eq!(counts(&server, "q"), (1, 0), "waiting out the backoff");
+    assert_eq!(server.counts("q"), (1, 0), "waiting out the backoff");
     server.advance(1).await;
     let again = tokio::select! {
         f = holder.recv() => f,
@@ -156,13 +150,13 @@ async fn extend_moves_the_ack_deadline() {
     server.wait_in_flight("q", 1).await;
     server.advance(4_999).await;
     assert_eq!(
-        counts(&server, "q"),
+        server.counts("q"),
         (0, 1),
         "still leased: extended to 5.5 s"
     );
     server.advance(1).await;
     assert_eq!(
-        counts(&server, "q"),
+        server.counts("q"),
         (1, 0),
         "expired at the extended deadline"
     );
@@ -199,7 +193,7 @@ async fn nack_and_extend_from_another_stream_are_ignored() {
         "the nack was ignored"
     );
     server.advance(1_000).await;
-    assert_eq!(counts(&server, q), (1, 0), "the extend was ignored");
+    assert_eq!(server.counts(q), (1, 0), "the extend was ignored");
     server.stop().await;
 }
 
@@ -230,8 +224,8 @@ async fn exhausted_fire_is_dead_lettered() {
     assert_eq!(&d.payload[..], b"hello");
     dead.ack(&[&d.fire_id]).await;
     server.wait_in_flight("q.dead", 0).await;
-    assert_eq!(counts(&server, "q"), (0, 0));
-    assert_eq!(counts(&server, "q.dead"), (0, 0));
+    assert_eq!(server.counts("q"), (0, 0));
+    assert_eq!(server.counts("q.dead"), (0, 0));
     server.stop().await;
 }
 
@@ -247,7 +241,7 @@ async fn exhausted_fire_without_dead_letter_queue_is_dropped() {
     let f = sub.recv().await;
     sub.nack(&[&f.fire_id], None).await;
     server.wait_in_flight("q", 0).await;
-    assert_eq!(counts(&server, "q"), (0, 0), "dropped, not waiting");
+    assert_eq!(server.counts("q"), (0, 0), "dropped, not waiting");
     assert_eq!(server.core.dropped_fires(), 1);
     server.stop().await;
 }
@@ -260,12 +254,12 @@ async fn max_in_flight_is_respected() {
     due_now(&mut server, "q", 5).await;
     let a = sub.recv().await;
     let _b = sub.recv().await;
-    assert_eq!(counts(&server, "q"), (3, 2));
+    assert_eq!(server.counts("q"), (3, 2));
     sub.ack(&[&a.fire_id]).await;
     let c = sub.recv().await;
     assert_ne!(c.fire_id, a.fire_id);
     server.wait_in_flight("q", 2).await;
-    assert_eq!(counts(&server, "q"), (2, 2));
+    assert_eq!(server.counts("q"), (2, 2));
     server.stop().await;
 }
 
@@ -279,7 +273,7 @@ async fn default_max_in_flight_is_64() {
         sub.recv().await;
     }
     server.wait_in_flight("q", 64).await;
-    assert_eq!(counts(&server, "q"), (6, 64));
+    assert_eq!(server.counts("q"), (6, 64));
     server.stop().await;
 }
 
@@ -303,7 +297,7 @@ async fn a_stuck_subscriber_does_not_stall_a_healthy_one() {
     assert_eq!(got.len(), 8);
     server.wait_in_flight("q", 2).await;
     assert_eq!(
-        counts(&server, "q"),
+        server.counts("q"),
         (0, 2),
         "only the stuck worker's two are left"
     );
@@ -316,7 +310,7 @@ async fn fires_wait_for_a_subscriber() {
     let mut server = TestServer::manual().await;
     let job = due_now(&mut server, "later", 1).await;
     server.advance(3_600_000).await;
-    assert_eq!(counts(&server, "later"), (1, 0));
+    assert_eq!(server.counts("later"), (1, 0));
     let mut sub = server.subscribe("later", 10).await;
     let f = sub.recv().await;
     assert_eq!((f.job_id.as_str(), f.attempt), (job[0].as_str(), 1));
@@ -337,7 +331,7 @@ async fn unary_ack_is_final() {
     assert_eq!(acked, 1);
     drop(sub);
     server.settle().await;
-    assert_eq!(counts(&server, "q"), (0, 0), "not waiting for redelivery");
+    assert_eq!(server.counts("q"), (0, 0), "not waiting for redelivery");
     assert_eq!(
         server.ack("q", &[&f.fire_id]).await,
         0,

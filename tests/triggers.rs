@@ -7,12 +7,6 @@ use common::*;
 use tickd::api::pb;
 use tonic::Code;
 
-/// (backlog, in flight) of `queue`.
-fn counts(server: &TestServer, queue: &str) -> (u64, u64) {
-    let q = server.queue(queue);
-    (q.backlog, q.in_flight)
-}
-
 /// An `at` trigger fires at its time, not a microsecond before, carrying that time as
 /// scheduled_time and fire_time.
 #[tokio::test]
@@ -24,7 +18,7 @@ async fn at_fires_at_its_time() {
     assert_eq!(job.state(), pb::JobState::Scheduled);
     assert_eq!(job.next_fire_time, Some(at));
     server.advance_to(micros_of(&Some(at)) - 1).await;
-    assert_eq!(counts(&server, "q"), (0, 0), "fired early");
+    assert_eq!(server.counts("q"), (0, 0), "fired early");
     server.advance_to(micros_of(&Some(at))).await;
     let fire = sub.recv().await;
     assert_eq!(fire.job_id, job.id);
@@ -70,7 +64,7 @@ async fn after_fires_after_its_delay() {
     let before = server.now();
     let job = server.schedule(job("q", after_trigger(250))).await;
     server.advance(249).await;
-    assert_eq!(counts(&server, "q"), (0, 0), "fired early");
+    assert_eq!(server.counts("q"), (0, 0), "fired early");
     server.advance(1).await;
     let fire = sub.recv().await;
     assert_eq!(fire.job_id, job.id);
@@ -78,7 +72,7 @@ async fn after_fires_after_its_delay() {
     sub.ack(&[&fire.fire_id]).await;
     server.wait_in_flight("q", 0).await;
     server.advance(3_600_000).await;
-    assert_eq!(counts(&server, "q"), (0, 0), "fired once only");
+    assert_eq!(server.counts("q"), (0, 0), "fired once only");
     server.stop().await;
 }
 
@@ -93,7 +87,7 @@ async fn every_fires_on_a_fixed_grid() {
         .await;
     for k in 0..4 {
         server.advance_to(start + k * 150_000 - 1).await;
-        assert_eq!(counts(&server, "q"), (0, 0), "occurrence {k} fired early");
+        assert_eq!(server.counts("q"), (0, 0), "occurrence {k} fired early");
         server.advance_to(start + k * 150_000).await;
         let fire = sub.recv().await;
         assert_eq!(fire.job_id, job.id);
@@ -141,7 +135,7 @@ async fn max_fires_completes_the_job() {
     }
     sub.recv().await;
     sub.recv().await;
-    assert_eq!(counts(&server, "q"), (0, 2), "exactly two fires");
+    assert_eq!(server.counts("q"), (0, 2), "exactly two fires");
     let got = server.job(&job.id).await;
     assert_eq!(got.state(), pb::JobState::Completed);
     assert_eq!(got.fire_count, 2);
@@ -157,7 +151,7 @@ async fn cancel_stops_fires() {
     assert_eq!(cancelled.state(), pb::JobState::Cancelled);
     assert!(cancelled.next_fire_time.is_none());
     server.advance(1_000).await;
-    assert_eq!(counts(&server, "q"), (0, 0), "a cancelled job fired");
+    assert_eq!(server.counts("q"), (0, 0), "a cancelled job fired");
     let again = server
         .cancel(&job.id)
         .await
@@ -182,7 +176,7 @@ async fn pause_and_resume_follow_misfire_policy() {
     assert_eq!(paused.state(), pb::JobState::Paused);
     assert!(paused.next_fire_time.is_none());
     server.advance(800).await; // occurrences at +300 .. +800 ms pass while paused
-    assert_eq!(counts(&server, "q"), (0, 0), "a paused job fired");
+    assert_eq!(server.counts("q"), (0, 0), "a paused job fired");
     let resumed = server.resume(&every.id).await.expect("resume");
     assert_eq!(resumed.state(), pb::JobState::Scheduled);
     server.settle().await;
@@ -196,7 +190,7 @@ async fn pause_and_resume_follow_misfire_policy() {
         (400_000, 500_000),
         "the latest missed occurrence (+700 ms), then the one due now (+800 ms)"
     );
-    assert_eq!(counts(&server, "q"), (0, 2));
+    assert_eq!(server.counts("q"), (0, 2));
 
     server.cancel(&every.id).await.expect("cancel");
     expect_code(server.pause(&every.id).await, Code::FailedPrecondition);
@@ -225,7 +219,7 @@ async fn end_time_passed_while_paused_completes_on_resume() {
     let got = server.job(&job.id).await;
     assert_eq!(got.state(), pb::JobState::Completed);
     assert!(got.next_fire_time.is_none());
-    assert_eq!(counts(&server, "q"), (0, 0), "SKIP: nothing fired");
+    assert_eq!(server.counts("q"), (0, 0), "SKIP: nothing fired");
     server.stop().await;
 }
 

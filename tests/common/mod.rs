@@ -217,6 +217,12 @@ impl TestServer {
             .unwrap_or_default()
     }
 
+    /// (backlog, in flight) of `queue`.
+    pub fn counts(&self, queue: &str) -> (u64, u64) {
+        let q = self.queue(queue);
+        (q.backlog, q.in_flight)
+    }
+
     /// Polls until `check` holds, failing the test if it never does.
     pub async fn wait_until(&self, what: &str, mut check: impl FnMut(&TestServer) -> bool) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
