@@ -463,13 +463,6 @@ impl Sub {
         self.next(PATIENCE.as_millis() as u64).await
     }
 
-    /// Asserts that no fire arrives within `ms`.
-    pub async fn expect_none(&mut self, ms: u64) {
-        if let Ok(r) = tokio::time::timeout(Duration::from_millis(ms), self.fires.message()).await {
-            panic!("expected no fire, got {r:?}");
-        }
-    }
-
     /// What the stream ends with: `Ok(None)` for a clean end, `Err` for a status.
     pub async fn end(&mut self, within_ms: u64) -> Result<Option<pb::Fire>, Status> {
         tokio::time::timeout(Duration::from_millis(within_ms), self.fires.message())
