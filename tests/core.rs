@@ -408,13 +408,28 @@ async fn a_failed_ack_commit_is_retried_until_stored() {
     core.shutdown().await;
 }
 
-/// A store whose commits can be slowed down (to hold a change inside the writer) and whose
-/// deletes can be made to fail.
+/// A store whose commits can be slowed down or held (to keep a change inside the writer) and
+/// whose deletes can be made to fail.
 #[derive(Debug, Default)]
 struct GatedStore {
     inner: MemoryStore,
     delay_ms: AtomicUsize,
+    /// While set, a commit waits inside the store until it is cleared.
+    hold: std::sync::atomic::AtomicBool,
+    /// Commits that have waited on `hold`.
+    held: AtomicUsize,
     fail_deletes: std::sync::atomic::AtomicBool,
+}
+
+impl GatedStore {
+    /// Waits (10 s at most) until a commit is waiting on `hold`.
+    async fn wait_held(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.held.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "no commit was held");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
 }
 
 impl Store for GatedStore {
@@ -425,6 +440,12 @@ impl Store for GatedStore {
     fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
         let delay = self.delay_ms.load(Ordering::SeqCst) as u64;
         std::thread::sleep(Duration::from_millis(delay));
+        if self.hold.load(Ordering::SeqCst) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            while self.hold.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         let deletes = writes.iter().any(|w| matches!(w, Write::DeleteFire(_)));
         if deletes && self.fail_deletes.load(Ordering::SeqCst) {
             return Err(StoreError::Io("injected delete failure".into()));
@@ -614,12 +635,16 @@ async fn a_retried_ack_after_dead_lettering_waits_for_the_delete() {
     core.schedule(s).await.expect("schedule");
     let d = next(&mut sub).await;
     let ids = [d.fire.fire_id.clone()];
-    store.delay_ms.store(300, Ordering::SeqCst);
-    clock.advance(10 * S); // expiry: the dead-lettering is written slowly
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.hold.store(true, Ordering::SeqCst);
+    clock.advance(10 * S); // expiry: the dead-lettering's commit is held in the store
+    store.wait_held().await;
     store.fail_deletes.store(true, Ordering::SeqCst);
-    assert!(core.ack("q", &ids).await.is_err());
-    store.delay_ms.store(0, Ordering::SeqCst);
+    // The ack reaches the writer on its first poll, behind the held dead-lettering.
+    let mut ack = std::pin::pin!(core.ack("q", &ids));
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(ack.as_mut().poll(cx))).await;
+    assert!(first.is_pending(), "answered before its commit: {first:?}");
+    store.hold.store(false, Ordering::SeqCst);
+    assert!(ack.await.is_err());
     store.fail_deletes.store(false, Ordering::SeqCst);
     core.ack("q", &ids).await.expect("retry");
     let stored = store.load().expect("load").fires;
@@ -752,4 +777,144 @@ async fn stats_follow_jobs_and_fires() {
         )]
     );
     core.shutdown().await;
+}
+
+/// A store that checks invariant 2 after every commit (a job's stored fire count never runs
+/// ahead of its stored fires, as long as nothing is acked) and that "crashes" after a given
+/// number of commits: every later commit fails and reaches nothing, as if the process died.
+#[derive(Debug)]
+struct CrashingStore {
+    inner: MemoryStore,
+    commits: AtomicUsize,
+    crash_after: usize,
+}
+
+impl Store for CrashingStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        self.inner.load()
+    }
+
+    fn commit(&self, writes: &[Write]) -> Result<(), StoreError> {
+        if self.commits.fetch_add(1, Ordering::SeqCst) >= self.crash_after {
+            return Err(StoreError::Io("crashed".into()));
+        }
+        self.inner.commit(writes)?;
+        let stored = self.inner.load()?;
+        for (spec, status) in &stored.jobs {
+            let fires = stored.fires.iter().filter(|f| f.job_id == spec.id).count();
+            assert_eq!(
+                status.fire_count as usize, fires,
+                "job {} moved past an occurrence whose fire is not stored (commit {writes:?})",
+                spec.id
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Invariant 2 at every crash point: a job's progress and its fire commit together, so a crash
+/// after any commit loses no occurrence; a restart delivers each one (again, with the same
+/// fire_id if it had been sent).
+#[tokio::test]
+async fn a_crash_after_any_commit_loses_no_occurrence() {
+    for crash_after in 0..=6 {
+        let store = Arc::new(CrashingStore {
+            inner: MemoryStore::new(),
+            commits: AtomicUsize::new(0),
+            crash_after,
+        });
+        let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
+        let core = start(store.clone(), clock.clone()).await;
+        let mut sub = core.subscribe("q", 100).expect("subscribe");
+        let mut s = spec(
+            "every",
+            TriggerSpec::Every {
+                period: S,
+                start_time: None,
+                jitter: 0,
+            },
+        );
+        s.misfire_policy = MisfirePolicy::FireAll;
+        s.ack_deadline = 3_600 * S;
+        let _ = core.schedule(s).await; // fails when the crash comes first
+        let mut sent = BTreeMap::new();
+        let crashed = || store.commits.load(Ordering::SeqCst) > crash_after;
+        for _ in 0..5 {
+            if crashed() {
+                break; // the process is dead: nothing more happens before the restart
+            }
+            clock.advance(S);
+            tokio::time::timeout(Duration::from_secs(20), async {
+                tokio::select! {
+                    _ = core.settle() => {}
+                    _ = async {
+                        while !crashed() {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    } => {}
+                }
+            })
+            .await
+            .expect("the core settles or crashes");
+            while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(0), sub.recv()).await
+            {
+                sent.insert(d.fire.scheduled_time, d.fire.fire_id.clone());
+            }
+        }
+        core.shutdown().await;
+        drop(sub);
+
+        // The restart sees only what was committed before the crash.
+        let survived = Arc::new(MemoryStore::new());
+        let snapshot = store.inner.load().expect("load");
+        let mut writes: Vec<Write> = Vec::new();
+        for (spec, status) in snapshot.jobs {
+            let id = spec.id.clone();
+            writes.push(Write::PutSpec(Arc::new(spec)));
+            writes.push(Write::PutStatus(id, status));
+        }
+        writes.extend(snapshot.fires.into_iter().map(Write::PutFire));
+        survived.commit(&writes).expect("copy");
+        if crash_after == 0 {
+            assert!(survived.load().expect("load").jobs.is_empty());
+            continue;
+        }
+        let core = start(survived, clock.clone()).await;
+        let mut sub = core.subscribe("q", 100).expect("subscribe");
+        settle(&core).await;
+        let mut after = BTreeMap::new();
+        while let Ok(Some(d)) = tokio::time::timeout(Duration::from_millis(0), sub.recv()).await {
+            assert!(
+                after
+                    .insert(d.fire.scheduled_time, d.fire.fire_id.clone())
+                    .is_none(),
+                "crash after commit {crash_after}: {:?} delivered twice",
+                d.fire.scheduled_time
+            );
+        }
+        let now = clock.now().0;
+        let every: Vec<Timestamp> = (1..=5)
+            .map(|k| Timestamp((1_000 + k) * S))
+            .filter(|t| t.0 <= now)
+            .collect();
+        assert!(!every.is_empty());
+        assert_eq!(
+            after.keys().copied().collect::<Vec<_>>(),
+            every,
+            "crash after commit {crash_after}: an occurrence was lost"
+        );
+        for (at, fire_id) in &sent {
+            assert_eq!(
+                after.get(at),
+                Some(fire_id),
+                "crash after commit {crash_after}: a repeat carries the same fire_id"
+            );
+        }
+        assert_eq!(
+            sent.len(),
+            crash_after.saturating_sub(1).min(5),
+            "sent before the crash"
+        );
+        core.shutdown().await;
+    }
 }

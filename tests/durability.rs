@@ -377,3 +377,136 @@ async fn sigterm_shuts_down_in_order_and_exits_zero() {
         "handed back at shutdown without counting an attempt"
     );
 }
+
+/// A store that can hold its commits: while `hold` is set a commit waits inside the store,
+/// counted in `held`.
+#[derive(Debug)]
+struct HeldStore {
+    inner: tickd::store::RedbStore,
+    hold: std::sync::atomic::AtomicBool,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl tickd::store::Store for HeldStore {
+    fn load(&self) -> Result<tickd::store::Snapshot, tickd::store::StoreError> {
+        self.inner.load()
+    }
+
+    fn commit(&self, writes: &[tickd::store::Write]) -> Result<(), tickd::store::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self.hold.load(SeqCst) {
+            self.held.fetch_add(1, SeqCst);
+            while self.hold.load(SeqCst) {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.inner.commit(writes)
+    }
+}
+
+/// Invariant 5 through gRPC: a client that cancels its Schedule, Cancel or Pause while the
+/// commit is under way leaves each change whole: visible once the commit ends, and still there
+/// after a restart. Never half: a job stored without its state, or a state not stored.
+#[tokio::test]
+async fn calls_cancelled_mid_commit_leave_the_change_whole() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let held = std::sync::Arc::new(std::sync::Mutex::new(None::<std::sync::Arc<HeldStore>>));
+    let slot = held.clone();
+    let mut server = TestServer::manual_on(move |redb| {
+        let store = std::sync::Arc::new(HeldStore {
+            inner: redb,
+            hold: false.into(),
+            held: 0.into(),
+        });
+        *slot.lock().expect("slot") = Some(store.clone());
+        store
+    })
+    .await;
+    let store = held.lock().expect("slot").clone().expect("store built");
+    let mut kept = job("halves", after_trigger(3_600_000));
+    kept.id = "to-cancel".into();
+    server.schedule(kept).await;
+    let mut paused = job("halves", after_trigger(3_600_000));
+    paused.id = "to-pause".into();
+    server.schedule(paused).await;
+    server.settle().await;
+
+    let mut created = job("halves", after_trigger(3_600_000));
+    created.id = "created".into();
+    let calls: [(&str, tonic::codegen::BoxFuture<(), ()>); 3] = {
+        let (mut a, mut b, mut c) = (
+            server.client.clone(),
+            server.client.clone(),
+            server.client.clone(),
+        );
+        [
+            (
+                "Schedule",
+                Box::pin(async move {
+                    let _ = a.schedule(pb::ScheduleRequest { job: Some(created) }).await;
+                    Ok(())
+                }),
+            ),
+            (
+                "CancelJob",
+                Box::pin(async move {
+                    let _ = b
+                        .cancel_job(pb::CancelJobRequest {
+                            id: "to-cancel".into(),
+                        })
+                        .await;
+                    Ok(())
+                }),
+            ),
+            (
+                "PauseJob",
+                Box::pin(async move {
+                    let _ = c
+                        .pause_job(pb::PauseJobRequest {
+                            id: "to-pause".into(),
+                        })
+                        .await;
+                    Ok(())
+                }),
+            ),
+        ]
+    };
+    for (name, call) in calls {
+        store.held.store(0, SeqCst);
+        store.hold.store(true, SeqCst);
+        let call = tokio::spawn(call);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while store.held.load(SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never reached the store"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The client gives up while the commit is held: its request is reset.
+        call.abort();
+        let _ = call.await;
+        store.hold.store(false, SeqCst);
+        server.settle().await;
+    }
+    let check = |server: &mut TestServer| {
+        let mut client = server.client.clone();
+        async move {
+            let get = |id: &str| pb::GetJobRequest { id: id.into() };
+            let state = |j: pb::Job| j.state();
+            let created = client.get_job(get("created")).await.expect("created");
+            assert_eq!(state(created.into_inner()), pb::JobState::Scheduled);
+            let cancelled = client.get_job(get("to-cancel")).await.expect("to-cancel");
+            assert_eq!(state(cancelled.into_inner()), pb::JobState::Cancelled);
+            let paused = client.get_job(get("to-pause")).await.expect("to-pause");
+            assert_eq!(state(paused.into_inner()), pb::JobState::Paused);
+        }
+    };
+    check(&mut server).await;
+    // The restart opens the plain store: let go of the held one first.
+    drop(store);
+    drop(held);
+    let mut server = server.restart().await;
+    check(&mut server).await;
+    server.stop().await;
+}

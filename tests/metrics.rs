@@ -8,77 +8,87 @@ use common::*;
 /// Fires, lateness, redeliveries, RPC durations, commits and gauges show up and move.
 #[tokio::test]
 async fn metrics_move_as_a_run_proceeds() {
-    let mut server = TestServer::start().await;
-    let before = scrape(server.metrics_addr).await;
-    let fires_before =
-        sample(&before, "tickd_fires_total", &["tickd_queue=\"metered\""]).unwrap_or(0.0);
-
-    let mut sub = Sub::open(&mut server.client, "metered", 10).await;
-    schedule(&mut server.client, job("metered", at_trigger(ts_in(-1)))).await;
-    schedule(&mut server.client, job("metered", after_trigger(3_600_000))).await;
-    let fire = sub.next(2_000).await;
-    sub.nack(&[&fire.fire_id], None).await;
-    let again = sub.next(2_000).await;
-
-    // Counters are recorded right after the writer applies a change, which can be a moment
-    // after the subscriber sees its effect: wait until the redelivery is counted.
+    let mut server = TestServer::manual().await;
     let q = "tickd_queue=\"metered\"";
-    let redelivered = [q, "tickd_redelivery_reason=\"nack\""];
-    let mut during = scrape(server.metrics_addr).await;
-    for _ in 0..40 {
-        if sample(&during, "tickd_redeliveries_total", &redelivered).is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        during = scrape(server.metrics_addr).await;
-    }
+    let before = scrape(server.metrics_addr).await;
+    assert_eq!(sample(&before, "tickd_fires_total", &[q]), None, "{before}");
+
+    let mut sub = server.subscribe("metered", 10).await;
+    let at = server.ts_in(0);
+    server.schedule(job("metered", at_trigger(at))).await;
+    server
+        .schedule(job("metered", after_trigger(3_600_000)))
+        .await;
+    server.settle().await;
+    let fire = sub.recv().await;
+    sub.nack(&[&fire.fire_id], None).await;
+    server.settle().await;
+    let again = sub.recv().await;
+    server.settle().await;
+
+    let during = scrape(server.metrics_addr).await;
     assert_eq!(
         sample(&during, "tickd_fires_total", &[q]),
-        Some(fires_before + 1.0),
+        Some(1.0),
         "{during}"
     );
-    assert!(sample(&during, "tickd_fire_lateness_seconds_count", &[q]).unwrap_or(0.0) >= 2.0);
+    assert_eq!(
+        sample(&during, "tickd_fire_lateness_seconds_count", &[q]),
+        Some(2.0),
+        "the first delivery and the redelivery: {during}"
+    );
     assert_eq!(
         sample(
             &during,
             "tickd_redeliveries_total",
             &[q, "tickd_redelivery_reason=\"nack\""]
         ),
-        Some(1.0)
+        Some(1.0),
+        "{during}"
     );
     assert_eq!(
         sample(&during, "tickd_deliveries_in_flight", &[q]),
         Some(1.0)
     );
     assert_eq!(sample(&during, "tickd_queue_subscribers", &[q]), Some(1.0));
-    assert!(
+    assert_eq!(
         sample(
             &during,
             "rpc_server_call_duration_seconds_count",
             &["rpc_method=\"Schedule\"", "rpc_grpc_status_code=\"0\""]
-        )
-        .unwrap_or(0.0)
-            >= 2.0,
+        ),
+        Some(2.0),
         "{during}"
     );
     assert!(
         sample(&during, "tickd_store_commit_duration_seconds_count", &[]).unwrap_or(0.0) >= 1.0
     );
     assert!(sample(&during, "tickd_store_commit_writes_count", &[]).unwrap_or(0.0) >= 1.0);
-    assert!(
-        sample(&during, "tickd_jobs", &["tickd_job_state=\"scheduled\""]).unwrap_or(0.0) >= 1.0
+    assert_eq!(
+        sample(&during, "tickd_jobs", &["tickd_job_state=\"scheduled\""]),
+        Some(1.0),
+        "{during}"
     );
-    assert!(
-        sample(&during, "tickd_jobs", &["tickd_job_state=\"completed\""]).unwrap_or(0.0) >= 1.0
+    assert_eq!(
+        sample(&during, "tickd_jobs", &["tickd_job_state=\"completed\""]),
+        Some(1.0),
+        "{during}"
     );
 
     sub.ack(&[&again.fire_id]).await;
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let after = scrape(server.metrics_addr).await;
-    assert_eq!(
-        sample(&after, "tickd_deliveries_in_flight", &[q]),
-        Some(0.0),
-        "{after}"
-    );
+    server.wait_in_flight("metered", 0).await;
+    // Gauges reuse one count of the core for 20 ms (a scrape reads several in a row).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let after = scrape(server.metrics_addr).await;
+        if sample(&after, "tickd_deliveries_in_flight", &[q]) == Some(0.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still in flight: {after}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
     server.stop().await;
 }

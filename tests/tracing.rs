@@ -112,9 +112,11 @@ fn attr(span: &Span, key: &str) -> Option<String> {
         })
 }
 
-/// Waits until the collector holds a span matching `pred`.
+/// Waits until the collector holds a span matching `pred`. Spans are exported in batches on a
+/// real-time schedule, so this polls, with 20 s allowed for a loaded machine.
 async fn wait_for(collector: &Collector, what: &str, pred: impl Fn(&Span) -> bool) -> Span {
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
         if let Some(s) = collector
             .spans
             .lock()
@@ -153,7 +155,7 @@ const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 fn caller_traceparent_parents_the_server_span() {
     let h = harness();
     h.runtime.block_on(async {
-        let mut server = TestServer::start().await;
+        let mut server = TestServer::manual().await;
         let caller_span = "00f067aa0ba902b7";
         let tp = format!("00-{CALLER_TRACE}-{caller_span}-01");
         let mut j = job("traced", after_trigger(3_600_000));
@@ -205,18 +207,19 @@ fn caller_traceparent_parents_the_server_span() {
 fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
     let h = harness();
     h.runtime.block_on(async {
-        let mut server = TestServer::start().await;
+        let mut server = TestServer::manual().await;
         let caller_span = "1111111111111111";
         let tp = format!("00-{CALLER_TRACE}-{caller_span}-01");
-        let mut sub = Sub::open(&mut server.client, "traced.fires", 10).await;
-        let mut j = job("traced.fires", at_trigger(ts_in(-1)));
+        let mut sub = server.subscribe("traced.fires", 10).await;
+        let mut j = job("traced.fires", at_trigger(server.ts_in(0)));
         j.id = "fired".into();
         server
             .client
             .schedule(traced_schedule(j, &tp))
             .await
             .expect("schedule");
-        let first = sub.next(2_000).await;
+        server.settle().await;
+        let first = sub.recv().await;
         assert!(
             !first.traceparent.is_empty(),
             "the Fire carries a traceparent"
@@ -224,7 +227,8 @@ fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
         let (fire_trace, fire_span_id) = ids(&first.traceparent);
         assert_ne!(fire_trace, CALLER_TRACE, "a fire starts a trace of its own");
         sub.nack(&[&first.fire_id], None).await;
-        let second = sub.next(2_000).await;
+        server.settle().await;
+        let second = sub.recv().await;
         assert_eq!(
             second.traceparent, first.traceparent,
             "same span on redelivery"

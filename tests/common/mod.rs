@@ -18,7 +18,7 @@ use tickd::api::pb::scheduler_client::SchedulerClient;
 use tickd::config::Config;
 use tickd::domain::Timestamp;
 use tickd::scheduler::{Clock, ManualClock, QueueStats, Scheduler, SystemClock};
-use tickd::store::RedbStore;
+use tickd::store::{RedbStore, Store};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -75,6 +75,15 @@ impl TestServer {
         Self::launch(Arc::new(tempdir()), Some(clock), test_config(tweak)).await
     }
 
+    /// A server on a manual clock at [`MANUAL_START_MICROS`] whose store is `wrap` around the
+    /// embedded store (to slow, hold or fail commits). A restart opens the plain store again.
+    pub async fn manual_on(wrap: impl FnOnce(RedbStore) -> Arc<dyn Store>) -> TestServer {
+        let clock = Arc::new(ManualClock::new(Timestamp(MANUAL_START_MICROS)));
+        let dir = Arc::new(tempdir());
+        let store = wrap(RedbStore::open(dir.path()).expect("open the store"));
+        Self::launch_on(dir, Some(clock), test_config(|_| {}), store).await
+    }
+
     /// A server on a manual clock at `micros` with adjusted configuration.
     pub async fn manual_at(micros: i64, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let clock = Arc::new(ManualClock::new(Timestamp(micros)));
@@ -86,14 +95,23 @@ impl TestServer {
         clock: Option<Arc<ManualClock>>,
         config: Config,
     ) -> TestServer {
+        let store = RedbStore::open(dir.path()).expect("open the store");
+        Self::launch_on(dir, clock, config, Arc::new(store)).await
+    }
+
+    async fn launch_on(
+        dir: Arc<tempfile::TempDir>,
+        clock: Option<Arc<ManualClock>>,
+        config: Config,
+        store: Arc<dyn Store>,
+    ) -> TestServer {
         let mut config = config;
         config.data_dir = dir.path().to_path_buf();
-        let store = RedbStore::open(dir.path()).expect("open the store");
         let core_clock: Arc<dyn Clock> = match &clock {
             Some(c) => c.clone(),
             None => Arc::new(SystemClock),
         };
-        let core = tickd::api::start_core(Arc::new(store), core_clock, &config)
+        let core = tickd::api::start_core(store, core_clock, &config)
             .await
             .expect("start the core");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
