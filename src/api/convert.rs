@@ -123,6 +123,7 @@ pub fn status(e: SchedulerError) -> Status {
         SchedulerError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
         SchedulerError::InvalidTrigger(_) => Status::invalid_argument(e.to_string()),
         SchedulerError::Unavailable(_) => Status::unavailable(e.to_string()),
+        SchedulerError::ResourceExhausted(_) => Status::resource_exhausted(e.to_string()),
         SchedulerError::Internal(_) => Status::internal(e.to_string()),
     }
 }

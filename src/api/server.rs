@@ -4,7 +4,13 @@
 //! Shutdown is ordered: health turns NOT_SERVING, open Subscribe streams end with UNAVAILABLE
 //! (their in-flight fires become deliverable again), no new calls are taken while running ones
 //! finish, every accepted change is committed, and the function returns, all within the
-//! configured grace period.
+//! configured grace period; the drain gets three quarters of it and the final commit always
+//! gets the rest.
+//!
+//! Health follows the core: SERVING only while commits succeed and the timer runs (the empty
+//! service name and `tickd.v1.Scheduler`, for readiness). The `liveness` service stays SERVING
+//! while a failing disk is retried, and turns NOT_SERVING only when the core has failed for good,
+//! which also ends `serve` with an error so that the process exits non-zero.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -25,7 +31,7 @@ use super::service::SchedulerService;
 use super::validate::Limits;
 use crate::config::Config;
 use crate::domain::time::duration_micros;
-use crate::scheduler::{Clock, Scheduler, SchedulerConfig, StartError, SystemClock};
+use crate::scheduler::{Clock, Health, Scheduler, SchedulerConfig, StartError, SystemClock};
 use crate::store::{RedbStore, Store, StoreError};
 use crate::telemetry::{FireTelemetry, metrics};
 
@@ -34,6 +40,8 @@ const MESSAGE_OVERHEAD_BYTES: usize = 256 * 1024;
 /// The Scheduler service's name in grpc.health.v1.
 const SCHEDULER_SERVICE_NAME: &str =
     <SchedulerServer<SchedulerService> as tonic::server::NamedService>::NAME;
+/// The health service name for liveness probes.
+pub const LIVENESS_SERVICE_NAME: &str = "liveness";
 /// TCP keepalive on accepted connections.
 const TCP_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -48,6 +56,8 @@ pub enum ServerError {
     Reflection(String),
     #[error("the gRPC server failed: {0}")]
     Transport(String),
+    #[error("the scheduler core failed: {0}")]
+    CoreFailed(String),
 }
 
 /// The sockets tickd serves on; the caller binds them (tests use port 0).
@@ -121,8 +131,26 @@ pub async fn serve(
 ) -> Result<(), ServerError> {
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<SchedulerServer<SchedulerService>>()
+        .set_service_status(LIVENESS_SERVICE_NAME, ServingStatus::Serving)
         .await;
+    let mut core_health = core.health();
+    let initial = core_health.borrow().clone();
+    mirror_health(&health, &initial).await;
+    let (mirror_stop, mut mirror_stopped) = oneshot::channel::<()>();
+    let mirror = {
+        let health = health.clone();
+        let mut core_health = core_health.clone();
+        tokio::spawn(async move {
+            loop {
+                let now = core_health.borrow_and_update().clone();
+                mirror_health(&health, &now).await;
+                tokio::select! {
+                    changed = core_health.changed() => if changed.is_err() { return },
+                    _ = &mut mirror_stopped => return,
+                }
+            }
+        })
+    };
     // Reflection in both versions: grpc.reflection.v1, and v1alpha for older clients (grpcurl
     // before 1.9, Postman, Evans) that know only that one.
     let reflection = || {
@@ -184,9 +212,23 @@ pub async fn serve(
         info!(%addr, %metrics_addr, data_dir = %config.data_dir.display(), "tickd listening");
     }
 
+    let failed = async {
+        loop {
+            let now = core_health.borrow_and_update().clone();
+            if let Health::Failed(reason) = now {
+                return reason;
+            }
+            if core_health.changed().await.is_err() {
+                return "the scheduler core is gone".to_string();
+            }
+        }
+    };
+    let mut failure = None;
     tokio::select! {
         _ = shutdown => {}
+        reason = failed => failure = Some(reason),
         result = &mut server => {
+            let _ = mirror_stop.send(());
             core.shutdown().await;
             metrics::unwatch();
             let _ = metrics_stop.send(());
@@ -199,20 +241,30 @@ pub async fn serve(
     }
 
     info!(grace = ?config.shutdown_grace, "shutting down");
-    let deadline = tokio::time::Instant::now() + config.shutdown_grace;
+    let started = tokio::time::Instant::now();
+    let deadline = started + config.shutdown_grace;
+    let drain_deadline = started + config.shutdown_grace.mul_f64(0.75);
+    let _ = mirror_stop.send(());
+    let _ = mirror.await;
     health
         .set_not_serving::<SchedulerServer<SchedulerService>>()
         .await;
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;
+    if failure.is_some() {
+        health
+            .set_service_status(LIVENESS_SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+    }
     core.close_subscriptions();
     let _ = stop_tx.send(());
     // Health Watch streams would hold the drain open until the grace period ends: once no new
     // call is taken, end them (each has seen NOT_SERVING first).
     health.clear_service_status(SCHEDULER_SERVICE_NAME).await;
     health.clear_service_status("").await;
-    match tokio::time::timeout_at(deadline, &mut server).await {
+    health.clear_service_status(LIVENESS_SERVICE_NAME).await;
+    match tokio::time::timeout_at(drain_deadline, &mut server).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => warn!(error = %e, "gRPC server ended with an error"),
         Ok(Err(e)) => warn!(error = %e, "gRPC server task failed"),
@@ -230,6 +282,31 @@ pub async fn serve(
     metrics::unwatch();
     let _ = metrics_stop.send(());
     let _ = tokio::time::timeout_at(deadline, metrics_server).await;
+    if let Some(reason) = failure {
+        return Err(ServerError::CoreFailed(reason));
+    }
     info!("tickd stopped");
     Ok(())
+}
+
+/// Sets the readiness statuses (the empty name and the Scheduler service) from the core's
+/// health, and liveness to NOT_SERVING once the core has failed.
+async fn mirror_health(health: &tonic_health::server::HealthReporter, now: &Health) {
+    let ready = match now {
+        Health::Serving => ServingStatus::Serving,
+        Health::StoreFailing(reason) => {
+            warn!(%reason, "store commits fail; not serving until one succeeds (retrying)");
+            ServingStatus::NotServing
+        }
+        Health::Failed(_) => ServingStatus::NotServing,
+    };
+    health.set_service_status("", ready).await;
+    health
+        .set_service_status(SCHEDULER_SERVICE_NAME, ready)
+        .await;
+    if matches!(now, Health::Failed(_)) {
+        health
+            .set_service_status(LIVENESS_SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+    }
 }

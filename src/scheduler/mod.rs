@@ -79,12 +79,29 @@ pub enum SchedulerError {
     InvalidTrigger(#[from] TriggerError),
     #[error("{0}")]
     Unavailable(String),
+    /// The store's disk is full.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 fn shutting_down() -> SchedulerError {
     SchedulerError::Unavailable("tickd is shutting down; retry on another instance".into())
+}
+
+/// How the core is doing; the API layer turns it into gRPC health (see [`Scheduler::health`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Commits succeed and the timer runs.
+    Serving,
+    /// Commits are failing, for the reason given (a full disk, an I/O error). The writer keeps
+    /// retrying with backoff, reopening the store, and turns back to `Serving` on the first
+    /// commit that succeeds.
+    StoreFailing(String),
+    /// The writer or the timer stopped, or a panic poisoned the scheduler's state: nothing
+    /// will fire any more. Final; the process must exit so that it is restarted.
+    Failed(String),
 }
 
 /// Counts for gauges; see [`Scheduler::stats`].
@@ -139,13 +156,51 @@ pub(crate) struct Inner {
     stop: watch::Sender<bool>,
     /// Fires dropped after their last attempt with no dead-letter queue.
     dropped_fires: AtomicU64,
+    health: watch::Sender<Health>,
 }
 
 impl Inner {
-    /// Locks the state. A panic while it was held cannot leave it half-updated in a way that
-    /// matters more than stopping would, so a poisoned lock is taken over.
+    /// Locks the state. A lock poisoned by a panic may hold a half-made change: the core is
+    /// marked failed (the process exits and rebuilds memory from the store), and the state is
+    /// used only for the way out.
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| {
+            self.fail("a panic interrupted a change to the scheduler's state");
+            p.into_inner()
+        })
+    }
+
+    /// Marks the core failed for good (see [`Health::Failed`]).
+    pub(crate) fn fail(&self, reason: &str) {
+        self.health.send_if_modified(|h| {
+            if matches!(h, Health::Failed(_)) {
+                return false;
+            }
+            tracing::error!(reason, "the scheduler core failed; tickd must be restarted");
+            *h = Health::Failed(reason.to_string());
+            true
+        });
+    }
+
+    /// Records whether the last commit succeeded; a failed core stays failed.
+    pub(crate) fn set_store_health(&self, failure: Option<&crate::store::StoreError>) {
+        self.health.send_if_modified(|h| match (&*h, failure) {
+            (Health::Failed(_), _) => false,
+            (Health::Serving, None) => false,
+            (Health::StoreFailing(_), None) => {
+                info!("store commits succeed again; serving");
+                *h = Health::Serving;
+                true
+            }
+            (current, Some(e)) => {
+                let reason = e.to_string();
+                if matches!(current, Health::StoreFailing(r) if *r == reason) {
+                    return false;
+                }
+                *h = Health::StoreFailing(reason);
+                true
+            }
+        });
     }
 
     /// Runs `f` on the locked state, then, with the lock released, wakes the timer loop if `f`
@@ -228,17 +283,52 @@ impl Scheduler {
             timer_wake: Notify::new(),
             stop: watch::Sender::new(false),
             dropped_fires: AtomicU64::new(0),
+            health: watch::Sender::new(Health::Serving),
         });
         let writer_inner = inner.clone();
         let writer = std::thread::Builder::new()
             .name("tickd-writer".into())
-            .spawn(move || writer::run(writer_inner, rx))
+            .spawn(move || {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    writer::run(writer_inner.clone(), rx)
+                }));
+                if let Err(panic) = ran {
+                    writer_inner.fail(&format!(
+                        "the writer thread panicked: {}",
+                        panic_message(&*panic)
+                    ));
+                }
+            })
             .map_err(|e| StartError::Load(format!("cannot start the writer thread: {e}")))?;
-        let timer = tokio::spawn(timer::run(inner.clone(), inner.stop.subscribe()));
+        // The timer runs in a task of its own; this one notices when it ends other than by
+        // shutdown.
+        let supervised = inner.clone();
+        let timer = tokio::spawn(async move {
+            let ran =
+                tokio::spawn(timer::run(supervised.clone(), supervised.stop.subscribe())).await;
+            if !*supervised.stop.borrow() {
+                let why = match ran {
+                    Err(e) if e.is_panic() => {
+                        format!(
+                            "the timer task panicked: {}",
+                            panic_message(&*e.into_panic())
+                        )
+                    }
+                    Err(e) => format!("the timer task ended: {e}"),
+                    Ok(()) => "the timer task ended: the writer is gone".to_string(),
+                };
+                supervised.fail(&why);
+            }
+        });
         Ok(Scheduler {
             inner,
             tasks: Arc::new(Mutex::new(Some(Tasks { writer, timer }))),
         })
+    }
+
+    /// The core's health, as it changes.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        self.inner.health.subscribe()
     }
 
     /// Stores a new job (or returns the existing one with the same id and spec). An empty id
@@ -435,6 +525,15 @@ impl Scheduler {
     }
 }
 
+/// The text of a panic payload.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
 /// Why the core could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -563,5 +662,39 @@ impl Scheduler {
     /// How many jobs the core holds, in every state.
     pub fn job_count(&self) -> usize {
         self.inner.lock().jobs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// A panic while the state lock is held is not shrugged off: the core reports itself
+    /// failed (so the process exits and rebuilds memory from the store).
+    #[tokio::test]
+    async fn a_poisoned_state_lock_fails_the_core() {
+        let core = Scheduler::start(
+            Arc::new(MemoryStore::new()),
+            Arc::new(ManualClock::new(Timestamp(0))),
+            SchedulerConfig::default(),
+        )
+        .await
+        .expect("start");
+        let health = core.health();
+        assert_eq!(*health.borrow(), Health::Serving);
+        let inner = core.inner.clone();
+        let poisoner = std::thread::spawn(move || {
+            let _held = inner.state.lock();
+            panic!("injected panic while holding the state lock");
+        });
+        assert!(poisoner.join().is_err());
+        assert!(core.get("x").is_err());
+        assert!(
+            matches!(&*health.borrow(), Health::Failed(r) if r.contains("panic")),
+            "{:?}",
+            *health.borrow()
+        );
+        core.shutdown().await;
     }
 }

@@ -20,8 +20,12 @@ const MAX_JOBS_PER_ADVANCE: usize = 1_024;
 const RETRY_AFTER_FAILED_COMMIT_MICROS: Micros = 1_000_000;
 /// Longest sleep with nothing armed: a safety net, so that a missed wake-up costs at most this.
 const IDLE_RECHECK_MICROS: Micros = 60_000_000;
+/// While store commits fail, how often (in real time) the writer is asked to try one, so that
+/// health recovers even when nothing else is being written.
+const PROBE_FAILING_STORE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut health = inner.health.subscribe();
     loop {
         if *stop.borrow_and_update() {
             return;
@@ -65,10 +69,22 @@ pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         let wake_at = work
             .next_wake
             .unwrap_or_else(|| now.plus(IDLE_RECHECK_MICROS));
+        let failing = matches!(*health.borrow_and_update(), super::Health::StoreFailing(_));
+        let probe = async {
+            if failing {
+                tokio::time::sleep(PROBE_FAILING_STORE_EVERY).await
+            } else {
+                std::future::pending().await
+            }
+        };
         tokio::select! {
             _ = inner.clock.sleep_until(wake_at) => {}
             _ = inner.timer_wake.notified() => {}
             _ = stop.changed() => {}
+            _ = health.changed() => {}
+            _ = probe => {
+                let _ = inner.send(Op::Probe);
+            }
         }
     }
 }

@@ -26,8 +26,10 @@ use crate::store::Write;
 
 /// Most ops decided and committed in one transaction.
 const MAX_OPS_PER_BATCH: usize = 4_096;
-/// Pause of the writer after a failed commit, before it takes the next batch.
+/// Pause of the writer after a failed commit, before it takes the next batch; doubled after
+/// each further failure, up to [`MAX_RETRY_AFTER_FAILED_COMMIT`].
 const RETRY_AFTER_FAILED_COMMIT: std::time::Duration = std::time::Duration::from_millis(100);
+const MAX_RETRY_AFTER_FAILED_COMMIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, SchedulerError>>;
 
@@ -96,6 +98,9 @@ pub(crate) enum Op {
         fire_id: String,
         why: Redelivery,
     },
+    /// Commit even if nothing else is to be written: while commits fail, shows whether the
+    /// store works again.
+    Probe,
     /// Answered once every op sent before it is committed and applied.
     Flush {
         reply: oneshot::Sender<()>,
@@ -166,6 +171,7 @@ impl Batch {
 
 /// Runs the writer until a `Shutdown` op or until every sender is gone.
 pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
+    let mut failures: u32 = 0;
     while let Some(first) = rx.blocking_recv() {
         let mut ops = vec![first];
         while ops.len() < MAX_OPS_PER_BATCH {
@@ -176,9 +182,14 @@ pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
         }
         let mut stops = Vec::new();
         let mut flushes = Vec::new();
+        let mut probe = false;
         let ops: Vec<Op> = ops
             .into_iter()
             .filter_map(|op| match op {
+                Op::Probe => {
+                    probe = true;
+                    None
+                }
                 Op::Shutdown { reply } => {
                     stops.push(reply);
                     None
@@ -190,8 +201,18 @@ pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
                 op => Some(op),
             })
             .collect();
-        if !ops.is_empty() {
-            process(&inner, ops);
+        if !ops.is_empty() || probe {
+            if process(&inner, ops, probe) {
+                failures = 0;
+            } else {
+                // Back off so that a broken disk is not hammered; calls that arrive meanwhile
+                // wait and are tried with the next batch.
+                let pause = RETRY_AFTER_FAILED_COMMIT
+                    .saturating_mul(1 << failures.min(8))
+                    .min(MAX_RETRY_AFTER_FAILED_COMMIT);
+                failures = failures.saturating_add(1);
+                std::thread::sleep(pause);
+            }
         }
         for reply in flushes {
             let _ = reply.send(());
@@ -206,8 +227,8 @@ pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
     debug!("writer stopped");
 }
 
-/// Decides, commits and applies one batch of ops.
-fn process(inner: &Inner, ops: Vec<Op>) {
+/// Decides, commits and applies one batch of ops; false when the commit failed.
+fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
     // Deciding runs without holding the state lock (misfire arithmetic can be slow); it takes
     // the lock only to copy what it reads.
     let mut batch = Batch::default();
@@ -216,7 +237,7 @@ fn process(inner: &Inner, ops: Vec<Op>) {
         decide(inner, &mut batch, op, now);
     }
 
-    let result = if batch.writes.is_empty() {
+    let result = if batch.writes.is_empty() && !probe {
         Ok(())
     } else {
         let started = std::time::Instant::now();
@@ -226,6 +247,7 @@ fn process(inner: &Inner, ops: Vec<Op>) {
             started.elapsed(),
             result.is_ok(),
         );
+        inner.set_store_health(result.as_ref().err());
         result
     };
 
@@ -279,8 +301,7 @@ fn process(inner: &Inner, ops: Vec<Op>) {
     }
     if result.is_err() {
         // Acked fires stay acked in memory; their deletion is retried until the store takes
-        // it, so memory and store agree again. Back off so a broken disk is not hammered.
-        std::thread::sleep(RETRY_AFTER_FAILED_COMMIT);
+        // it, so memory and store agree again.
         if !batch.acked.is_empty() {
             let _ = inner.ops.send(Op::Ack {
                 fire_ids: batch.acked.into_iter().collect(),
@@ -288,10 +309,19 @@ fn process(inner: &Inner, ops: Vec<Op>) {
             });
         }
     }
+    result.is_ok()
 }
 
 fn not_stored(e: &crate::store::StoreError) -> SchedulerError {
-    SchedulerError::Unavailable(format!("the change could not be stored: {e}"))
+    match e {
+        crate::store::StoreError::Full(_) => SchedulerError::ResourceExhausted(format!(
+            "the change could not be stored: {e}; free space on tickd's data volume (tickd \
+             retries by itself)"
+        )),
+        _ => SchedulerError::Unavailable(format!(
+            "the change could not be stored: {e}; retry shortly"
+        )),
+    }
 }
 
 /// Applies a committed batch to memory.
@@ -403,7 +433,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
         }
         Op::Redeliver { fire_id, why } => decide_redelivery(inner, batch, fire_id, why, now),
         // Filtered out by `run` before deciding.
-        Op::Flush { .. } | Op::Shutdown { .. } => {}
+        Op::Probe | Op::Flush { .. } | Op::Shutdown { .. } => {}
     }
 }
 

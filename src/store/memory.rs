@@ -76,6 +76,10 @@ impl Store for MemoryStore {
                 Write::DeleteFire(id) => {
                     t.fires.remove(id);
                 }
+                Write::DeleteJob(id) => {
+                    t.specs.remove(&**id);
+                    t.statuses.remove(&**id);
+                }
             }
         }
         Ok(())

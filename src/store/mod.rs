@@ -30,6 +30,8 @@ pub enum Write {
     PutFire(FireRecord),
     /// A fire that is acked or dropped.
     DeleteFire(String),
+    /// A job (spec and status) that retention or DeleteJob removed.
+    DeleteJob(JobId),
 }
 
 /// Everything a store holds, as loaded at start-up.
@@ -44,6 +46,9 @@ pub struct Snapshot {
 pub enum StoreError {
     #[error("store I/O failed: {0}")]
     Io(String),
+    /// The disk (or the quota) is full; freeing space lets commits succeed again.
+    #[error("the store's disk is full: {0}")]
+    Full(String),
     #[error("store record {table}/{key} cannot be read: {reason}")]
     Corrupt {
         table: &'static str,

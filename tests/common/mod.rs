@@ -84,6 +84,27 @@ impl TestServer {
         Self::launch_on(dir, Some(clock), test_config(|_| {}), store).await
     }
 
+    /// A server on a manual clock at [`MANUAL_START_MICROS`] on the embedded store in `dir`
+    /// (for a directory the test prepared, such as a size-limited mount).
+    pub async fn manual_in(dir: Arc<tempfile::TempDir>) -> TestServer {
+        let clock = Arc::new(ManualClock::new(Timestamp(MANUAL_START_MICROS)));
+        Self::launch(dir, Some(clock), test_config(|_| {})).await
+    }
+
+    /// A server on `clock` whose store is `store`; its data directory is a fresh one.
+    pub async fn on(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> TestServer {
+        Self::launch_with_clock(Arc::new(tempdir()), None, clock, test_config(|_| {}), store).await
+    }
+
+    /// Waits (20 s at most) for the server to stop by itself, and returns how it ended.
+    pub async fn stopped(mut self) -> Result<(), tickd::api::ServerError> {
+        let task = self.task.take().expect("server running");
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("the server stops by itself")
+            .expect("server task")
+    }
+
     /// A server on a manual clock at `micros` with adjusted configuration.
     pub async fn manual_at(micros: i64, tweak: impl FnOnce(&mut Config)) -> TestServer {
         let clock = Arc::new(ManualClock::new(Timestamp(micros)));
@@ -105,12 +126,22 @@ impl TestServer {
         config: Config,
         store: Arc<dyn Store>,
     ) -> TestServer {
-        let mut config = config;
-        config.data_dir = dir.path().to_path_buf();
         let core_clock: Arc<dyn Clock> = match &clock {
             Some(c) => c.clone(),
             None => Arc::new(SystemClock),
         };
+        Self::launch_with_clock(dir, clock, core_clock, config, store).await
+    }
+
+    async fn launch_with_clock(
+        dir: Arc<tempfile::TempDir>,
+        clock: Option<Arc<ManualClock>>,
+        core_clock: Arc<dyn Clock>,
+        config: Config,
+        store: Arc<dyn Store>,
+    ) -> TestServer {
+        let mut config = config;
+        config.data_dir = dir.path().to_path_buf();
         let core = tickd::api::start_core(store, core_clock, &config)
             .await
             .expect("start the core");
@@ -716,5 +747,41 @@ impl Drop for TickdProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+/// The grpc.health.v1 status of `service` ("" for the whole server).
+pub async fn health_of(addr: SocketAddr, service: &str) -> tonic_health::ServingStatus {
+    use tonic_health::pb::health_check_response::ServingStatus as Pb;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel(addr).await);
+    let status = client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .expect("health check answered")
+        .into_inner()
+        .status();
+    match status {
+        Pb::Serving => tonic_health::ServingStatus::Serving,
+        Pb::NotServing => tonic_health::ServingStatus::NotServing,
+        _ => tonic_health::ServingStatus::Unknown,
+    }
+}
+
+/// Polls health until `service` reports `want` (20 s at most: health follows the core a moment
+/// after it changes).
+pub async fn wait_health(addr: SocketAddr, service: &str, want: tonic_health::ServingStatus) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let now = health_of(addr, service).await;
+        if now == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "health of {service:?} stayed {now:?}, wanted {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -154,6 +154,12 @@ def test_pod_is_locked_down_and_probed():
     grpc_port = config_defaults()["grpc_port"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == grpc_port
+    # Liveness asks only whether the core is alive (a full disk must not restart the pod);
+    # readiness asks whether tickd can commit.
+    server = (ROOT / "src/api/server.rs").read_text()
+    (liveness,) = re.findall(r'LIVENESS_SERVICE_NAME: &str = "([^"]+)"', server)
+    assert container["livenessProbe"]["grpc"]["service"] == liveness
+    assert "service" not in container["readinessProbe"]["grpc"]
     sc = container["securityContext"]
     assert sc["readOnlyRootFilesystem"] is True
     assert sc["allowPrivilegeEscalation"] is False
