@@ -48,6 +48,7 @@ fn job(i: usize, now: Timestamp) -> (Arc<JobSpec>, JobStatus) {
         fire_count: 0,
         create_time: now,
         last_fire_time: None,
+        finish_time: None,
         trace: None,
     };
     (Arc::new(spec), status)

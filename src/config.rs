@@ -40,6 +40,11 @@ pub struct Config {
     #[arg(long, env = "TICKD_MAX_REDELIVERY_BACKOFF", default_value = "60s", value_parser = parse_duration)]
     pub max_redelivery_backoff: Duration,
 
+    /// How long a COMPLETED or CANCELLED job (with no fire outstanding) is kept after it
+    /// finished; then it is deleted and its id can be used again. `0s` deletes it at once.
+    #[arg(long, env = "TICKD_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    pub retention: Duration,
+
     /// How long shutdown (SIGTERM, SIGINT) may take before tickd exits anyway. Keep it below
     /// the pod's termination grace period.
     #[arg(long, env = "TICKD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
@@ -76,6 +81,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use a duration such as 500ms, 30s, 5m)"))
 }
 
+/// Longest retention: ten years.
+const MAX_RETENTION: Duration = Duration::from_secs(10 * 366 * 24 * 3_600);
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d > MAX_RETENTION {
+        return Err("at most 10 years (3660d)".into());
+    }
+    Ok(d)
+}
+
 impl Config {
     /// The defaults, as if started with no flags and no environment (for tests).
     pub fn defaults() -> Config {
@@ -86,6 +102,7 @@ impl Config {
             max_payload_bytes: 256 * 1024,
             max_catch_up_fires: 100,
             max_redelivery_backoff: Duration::from_secs(60),
+            retention: Duration::from_secs(7 * 24 * 3_600),
             shutdown_grace: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 10_000,
@@ -113,8 +130,19 @@ mod tests {
         assert_eq!(parsed.max_catch_up_fires, d.max_catch_up_fires);
         assert_eq!(parsed.max_redelivery_backoff, d.max_redelivery_backoff);
         assert_eq!(parsed.shutdown_grace, d.shutdown_grace);
+        assert_eq!(parsed.retention, d.retention);
         assert_eq!(parsed.request_timeout, d.request_timeout);
         assert_eq!(parsed.max_concurrent_requests, d.max_concurrent_requests);
+    }
+
+    /// A retention beyond ten years is refused, naming the limit.
+    #[test]
+    fn retention_is_bounded() {
+        let err = Config::try_parse_from(["tickd", "--retention", "20years"]).expect_err("long");
+        assert!(err.to_string().contains("--retention"), "{err}");
+        assert!(err.to_string().contains("10 years"), "{err}");
+        let ok = Config::try_parse_from(["tickd", "--retention", "0s"]).expect("zero");
+        assert_eq!(ok.retention, Duration::ZERO);
     }
 
     /// A bad duration is refused with a hint.

@@ -547,6 +547,7 @@ async fn a_clock_step_back_does_not_spin_the_timer() {
                     fire_count: 0,
                     create_time: Timestamp(10_000 * S),
                     last_fire_time: None,
+                    finish_time: None,
                     trace: None,
                 },
             ),
@@ -709,6 +710,7 @@ async fn an_unloadable_job_does_not_stop_the_others() {
         fire_count: 0,
         create_time: Timestamp(0),
         last_fire_time: None,
+        finish_time: None,
         trace: None,
     };
     let bad = spec(

@@ -214,6 +214,13 @@ async fn every_trigger_and_job_command() {
     assert_eq!(resumed["state"], "SCHEDULED");
     let cancelled = json(&tickctl(&server, &["-o", "json", "cancel", "every"], None).await);
     assert_eq!(cancelled["state"], "CANCELLED");
+    assert!(cancelled["finish_time"].is_string(), "{cancelled}");
+    assert!(cancelled["expire_time"].is_string(), "{cancelled}");
+    let stdin_id = stdin_job["id"].as_str().expect("id");
+    let deleted = json(&tickctl(&server, &["-o", "json", "delete", stdin_id], None).await);
+    assert_eq!(deleted["deleted"], stdin_id);
+    let gone = tickctl(&server, &["get", stdin_id], None).await;
+    assert!(!gone.status.success(), "a deleted job is gone");
 
     let listed = json(
         &tickctl(

@@ -63,7 +63,8 @@ fn trigger(t: &TriggerSpec) -> pb::Trigger {
     pb::Trigger { kind: Some(kind) }
 }
 
-pub fn job(j: &Job) -> pb::Job {
+/// A job as the API shows it; `retention` is the server's, for `expire_time`.
+pub fn job(j: &Job, retention: Micros) -> pb::Job {
     let spec = &j.spec;
     pb::Job {
         id: spec.id.to_string(),
@@ -83,6 +84,8 @@ pub fn job(j: &Job) -> pb::Job {
         fire_count: j.status.fire_count,
         create_time: Some(timestamp(j.status.create_time)),
         last_fire_time: j.status.last_fire_time.map(timestamp),
+        finish_time: j.status.finish_time.map(timestamp),
+        expire_time: j.status.finish_time.map(|f| timestamp(f.plus(retention))),
     }
 }
 

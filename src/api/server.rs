@@ -114,6 +114,7 @@ pub async fn start_core(
         SchedulerConfig {
             max_catch_up_fires: config.max_catch_up_fires as usize,
             max_redelivery_backoff: duration_micros(config.max_redelivery_backoff),
+            retention: duration_micros(config.retention),
             observer: Arc::new(FireTelemetry::default()),
         },
     )

@@ -83,7 +83,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             .await
             .map_err(convert::status)?;
         span.record("tickd.job.id", &*job.spec.id);
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
     async fn cancel_job(
@@ -94,7 +94,19 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.cancel(&id).await.map_err(convert::status)?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(convert::job(&job, self.core.retention())))
+    }
+
+    async fn delete_job(
+        &self,
+        request: Request<pb::DeleteJobRequest>,
+    ) -> Result<Response<()>, Status> {
+        let id = request.into_inner().id;
+        validate::job_id(&id)?;
+        tracing::Span::current().record("tickd.job.id", id.as_str());
+        let dropped = self.core.delete(&id).await.map_err(convert::status)?;
+        tracing::info!(job_id = %id, dropped_fires = dropped, "job deleted");
+        Ok(Response::new(()))
     }
 
     async fn get_job(
@@ -105,7 +117,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.get(&id).map_err(convert::status)?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
     async fn list_jobs(
@@ -115,7 +127,10 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         let q = validate::list_request(request.into_inner())?;
         let (jobs, next) = self.core.list(&q.filter, q.page_size, q.after.as_deref());
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs.iter().map(convert::job).collect(),
+            jobs: jobs
+                .iter()
+                .map(|j| convert::job(j, self.core.retention()))
+                .collect(),
             next_page_token: next
                 .map(|id| validate::encode_page_token(&id))
                 .unwrap_or_default(),
@@ -130,7 +145,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.pause(&id).await.map_err(convert::status)?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
     async fn resume_job(
@@ -141,7 +156,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.resume(&id).await.map_err(convert::status)?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
     type SubscribeStream = BoxFireStream;

@@ -59,6 +59,8 @@ enum Command {
     Schedule(Box<ScheduleArgs>),
     /// Cancel a job: it fires no more.
     Cancel { id: String },
+    /// Delete a job now, in any state (its fires not yet acked are dropped).
+    Delete { id: String },
     /// Show a job.
     Get { id: String },
     /// List jobs (every page).
@@ -329,6 +331,8 @@ fn job_json(job: &pb::Job) -> Value {
         "fire_count": job.fire_count,
         "create_time": time_str(&job.create_time),
         "last_fire_time": time_str(&job.last_fire_time),
+        "finish_time": time_str(&job.finish_time),
+        "expire_time": time_str(&job.expire_time),
         "labels": labels_json(&job.labels),
         "payload": payload,
         "payload_base64": payload_base64,
@@ -607,6 +611,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?
                 .into_inner();
             print_job(&job, output);
+            Ok(())
+        }
+        Command::Delete { id } => {
+            client
+                .delete_job(pb::DeleteJobRequest { id: id.clone() })
+                .await?;
+            match output {
+                Output::Json => println!("{}", json!({ "deleted": id })),
+                _ => println!("deleted {id}"),
+            }
             Ok(())
         }
         Command::Get { id } => {

@@ -39,6 +39,11 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// COMPLETED or CANCELLED: the job will not fire again.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Completed | JobState::Cancelled)
+    }
+
     /// Lower-case name, for logs and metric attributes.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -78,6 +83,10 @@ pub struct JobStatus {
     pub fire_count: u64,
     pub create_time: Timestamp,
     pub last_fire_time: Option<Timestamp>,
+    /// When the job became COMPLETED or CANCELLED; retention counts from here. Missing in
+    /// records written before tickd kept it: such a job counts from when it is loaded.
+    #[serde(default)]
+    pub finish_time: Option<Timestamp>,
     /// The span of the Schedule call that created the job; its fires link to it. Boxed: most
     /// jobs of a large fleet carry none, and a million empty slots would cost 48 MB.
     #[serde(default)]
@@ -110,6 +119,7 @@ impl Job {
             fire_count: 0,
             create_time: now,
             last_fire_time: None,
+            finish_time: None,
             trace: None,
         };
         Ok(Job {

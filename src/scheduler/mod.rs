@@ -32,7 +32,7 @@ use tokio_stream::Stream;
 use tracing::{info, warn};
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use observe::{NoopObserver, Observer, RedeliveryReason};
+pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason};
 pub use state::Delivery;
 
 use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
@@ -49,10 +49,15 @@ pub struct SchedulerConfig {
     pub max_redelivery_backoff: Micros,
     /// Told what happens to fires and commits (tracing, metrics).
     pub observer: Arc<dyn Observer>,
+    /// How long a COMPLETED or CANCELLED job with no fire outstanding is kept after it
+    /// finished, before it is deleted.
+    pub retention: Micros,
 }
 
 /// Default for [`SchedulerConfig::max_catch_up_fires`].
 pub const DEFAULT_MAX_CATCH_UP_FIRES: usize = 100;
+/// Default for [`SchedulerConfig::retention`]: 7 days.
+pub const DEFAULT_RETENTION_MICROS: Micros = 7 * 24 * 3_600 * 1_000_000;
 /// Default for [`SchedulerConfig::max_redelivery_backoff`]: 60 s.
 pub const DEFAULT_MAX_REDELIVERY_BACKOFF_MICROS: Micros = 60_000_000;
 
@@ -62,6 +67,7 @@ impl Default for SchedulerConfig {
             max_catch_up_fires: DEFAULT_MAX_CATCH_UP_FIRES,
             max_redelivery_backoff: DEFAULT_MAX_REDELIVERY_BACKOFF_MICROS,
             observer: Arc::new(NoopObserver),
+            retention: DEFAULT_RETENTION_MICROS,
         }
     }
 }
@@ -270,7 +276,7 @@ impl Scheduler {
             .await
             .map_err(|e| StartError::Load(format!("loader task failed: {e}")))??;
         let (jobs, fires) = (snapshot.jobs.len(), snapshot.fires.len());
-        let state = State::restore(snapshot, clock.clone());
+        let state = State::restore(snapshot, clock.clone(), config.retention);
         info!(jobs, fires, "state restored from the store");
 
         let (ops, rx) = mpsc::unbounded_channel();
@@ -376,6 +382,18 @@ impl Scheduler {
                 reply,
             })
             .await
+    }
+
+    /// Deletes a job at once, in any state; its outstanding fires are dropped (counted, and a
+    /// later ack of one is ignored). Answers how many were dropped, once the deletion is stored.
+    pub async fn delete(&self, id: &str) -> Result<u32, SchedulerError> {
+        let id = id.to_string();
+        self.inner.call(|reply| Op::Delete { id, reply }).await
+    }
+
+    /// How long finished jobs are kept.
+    pub fn retention(&self) -> Micros {
+        self.inner.config.retention
     }
 
     /// One job.

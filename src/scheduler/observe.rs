@@ -28,6 +28,24 @@ impl RedeliveryReason {
     }
 }
 
+/// Why a fire was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Its last attempt failed and its job has no dead-letter queue.
+    AttemptsExhausted,
+    /// Its job was deleted (DeleteJob) before it was acked.
+    JobDeleted,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::AttemptsExhausted => "attempts_exhausted",
+            DropReason::JobDeleted => "job_deleted",
+        }
+    }
+}
+
 /// Receives the core's events. Every method has a no-op default.
 pub trait Observer: Send + Sync + Debug + 'static {
     /// A fire is being released for `job` (before it is stored). Returns the trace context to
@@ -51,8 +69,8 @@ pub trait Observer: Send + Sync + Debug + 'static {
     /// A fire moved to the dead-letter queue (`fire.queue`) from `from_queue`.
     fn fire_dead_lettered(&self, _fire: &FireRecord, _from_queue: &str) {}
 
-    /// A fire was dropped after its last attempt (no dead-letter queue).
-    fn fire_dropped(&self, _fire: &FireRecord) {}
+    /// A fire was dropped: after its last attempt (no dead-letter queue), or with its job.
+    fn fire_dropped(&self, _fire: &FireRecord, _reason: DropReason) {}
 
     /// A store commit of `writes` writes finished (or failed) after `elapsed`.
     fn store_committed(&self, _writes: usize, _elapsed: Duration, _ok: bool) {}

@@ -16,7 +16,7 @@ use std::task::{Poll, Waker};
 use tracing::error;
 
 use super::clock::Clock;
-use crate::domain::{FireRecord, Job, JobId, JobSpec, JobState, Timestamp};
+use crate::domain::{FireRecord, Job, JobId, JobSpec, JobState, Micros, Timestamp};
 use crate::store::Snapshot;
 
 /// Identifies one Subscribe stream.
@@ -57,6 +57,8 @@ pub(crate) struct JobEntry {
     pub job: Job,
     /// The key of this job in `timers`, when it is in there.
     pub timer: Option<Timestamp>,
+    /// The key of this job in `expiries`, when it is in there.
+    pub expiry: Option<Timestamp>,
 }
 
 #[derive(Debug, Default)]
@@ -83,6 +85,8 @@ pub(crate) struct DueWork {
     pub jobs: Vec<(JobId, Timestamp)>,
     /// Fires whose ack deadline passed; now `Pending`, to be redelivered.
     pub expired: Vec<String>,
+    /// Finished jobs whose retention ended (taken out of `expiries`), to be deleted.
+    pub retired: Vec<JobId>,
     /// When the loop should look again, if anything is waiting.
     pub next_wake: Option<Timestamp>,
 }
@@ -95,7 +99,14 @@ pub(crate) struct State {
     pub job_counts: BTreeMap<JobState, u64>,
     /// (due time, job id) of every SCHEDULED job with a next occurrence.
     pub timers: BTreeSet<(Timestamp, JobId)>,
+    /// How long a finished job is kept (see [`State::expiry_of`]).
+    pub retention: Micros,
+    /// (deletion time, job id) of every COMPLETED or CANCELLED job.
+    pub expiries: BTreeSet<(Timestamp, JobId)>,
     pub fires: HashMap<String, FireEntry>,
+    /// Fires outstanding per job (stored and not yet acked or dropped); a job with any is not
+    /// deleted by retention.
+    pub fires_per_job: HashMap<JobId, u32>,
     /// (time, fire id) of in-flight ack deadlines and delayed redeliveries.
     pub deadlines: BTreeSet<(Timestamp, String)>,
     pub queues: HashMap<String, QueueState>,
@@ -113,13 +124,16 @@ pub(crate) struct State {
 }
 
 impl State {
-    pub fn new(clock: Arc<dyn Clock>) -> State {
+    pub fn new(clock: Arc<dyn Clock>, retention: Micros) -> State {
         State {
             clock,
             jobs: BTreeMap::new(),
             job_counts: BTreeMap::new(),
             timers: BTreeSet::new(),
+            retention,
+            expiries: BTreeSet::new(),
             fires: HashMap::new(),
+            fires_per_job: HashMap::new(),
             deadlines: BTreeSet::new(),
             queues: HashMap::new(),
             subscribers: HashMap::new(),
@@ -135,8 +149,8 @@ impl State {
     /// time, every stored fire waiting on its queue in release order. A job that cannot be
     /// loaded (say its time zone left the time-zone database) is logged and left out, rather
     /// than keeping every other job from running.
-    pub fn restore(snapshot: Snapshot, clock: Arc<dyn Clock>) -> State {
-        let mut state = State::new(clock);
+    pub fn restore(snapshot: Snapshot, clock: Arc<dyn Clock>, retention: Micros) -> State {
+        let mut state = State::new(clock, retention);
         for (spec, status) in snapshot.jobs {
             let id = spec.id.clone();
             let job = match Job::restore(Arc::new(spec), status) {
@@ -173,10 +187,99 @@ impl State {
                 }
             }
             None => {
-                self.jobs.insert(id.clone(), JobEntry { job, timer: None });
+                self.jobs.insert(
+                    id.clone(),
+                    JobEntry {
+                        job,
+                        timer: None,
+                        expiry: None,
+                    },
+                );
             }
         }
         self.sync_timer(&id);
+        self.sync_expiry(&id);
+    }
+
+    /// Takes a deleted job out of memory: its entry, its timer, its expiry and its count.
+    pub fn remove_job(&mut self, id: &JobId) {
+        let Some(entry) = self.jobs.remove(id) else {
+            return;
+        };
+        if let Some(t) = entry.timer {
+            self.timers.remove(&(t, id.clone()));
+        }
+        if let Some(t) = entry.expiry {
+            self.expiries.remove(&(t, id.clone()));
+        }
+        if let Some(n) = self.job_counts.get_mut(&entry.job.status.state) {
+            *n = n.saturating_sub(1);
+        }
+    }
+
+    /// When a finished job is deleted: `retention` after it finished (after now for a job
+    /// stored before tickd kept finish times).
+    fn expiry_of(&self, job: &Job) -> Option<Timestamp> {
+        job.status.state.is_final().then(|| {
+            job.status
+                .finish_time
+                .unwrap_or_else(|| self.clock.now())
+                .plus(self.retention)
+        })
+    }
+
+    /// Puts a job in `expiries` at its deletion time when it is finished, absent otherwise.
+    fn sync_expiry(&mut self, id: &JobId) {
+        let Some(entry) = self.jobs.get(id) else {
+            return;
+        };
+        let want = self.expiry_of(&entry.job);
+        self.set_expiry(id, want);
+    }
+
+    /// Moves a job's deletion to `at` (none: not to be deleted).
+    pub fn set_expiry(&mut self, id: &JobId, at: Option<Timestamp>) {
+        let Some(entry) = self.jobs.get_mut(id) else {
+            return;
+        };
+        if entry.expiry == at {
+            return;
+        }
+        if let Some(old) = entry.expiry.take() {
+            self.expiries.remove(&(old, id.clone()));
+        }
+        if let Some(t) = at {
+            entry.expiry = Some(t);
+            self.expiries.insert((t, id.clone()));
+            if self.expiries.first().is_some_and(|(first, _)| *first == t) {
+                self.timer_dirty = true;
+            }
+        }
+    }
+
+    /// Fire ids of a job still outstanding (a scan, for the rare job deleted with some).
+    pub fn fires_of(&self, job_id: &str) -> Vec<String> {
+        if self.fires_per_job.get(job_id).is_none_or(|n| *n == 0) {
+            return Vec::new();
+        }
+        self.fires
+            .iter()
+            .filter(|(_, e)| &*e.rec.job_id == job_id)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// Takes a fire out of memory (after its deletion is stored), wherever it was.
+    pub fn remove_fire(&mut self, id: &str) -> Option<FireEntry> {
+        self.release(id);
+        let entry = self.fires.remove(id)?;
+        if let Some(n) = self.fires_per_job.get_mut(&entry.rec.job_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.fires_per_job.remove(&entry.rec.job_id);
+            }
+        }
+        Some(entry)
     }
 
     /// Puts a job's timer where its status says: armed at its next due time when SCHEDULED,
@@ -213,6 +316,9 @@ impl State {
     pub fn insert_fire(&mut self, rec: FireRecord, spec: Arc<JobSpec>) {
         let id = rec.fire_id.clone();
         let not_before = rec.not_before;
+        if !self.fires.contains_key(&id) {
+            *self.fires_per_job.entry(rec.job_id.clone()).or_default() += 1;
+        }
         self.fires.insert(
             id.clone(),
             FireEntry {
@@ -412,16 +518,32 @@ impl State {
                 _ => {}
             }
         }
-        work.next_wake = match (self.timers.first(), self.deadlines.first()) {
-            (Some((a, _)), Some((b, _))) => Some((*a).min(*b)),
-            (Some((a, _)), None) => Some(*a),
-            (None, Some((b, _))) => Some(*b),
-            (None, None) => None,
-        };
-        if work.jobs.len() == max_jobs {
+        while work.retired.len() < max_jobs {
+            let Some((t, id)) = self.expiries.first().cloned() else {
+                break;
+            };
+            if t > now {
+                break;
+            }
+            self.expiries.pop_first();
+            if let Some(entry) = self.jobs.get_mut(&id) {
+                entry.expiry = None;
+                work.retired.push(id);
+            }
+        }
+        work.next_wake = [
+            self.timers.first().map(|(t, _)| *t),
+            self.deadlines.first().map(|(t, _)| *t),
+            self.expiries.first().map(|(t, _)| *t),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if work.jobs.len() == max_jobs || work.retired.len() == max_jobs {
             work.next_wake = Some(now);
         }
-        self.timer_busy = !work.jobs.is_empty() || !work.expired.is_empty();
+        self.timer_busy =
+            !work.jobs.is_empty() || !work.expired.is_empty() || !work.retired.is_empty();
         work
     }
 
@@ -431,6 +553,7 @@ impl State {
         !self.timer_busy
             && self.timers.first().is_none_or(|(t, _)| *t > now)
             && self.deadlines.first().is_none_or(|(t, _)| *t > now)
+            && self.expiries.first().is_none_or(|(t, _)| *t > now)
     }
 
     /// Applies a committed fire update (redelivery or dead-lettering): the fire becomes

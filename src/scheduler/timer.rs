@@ -32,8 +32,11 @@ pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         }
         let now = inner.clock.now();
         let work = inner.mutate(|state| state.take_due(now, MAX_JOBS_PER_ADVANCE));
-        let expired_any = !work.expired.is_empty();
+        let expired_any = !work.expired.is_empty() || !work.retired.is_empty();
         inner.redeliver(work.expired, Redelivery::Expired);
+        if !work.retired.is_empty() {
+            let _ = inner.send(Op::Retire { ids: work.retired });
+        }
         if work.jobs.is_empty() {
             if expired_any {
                 // Every op of this pass is sent (see `Scheduler::settle`).

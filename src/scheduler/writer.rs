@@ -17,13 +17,16 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use super::observe::RedeliveryReason;
+use super::observe::{DropReason, RedeliveryReason};
 use super::state::{FireStatus, State};
 use super::{Inner, SchedulerError};
 use crate::domain::fire::expiry_backoff;
 use crate::domain::{FireRecord, Job, JobId, JobState, Micros, Timestamp, advance, fire_id};
 use crate::store::Write;
 
+/// How long a finished job past its retention waits before it is looked at again, while a fire
+/// of it is outstanding.
+const RETIRE_RECHECK_MICROS: Micros = 60_000_000;
 /// Most ops decided and committed in one transaction.
 const MAX_OPS_PER_BATCH: usize = 4_096;
 /// Pause of the writer after a failed commit, before it takes the next batch; doubled after
@@ -69,7 +72,7 @@ enum Event {
     Acked(FireRecord),
     Redelivered(FireRecord, RedeliveryReason),
     DeadLettered(FireRecord, String),
-    Dropped(FireRecord),
+    Dropped(FireRecord, DropReason),
 }
 
 /// A change for the writer.
@@ -97,6 +100,16 @@ pub(crate) enum Op {
     Redeliver {
         fire_id: String,
         why: Redelivery,
+    },
+    /// Deletes a job at once, dropping its outstanding fires; answers how many.
+    Delete {
+        id: String,
+        reply: Reply<u32>,
+    },
+    /// Finished jobs whose retention ended; each is deleted unless a fire of it is still
+    /// outstanding (then it is looked at again later).
+    Retire {
+        ids: Vec<JobId>,
     },
     /// Commit even if nothing else is to be written: while commits fail, shows whether the
     /// store works again.
@@ -130,6 +143,13 @@ enum Effect {
     },
     /// Deleted after its last attempt: its job has no dead-letter queue.
     FireDropped(FireRecord),
+    /// The job is deleted; so are these fires of it, still outstanding.
+    JobDeleted {
+        id: JobId,
+        fires: Vec<String>,
+    },
+    /// A finished job kept past its retention because a fire of it is outstanding.
+    RetireLater(JobId),
 }
 
 /// A batch being decided: the writes, the jobs as they will be after it, and what to apply.
@@ -139,6 +159,11 @@ struct Batch {
     jobs: HashMap<JobId, Job>,
     effects: Vec<Effect>,
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
+    count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
+    /// Jobs deleted in this batch (a later op in it sees them gone).
+    deleted: HashSet<JobId>,
+    /// When the batch is decided; finish times are stamped with it.
+    now: Timestamp,
     unit_replies: Vec<Reply<()>>,
     /// Fires whose redelivery is in this batch, with the delay decided for them; put back in
     /// line with that delay if the commit fails.
@@ -154,11 +179,18 @@ impl Batch {
         if let Some(job) = self.jobs.get(id) {
             return Some(job.clone());
         }
+        if self.deleted.contains(id) {
+            return None;
+        }
         inner.lock().jobs.get(id).map(|e| e.job.clone())
     }
 
-    fn put_job(&mut self, job: Job, spec_too: bool) {
+    fn put_job(&mut self, mut job: Job, spec_too: bool) {
+        if job.status.state.is_final() && job.status.finish_time.is_none() {
+            job.status.finish_time = Some(self.now);
+        }
         let id = job.spec.id.clone();
+        self.deleted.remove(&id);
         if spec_too {
             self.writes.push(Write::PutSpec(job.spec.clone()));
         }
@@ -231,8 +263,11 @@ pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
 fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
     // Deciding runs without holding the state lock (misfire arithmetic can be slow); it takes
     // the lock only to copy what it reads.
-    let mut batch = Batch::default();
     let now = inner.clock.now();
+    let mut batch = Batch {
+        now,
+        ..Batch::default()
+    };
     for op in ops {
         decide(inner, &mut batch, op, now);
     }
@@ -290,10 +325,18 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
             Event::Acked(rec) => observer.fire_acked(&rec),
             Event::Redelivered(rec, reason) => observer.fire_redelivered(&rec, reason),
             Event::DeadLettered(rec, from) => observer.fire_dead_lettered(&rec, &from),
-            Event::Dropped(rec) => observer.fire_dropped(&rec),
+            Event::Dropped(rec, reason) => observer.fire_dropped(&rec, reason),
         }
     }
     for (reply, answer) in replies {
+        let _ = reply.send(answer);
+    }
+    for (reply, outcome) in batch.count_replies {
+        let answer = match (&result, outcome) {
+            (_, Err(e)) => Err(e),
+            (Err(e), Ok(_)) => Err(not_stored(e)),
+            (Ok(()), Ok(n)) => Ok(n),
+        };
         let _ = reply.send(answer);
     }
     for reply in batch.unit_replies {
@@ -351,10 +394,24 @@ fn apply(
                 state.apply_fire_update(rec);
             }
             Effect::FireDeleted(id) => {
-                state.release(&id);
-                if let Some(entry) = state.fires.remove(&id) {
+                if let Some(entry) = state.remove_fire(&id) {
                     events.push(Event::Acked(entry.rec));
                 }
+            }
+            Effect::JobDeleted { id, fires } => {
+                for fire_id in fires {
+                    if let Some(entry) = state.remove_fire(&fire_id) {
+                        inner
+                            .dropped_fires
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        events.push(Event::Dropped(entry.rec, DropReason::JobDeleted));
+                    }
+                }
+                state.remove_job(&id);
+            }
+            Effect::RetireLater(id) => {
+                let later = state.clock.now().plus(RETIRE_RECHECK_MICROS);
+                state.set_expiry(&id, Some(later));
             }
             Effect::FireDeadLettered {
                 rec,
@@ -370,9 +427,8 @@ fn apply(
                 inner
                     .dropped_fires
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                state.release(&rec.fire_id);
-                state.fires.remove(&rec.fire_id);
-                events.push(Event::Dropped(rec));
+                state.remove_fire(&rec.fire_id);
+                events.push(Event::Dropped(rec, DropReason::AttemptsExhausted));
             }
         }
     }
@@ -381,6 +437,15 @@ fn apply(
 
 fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
     match op {
+        Op::Delete { id, reply } => {
+            let outcome = decide_delete(inner, batch, &id);
+            batch.count_replies.push((reply, outcome));
+        }
+        Op::Retire { ids } => {
+            for id in ids {
+                decide_retire(inner, batch, id);
+            }
+        }
         Op::Schedule { job, reply } => {
             let id = job.spec.id.clone();
             let outcome = match batch.job(inner, &id) {
@@ -467,6 +532,44 @@ fn decide_transition(
         batch.put_job(job.clone(), false);
     }
     Ok(job.spec.id.clone())
+}
+
+/// Deletes a job and its outstanding fires; answers how many fires were dropped.
+fn decide_delete(inner: &Inner, batch: &mut Batch, id: &str) -> Result<u32, SchedulerError> {
+    let Some(job) = batch.job(inner, id) else {
+        return Err(SchedulerError::NotFound(id.to_string()));
+    };
+    let id = job.spec.id.clone();
+    let fires = inner.lock().fires_of(&id);
+    delete_job(batch, id, fires.clone());
+    Ok(u32::try_from(fires.len()).unwrap_or(u32::MAX))
+}
+
+/// Deletes a finished job whose retention ended, unless a fire of it is still outstanding.
+fn decide_retire(inner: &Inner, batch: &mut Batch, id: JobId) {
+    let Some(job) = batch.job(inner, &id) else {
+        return;
+    };
+    if !job.status.state.is_final() {
+        return;
+    }
+    let outstanding = inner.lock().fires_per_job.get(&id).is_some_and(|n| *n > 0);
+    if outstanding {
+        batch.effects.push(Effect::RetireLater(id));
+        return;
+    }
+    debug!(job_id = %id, "finished job deleted: its retention ended");
+    delete_job(batch, id, Vec::new());
+}
+
+fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<String>) {
+    for fire_id in &fires {
+        batch.writes.push(Write::DeleteFire(fire_id.clone()));
+    }
+    batch.writes.push(Write::DeleteJob(id.clone()));
+    batch.jobs.remove(&id);
+    batch.deleted.insert(id.clone());
+    batch.effects.push(Effect::JobDeleted { id, fires });
 }
 
 /// Advances one due job: the job's new status and a record per fire go into the same batch.

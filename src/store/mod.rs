@@ -126,6 +126,7 @@ pub(crate) mod contract {
             fire_count: 3,
             create_time: Timestamp(1),
             last_fire_time: None,
+            finish_time: None,
             trace: None,
         }
     }

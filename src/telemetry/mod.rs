@@ -33,7 +33,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 pub use traces::{span_context_of, trace_context_of};
 
 use crate::domain::{FireRecord, Job, Timestamp, TraceContext};
-use crate::scheduler::{Observer, RedeliveryReason};
+use crate::scheduler::{DropReason, Observer, RedeliveryReason};
 
 /// Set once a trace exporter is installed; until then no fire span is built at all.
 static TRACES_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -292,8 +292,14 @@ impl Observer for FireTelemetry {
         );
     }
 
-    fn fire_dropped(&self, fire: &FireRecord) {
-        self.metrics.dropped.add(1, &queue_attr(fire));
+    fn fire_dropped(&self, fire: &FireRecord, reason: DropReason) {
+        self.metrics.dropped.add(
+            1,
+            &[
+                KeyValue::new("tickd.queue", fire.queue.clone()),
+                KeyValue::new("tickd.drop.reason", reason.as_str()),
+            ],
+        );
         traces::fire_step(
             fire,
             format!("drop {}", fire.queue),

@@ -207,6 +207,13 @@ impl TestServer {
         Self::launch(dir, clock, config).await
     }
 
+    /// [`TestServer::restart`] with the configuration changed by `tweak`.
+    pub async fn restart_with(self, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let (dir, clock, mut config) = self.shut_down().await;
+        tweak(&mut config);
+        Self::launch(dir, clock, config).await
+    }
+
     /// Stops the server gracefully, moves its manual clock forward by `ms` while it is down,
     /// and starts it again.
     pub async fn restart_after(self, ms: i64) -> TestServer {
