@@ -40,6 +40,13 @@ pub struct Config {
     #[arg(long, env = "TICKD_MAX_REDELIVERY_BACKOFF", default_value = "60s", value_parser = parse_duration)]
     pub max_redelivery_backoff: Duration,
 
+    /// Most fires one queue holds un-acked (waiting or in flight). While a queue is full, its
+    /// jobs' further occurrences are skipped (logged and counted) and the jobs keep their
+    /// schedule.
+    #[arg(long, env = "TICKD_MAX_QUEUE_BACKLOG", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_queue_backlog: u32,
+
     /// How long a COMPLETED or CANCELLED job (with no fire outstanding) is kept after it
     /// finished; then it is deleted and its id can be used again. `0s` deletes it at once.
     #[arg(long, env = "TICKD_RETENTION", default_value = "7d", value_parser = parse_retention)]
@@ -103,6 +110,7 @@ impl Config {
             max_catch_up_fires: 100,
             max_redelivery_backoff: Duration::from_secs(60),
             retention: Duration::from_secs(7 * 24 * 3_600),
+            max_queue_backlog: 100_000,
             shutdown_grace: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 10_000,
@@ -131,6 +139,7 @@ mod tests {
         assert_eq!(parsed.max_redelivery_backoff, d.max_redelivery_backoff);
         assert_eq!(parsed.shutdown_grace, d.shutdown_grace);
         assert_eq!(parsed.retention, d.retention);
+        assert_eq!(parsed.max_queue_backlog, d.max_queue_backlog);
         assert_eq!(parsed.request_timeout, d.request_timeout);
         assert_eq!(parsed.max_concurrent_requests, d.max_concurrent_requests);
     }

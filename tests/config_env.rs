@@ -22,6 +22,7 @@ fn every_tickd_variable_reaches_its_flag() {
         ("TICKD_MAX_REDELIVERY_BACKOFF", "3s"),
         ("TICKD_SHUTDOWN_GRACE", "4s"),
         ("TICKD_RETENTION", "12h"),
+        ("TICKD_MAX_QUEUE_BACKLOG", "77"),
         ("TICKD_REQUEST_TIMEOUT", "5s"),
         ("TICKD_MAX_CONCURRENT_REQUESTS", "9"),
         ("TICKD_HTTP2_KEEPALIVE_INTERVAL", "6s"),
@@ -58,6 +59,7 @@ fn every_tickd_variable_reaches_its_flag() {
     assert_eq!(c.max_redelivery_backoff, Duration::from_secs(3));
     assert_eq!(c.shutdown_grace, Duration::from_secs(4));
     assert_eq!(c.retention, Duration::from_secs(12 * 3_600));
+    assert_eq!(c.max_queue_backlog, 77);
     assert_eq!(c.request_timeout, Duration::from_secs(5));
     assert_eq!(c.max_concurrent_requests, 9);
     assert_eq!(c.http2_keepalive_interval, Duration::from_secs(6));

@@ -200,15 +200,17 @@ async fn commit_count(tickd: &TickdProcess) -> f64 {
 }
 
 /// Three interval jobs, one per misfire policy, every 100 ms from `start` with a 50 ms grace
-/// period, on queues named after their policy.
-async fn jobs_per_policy(server: &mut TestServer, start: i64) {
+/// period, on queues named after their policy behind `prefix` (metrics are per process: each
+/// test keeps its own queues).
+async fn jobs_per_policy(server: &mut TestServer, start: i64, prefix: &str) {
     for (queue, policy) in [
         ("once", pb::MisfirePolicy::FireOnce),
         ("skip", pb::MisfirePolicy::Skip),
         ("all", pb::MisfirePolicy::FireAll),
     ] {
-        let mut j = job(queue, every_trigger(100, Some(ts_micros(start))));
-        j.id = queue.into();
+        let queue = format!("{prefix}{queue}");
+        let mut j = job(&queue, every_trigger(100, Some(ts_micros(start))));
+        j.id = queue;
         j.misfire_policy = policy.into();
         j.misfire_grace_period = Some(ms(50));
         server.schedule(j).await;
@@ -239,9 +241,24 @@ async fn drain(server: &mut TestServer, queue: &str, start: i64) -> Vec<i64> {
 async fn missed_occurrences_follow_the_misfire_policy_after_restart() {
     let mut server = TestServer::manual().await;
     let start = server.now() + 200_000;
-    jobs_per_policy(&mut server, start).await;
+    jobs_per_policy(&mut server, start, "").await;
     let mut server = server.restart_after(900).await;
     server.settle().await;
+    // Passed-over occurrences are counted, per queue.
+    let text = scrape(server.metrics_addr).await;
+    let skipped = |queue: &str| {
+        sample(
+            &text,
+            "tickd_occurrences_skipped_total",
+            &[
+                &format!("tickd_queue=\"{queue}\""),
+                "tickd_skip_reason=\"misfire\"",
+            ],
+        )
+    };
+    assert_eq!(skipped("once"), Some(6.0), "{text}");
+    assert_eq!(skipped("skip"), Some(7.0), "{text}");
+    assert_eq!(skipped("all"), None, "{text}");
 
     assert_eq!(drain(&mut server, "once", start).await, vec![600, 700]);
     assert_eq!(drain(&mut server, "skip", start).await, vec![700]);
@@ -263,11 +280,11 @@ async fn missed_occurrences_follow_the_misfire_policy_after_restart() {
 async fn fire_all_is_capped_by_max_catch_up_fires() {
     let mut server = TestServer::manual_with(|c| c.max_catch_up_fires = 3).await;
     let start = server.now() + 200_000;
-    jobs_per_policy(&mut server, start).await;
+    jobs_per_policy(&mut server, start, "capped.").await;
     let mut server = server.restart_after(900).await;
     server.settle().await;
     assert_eq!(
-        drain(&mut server, "all", start).await,
+        drain(&mut server, "capped.all", start).await,
         vec![0, 100, 200, 700]
     );
     server.stop().await;
@@ -282,8 +299,8 @@ async fn cron_catch_up_across_a_dst_change() {
     let friday_noon = 1_774_612_800_000_000;
     let mut server = TestServer::manual_at(friday_noon, |_| {}).await;
     for (id, policy) in [
-        ("all", pb::MisfirePolicy::FireAll),
-        ("once", pb::MisfirePolicy::FireOnce),
+        ("dst.all", pb::MisfirePolicy::FireAll),
+        ("dst.once", pb::MisfirePolicy::FireOnce),
     ] {
         let mut j = job(id, cron_trigger("30 2 * * *", "Europe/Berlin"));
         j.id = id.into();
@@ -299,7 +316,7 @@ async fn cron_catch_up_across_a_dst_change() {
             .format("%m-%d %H:%M")
             .to_string()
     };
-    let all: Vec<String> = drain(&mut server, "all", friday_noon)
+    let all: Vec<String> = drain(&mut server, "dst.all", friday_noon)
         .await
         .into_iter()
         .map(utc)
@@ -309,7 +326,7 @@ async fn cron_catch_up_across_a_dst_change() {
         vec!["03-28 01:30", "03-29 01:00", "03-30 00:30", "03-31 00:30"],
         "02:30 CET, 03:00 CEST (02:30 does not exist), then 02:30 CEST, in UTC"
     );
-    let once: Vec<String> = drain(&mut server, "once", friday_noon)
+    let once: Vec<String> = drain(&mut server, "dst.once", friday_noon)
         .await
         .into_iter()
         .map(utc)

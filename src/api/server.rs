@@ -115,6 +115,7 @@ pub async fn start_core(
             max_catch_up_fires: config.max_catch_up_fires as usize,
             max_redelivery_backoff: duration_micros(config.max_redelivery_backoff),
             retention: duration_micros(config.retention),
+            max_queue_backlog: config.max_queue_backlog as usize,
             observer: Arc::new(FireTelemetry::default()),
         },
     )

@@ -198,6 +198,8 @@ pub struct Advance {
     pub skipped_at_least: bool,
     /// True when the first pending occurrence was late by more than the grace period.
     pub misfired: bool,
+    /// Occurrences passed over because their queue had no room (see [`advance_with_room`]).
+    pub skipped_no_room: u64,
     /// The job's status after these fires.
     pub status: JobStatus,
 }
@@ -211,6 +213,13 @@ pub struct Advance {
 /// FIRE_ALL fires them oldest first up to `fire_all_cap`. Occurrences within the grace period
 /// are left for the next call. `max_fires` and `end_time` end the job.
 pub fn advance(job: &Job, now: Timestamp, fire_all_cap: usize) -> Advance {
+    advance_with_room(job, now, fire_all_cap, usize::MAX)
+}
+
+/// [`advance`] for a queue that can take at most `room` more fires: occurrences beyond it are
+/// passed over (counted in `skipped_no_room`, not in the job's fire count), and the job moves
+/// on to its next occurrence as usual.
+pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: usize) -> Advance {
     let spec = &job.spec;
     let mut status = job.status.clone();
     let unchanged = |status: JobStatus| Advance {
@@ -218,6 +227,7 @@ pub fn advance(job: &Job, now: Timestamp, fire_all_cap: usize) -> Advance {
         skipped: 0,
         skipped_at_least: false,
         misfired: false,
+        skipped_no_room: 0,
         status,
     };
     let Some(first) = status.next_occurrence else {
@@ -291,6 +301,8 @@ pub fn advance(job: &Job, now: Timestamp, fire_all_cap: usize) -> Advance {
         let remaining = spec.max_fires.saturating_sub(status.fire_count);
         fires.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
     }
+    let skipped_no_room = fires.len().saturating_sub(room) as u64;
+    fires.truncate(room);
     status.fire_count += fires.len() as u64;
     if !fires.is_empty() {
         status.last_fire_time = Some(now);
@@ -308,6 +320,7 @@ pub fn advance(job: &Job, now: Timestamp, fire_all_cap: usize) -> Advance {
         skipped,
         skipped_at_least,
         misfired,
+        skipped_no_room,
         status,
     }
 }

@@ -10,7 +10,10 @@ pub mod trace;
 pub mod trigger;
 
 pub use fire::FireRecord;
-pub use job::{Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, advance, fire_id};
+pub use job::{
+    Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, advance, advance_with_room,
+    fire_id,
+};
 pub use time::{Micros, Timestamp};
 pub use trace::TraceContext;
 pub use trigger::{Recurrence, TriggerError, TriggerSpec};

@@ -32,7 +32,7 @@ use tokio_stream::Stream;
 use tracing::{info, warn};
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason};
+pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason, SkipReason};
 pub use state::Delivery;
 
 use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
@@ -52,10 +52,14 @@ pub struct SchedulerConfig {
     /// How long a COMPLETED or CANCELLED job with no fire outstanding is kept after it
     /// finished, before it is deleted.
     pub retention: Micros,
+    /// Most fires one queue holds un-acked; further occurrences for it are skipped.
+    pub max_queue_backlog: usize,
 }
 
 /// Default for [`SchedulerConfig::max_catch_up_fires`].
 pub const DEFAULT_MAX_CATCH_UP_FIRES: usize = 100;
+/// Default for [`SchedulerConfig::max_queue_backlog`].
+pub const DEFAULT_MAX_QUEUE_BACKLOG: usize = 100_000;
 /// Default for [`SchedulerConfig::retention`]: 7 days.
 pub const DEFAULT_RETENTION_MICROS: Micros = 7 * 24 * 3_600 * 1_000_000;
 /// Default for [`SchedulerConfig::max_redelivery_backoff`]: 60 s.
@@ -68,6 +72,7 @@ impl Default for SchedulerConfig {
             max_redelivery_backoff: DEFAULT_MAX_REDELIVERY_BACKOFF_MICROS,
             observer: Arc::new(NoopObserver),
             retention: DEFAULT_RETENTION_MICROS,
+            max_queue_backlog: DEFAULT_MAX_QUEUE_BACKLOG,
         }
     }
 }

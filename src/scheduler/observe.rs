@@ -46,6 +46,24 @@ impl DropReason {
     }
 }
 
+/// Why occurrences were passed over without a fire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Missed while tickd was down or the job paused; the misfire policy passed them over.
+    Misfire,
+    /// Their queue held `--max-queue-backlog` fires not yet acked.
+    BacklogFull,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Misfire => "misfire",
+            SkipReason::BacklogFull => "backlog_full",
+        }
+    }
+}
+
 /// Receives the core's events. Every method has a no-op default.
 pub trait Observer: Send + Sync + Debug + 'static {
     /// A fire is being released for `job` (before it is stored). Returns the trace context to
@@ -71,6 +89,9 @@ pub trait Observer: Send + Sync + Debug + 'static {
 
     /// A fire was dropped: after its last attempt (no dead-letter queue), or with its job.
     fn fire_dropped(&self, _fire: &FireRecord, _reason: DropReason) {}
+
+    /// `count` occurrences of a job on `queue` were passed over without a fire (stored).
+    fn occurrences_skipped(&self, _queue: &str, _count: u64, _reason: SkipReason) {}
 
     /// A store commit of `writes` writes finished (or failed) after `elapsed`.
     fn store_committed(&self, _writes: usize, _elapsed: Duration, _ok: bool) {}

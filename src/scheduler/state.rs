@@ -107,6 +107,9 @@ pub(crate) struct State {
     /// Fires outstanding per job (stored and not yet acked or dropped); a job with any is not
     /// deleted by retention.
     pub fires_per_job: HashMap<JobId, u32>,
+    /// Fires outstanding per queue (waiting or in flight); a queue at `--max-queue-backlog`
+    /// takes no new fire.
+    pub fires_per_queue: HashMap<String, u32>,
     /// (time, fire id) of in-flight ack deadlines and delayed redeliveries.
     pub deadlines: BTreeSet<(Timestamp, String)>,
     pub queues: HashMap<String, QueueState>,
@@ -134,6 +137,7 @@ impl State {
             expiries: BTreeSet::new(),
             fires: HashMap::new(),
             fires_per_job: HashMap::new(),
+            fires_per_queue: HashMap::new(),
             deadlines: BTreeSet::new(),
             queues: HashMap::new(),
             subscribers: HashMap::new(),
@@ -279,7 +283,28 @@ impl State {
                 self.fires_per_job.remove(&entry.rec.job_id);
             }
         }
+        self.uncount_queue(&entry.rec.queue);
         Some(entry)
+    }
+
+    fn uncount_queue(&mut self, queue: &str) {
+        if let Some(n) = self.fires_per_queue.get_mut(queue) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.fires_per_queue.remove(queue);
+            }
+        }
+    }
+
+    /// A fire moved from one queue to another (dead-lettering).
+    fn count_queue_move(&mut self, from: &str, to: &str) {
+        self.uncount_queue(from);
+        *self.fires_per_queue.entry(to.to_string()).or_default() += 1;
+    }
+
+    /// Fires outstanding on `queue`.
+    pub fn queue_fires(&self, queue: &str) -> u32 {
+        self.fires_per_queue.get(queue).copied().unwrap_or(0)
     }
 
     /// Puts a job's timer where its status says: armed at its next due time when SCHEDULED,
@@ -316,8 +341,16 @@ impl State {
     pub fn insert_fire(&mut self, rec: FireRecord, spec: Arc<JobSpec>) {
         let id = rec.fire_id.clone();
         let not_before = rec.not_before;
-        if !self.fires.contains_key(&id) {
-            *self.fires_per_job.entry(rec.job_id.clone()).or_default() += 1;
+        match self.fires.get(&id) {
+            None => {
+                *self.fires_per_job.entry(rec.job_id.clone()).or_default() += 1;
+                *self.fires_per_queue.entry(rec.queue.clone()).or_default() += 1;
+            }
+            Some(old) if old.rec.queue != rec.queue => {
+                let from = old.rec.queue.clone();
+                self.count_queue_move(&from, &rec.queue);
+            }
+            Some(_) => {}
         }
         self.fires.insert(
             id.clone(),
@@ -565,7 +598,12 @@ impl State {
         };
         let pending = entry.status == FireStatus::Pending;
         let not_before = rec.not_before;
+        let moved =
+            (entry.rec.queue != rec.queue).then(|| (entry.rec.queue.clone(), rec.queue.clone()));
         entry.rec = rec;
+        if let Some((from, to)) = moved {
+            self.count_queue_move(&from, &to);
+        }
         if pending {
             self.make_deliverable(&id, not_before);
         }

@@ -17,11 +17,13 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use super::observe::{DropReason, RedeliveryReason};
+use super::observe::{DropReason, RedeliveryReason, SkipReason};
 use super::state::{FireStatus, State};
 use super::{Inner, SchedulerError};
 use crate::domain::fire::expiry_backoff;
-use crate::domain::{FireRecord, Job, JobId, JobState, Micros, Timestamp, advance, fire_id};
+use crate::domain::{
+    FireRecord, Job, JobId, JobState, Micros, Timestamp, advance_with_room, fire_id,
+};
 use crate::store::Write;
 
 /// How long a finished job past its retention waits before it is looked at again, while a fire
@@ -73,6 +75,7 @@ enum Event {
     Redelivered(FireRecord, RedeliveryReason),
     DeadLettered(FireRecord, String),
     Dropped(FireRecord, DropReason),
+    Skipped(String, u64, SkipReason),
 }
 
 /// A change for the writer.
@@ -150,6 +153,12 @@ enum Effect {
     },
     /// A finished job kept past its retention because a fire of it is outstanding.
     RetireLater(JobId),
+    /// Occurrences of a job on `queue` passed over without a fire.
+    Skipped {
+        queue: String,
+        count: u64,
+        reason: SkipReason,
+    },
 }
 
 /// A batch being decided: the writes, the jobs as they will be after it, and what to apply.
@@ -160,6 +169,8 @@ struct Batch {
     effects: Vec<Effect>,
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
     count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
+    /// Fires released per queue in this batch (not yet in memory's counts).
+    new_fires: HashMap<String, usize>,
     /// Jobs deleted in this batch (a later op in it sees them gone).
     deleted: HashSet<JobId>,
     /// When the batch is decided; finish times are stamped with it.
@@ -326,6 +337,9 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
             Event::Redelivered(rec, reason) => observer.fire_redelivered(&rec, reason),
             Event::DeadLettered(rec, from) => observer.fire_dead_lettered(&rec, &from),
             Event::Dropped(rec, reason) => observer.fire_dropped(&rec, reason),
+            Event::Skipped(queue, count, reason) => {
+                observer.occurrences_skipped(&queue, count, reason)
+            }
         }
     }
     for (reply, answer) in replies {
@@ -409,6 +423,11 @@ fn apply(
                 }
                 state.remove_job(&id);
             }
+            Effect::Skipped {
+                queue,
+                count,
+                reason,
+            } => events.push(Event::Skipped(queue, count, reason)),
             Effect::RetireLater(id) => {
                 let later = state.clock.now().plus(RETIRE_RECHECK_MICROS);
                 state.set_expiry(&id, Some(later));
@@ -588,7 +607,11 @@ fn decide_advance(
         batch.effects.push(Effect::Rearm(id));
         return;
     }
-    let plan = advance(&job, now, inner.config.max_catch_up_fires);
+    let queue = job.spec.queue.clone();
+    let outstanding = inner.lock().queue_fires(&queue) as usize
+        + batch.new_fires.get(&queue).copied().unwrap_or(0);
+    let room = inner.config.max_queue_backlog.saturating_sub(outstanding);
+    let plan = advance_with_room(&job, now, inner.config.max_catch_up_fires, room);
     if plan.status == job.status {
         batch.effects.push(Effect::Rearm(id));
         return;
@@ -607,7 +630,27 @@ fn decide_advance(
             "{at_least}{} missed occurrence(s) skipped by the misfire policy",
             plan.skipped
         );
+        batch.effects.push(Effect::Skipped {
+            queue: queue.clone(),
+            count: plan.skipped,
+            reason: SkipReason::Misfire,
+        });
     }
+    if plan.skipped_no_room > 0 {
+        warn!(
+            job_id = %id,
+            queue = %queue,
+            skipped = plan.skipped_no_room,
+            max_queue_backlog = inner.config.max_queue_backlog,
+            "occurrence(s) skipped: the queue holds --max-queue-backlog fires not yet acked; is anyone consuming it?"
+        );
+        batch.effects.push(Effect::Skipped {
+            queue: queue.clone(),
+            count: plan.skipped_no_room,
+            reason: SkipReason::BacklogFull,
+        });
+    }
+    *batch.new_fires.entry(queue).or_default() += plan.fires.len();
     for occurrence in &plan.fires {
         let mut rec = FireRecord {
             fire_id: fire_id(&id, *occurrence),

@@ -34,6 +34,7 @@ pub struct Instruments {
     pub redeliveries: Counter<u64>,
     pub dead_letters: Counter<u64>,
     pub dropped: Counter<u64>,
+    pub skipped: Counter<u64>,
     pub rpc_duration: Histogram<f64>,
     pub commit_duration: Histogram<f64>,
     pub commit_writes: Histogram<u64>,
@@ -160,7 +161,14 @@ fn install() -> Installed {
         dropped: meter
             .u64_counter("tickd.fires.dropped")
             .with_unit("{fire}")
-            .with_description("Fires dropped after their last attempt (no dead-letter queue)")
+            .with_description("Fires dropped, by queue and reason (attempts_exhausted, job_deleted)")
+            .build(),
+        skipped: meter
+            .u64_counter("tickd.occurrences.skipped")
+            .with_unit("{occurrence}")
+            .with_description(
+                "Occurrences passed over without a fire, by queue and reason (misfire, backlog_full)",
+            )
             .build(),
         rpc_duration: meter
             .f64_histogram("rpc.server.call.duration")

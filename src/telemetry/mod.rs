@@ -33,7 +33,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 pub use traces::{span_context_of, trace_context_of};
 
 use crate::domain::{FireRecord, Job, Timestamp, TraceContext};
-use crate::scheduler::{DropReason, Observer, RedeliveryReason};
+use crate::scheduler::{DropReason, Observer, RedeliveryReason, SkipReason};
 
 /// Set once a trace exporter is installed; until then no fire span is built at all.
 static TRACES_ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -305,6 +305,16 @@ impl Observer for FireTelemetry {
             format!("drop {}", fire.queue),
             SpanKind::Internal,
             Vec::new(),
+        );
+    }
+
+    fn occurrences_skipped(&self, queue: &str, count: u64, reason: SkipReason) {
+        self.metrics.skipped.add(
+            count,
+            &[
+                KeyValue::new("tickd.queue", queue.to_string()),
+                KeyValue::new("tickd.skip.reason", reason.as_str()),
+            ],
         );
     }
 
