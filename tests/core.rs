@@ -520,6 +520,10 @@ impl Clock for FrozenClock {
         self.now
     }
 
+    fn steady_now(&self) -> Timestamp {
+        self.now()
+    }
+
     fn sleep_until(&self, _deadline: Timestamp) -> tickd::scheduler::clock::Sleep<'_> {
         Box::pin(tokio::time::sleep(Duration::from_millis(50)))
     }

@@ -83,18 +83,87 @@ async fn nack_redelivers_with_next_attempt() {
     server.stop().await;
 }
 
-/// A fire in flight on a stream that drops goes to another subscriber with attempt + 1.
+/// A fire in flight on a stream that drops stays leased until its ack deadline (the worker may
+/// still be working on it): no other subscriber gets it before; then it goes to another with
+/// attempt + 1, after the first expiry backoff (1 s).
 #[tokio::test]
-async fn dropped_stream_redelivers_to_another_subscriber() {
+async fn a_dropped_stream_keeps_its_leases_until_the_deadline() {
     let mut server = TestServer::manual().await;
     let mut first = server.subscribe("q", 10).await;
     due_now(&mut server, "q", 1).await;
     let fire = first.recv().await;
     let mut second = server.subscribe("q", 10).await;
     drop(first);
+    server
+        .wait_until("the server saw the stream go", |s| {
+            s.queue("q").subscribers == 1
+        })
+        .await;
+    server.advance(29_999).await;
+    assert_eq!(
+        server.counts("q"),
+        (0, 1),
+        "still leased to the dropped stream's worker"
+    );
+    server.advance(1).await;
+    assert_eq!(
+        server.counts("q"),
+        (1, 0),
+        "expired, waiting out the backoff"
+    );
+    server.advance(1_000).await;
     let again = second.recv().await;
     assert_eq!(again.fire_id, fire.fire_id);
     assert_eq!(again.attempt, 2);
+    server.stop().await;
+}
+
+/// The worker of a dropped stream can still ack its fire, with Ack or on a new stream, and
+/// then it is never delivered again.
+#[tokio::test]
+async fn a_fire_leased_to_a_dropped_stream_can_still_be_acked() {
+    let mut server = TestServer::manual().await;
+    let mut first = server.subscribe("q", 10).await;
+    due_now(&mut server, "q", 2).await;
+    let a = first.recv().await;
+    let b = first.recv().await;
+    drop(first);
+    server
+        .wait_until("the server saw the stream go", |s| {
+            s.queue("q").subscribers == 0
+        })
+        .await;
+    server.settle().await;
+    assert_eq!(server.counts("q"), (0, 2), "both still leased");
+    assert_eq!(server.ack("q", &[&a.fire_id]).await, 1);
+    let reconnected = server.subscribe("q", 10).await;
+    reconnected.ack(&[&b.fire_id]).await;
+    server.wait_in_flight("q", 0).await;
+    server.advance(3_600_000).await;
+    assert_eq!(server.counts("q"), (0, 0), "nothing left to deliver");
+    server.stop().await;
+}
+
+/// Leases are measured on a steady clock: a wall-clock step forward by an hour (NTP) expires
+/// none of them, and one back stretches none of them.
+#[tokio::test]
+async fn a_wall_clock_step_moves_no_lease() {
+    let mut server = TestServer::manual().await;
+    let mut sub = server.subscribe("q", 10).await;
+    due_now(&mut server, "q", 1).await;
+    let fire = sub.recv().await;
+    server.manual_clock().step_wall(3_600_000_000);
+    server.settle().await;
+    assert_eq!(server.counts("q"), (0, 1), "a step forward expired a lease");
+    server.manual_clock().step_wall(-7_200_000_000);
+    server.advance(30_000).await;
+    assert_eq!(server.counts("q"), (1, 0), "a step back stretched a lease");
+    server.advance(1_000).await;
+    let again = sub.recv().await;
+    assert_eq!(
+        (again.fire_id.as_str(), again.attempt),
+        (fire.fire_id.as_str(), 2)
+    );
     server.stop().await;
 }
 

@@ -198,6 +198,10 @@ impl Clock for PanickingClock {
         self.inner.now()
     }
 
+    fn steady_now(&self) -> Timestamp {
+        self.inner.steady_now()
+    }
+
     fn sleep_until(&self, deadline: Timestamp) -> tickd::scheduler::clock::Sleep<'_> {
         let sleep = self.inner.sleep_until(deadline);
         Box::pin(async move {

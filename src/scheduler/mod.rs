@@ -601,15 +601,16 @@ impl SubscriberHandle {
     /// Moves the ack deadline of fires in flight on this subscription to `now + extension`.
     pub fn extend(&self, fire_ids: &[String], extension: Micros) {
         self.inner.mutate(|state| {
-            let deadline = state.clock.now().plus(extension);
+            let deadline = state.clock.steady_now().plus(extension);
             state.extend(fire_ids, self.id, deadline);
         });
     }
 
-    /// Ends the subscription: fires it held are delivered again to others (attempt + 1).
+    /// Ends the subscription. Fires it held stay leased until their ack deadlines (the worker
+    /// may still be working on them, and may ack them on another stream or with Ack); then they
+    /// are redelivered as any expired fire is.
     pub fn close(&self) {
-        let held = self.inner.mutate(|state| state.remove_subscriber(self.id));
-        self.inner.redeliver(held, Redelivery::StreamLost);
+        self.inner.mutate(|state| state.detach_subscriber(self.id));
     }
 }
 
@@ -669,12 +670,17 @@ impl Scheduler {
     pub async fn settle(&self) {
         loop {
             let now = self.inner.clock.now();
-            let idle_before = self.inner.lock().idle_at(now);
+            let steady = self.inner.clock.steady_now();
+            let idle_before = self.inner.lock().idle_at(now, steady);
             let (tx, rx) = oneshot::channel();
             if self.inner.send(Op::Flush { reply: tx }).is_err() || rx.await.is_err() {
                 return; // The writer has stopped: nothing more will change.
             }
-            if idle_before && self.inner.clock.now() == now && self.inner.lock().idle_at(now) {
+            if idle_before
+                && self.inner.clock.now() == now
+                && self.inner.clock.steady_now() == steady
+                && self.inner.lock().idle_at(now, steady)
+            {
                 return;
             }
             // Let the timer task run (it may share this thread).

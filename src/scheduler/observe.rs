@@ -12,10 +12,8 @@ use crate::domain::{FireRecord, Job, Timestamp, TraceContext};
 pub enum RedeliveryReason {
     /// The worker nacked it.
     Nack,
-    /// Its ack deadline passed.
+    /// Its ack deadline passed (the stream that held it may have gone away before).
     Expired,
-    /// The stream that held it went away.
-    StreamLost,
 }
 
 impl RedeliveryReason {
@@ -23,7 +21,6 @@ impl RedeliveryReason {
         match self {
             RedeliveryReason::Nack => "nack",
             RedeliveryReason::Expired => "expired",
-            RedeliveryReason::StreamLost => "stream_lost",
         }
     }
 }

@@ -35,9 +35,10 @@ pub struct Delivery {
 pub(crate) enum FireStatus {
     /// On its queue's ready list, waiting for a subscriber with room.
     Ready,
-    /// Waiting in `deadlines` until it may be delivered (nack delay or backoff).
+    /// Waiting in `deadlines` until it may be delivered (nack delay or backoff); steady time.
     Delayed(Timestamp),
-    /// Handed to a subscriber's stream; back for redelivery at the deadline (in `deadlines`).
+    /// Handed to a subscriber's stream; back for redelivery at the deadline (in `deadlines`,
+    /// steady time). Stays so when the stream goes away: the worker may still ack it.
     InFlight { sub: SubId, deadline: Timestamp },
     /// Its redelivery is being written; not deliverable until that commit applies.
     Pending,
@@ -110,7 +111,8 @@ pub(crate) struct State {
     /// Fires outstanding per queue (waiting or in flight); a queue at `--max-queue-backlog`
     /// takes no new fire.
     pub fires_per_queue: HashMap<String, u32>,
-    /// (time, fire id) of in-flight ack deadlines and delayed redeliveries.
+    /// (steady time, fire id) of in-flight ack deadlines and delayed redeliveries: measured on
+    /// the steady clock, so a wall-clock step moves none of them.
     pub deadlines: BTreeSet<(Timestamp, String)>,
     pub queues: HashMap<String, QueueState>,
     pub subscribers: HashMap<SubId, Subscriber>,
@@ -369,10 +371,13 @@ impl State {
         let Some(entry) = self.fires.get_mut(id) else {
             return;
         };
+        let now = self.clock.now();
         match not_before {
-            Some(t) if t > self.clock.now() => {
-                entry.status = FireStatus::Delayed(t);
-                self.insert_deadline(t, id.to_string());
+            Some(t) if t > now => {
+                // Stored as wall time (it must survive a restart); waited for on steady time.
+                let at = self.clock.steady_now().plus(t.since(now));
+                entry.status = FireStatus::Delayed(at);
+                self.insert_deadline(at, id.to_string());
             }
             _ => {
                 entry.status = FireStatus::Ready;
@@ -422,7 +427,7 @@ impl State {
                 if entry.status != FireStatus::Ready {
                     continue;
                 }
-                let deadline = self.clock.now().plus(entry.spec.ack_deadline);
+                let deadline = self.clock.steady_now().plus(entry.spec.ack_deadline);
                 entry.status = FireStatus::InFlight {
                     sub: sub_id,
                     deadline,
@@ -431,7 +436,7 @@ impl State {
                 let delivery = Delivery {
                     fire: entry.rec.clone(),
                     spec: entry.spec.clone(),
-                    ack_deadline: deadline,
+                    ack_deadline: self.clock.now().plus(entry.spec.ack_deadline),
                 };
                 self.insert_deadline(deadline, fire_id);
                 return Poll::Ready(Some(delivery));
@@ -512,7 +517,7 @@ impl State {
     /// Collects what is due at `now`: up to `max_jobs` jobs (taken out of the timer index),
     /// expired deadlines (fires become `Pending`) and delayed fires whose time has come (they
     /// become ready).
-    pub fn take_due(&mut self, now: Timestamp, max_jobs: usize) -> DueWork {
+    pub fn take_due(&mut self, now: Timestamp, steady: Timestamp, max_jobs: usize) -> DueWork {
         let mut work = DueWork::default();
         while work.jobs.len() < max_jobs {
             let Some((due, id)) = self.timers.first().cloned() else {
@@ -530,7 +535,7 @@ impl State {
             }
         }
         while let Some((t, id)) = self.deadlines.first().cloned() {
-            if t > now {
+            if t > steady {
                 break;
             }
             self.deadlines.pop_first();
@@ -566,7 +571,10 @@ impl State {
         }
         work.next_wake = [
             self.timers.first().map(|(t, _)| *t),
-            self.deadlines.first().map(|(t, _)| *t),
+            // A steady deadline, as the wall time it is this far from now.
+            self.deadlines
+                .first()
+                .map(|(t, _)| now.plus(t.since(steady))),
             self.expiries.first().map(|(t, _)| *t),
         ]
         .into_iter()
@@ -582,10 +590,10 @@ impl State {
 
     /// Whether nothing in the timer or deadline indexes is due at `now`, and the timer loop
     /// holds no work it took earlier.
-    pub fn idle_at(&self, now: Timestamp) -> bool {
+    pub fn idle_at(&self, now: Timestamp, steady: Timestamp) -> bool {
         !self.timer_busy
             && self.timers.first().is_none_or(|(t, _)| *t > now)
-            && self.deadlines.first().is_none_or(|(t, _)| *t > now)
+            && self.deadlines.first().is_none_or(|(t, _)| *t > steady)
             && self.expiries.first().is_none_or(|(t, _)| *t > now)
     }
 
@@ -645,10 +653,15 @@ impl State {
 
     /// Removes a subscriber and wakes its stream (which then ends). Returns the fires it held,
     /// now `Pending`, oldest first.
-    pub fn remove_subscriber(&mut self, id: SubId) -> Vec<String> {
-        let Some(mut sub) = self.subscribers.remove(&id) else {
-            return Vec::new();
-        };
+    /// Removes a subscriber whose stream went away, leaving the fires it held in flight until
+    /// their deadlines.
+    pub fn detach_subscriber(&mut self, id: SubId) {
+        self.unlink_subscriber(id);
+    }
+
+    /// Takes a subscriber out of the tables (waking its stream so that it ends).
+    fn unlink_subscriber(&mut self, id: SubId) -> Option<Subscriber> {
+        let mut sub = self.subscribers.remove(&id)?;
         if let Some(waker) = sub.waker.take() {
             self.wakers.push(waker);
         }
@@ -658,6 +671,15 @@ impl State {
                 self.queues.remove(&sub.queue);
             }
         }
+        Some(sub)
+    }
+
+    /// Removes a subscriber at shutdown and returns the fires it held, oldest first, now
+    /// `Pending` (off the deadline index).
+    fn remove_subscriber(&mut self, id: SubId) -> Vec<String> {
+        let Some(sub) = self.unlink_subscriber(id) else {
+            return Vec::new();
+        };
         let mut held = Vec::new();
         for fire_id in sub.in_flight {
             if let Some(entry) = self.fires.get_mut(&fire_id)

@@ -31,7 +31,8 @@ pub(crate) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             return;
         }
         let now = inner.clock.now();
-        let work = inner.mutate(|state| state.take_due(now, MAX_JOBS_PER_ADVANCE));
+        let steady = inner.clock.steady_now();
+        let work = inner.mutate(|state| state.take_due(now, steady, MAX_JOBS_PER_ADVANCE));
         let expired_any = !work.expired.is_empty() || !work.retired.is_empty();
         inner.redeliver(work.expired, Redelivery::Expired);
         if !work.retired.is_empty() {

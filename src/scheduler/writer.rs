@@ -51,10 +51,9 @@ pub(crate) enum Transition {
 pub(crate) enum Redelivery {
     /// The worker nacked it; deliver again after this delay.
     Nack(Micros),
-    /// Its ack deadline passed; back off exponentially.
+    /// Its ack deadline passed (also after the stream that held it went away); back off
+    /// exponentially.
     Expired,
-    /// The stream that held it went away; deliver again at once.
-    StreamLost,
 }
 
 impl Redelivery {
@@ -62,7 +61,6 @@ impl Redelivery {
         match self {
             Redelivery::Nack(_) => RedeliveryReason::Nack,
             Redelivery::Expired => RedeliveryReason::Expired,
-            Redelivery::StreamLost => RedeliveryReason::StreamLost,
         }
     }
 }
@@ -719,7 +717,6 @@ fn decide_redelivery(
         Redelivery::Expired => {
             expiry_backoff(delivered_attempt, inner.config.max_redelivery_backoff)
         }
-        Redelivery::StreamLost => 0,
     };
     rec.attempt = delivered_attempt + 1;
     rec.not_before = (delay > 0).then(|| now.plus(delay));
