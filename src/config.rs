@@ -47,6 +47,17 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_queue_backlog: u32,
 
+    /// Most Subscribe streams open at once, over all queues; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TICKD_MAX_SUBSCRIBERS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_subscribers: u32,
+
+    /// How long a Subscribe call may take to send its `open`; then it ends with
+    /// INVALID_ARGUMENT and frees its place.
+    #[arg(long, env = "TICKD_SUBSCRIBE_OPEN_TIMEOUT", default_value = "10s", value_parser = parse_open_timeout)]
+    pub subscribe_open_timeout: Duration,
+
     /// How long a COMPLETED or CANCELLED job (with no fire outstanding) is kept after it
     /// finished; then it is deleted and its id can be used again. `0s` deletes it at once.
     #[arg(long, env = "TICKD_RETENTION", default_value = "7d", value_parser = parse_retention)]
@@ -88,6 +99,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use a duration such as 500ms, 30s, 5m)"))
 }
 
+fn parse_open_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(10) || d > Duration::from_secs(3_600) {
+        return Err("between 10ms and 1h".into());
+    }
+    Ok(d)
+}
+
 /// Longest retention: ten years.
 const MAX_RETENTION: Duration = Duration::from_secs(10 * 366 * 24 * 3_600);
 
@@ -111,6 +130,8 @@ impl Config {
             max_redelivery_backoff: Duration::from_secs(60),
             retention: Duration::from_secs(7 * 24 * 3_600),
             max_queue_backlog: 100_000,
+            max_subscribers: 10_000,
+            subscribe_open_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(10),
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 10_000,
@@ -140,6 +161,8 @@ mod tests {
         assert_eq!(parsed.shutdown_grace, d.shutdown_grace);
         assert_eq!(parsed.retention, d.retention);
         assert_eq!(parsed.max_queue_backlog, d.max_queue_backlog);
+        assert_eq!(parsed.max_subscribers, d.max_subscribers);
+        assert_eq!(parsed.subscribe_open_timeout, d.subscribe_open_timeout);
         assert_eq!(parsed.request_timeout, d.request_timeout);
         assert_eq!(parsed.max_concurrent_requests, d.max_concurrent_requests);
     }

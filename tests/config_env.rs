@@ -23,6 +23,8 @@ fn every_tickd_variable_reaches_its_flag() {
         ("TICKD_SHUTDOWN_GRACE", "4s"),
         ("TICKD_RETENTION", "12h"),
         ("TICKD_MAX_QUEUE_BACKLOG", "77"),
+        ("TICKD_MAX_SUBSCRIBERS", "55"),
+        ("TICKD_SUBSCRIBE_OPEN_TIMEOUT", "3s"),
         ("TICKD_REQUEST_TIMEOUT", "5s"),
         ("TICKD_MAX_CONCURRENT_REQUESTS", "9"),
         ("TICKD_HTTP2_KEEPALIVE_INTERVAL", "6s"),
@@ -60,6 +62,8 @@ fn every_tickd_variable_reaches_its_flag() {
     assert_eq!(c.shutdown_grace, Duration::from_secs(4));
     assert_eq!(c.retention, Duration::from_secs(12 * 3_600));
     assert_eq!(c.max_queue_backlog, 77);
+    assert_eq!(c.max_subscribers, 55);
+    assert_eq!(c.subscribe_open_timeout, Duration::from_secs(3));
     assert_eq!(c.request_timeout, Duration::from_secs(5));
     assert_eq!(c.max_concurrent_requests, 9);
     assert_eq!(c.http2_keepalive_interval, Duration::from_secs(6));

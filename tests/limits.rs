@@ -60,3 +60,65 @@ async fn a_full_queue_skips_occurrences_and_counts_them() {
     assert_eq!(server.job("ticker").await.fire_count, 4);
     server.stop().await;
 }
+
+/// At --max-subscribers open streams a new Subscribe is refused with RESOURCE_EXHAUSTED naming
+/// the limit; once one ends, there is room again.
+#[tokio::test]
+async fn subscribers_are_bounded() {
+    let mut server = TestServer::manual_with(|c| c.max_subscribers = 2).await;
+    let first = server.subscribe("a", 1).await;
+    let _second = server.subscribe("b", 1).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::SubscribeRequest {
+        request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
+            queue: "c".into(),
+            max_in_flight: 1,
+        })),
+    })
+    .await
+    .expect("send open");
+    let refused = server
+        .client
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("a third stream is refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("--max-subscribers"),
+        "{refused:?}"
+    );
+    drop(first);
+    server
+        .wait_until("the first stream ended", |s| s.queue("a").subscribers == 0)
+        .await;
+    let _third = server.subscribe("c", 1).await;
+    server.stop().await;
+}
+
+/// A Subscribe that never sends its open ends with INVALID_ARGUMENT after
+/// --subscribe-open-timeout, and frees its admission slot.
+#[tokio::test]
+async fn a_subscribe_without_open_times_out_and_frees_its_slot() {
+    let mut server = TestServer::start_with(|c| {
+        c.subscribe_open_timeout = std::time::Duration::from_millis(200);
+        c.max_concurrent_requests = 1;
+    })
+    .await;
+    let (_hold, rx) = tokio::sync::mpsc::channel::<pb::SubscribeRequest>(1);
+    let started = std::time::Instant::now();
+    let ended = server
+        .client
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect_err("no open");
+    assert_eq!(ended.code(), tonic::Code::InvalidArgument, "{ended:?}");
+    assert!(ended.message().contains("within 200ms"), "{ended:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(200));
+    // The only slot is free again.
+    expect_code(server.get("nothing").await, tonic::Code::NotFound);
+    server.stop().await;
+}

@@ -116,6 +116,7 @@ pub async fn start_core(
             max_redelivery_backoff: duration_micros(config.max_redelivery_backoff),
             retention: duration_micros(config.retention),
             max_queue_backlog: config.max_queue_backlog as usize,
+            max_subscribers: config.max_subscribers as usize,
             observer: Arc::new(FireTelemetry::default()),
         },
     )
@@ -174,6 +175,7 @@ pub async fn serve(
         core.clone(),
         Limits {
             max_payload_bytes: config.max_payload_bytes as usize,
+            subscribe_open_timeout: config.subscribe_open_timeout,
         },
     ))
     .max_decoding_message_size(max_message)

@@ -166,7 +166,20 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<BoxFireStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?;
+        let timeout = self.limits.subscribe_open_timeout;
+        let first = tokio::time::timeout(timeout, inbound.message())
+            .await
+            .map_err(|_| {
+                let mut v = Violations::default();
+                v.add(
+                    "request",
+                    format!(
+                        "the first SubscribeRequest must be an open, sent within {} of the call",
+                        humantime::format_duration(timeout)
+                    ),
+                );
+                v.into_status()
+            })??;
         let Some(SubReq::Open(open)) = first.and_then(|m| m.request) else {
             let mut v = Violations::default();
             v.add("request", "the first SubscribeRequest must be an open");

@@ -154,6 +154,8 @@ fn human(micros: Micros) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_payload_bytes: usize,
+    /// How long a Subscribe may take to send its `open`.
+    pub subscribe_open_timeout: std::time::Duration,
 }
 
 /// Turns a Schedule request into a job spec with defaults filled in, or says what is wrong.

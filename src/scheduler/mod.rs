@@ -54,10 +54,14 @@ pub struct SchedulerConfig {
     pub retention: Micros,
     /// Most fires one queue holds un-acked; further occurrences for it are skipped.
     pub max_queue_backlog: usize,
+    /// Most subscriptions open at once.
+    pub max_subscribers: usize,
 }
 
 /// Default for [`SchedulerConfig::max_catch_up_fires`].
 pub const DEFAULT_MAX_CATCH_UP_FIRES: usize = 100;
+/// Default for [`SchedulerConfig::max_subscribers`].
+pub const DEFAULT_MAX_SUBSCRIBERS: usize = 10_000;
 /// Default for [`SchedulerConfig::max_queue_backlog`].
 pub const DEFAULT_MAX_QUEUE_BACKLOG: usize = 100_000;
 /// Default for [`SchedulerConfig::retention`]: 7 days.
@@ -73,6 +77,7 @@ impl Default for SchedulerConfig {
             observer: Arc::new(NoopObserver),
             retention: DEFAULT_RETENTION_MICROS,
             max_queue_backlog: DEFAULT_MAX_QUEUE_BACKLOG,
+            max_subscribers: DEFAULT_MAX_SUBSCRIBERS,
         }
     }
 }
@@ -448,6 +453,13 @@ impl Scheduler {
         let id = self.inner.mutate(|state| {
             if state.shutting_down {
                 return Err(shutting_down());
+            }
+            let max = self.inner.config.max_subscribers;
+            if state.subscribers.len() >= max {
+                return Err(SchedulerError::ResourceExhausted(format!(
+                    "tickd already serves {max} Subscribe streams (--max-subscribers); retry \
+                     later or share streams between workers"
+                )));
             }
             Ok(state.add_subscriber(queue, max_in_flight.max(1)))
         })?;
