@@ -122,3 +122,15 @@ async fn a_subscribe_without_open_times_out_and_frees_its_slot() {
     expect_code(server.get("nothing").await, tonic::Code::NotFound);
     server.stop().await;
 }
+
+/// An open Subscribe stream does not hold an admission slot: with one slot, calls still go
+/// through while the stream stays open.
+#[tokio::test]
+async fn an_open_stream_holds_no_admission_slot() {
+    let mut server = TestServer::manual_with(|c| c.max_concurrent_requests = 1).await;
+    let _open = server.subscribe("a", 1).await;
+    for _ in 0..3 {
+        expect_code(server.get("nothing").await, tonic::Code::NotFound);
+    }
+    server.stop().await;
+}
