@@ -134,3 +134,157 @@ async fn an_open_stream_holds_no_admission_slot() {
     }
     server.stop().await;
 }
+
+async fn list(server: &mut TestServer, req: pb::ListJobsRequest) -> pb::ListJobsResponse {
+    server
+        .client
+        .list_jobs(req)
+        .await
+        .expect("list")
+        .into_inner()
+}
+
+/// Schedules `n` jobs (due in an hour) on `queue` with ids `{prefix}{i:05}`, concurrently.
+async fn many(server: &TestServer, queue: &str, prefix: &str, n: usize, payload: usize) {
+    let calls: Vec<_> = (0..n)
+        .map(|i| {
+            let mut client = server.client.clone();
+            let mut j = job(queue, after_trigger(3_600_000));
+            j.id = format!("{prefix}{i:05}");
+            j.payload = vec![b'p'; payload].into();
+            tokio::spawn(async move { schedule(&mut client, j).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.expect("task");
+    }
+}
+
+/// One ListJobs call looks at a bounded number of jobs: a filter that matches only the last of
+/// 1,200 jobs gets an empty first page with a continuation, and the pages together hold exactly
+/// that job. A queue filter looks only at that queue's jobs.
+#[tokio::test]
+async fn list_jobs_does_bounded_work_per_call() {
+    let mut server = TestServer::manual().await;
+    many(&server, "bulk", "a", 1_200, 0).await;
+    let mut rare = job("rare", after_trigger(3_600_000));
+    rare.id = "b-rare".into();
+    rare.labels.insert("needle".into(), "yes".into());
+    server.schedule(rare).await;
+
+    let by_label = |token: String| pb::ListJobsRequest {
+        labels: [("needle".to_string(), "yes".to_string())].into(),
+        page_size: 1,
+        page_token: token,
+        ..Default::default()
+    };
+    let first = list(&mut server, by_label(String::new())).await;
+    assert!(first.jobs.is_empty(), "the scan stopped at its budget");
+    assert!(!first.next_page_token.is_empty());
+    let mut found = Vec::new();
+    let mut token = first.next_page_token;
+    let mut calls = 1;
+    while !token.is_empty() {
+        let page = list(&mut server, by_label(token)).await;
+        found.extend(page.jobs.into_iter().map(|j| j.id));
+        token = page.next_page_token;
+        calls += 1;
+        assert!(calls < 10, "paging does not end");
+    }
+    assert_eq!(found, vec!["b-rare"]);
+
+    let on_queue = list(
+        &mut server,
+        pb::ListJobsRequest {
+            queue: "rare".into(),
+            page_size: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        on_queue.jobs.len(),
+        1,
+        "found through the queue's own index"
+    );
+    assert!(on_queue.next_page_token.is_empty());
+    server.stop().await;
+}
+
+/// A `states` filter naming a state 200,000 times is the same filter as naming it once.
+#[tokio::test]
+async fn repeated_states_count_once() {
+    let mut server = TestServer::manual().await;
+    many(&server, "s", "j", 3, 0).await;
+    let page = list(
+        &mut server,
+        pb::ListJobsRequest {
+            states: vec![pb::JobState::Scheduled.into(); 200_000],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(page.jobs.len(), 3);
+    server.stop().await;
+}
+
+/// Payloads are left out of ListJobs unless JOB_VIEW_FULL asks for them, and a page never
+/// outgrows the response size limit: with ~200 KB payloads a full page holds one job and
+/// continues.
+#[tokio::test]
+async fn list_pages_leave_payloads_out_and_fit_the_message_limit() {
+    let mut server = TestServer::manual().await;
+    many(&server, "big", "big", 3, 200_000).await;
+    let basic = list(&mut server, pb::ListJobsRequest::default()).await;
+    assert_eq!(basic.jobs.len(), 3);
+    assert!(basic.jobs.iter().all(|j| j.payload.is_empty()));
+    assert_eq!(
+        server.job("big00000").await.payload.len(),
+        200_000,
+        "GetJob is whole"
+    );
+
+    let mut token = String::new();
+    let mut pages = Vec::new();
+    loop {
+        let page = list(
+            &mut server,
+            pb::ListJobsRequest {
+                view: pb::JobView::Full.into(),
+                page_token: token,
+                ..Default::default()
+            },
+        )
+        .await;
+        assert!(page.jobs.iter().all(|j| j.payload.len() == 200_000));
+        pages.push(page.jobs.len());
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages.iter().sum::<usize>(), 3);
+    assert!(pages.iter().all(|n| *n <= 1), "pages {pages:?}");
+    server.stop().await;
+}
+
+/// An error quotes at most a couple of hundred characters of what the client sent.
+#[tokio::test]
+async fn errors_quote_little_of_the_input() {
+    let mut server = TestServer::manual().await;
+    let huge = "x".repeat(100_000);
+    let mut j = job("q", cron_trigger(&huge, &huge));
+    j.labels.insert(huge.clone(), "v".into());
+    let refused = server
+        .client
+        .schedule(pb::ScheduleRequest { job: Some(j) })
+        .await
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().len() < 2_500,
+        "{} bytes of message",
+        refused.message().len()
+    );
+    server.stop().await;
+}

@@ -332,6 +332,7 @@ async fn list_jobs_filters_and_pages() {
                     .collect(),
                 page_size: size,
                 page_token: token.into(),
+                view: pb::JobView::Full.into(),
             }
         };
     let ids = |r: &pb::ListJobsResponse| r.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>();

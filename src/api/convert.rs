@@ -124,7 +124,10 @@ pub fn status(e: SchedulerError) -> Status {
             "{e}; use another id, or cancel the existing job and schedule under a new id"
         )),
         SchedulerError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-        SchedulerError::InvalidTrigger(_) => Status::invalid_argument(e.to_string()),
+        SchedulerError::InvalidTrigger(_) => Status::invalid_argument(super::validate::clip(
+            e.to_string(),
+            super::validate::MAX_ECHO_CHARS + 200,
+        )),
         SchedulerError::Unavailable(_) => Status::unavailable(e.to_string()),
         SchedulerError::ResourceExhausted(_) => Status::resource_exhausted(e.to_string()),
         SchedulerError::Internal(_) => Status::internal(e.to_string()),

@@ -176,6 +176,7 @@ pub async fn serve(
         Limits {
             max_payload_bytes: config.max_payload_bytes as usize,
             subscribe_open_timeout: config.subscribe_open_timeout,
+            max_list_response_bytes: max_message - MESSAGE_OVERHEAD_BYTES / 2,
         },
     ))
     .max_decoding_message_size(max_message)

@@ -125,12 +125,25 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let q = validate::list_request(request.into_inner())?;
-        let (jobs, next) = self.core.list(&q.filter, q.page_size, q.after.as_deref());
+        let (jobs, mut next) = self.core.list(&q.filter, q.page_size, q.after.as_deref());
+        // A page stops before it would outgrow the response size limit; the rest follows.
+        let mut page = Vec::with_capacity(jobs.len());
+        let mut bytes = 0;
+        for job in &jobs {
+            let mut shown = convert::job(job, self.core.retention());
+            if !q.with_payload {
+                shown.payload = Default::default();
+            }
+            let size = prost::Message::encoded_len(&shown) + 8;
+            if !page.is_empty() && bytes + size > self.limits.max_list_response_bytes {
+                next = page.last().map(|j: &pb::Job| j.id.clone());
+                break;
+            }
+            bytes += size;
+            page.push(shown);
+        }
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: jobs
-                .iter()
-                .map(|j| convert::job(j, self.core.retention()))
-                .collect(),
+            jobs: page,
             next_page_token: next
                 .map(|id| validate::encode_page_token(&id))
                 .unwrap_or_default(),

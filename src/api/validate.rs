@@ -40,8 +40,13 @@ const MAX_TIMESTAMP_SECONDS: i64 = 253_402_300_799;
 pub struct Violations(Vec<(String, String)>);
 
 impl Violations {
+    /// Adds a violation. Field and description are cut to a few hundred characters, so an
+    /// error never echoes a huge piece of client input back (or into logs).
     pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
-        self.0.push((field.into(), description.into()));
+        self.0.push((
+            clip(field.into(), MAX_ECHO_CHARS),
+            clip(description.into(), MAX_ECHO_CHARS + 200),
+        ));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -75,6 +80,18 @@ impl Violations {
             details,
         )
     }
+}
+
+/// About how much client input an error message quotes.
+pub const MAX_ECHO_CHARS: usize = 200;
+
+/// `s` cut to at most `max` characters, marked with "…" when cut.
+pub fn clip(mut s: String, max: usize) -> String {
+    if let Some((at, _)) = s.char_indices().nth(max) {
+        s.truncate(at);
+        s.push('…');
+    }
+    s
 }
 
 /// Checks a queue (or job id) name: 1 to 128 characters of `[A-Za-z0-9._-]`.
@@ -156,6 +173,8 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// How long a Subscribe may take to send its `open`.
     pub subscribe_open_timeout: std::time::Duration,
+    /// Most bytes of jobs in one ListJobs response (below the message size limit).
+    pub max_list_response_bytes: usize,
 }
 
 /// Turns a Schedule request into a job spec with defaults filled in, or says what is wrong.
@@ -418,23 +437,42 @@ pub struct ListQuery {
     pub filter: crate::scheduler::JobFilter,
     pub page_size: usize,
     pub after: Option<String>,
+    /// Whether payloads are returned (JOB_VIEW_FULL).
+    pub with_payload: bool,
 }
 
 pub fn list_request(req: pb::ListJobsRequest) -> Result<ListQuery, Status> {
     let mut v = Violations::default();
     check_name(&mut v, "queue", &req.queue, false);
+    // A state named twice counts once; the first bad value is reported.
     let mut states = Vec::new();
+    let mut bad_state = None;
     for s in &req.states {
-        match pb::JobState::try_from(*s) {
-            Ok(pb::JobState::Scheduled) => states.push(JobState::Scheduled),
-            Ok(pb::JobState::Paused) => states.push(JobState::Paused),
-            Ok(pb::JobState::Completed) => states.push(JobState::Completed),
-            Ok(pb::JobState::Cancelled) => states.push(JobState::Cancelled),
+        let state = match pb::JobState::try_from(*s) {
+            Ok(pb::JobState::Scheduled) => JobState::Scheduled,
+            Ok(pb::JobState::Paused) => JobState::Paused,
+            Ok(pb::JobState::Completed) => JobState::Completed,
+            Ok(pb::JobState::Cancelled) => JobState::Cancelled,
             Ok(pb::JobState::Unspecified) | Err(_) => {
-                v.add("states", format!("{s} is not a job state to filter on"));
+                bad_state.get_or_insert(*s);
+                continue;
             }
+        };
+        if !states.contains(&state) {
+            states.push(state);
         }
     }
+    if let Some(s) = bad_state {
+        v.add("states", format!("{s} is not a job state to filter on"));
+    }
+    let with_payload = match pb::JobView::try_from(req.view) {
+        Ok(pb::JobView::Full) => true,
+        Ok(pb::JobView::Basic | pb::JobView::Unspecified) => false,
+        Err(_) => {
+            v.add("view", format!("{} is not a job view", req.view));
+            false
+        }
+    };
     let labels = labels(&mut v, "labels", &req.labels);
     let page_size = match req.page_size {
         n if n < 0 => {
@@ -464,6 +502,7 @@ pub fn list_request(req: pb::ListJobsRequest) -> Result<ListQuery, Status> {
         },
         page_size,
         after,
+        with_payload,
     })
 }
 

@@ -159,6 +159,9 @@ struct ListArgs {
     /// Jobs per request.
     #[arg(long, default_value_t = 500)]
     page_size: i32,
+    /// Include each job's payload (left out by default).
+    #[arg(long)]
+    full: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -494,6 +497,11 @@ async fn list(client: &mut Client, args: ListArgs, output: Output) -> Result<(),
                 labels: args.labels.iter().cloned().collect(),
                 page_size: args.page_size,
                 page_token,
+                view: if args.full {
+                    pb::JobView::Full
+                } else {
+                    pb::JobView::Basic
+                } as i32,
             })
             .await?
             .into_inner();

@@ -35,7 +35,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason, SkipReason};
 pub use state::Delivery;
 
-use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
+use crate::domain::{Job, JobId, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
 use crate::store::{Store, StoreError};
 use state::{State, SubId};
 use writer::{Op, Redelivery, Reply, Transition};
@@ -137,6 +137,11 @@ pub struct QueueStats {
     /// Fires handed to a subscriber and not yet acked.
     pub in_flight: u64,
     pub subscribers: u64,
+}
+
+/// Most jobs one ListJobs call looks at: ten per job asked for, at least 1,000.
+pub fn list_scan_budget(page_size: usize) -> usize {
+    page_size.saturating_mul(10).max(1_000)
 }
 
 /// Which jobs ListJobs returns.
@@ -416,8 +421,10 @@ impl Scheduler {
             .ok_or_else(|| SchedulerError::NotFound(id.to_string()))
     }
 
-    /// Up to `page_size` jobs in id order after `after`, and the id to continue after when
-    /// more match.
+    /// Up to `page_size` matching jobs in id order after `after`, and the id to continue after
+    /// when there may be more. Looks at no more than [`list_scan_budget`] jobs (only the
+    /// queue's, when the filter names one), so a page may hold fewer jobs than asked for, even
+    /// none, and still have a continuation.
     pub fn list(
         &self,
         filter: &JobFilter,
@@ -429,19 +436,36 @@ impl Scheduler {
             Some(a) => Bound::Excluded(a),
             None => Bound::Unbounded,
         };
-        let mut matching = state
-            .jobs
-            .range::<str, _>((start, Bound::Unbounded))
-            .map(|(_, e)| &e.job)
-            .filter(|j| filter.matches(j));
-        let page: Vec<Job> = matching.by_ref().take(page_size).cloned().collect();
-        let more = matching.next().is_some();
-        let next = if more {
-            page.last().map(|j| j.spec.id.to_string())
-        } else {
-            None
+        let ids: Box<dyn Iterator<Item = &JobId>> = match &filter.queue {
+            Some(q) => match state.by_queue.get(q) {
+                Some(ids) => Box::new(ids.range::<str, _>((start, Bound::Unbounded))),
+                None => Box::new(std::iter::empty()),
+            },
+            None => Box::new(
+                state
+                    .jobs
+                    .range::<str, _>((start, Bound::Unbounded))
+                    .map(|(id, _)| id),
+            ),
         };
-        (page, next)
+        let mut page = Vec::new();
+        let mut last_seen: Option<&JobId> = None;
+        let mut budget = list_scan_budget(page_size);
+        for id in ids {
+            if page.len() == page_size || budget == 0 {
+                // More may match after what was looked at.
+                let next = last_seen.map(|id| id.to_string());
+                return (page, next);
+            }
+            budget -= 1;
+            last_seen = Some(id);
+            if let Some(entry) = state.jobs.get(id)
+                && filter.matches(&entry.job)
+            {
+                page.push(entry.job.clone());
+            }
+        }
+        (page, None)
     }
 
     /// Opens a subscription on `queue` that holds at most `max_in_flight` un-acked fires.

@@ -96,6 +96,8 @@ pub(crate) struct DueWork {
 pub(crate) struct State {
     pub clock: Arc<dyn Clock>,
     pub jobs: BTreeMap<JobId, JobEntry>,
+    /// Job ids per queue, in id order: ListJobs on one queue scans only that queue's jobs.
+    pub by_queue: HashMap<String, BTreeSet<JobId>>,
     /// How many jobs are in each state; changed only through [`State::put_job`].
     pub job_counts: BTreeMap<JobState, u64>,
     /// (due time, job id) of every SCHEDULED job with a next occurrence.
@@ -133,6 +135,7 @@ impl State {
         State {
             clock,
             jobs: BTreeMap::new(),
+            by_queue: HashMap::new(),
             job_counts: BTreeMap::new(),
             timers: BTreeSet::new(),
             retention,
@@ -193,6 +196,10 @@ impl State {
                 }
             }
             None => {
+                self.by_queue
+                    .entry(job.spec.queue.clone())
+                    .or_default()
+                    .insert(id.clone());
                 self.jobs.insert(
                     id.clone(),
                     JobEntry {
@@ -212,6 +219,13 @@ impl State {
         let Some(entry) = self.jobs.remove(id) else {
             return;
         };
+        let queue = &entry.job.spec.queue;
+        if let Some(ids) = self.by_queue.get_mut(queue) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_queue.remove(queue);
+            }
+        }
         if let Some(t) = entry.timer {
             self.timers.remove(&(t, id.clone()));
         }
