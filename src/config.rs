@@ -37,7 +37,7 @@ pub struct Config {
 
     /// Longest wait before redelivering a fire whose ack deadline expired (the backoff starts
     /// at 1s and doubles per attempt).
-    #[arg(long, env = "TICKD_MAX_REDELIVERY_BACKOFF", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "TICKD_MAX_REDELIVERY_BACKOFF", default_value = "60s", value_parser = parse_backoff)]
     pub max_redelivery_backoff: Duration,
 
     /// Most fires one queue holds un-acked (waiting or in flight). While a queue is full, its
@@ -65,11 +65,11 @@ pub struct Config {
 
     /// How long shutdown (SIGTERM, SIGINT) may take before tickd exits anyway. Keep it below
     /// the pod's termination grace period.
-    #[arg(long, env = "TICKD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TICKD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_grace)]
     pub shutdown_grace: Duration,
 
     /// Longest a unary call may take before it fails with DEADLINE_EXCEEDED.
-    #[arg(long, env = "TICKD_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TICKD_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_request_timeout)]
     pub request_timeout: Duration,
 
     /// Calls handled at once across all connections; more are refused at once with RESOURCE_EXHAUSTED.
@@ -79,11 +79,11 @@ pub struct Config {
 
     /// Interval of HTTP/2 pings on idle connections, so half-open sockets (behind proxies)
     /// are found and closed.
-    #[arg(long, env = "TICKD_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "TICKD_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = parse_keepalive)]
     pub http2_keepalive_interval: Duration,
 
     /// How long to wait for a keepalive ping's answer before closing the connection.
-    #[arg(long, env = "TICKD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "TICKD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_keepalive)]
     pub http2_keepalive_timeout: Duration,
 
     /// Log filter, in tracing's EnvFilter syntax (for example `info` or `tickd=debug`).
@@ -99,23 +99,47 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use a duration such as 500ms, 30s, 5m)"))
 }
 
-fn parse_open_timeout(s: &str) -> Result<Duration, String> {
+/// A duration within `[min, max]`; out of range, an error that states the range.
+fn duration_between(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = parse_duration(s)?;
-    if d < Duration::from_millis(10) || d > Duration::from_secs(3_600) {
-        return Err("between 10ms and 1h".into());
+    if d < min || d > max {
+        return Err(format!(
+            "must be between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
     }
     Ok(d)
 }
 
-/// Longest retention: ten years.
-const MAX_RETENTION: Duration = Duration::from_secs(10 * 366 * 24 * 3_600);
+const MS: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+const HOUR: Duration = Duration::from_secs(3_600);
+const DAY: Duration = Duration::from_secs(86_400);
 
+fn parse_open_timeout(s: &str) -> Result<Duration, String> {
+    duration_between(s, MS * 10, HOUR)
+}
+
+fn parse_backoff(s: &str) -> Result<Duration, String> {
+    duration_between(s, SECOND, DAY)
+}
+
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    duration_between(s, MS * 100, HOUR)
+}
+
+fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    duration_between(s, MS * 100, HOUR)
+}
+
+fn parse_keepalive(s: &str) -> Result<Duration, String> {
+    duration_between(s, SECOND, HOUR)
+}
+
+/// Retention: up to ten years (3,660 days).
 fn parse_retention(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d > MAX_RETENTION {
-        return Err("at most 10 years (3660d)".into());
-    }
-    Ok(d)
+    duration_between(s, Duration::ZERO, DAY * 3_660)
 }
 
 impl Config {
@@ -167,14 +191,47 @@ mod tests {
         assert_eq!(parsed.max_concurrent_requests, d.max_concurrent_requests);
     }
 
-    /// A retention beyond ten years is refused, naming the limit.
+    /// Every duration flag refuses values out of its range at start, naming the flag and the
+    /// range; the edges are accepted.
     #[test]
-    fn retention_is_bounded() {
-        let err = Config::try_parse_from(["tickd", "--retention", "20years"]).expect_err("long");
-        assert!(err.to_string().contains("--retention"), "{err}");
-        assert!(err.to_string().contains("10 years"), "{err}");
-        let ok = Config::try_parse_from(["tickd", "--retention", "0s"]).expect("zero");
-        assert_eq!(ok.retention, Duration::ZERO);
+    fn durations_out_of_range_are_refused_naming_the_flag() {
+        for (flag, too_small, too_big, edges) in [
+            ("--retention", None, "3661d", ["0s", "3660d"]),
+            (
+                "--max-redelivery-backoff",
+                Some("999ms"),
+                "25h",
+                ["1s", "1day"],
+            ),
+            ("--shutdown-grace", Some("99ms"), "61m", ["100ms", "1h"]),
+            ("--request-timeout", Some("0s"), "2h", ["100ms", "1h"]),
+            ("--http2-keepalive-interval", Some("0s"), "2h", ["1s", "1h"]),
+            (
+                "--http2-keepalive-timeout",
+                Some("500ms"),
+                "2h",
+                ["1s", "1h"],
+            ),
+            (
+                "--subscribe-open-timeout",
+                Some("1ms"),
+                "2h",
+                ["10ms", "1h"],
+            ),
+        ] {
+            for bad in too_small.into_iter().chain([too_big]) {
+                let err = Config::try_parse_from(["tickd", flag, bad]).expect_err(bad);
+                let text = err.to_string();
+                assert!(
+                    text.contains(flag) && text.contains("between"),
+                    "{flag} {bad}: {text}"
+                );
+            }
+            for ok in edges {
+                Config::try_parse_from(["tickd", flag, ok])
+                    .unwrap_or_else(|e| panic!("{flag} {ok}: {e}"));
+            }
+        }
     }
 
     /// A bad duration is refused with a hint.
