@@ -244,3 +244,35 @@ async fn a_dead_timer_ends_the_server_with_an_error() {
     let ended = server.stopped().await.expect_err("ends with an error");
     assert!(ended.to_string().contains("timer task panicked"), "{ended}");
 }
+
+/// A call that holds the drain (a Subscribe that never sends its open) gets only three quarters
+/// of the shutdown grace: the rest is kept for the final commit, so shutdown still commits and
+/// ends before the grace runs out.
+#[tokio::test]
+async fn a_stuck_call_leaves_the_final_commit_its_share_of_the_grace() {
+    let mut server = TestServer::start_with(|c| {
+        c.shutdown_grace = std::time::Duration::from_secs(2);
+        c.subscribe_open_timeout = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let (_hold, rx) = tokio::sync::mpsc::channel::<pb::SubscribeRequest>(1);
+    let mut holder = server.client.clone();
+    let held = tokio::spawn(async move {
+        holder
+            .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    server.schedule(job("q", after_trigger(3_600_000))).await;
+    let started = std::time::Instant::now();
+    server.stop().await;
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_millis(1_450),
+        "the drain was cut early: {took:?}"
+    );
+    assert!(
+        took < std::time::Duration::from_millis(1_950),
+        "the drain took the whole grace: {took:?}"
+    );
+    held.abort();
+}
