@@ -167,8 +167,9 @@ struct Batch {
     effects: Vec<Effect>,
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
     count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
-    /// Fires released per queue in this batch (not yet in memory's counts).
-    new_fires: HashMap<String, usize>,
+    /// Fires outstanding per queue as this batch leaves them (memory's count when the batch
+    /// first looked, plus the fires it released).
+    queue_fires: HashMap<String, usize>,
     /// Jobs deleted in this batch (a later op in it sees them gone).
     deleted: HashSet<JobId>,
     /// When the batch is decided; finish times are stamped with it.
@@ -606,8 +607,11 @@ fn decide_advance(
         return;
     }
     let queue = job.spec.queue.clone();
-    let outstanding = inner.lock().queue_fires(&queue) as usize
-        + batch.new_fires.get(&queue).copied().unwrap_or(0);
+    // Memory's count is read once per queue and batch; fires this batch adds are counted on top.
+    let outstanding = *batch
+        .queue_fires
+        .entry(queue.clone())
+        .or_insert_with(|| inner.lock().queue_fires(&queue) as usize);
     let room = inner.config.max_queue_backlog.saturating_sub(outstanding);
     let plan = advance_with_room(&job, now, inner.config.max_catch_up_fires, room);
     if plan.status == job.status {
@@ -648,7 +652,7 @@ fn decide_advance(
             reason: SkipReason::BacklogFull,
         });
     }
-    *batch.new_fires.entry(queue).or_default() += plan.fires.len();
+    *batch.queue_fires.entry(queue).or_default() += plan.fires.len();
     for occurrence in &plan.fires {
         let mut rec = FireRecord {
             fire_id: fire_id(&id, *occurrence),
