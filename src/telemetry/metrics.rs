@@ -209,9 +209,11 @@ pub fn instruments() -> &'static Instruments {
 /// row, and counting takes the scheduler's lock.
 const STATS_REUSE: std::time::Duration = std::time::Duration::from_millis(20);
 
+/// The last count of the core, and when it was taken.
+static LAST_STATS: Mutex<Option<(std::time::Instant, crate::scheduler::Stats)>> = Mutex::new(None);
+
 fn watched_stats() -> Option<crate::scheduler::Stats> {
-    static LAST: Mutex<Option<(std::time::Instant, crate::scheduler::Stats)>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let mut last = LAST_STATS.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((at, stats)) = last.as_ref()
         && at.elapsed() < STATS_REUSE
     {
@@ -234,8 +236,10 @@ pub fn unwatch() {
     *WATCHED.lock().unwrap_or_else(|p| p.into_inner()) = None;
 }
 
-/// Everything in the Prometheus text format.
+/// Everything in the Prometheus text format. Each scrape counts the core afresh (its gauges
+/// share that one count).
 pub fn render() -> String {
+    *LAST_STATS.lock().unwrap_or_else(|p| p.into_inner()) = None;
     let families = installed().registry.gather();
     let mut out = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&families, &mut out) {
