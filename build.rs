@@ -1,4 +1,5 @@
-//! Generates the gRPC code and the reflection descriptor set from proto/.
+//! Generates the gRPC code and the reflection descriptor set from proto/, and rebuilds when
+//! the embedded PostgreSQL migrations change.
 //! protoc comes from the `protoc-bin-vendored` crate, so a fresh machine needs only cargo.
 
 use std::{env, error::Error, path::PathBuf};
@@ -18,5 +19,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             &[PathBuf::from("proto"), well_known],
         )?;
     println!("cargo:rerun-if-changed=proto");
+    // The PostgreSQL migrations are embedded by `sqlx::migrate!`.
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! only process using the data, or that the data is local.
 
 mod memory;
+pub mod postgres;
 mod redb_store;
 
 use std::sync::Arc;
