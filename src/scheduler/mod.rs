@@ -9,7 +9,12 @@
 //!   polled, and **acked** through [`SubscriberHandle::ack`] or [`Scheduler::ack`], which the
 //!   writer turns into a delete.
 //! - [`timer`] is the one task that wakes when something is due: a job's next occurrence, an
-//!   ack deadline, or the end of a redelivery delay.
+//!   ack deadline, the end of a redelivery delay (both on steady time), or the end of a
+//!   finished job's retention.
+//! - A job **goes away** in [`writer`] too: by DeleteJob, or by retention once it finished and
+//!   none of its fires is outstanding.
+//! - [`Health`] says whether commits succeed and the writer and timer run; the API layer turns
+//!   it into gRPC health and exits when the core has failed.
 //!
 //! Durable changes go through the writer thread (group commit); memory is changed only after
 //! the store has the change. There is no task or timer per job.
