@@ -584,6 +584,14 @@ fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<String>) {
     for fire_id in &fires {
         batch.writes.push(Write::DeleteFire(fire_id.clone()));
     }
+    // Fires this same batch released for the job (it fell due beside the delete) go too.
+    batch.effects.retain(|effect| match effect {
+        Effect::NewFire(rec) if rec.job_id == id => {
+            batch.writes.push(Write::DeleteFire(rec.fire_id.clone()));
+            false
+        }
+        _ => true,
+    });
     batch.writes.push(Write::DeleteJob(id.clone()));
     batch.jobs.remove(&id);
     batch.deleted.insert(id.clone());
@@ -729,4 +737,54 @@ fn decide_redelivery(
     batch
         .effects
         .push(Effect::FireRedelivered(rec, why.reason()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn released(job: &str, at: i64) -> FireRecord {
+        FireRecord {
+            fire_id: fire_id(job, Timestamp(at)),
+            job_id: job.into(),
+            queue: "q".into(),
+            scheduled_time: Timestamp(at),
+            fire_time: Timestamp(at),
+            attempt: 1,
+            not_before: None,
+            dead_lettered: false,
+            trace: None,
+        }
+    }
+
+    /// A job deleted in the batch that released a fire for it takes that fire along: the
+    /// store is left with no fire whose job is gone, and memory never gets it.
+    #[test]
+    fn a_delete_takes_the_fires_its_batch_released() {
+        let mut batch = Batch::default();
+        for rec in [released("a", 1), released("b", 1)] {
+            batch.writes.push(Write::PutFire(rec.clone()));
+            batch.effects.push(Effect::NewFire(rec));
+        }
+        delete_job(&mut batch, "a".into(), Vec::new());
+        let deleted: Vec<&str> = batch
+            .writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::DeleteFire(id) => Some(id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(deleted, vec![fire_id("a", Timestamp(1)).as_str()]);
+        let new_fires: Vec<&str> = batch
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::NewFire(rec) => Some(&*rec.job_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(new_fires, vec!["b"]);
+        assert!(matches!(batch.writes.last(), Some(Write::DeleteJob(id)) if &**id == "a"));
+    }
 }
