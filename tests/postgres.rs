@@ -144,3 +144,93 @@ async fn an_unreachable_database_is_a_clear_error() {
         "{err}"
     );
 }
+
+fn every_second_job(id: &str, created: tickd::domain::Timestamp) -> tickd::domain::Job {
+    let spec = tickd::domain::JobSpec {
+        id: id.into(),
+        queue: "q".into(),
+        trigger: tickd::domain::TriggerSpec::Every {
+            period: 1_000_000,
+            start_time: None,
+            jitter: 0,
+        },
+        payload: Default::default(),
+        labels: Default::default(),
+        max_fires: 0,
+        end_time: None,
+        misfire_policy: tickd::domain::MisfirePolicy::FireAll,
+        misfire_grace: 5_000_000,
+        ack_deadline: 30_000_000,
+        max_attempts: 10,
+        dead_letter_queue: None,
+    };
+    tickd::domain::Job::create(spec, created).expect("job")
+}
+
+/// Replicas racing for the same due jobs release each occurrence once: four release passes at
+/// once over 20 jobs that each missed five occurrences insert 100 fires, each exactly once.
+#[tokio::test]
+async fn racing_replicas_release_each_occurrence_once() {
+    use tickd::domain::Timestamp;
+    let db = TestDatabase::create().await;
+    let created = Timestamp(1_780_272_000_000_000);
+    let first = tickd::store::postgres::PgStore::connect(&db.url)
+        .await
+        .expect("connect");
+    for i in 0..20 {
+        assert!(
+            first
+                .insert_job(&every_second_job(&format!("job-{i:02}"), created))
+                .await
+                .expect("insert")
+        );
+    }
+    let now = Timestamp(created.0 + 5_500_000);
+    let passes: Vec<_> = (0..4)
+        .map(|_| {
+            let url = db.url.clone();
+            tokio::spawn(async move {
+                let replica = tickd::store::postgres::PgStore::connect(&url)
+                    .await
+                    .expect("connect");
+                let mut released = Vec::new();
+                // A replica passes until nothing is due.
+                loop {
+                    let batch = replica
+                        .release_due(Some(now), 3, 100)
+                        .await
+                        .expect("release");
+                    if batch.is_empty() {
+                        break;
+                    }
+                    released.extend(batch.into_iter().map(|f| f.fire_id));
+                }
+                released
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for pass in passes {
+        all.extend(pass.await.expect("task"));
+    }
+    let total = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(total, 100, "every occurrence released");
+    assert_eq!(all.len(), 100, "no occurrence released twice");
+    let mut conn = PgConnection::connect(&db.url).await.expect("connect");
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM tickd_fires")
+        .fetch_one(&mut conn)
+        .await
+        .expect("count");
+    assert_eq!(rows, 100);
+    let (behind,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM tickd_jobs WHERE fire_count <> 5 OR next_due_at <> $1",
+    )
+    .bind(Timestamp(created.0 + 6_000_000).to_chrono().expect("time"))
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(behind, 0, "every job moved on to its sixth occurrence");
+    let _ = conn.close().await;
+}

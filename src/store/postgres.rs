@@ -5,13 +5,17 @@
 //! connection of their own that is closed whatever the outcome (a session lock left on a
 //! pooled connection after a failed migration would block every other replica).
 //!
-//! This is the groundwork of the multi-replica backend; the engine that runs on it is not
-//! written yet, and nothing in the server uses this module.
+//! Also the first path of the multi-replica engine: [`PgStore::release_due`], the release of
+//! due occurrences that stays exactly-once when replicas race. The engine around it (delivery
+//! with leases, acks, the API) is not written yet, and nothing in the server uses this module.
 
+use chrono::{DateTime, Utc};
 use sqlx::Connection;
-use sqlx::postgres::PgConnection;
+use sqlx::Row;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 
-use super::StoreError;
+use super::{StoreError, codec};
+use crate::domain::{FireRecord, Job, JobSpec, JobState, JobStatus, Timestamp, advance, fire_id};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -28,4 +32,202 @@ pub async fn migrate(url: &str) -> Result<(), StoreError> {
 /// The newest migration version in this binary.
 pub fn schema_version() -> i64 {
     MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Session settings of every pooled connection: a replica stopped mid-transaction (SIGSTOP, a
+/// long pause) loses its session within seconds, so its row locks go and its COMMIT fails.
+const SESSION_SETTINGS: &str = "SET idle_in_transaction_session_timeout = '2s'; \
+     SET statement_timeout = '5s'; SET lock_timeout = '1s'";
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Io(format!("PostgreSQL: {e}"))
+}
+
+fn time(t: Timestamp) -> Result<DateTime<Utc>, StoreError> {
+    t.to_chrono()
+        .ok_or_else(|| StoreError::Io(format!("time {} out of range", t.0)))
+}
+
+fn state_name(s: JobState) -> &'static str {
+    s.as_str()
+}
+
+fn state_of(name: &str) -> Result<JobState, StoreError> {
+    Ok(match name {
+        "scheduled" => JobState::Scheduled,
+        "paused" => JobState::Paused,
+        "completed" => JobState::Completed,
+        "cancelled" => JobState::Cancelled,
+        other => {
+            return Err(StoreError::Corrupt {
+                table: "tickd_jobs",
+                key: String::new(),
+                reason: format!("unknown state {other}"),
+            });
+        }
+    })
+}
+
+/// Jobs and fires in PostgreSQL, shared by every replica.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Migrates `url`'s database and opens a pool on it.
+    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+        migrate(url).await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::raw_sql(SESSION_SETTINGS).execute(conn).await?;
+                    Ok(())
+                })
+            })
+            .connect(url)
+            .await
+            .map_err(db)?;
+        Ok(PgStore { pool })
+    }
+
+    /// Stores a new job; false when its id is taken.
+    pub async fn insert_job(&self, job: &Job) -> Result<bool, StoreError> {
+        let s = &job.status;
+        let inserted = sqlx::query(
+            "INSERT INTO tickd_jobs (id, queue, spec, state, next_occurrence, next_due_at, \
+             fire_count, create_time, last_fire_time, finish_time) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&*job.spec.id)
+        .bind(&job.spec.queue)
+        .bind(codec::encode(job.spec.as_ref())?)
+        .bind(state_name(s.state))
+        .bind(s.next_occurrence.map(time).transpose()?)
+        .bind(job.next_due().map(time).transpose()?)
+        .bind(i64::try_from(s.fire_count).unwrap_or(i64::MAX))
+        .bind(time(s.create_time)?)
+        .bind(s.last_fire_time.map(time).transpose()?)
+        .bind(s.finish_time.map(time).transpose()?)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    /// Releases what is due: in one transaction, takes up to `limit` jobs due at the database's
+    /// now (or at `now`, for tests on a manual clock) that no other replica holds, decides their
+    /// fires with [`advance`], inserts the fires (an existing fire_id is left alone) and moves
+    /// each job on only if nobody moved it since it was read (its `version`). Returns the fires
+    /// inserted; nothing is visible to anyone before the commit.
+    pub async fn release_due(
+        &self,
+        now: Option<Timestamp>,
+        limit: i64,
+        catch_up_cap: usize,
+    ) -> Result<Vec<FireRecord>, StoreError> {
+        let now = now.map(time).transpose()?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let rows = sqlx::query(
+            // The locking SELECT returns the columns itself: a row locked after another
+            // replica's commit is returned as that commit left it (a join on a CTE would
+            // read it from the statement's older snapshot).
+            "SELECT id, spec, state, next_occurrence, fire_count, create_time, \
+                    last_fire_time, finish_time, version, coalesce($1, now()) AS db_now \
+             FROM tickd_jobs \
+             WHERE next_due_at <= coalesce($1, now()) \
+             ORDER BY next_due_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let mut released = Vec::new();
+        for row in rows {
+            let id: String = row.try_get("id").map_err(db)?;
+            let spec: JobSpec = codec::decode("tickd_jobs", &id, row.try_get("spec").map_err(db)?)?;
+            let at = |col: &str| -> Result<Option<Timestamp>, StoreError> {
+                let t: Option<DateTime<Utc>> = row.try_get(col).map_err(db)?;
+                Ok(t.map(|t| Timestamp::from_chrono(&t)))
+            };
+            let status = JobStatus {
+                state: state_of(row.try_get("state").map_err(db)?)?,
+                next_occurrence: at("next_occurrence")?,
+                fire_count: u64::try_from(row.try_get::<i64, _>("fire_count").map_err(db)?)
+                    .unwrap_or(0),
+                create_time: at("create_time")?.unwrap_or_default(),
+                last_fire_time: at("last_fire_time")?,
+                finish_time: at("finish_time")?,
+                trace: None,
+            };
+            let version: i64 = row.try_get("version").map_err(db)?;
+            let db_now = at("db_now")?.unwrap_or_default();
+            let job = Job::restore(std::sync::Arc::new(spec), status)
+                .map_err(|e| StoreError::Io(format!("job {id}: {e}")))?;
+            let plan = advance(&job, db_now, catch_up_cap);
+            for occurrence in &plan.fires {
+                let rec = FireRecord {
+                    fire_id: fire_id(&id, *occurrence),
+                    job_id: id.as_str().into(),
+                    queue: job.spec.queue.clone(),
+                    scheduled_time: *occurrence,
+                    fire_time: db_now,
+                    attempt: 1,
+                    not_before: None,
+                    dead_lettered: false,
+                    trace: None,
+                };
+                let inserted = sqlx::query(
+                    "INSERT INTO tickd_fires (fire_id, job_id, queue, scheduled_time, \
+                     fire_time, attempt, state, available_at) \
+                     VALUES ($1, $2, $3, $4, $5, 1, 'ready', $5) \
+                     ON CONFLICT (fire_id) DO NOTHING",
+                )
+                .bind(&rec.fire_id)
+                .bind(&id)
+                .bind(&rec.queue)
+                .bind(time(rec.scheduled_time)?)
+                .bind(time(db_now)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                if inserted.rows_affected() == 1 {
+                    released.push(rec);
+                }
+            }
+            let mut next = job.clone();
+            next.status = plan.status.clone();
+            let s = &plan.status;
+            let moved = sqlx::query(
+                "UPDATE tickd_jobs SET state = $3, next_occurrence = $4, next_due_at = $5, \
+                 fire_count = $6, last_fire_time = $7, \
+                 finish_time = CASE WHEN $3 IN ('completed', 'cancelled') \
+                     THEN coalesce(finish_time, $8) END, \
+                 version = version + 1 \
+                 WHERE id = $1 AND version = $2",
+            )
+            .bind(&id)
+            .bind(version)
+            .bind(state_name(s.state))
+            .bind(s.next_occurrence.map(time).transpose()?)
+            .bind(next.next_due().map(time).transpose()?)
+            .bind(i64::try_from(s.fire_count).unwrap_or(i64::MAX))
+            .bind(s.last_fire_time.map(time).transpose()?)
+            .bind(time(db_now)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            // The row is locked, so this cannot miss; if it ever does, nothing of this pass
+            // may land (the fires above would belong to an occurrence someone else moved past).
+            if moved.rows_affected() != 1 {
+                return Err(StoreError::Io(format!(
+                    "job {id} changed while it was being released; released nothing, retrying"
+                )));
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(released)
+    }
 }
