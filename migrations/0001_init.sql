@@ -38,7 +38,10 @@ CREATE TABLE tickd_fires (
     queue            text NOT NULL,
     scheduled_time   timestamptz NOT NULL,
     fire_time        timestamptz NOT NULL,
+    -- The attempt of the next (or current) delivery.
     attempt          integer NOT NULL,
+    -- The job's ack deadline, copied at release: a lease lasts this long.
+    ack_deadline_us  bigint NOT NULL,
     state            text NOT NULL CHECK (state IN ('ready', 'leased')),
     -- Not delivered before this (nack delay, backoff).
     available_at     timestamptz NOT NULL,

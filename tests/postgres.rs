@@ -168,7 +168,8 @@ fn every_second_job(id: &str, created: tickd::domain::Timestamp) -> tickd::domai
 }
 
 /// Replicas racing for the same due jobs release each occurrence once: four release passes at
-/// once over 20 jobs that each missed five occurrences insert 100 fires, each exactly once.
+/// once over 20 jobs that each missed five occurrences insert 100 fires, each exactly once;
+/// four replicas then lease them at once, each fire to exactly one, and any replica acks.
 #[tokio::test]
 async fn racing_replicas_release_each_occurrence_once() {
     use tickd::domain::Timestamp;
@@ -233,4 +234,61 @@ async fn racing_replicas_release_each_occurrence_once() {
     .expect("count");
     assert_eq!(behind, 0, "every job moved on to its sixth occurrence");
     let _ = conn.close().await;
+
+    // Four replicas leasing the queue at once: each fire leased to exactly one of them, for
+    // its ack deadline (30 s) from the given time.
+    let claims: Vec<_> = (0..4)
+        .map(|r| {
+            let url = db.url.clone();
+            tokio::spawn(async move {
+                let replica = tickd::store::postgres::PgStore::connect(&url)
+                    .await
+                    .expect("connect");
+                let mut leased = Vec::new();
+                loop {
+                    let batch = replica
+                        .claim("q", 7, &format!("replica-{r}"), Some(now))
+                        .await
+                        .expect("claim");
+                    if batch.is_empty() {
+                        break;
+                    }
+                    leased.extend(batch);
+                }
+                leased
+            })
+        })
+        .collect();
+    let mut leases = Vec::new();
+    for claim in claims {
+        leases.extend(claim.await.expect("task"));
+    }
+    let mut ids: Vec<String> = leases.iter().map(|l| l.fire.fire_id.clone()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        (leases.len(), ids.len()),
+        (100, 100),
+        "each fire leased once"
+    );
+    assert!(
+        leases
+            .iter()
+            .all(|l| l.expires_at.0 == now.0 + 30_000_000 && l.fire.attempt == 1)
+    );
+    let mut tokens: Vec<_> = leases.iter().map(|l| l.token).collect();
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 100, "a token per lease");
+
+    // Any replica acks, by id; a second ack finds nothing.
+    assert_eq!(first.ack("q", &ids).await.expect("ack"), 100);
+    assert_eq!(first.ack("q", &ids).await.expect("ack"), 0);
+    assert!(
+        first
+            .claim("q", 10, "late", Some(now))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
 }

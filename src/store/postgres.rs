@@ -6,8 +6,10 @@
 //! pooled connection after a failed migration would block every other replica).
 //!
 //! Also the first path of the multi-replica engine: [`PgStore::release_due`], the release of
-//! due occurrences that stays exactly-once when replicas race. The engine around it (delivery
-//! with leases, acks, the API) is not written yet, and nothing in the server uses this module.
+//! due occurrences that stays exactly-once when replicas race, [`PgStore::claim`] (a fire
+//! leased to one holder at a time, with a token) and [`PgStore::ack`]. The engine around them
+//! (nack and extend fenced by the token, lease expiry, wake-ups, the API) is not written yet,
+//! and nothing in the server uses this module.
 
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
@@ -181,8 +183,8 @@ impl PgStore {
                 };
                 let inserted = sqlx::query(
                     "INSERT INTO tickd_fires (fire_id, job_id, queue, scheduled_time, \
-                     fire_time, attempt, state, available_at) \
-                     VALUES ($1, $2, $3, $4, $5, 1, 'ready', $5) \
+                     fire_time, attempt, ack_deadline_us, state, available_at) \
+                     VALUES ($1, $2, $3, $4, $5, 1, $6, 'ready', $5) \
                      ON CONFLICT (fire_id) DO NOTHING",
                 )
                 .bind(&rec.fire_id)
@@ -190,6 +192,7 @@ impl PgStore {
                 .bind(&rec.queue)
                 .bind(time(rec.scheduled_time)?)
                 .bind(time(db_now)?)
+                .bind(job.spec.ack_deadline)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -230,4 +233,83 @@ impl PgStore {
         tx.commit().await.map_err(db)?;
         Ok(released)
     }
+
+    /// Leases up to `n` ready fires of `queue` to `holder`: each for its ack deadline, measured
+    /// on the database's clock (or from `now`, for tests), with a new lease token. A fire is
+    /// leased to one holder at a time; replicas claiming at once skip each other's rows.
+    pub async fn claim(
+        &self,
+        queue: &str,
+        n: i64,
+        holder: &str,
+        now: Option<Timestamp>,
+    ) -> Result<Vec<Lease>, StoreError> {
+        let now = now.map(time).transpose()?;
+        let rows = sqlx::query(
+            "UPDATE tickd_fires f SET state = 'leased', lease_token = gen_random_uuid(), \
+                 leased_by = $3, \
+                 lease_expires_at = coalesce($4, clock_timestamp()) \
+                     + f.ack_deadline_us * interval '1 microsecond' \
+             FROM ( \
+                 SELECT fire_id FROM tickd_fires \
+                 WHERE queue = $1 AND state = 'ready' AND available_at <= coalesce($4, now()) \
+                 ORDER BY available_at, fire_id LIMIT $2 FOR UPDATE SKIP LOCKED) ready \
+             WHERE f.fire_id = ready.fire_id \
+             RETURNING f.fire_id, f.job_id, f.queue, f.scheduled_time, f.fire_time, f.attempt, \
+                 f.dead_lettered, f.lease_token, f.lease_expires_at",
+        )
+        .bind(queue)
+        .bind(n)
+        .bind(holder)
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        rows.into_iter()
+            .map(|row| {
+                let at = |col: &str| -> Result<Timestamp, StoreError> {
+                    let t: DateTime<Utc> = row.try_get(col).map_err(db)?;
+                    Ok(Timestamp::from_chrono(&t))
+                };
+                let job_id: String = row.try_get("job_id").map_err(db)?;
+                Ok(Lease {
+                    fire: FireRecord {
+                        fire_id: row.try_get("fire_id").map_err(db)?,
+                        job_id: job_id.as_str().into(),
+                        queue: row.try_get("queue").map_err(db)?,
+                        scheduled_time: at("scheduled_time")?,
+                        fire_time: at("fire_time")?,
+                        attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db)?)
+                            .unwrap_or(1),
+                        not_before: None,
+                        dead_lettered: row.try_get("dead_lettered").map_err(db)?,
+                        trace: None,
+                    },
+                    token: row.try_get("lease_token").map_err(db)?,
+                    expires_at: at("lease_expires_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Acks fires of `queue` by id, from any replica and whatever their lease: returns how
+    /// many were outstanding (and are now gone).
+    pub async fn ack(&self, queue: &str, fire_ids: &[String]) -> Result<u64, StoreError> {
+        let done = sqlx::query("DELETE FROM tickd_fires WHERE queue = $1 AND fire_id = ANY($2)")
+            .bind(queue)
+            .bind(fire_ids)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(done.rows_affected())
+    }
+}
+
+/// A fire leased to one holder until `expires_at` (database time).
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub fire: FireRecord,
+    /// Names this lease: a nack or extend must carry it, so a stale holder changes nothing.
+    pub token: uuid::Uuid,
+    pub expires_at: Timestamp,
 }
