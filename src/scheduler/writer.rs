@@ -20,7 +20,7 @@ use tracing::{debug, error, warn};
 use super::observe::{DropReason, RedeliveryReason, SkipReason};
 use super::state::{FireStatus, State};
 use super::{Inner, SchedulerError};
-use crate::domain::fire::expiry_backoff;
+use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
     FireRecord, Job, JobId, JobState, Micros, Timestamp, advance_with_room, fire_id,
 };
@@ -702,36 +702,43 @@ fn decide_redelivery(
         }
     };
     let delivered_attempt = rec.attempt;
-    if delivered_attempt >= spec.max_attempts {
-        batch.redelivered.push((fire_id.clone(), None));
-        match &spec.dead_letter_queue {
-            Some(dlq) if !rec.dead_lettered => {
-                let from_queue = std::mem::replace(&mut rec.queue, dlq.clone());
-                rec.attempt = 1;
-                rec.not_before = None;
-                rec.dead_lettered = true;
-                batch.writes.push(Write::PutFire(rec.clone()));
-                batch.effects.push(Effect::FireDeadLettered {
-                    rec,
-                    from_queue,
-                    attempts: delivered_attempt,
-                });
-            }
-            _ => {
-                batch.writes.push(Write::DeleteFire(fire_id));
-                batch.effects.push(Effect::FireDropped(rec));
-            }
-        }
-        return;
-    }
     let delay = match why {
         Redelivery::Nack(d) => d,
         Redelivery::Expired => {
             expiry_backoff(delivered_attempt, inner.config.max_redelivery_backoff)
         }
     };
-    rec.attempt = delivered_attempt + 1;
-    rec.not_before = (delay > 0).then(|| now.plus(delay));
+    match after_attempt(
+        &rec,
+        spec.max_attempts,
+        spec.dead_letter_queue.as_deref(),
+        delay,
+    ) {
+        AfterAttempt::DeadLetter { queue } => {
+            batch.redelivered.push((fire_id.clone(), None));
+            let from_queue = std::mem::replace(&mut rec.queue, queue);
+            rec.attempt = 1;
+            rec.not_before = None;
+            rec.dead_lettered = true;
+            batch.writes.push(Write::PutFire(rec.clone()));
+            batch.effects.push(Effect::FireDeadLettered {
+                rec,
+                from_queue,
+                attempts: delivered_attempt,
+            });
+            return;
+        }
+        AfterAttempt::Drop => {
+            batch.redelivered.push((fire_id.clone(), None));
+            batch.writes.push(Write::DeleteFire(fire_id));
+            batch.effects.push(Effect::FireDropped(rec));
+            return;
+        }
+        AfterAttempt::Again { attempt, delay } => {
+            rec.attempt = attempt;
+            rec.not_before = (delay > 0).then(|| now.plus(delay));
+        }
+    }
     batch.redelivered.push((fire_id, rec.not_before));
     batch.writes.push(Write::PutFire(rec.clone()));
     batch
