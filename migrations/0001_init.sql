@@ -40,8 +40,11 @@ CREATE TABLE tickd_fires (
     fire_time        timestamptz NOT NULL,
     -- The attempt of the next (or current) delivery.
     attempt          integer NOT NULL,
-    -- The job's ack deadline, copied at release: a lease lasts this long.
+    -- Copied from the job at release: a lease lasts ack_deadline_us; after max_attempts
+    -- failed attempts the fire moves to dead_letter_queue (once) or is dropped.
     ack_deadline_us  bigint NOT NULL,
+    max_attempts     integer NOT NULL,
+    dead_letter_queue text,
     state            text NOT NULL CHECK (state IN ('ready', 'leased')),
     -- Not delivered before this (nack delay, backoff).
     available_at     timestamptz NOT NULL,

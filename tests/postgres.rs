@@ -292,3 +292,157 @@ async fn racing_replicas_release_each_occurrence_once() {
             .is_empty()
     );
 }
+
+/// Leases are fenced by their token: once a lease expired and the fire went to another holder,
+/// the first holder's nack and extend change nothing, while the new holder's do. Attempts count
+/// up, the expiry backoff applies, and after the last attempt the fire moves to the dead-letter
+/// queue.
+#[tokio::test]
+async fn a_stale_lease_changes_nothing() {
+    use tickd::domain::Timestamp;
+    let db = TestDatabase::create().await;
+    let store = tickd::store::postgres::PgStore::connect(&db.url)
+        .await
+        .expect("connect");
+    let created = Timestamp(1_780_272_000_000_000);
+    let mut job = every_second_job("one", created);
+    let mut spec = (*job.spec).clone();
+    spec.max_attempts = 3;
+    spec.dead_letter_queue = Some("dead".into());
+    job.spec = std::sync::Arc::new(spec);
+    store.insert_job(&job).await.expect("insert");
+    let t = |s: i64| Some(Timestamp(created.0 + s * 1_000_000));
+    assert_eq!(
+        store
+            .release_due(t(1), 10, 100)
+            .await
+            .expect("release")
+            .len(),
+        1
+    );
+
+    let a = store
+        .claim("q", 1, "a", t(1))
+        .await
+        .expect("claim")
+        .remove(0);
+    assert_eq!(a.fire.attempt, 1);
+    // A's lease (30 s) expires; the reaper sends the fire out again after 1 s.
+    assert_eq!(
+        store
+            .reap_expired(t(30), 10, 60_000_000)
+            .await
+            .expect("reap"),
+        0
+    );
+    assert_eq!(
+        store
+            .reap_expired(t(31), 10, 60_000_000)
+            .await
+            .expect("reap"),
+        1
+    );
+    assert!(
+        store
+            .claim("q", 1, "b", t(31))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "backoff"
+    );
+    let b = store
+        .claim("q", 1, "b", t(32))
+        .await
+        .expect("claim")
+        .remove(0);
+    assert_eq!(
+        (b.fire.fire_id.as_str(), b.fire.attempt),
+        (a.fire.fire_id.as_str(), 2)
+    );
+
+    // A wakes up: its nack and extend name a lease that is gone.
+    assert!(
+        !store
+            .nack(&a.fire.fire_id, a.token, 0, t(33))
+            .await
+            .expect("nack")
+    );
+    assert!(
+        !store
+            .extend(&a.fire.fire_id, a.token, 600_000_000, t(33))
+            .await
+            .expect("extend")
+    );
+    assert!(
+        store
+            .claim("q", 1, "c", t(33))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "still B's"
+    );
+
+    // B's own work counts: extend, then nack (attempt 3 after the nack's delay).
+    assert!(
+        store
+            .extend(&b.fire.fire_id, b.token, 60_000_000, t(33))
+            .await
+            .expect("extend")
+    );
+    assert_eq!(
+        store
+            .reap_expired(t(62), 10, 60_000_000)
+            .await
+            .expect("reap"),
+        0,
+        "extended"
+    );
+    assert!(
+        store
+            .nack(&b.fire.fire_id, b.token, 5_000_000, t(62))
+            .await
+            .expect("nack")
+    );
+    assert!(
+        store
+            .claim("q", 1, "c", t(66))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "nack delay"
+    );
+    let c = store
+        .claim("q", 1, "c", t(67))
+        .await
+        .expect("claim")
+        .remove(0);
+    assert_eq!(c.fire.attempt, 3);
+
+    // The last attempt fails: the fire moves to the dead-letter queue, attempt 1.
+    assert!(
+        store
+            .nack(&c.fire.fire_id, c.token, 0, t(68))
+            .await
+            .expect("nack")
+    );
+    assert!(
+        store
+            .claim("q", 1, "d", t(68))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let dead = store
+        .claim("dead", 1, "d", t(68))
+        .await
+        .expect("claim")
+        .remove(0);
+    assert_eq!(
+        (
+            dead.fire.fire_id.as_str(),
+            dead.fire.attempt,
+            dead.fire.dead_lettered
+        ),
+        (a.fire.fire_id.as_str(), 1, true)
+    );
+}

@@ -7,9 +7,10 @@
 //!
 //! Also the first path of the multi-replica engine: [`PgStore::release_due`], the release of
 //! due occurrences that stays exactly-once when replicas race, [`PgStore::claim`] (a fire
-//! leased to one holder at a time, with a token) and [`PgStore::ack`]. The engine around them
-//! (nack and extend fenced by the token, lease expiry, wake-ups, the API) is not written yet,
-//! and nothing in the server uses this module.
+//! leased to one holder at a time, with a token), [`PgStore::ack`], and [`PgStore::nack`],
+//! [`PgStore::extend`] and [`PgStore::reap_expired`], fenced by the lease token. The engine
+//! around them (job changes, wake-ups, streams, the API, health) is not written yet, and
+//! nothing in the server uses this module.
 
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
@@ -17,7 +18,10 @@ use sqlx::Row;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 
 use super::{StoreError, codec};
-use crate::domain::{FireRecord, Job, JobSpec, JobState, JobStatus, Timestamp, advance, fire_id};
+use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
+use crate::domain::{
+    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Timestamp, advance, fire_id,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -183,8 +187,9 @@ impl PgStore {
                 };
                 let inserted = sqlx::query(
                     "INSERT INTO tickd_fires (fire_id, job_id, queue, scheduled_time, \
-                     fire_time, attempt, ack_deadline_us, state, available_at) \
-                     VALUES ($1, $2, $3, $4, $5, 1, $6, 'ready', $5) \
+                     fire_time, attempt, ack_deadline_us, max_attempts, dead_letter_queue, \
+                     state, available_at) \
+                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, 'ready', $5) \
                      ON CONFLICT (fire_id) DO NOTHING",
                 )
                 .bind(&rec.fire_id)
@@ -193,6 +198,8 @@ impl PgStore {
                 .bind(time(rec.scheduled_time)?)
                 .bind(time(db_now)?)
                 .bind(job.spec.ack_deadline)
+                .bind(i32::try_from(job.spec.max_attempts).unwrap_or(i32::MAX))
+                .bind(job.spec.dead_letter_queue.as_deref())
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
@@ -302,6 +309,166 @@ impl PgStore {
             .await
             .map_err(db)?;
         Ok(done.rows_affected())
+    }
+
+    /// Moves the lease of a fire held with `token` to `by` from now; false when the lease is
+    /// no longer that token's (expired and passed on, acked, nacked).
+    pub async fn extend(
+        &self,
+        fire_id: &str,
+        token: uuid::Uuid,
+        by: Micros,
+        now: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        let moved = sqlx::query(
+            "UPDATE tickd_fires \
+             SET lease_expires_at = coalesce($4, clock_timestamp()) + $3 * interval '1 microsecond' \
+             WHERE fire_id = $1 AND lease_token = $2 AND state = 'leased'",
+        )
+        .bind(fire_id)
+        .bind(token)
+        .bind(by)
+        .bind(now.map(time).transpose()?)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(moved.rows_affected() == 1)
+    }
+
+    /// Gives back a fire held with `token` for another attempt after `delay` (or to its
+    /// dead-letter queue, or drops it, when its attempts are used up); false when the lease is
+    /// no longer that token's, and then nothing changes.
+    pub async fn nack(
+        &self,
+        fire_id: &str,
+        token: uuid::Uuid,
+        delay: Micros,
+        now: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let row = sqlx::query(
+            "SELECT fire_id, job_id, queue, attempt, dead_lettered, max_attempts, \
+                    dead_letter_queue, coalesce($3, clock_timestamp()) AS db_now \
+             FROM tickd_fires WHERE fire_id = $1 AND lease_token = $2 AND state = 'leased' \
+             FOR UPDATE",
+        )
+        .bind(fire_id)
+        .bind(token)
+        .bind(now.map(time).transpose()?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let failed = FailedAttempt::read(&row)?;
+        failed.settle(&mut tx, |_| delay).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    /// Takes back up to `limit` fires whose lease expired (at the database's now, or `now`),
+    /// whoever held them: each goes out again after the expiry backoff (capped at
+    /// `max_backoff`), or to its dead-letter queue, or is dropped. Returns how many.
+    pub async fn reap_expired(
+        &self,
+        now: Option<Timestamp>,
+        limit: i64,
+        max_backoff: Micros,
+    ) -> Result<usize, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let rows = sqlx::query(
+            "SELECT fire_id, job_id, queue, attempt, dead_lettered, max_attempts, \
+                    dead_letter_queue, coalesce($1, clock_timestamp()) AS db_now \
+             FROM tickd_fires \
+             WHERE state = 'leased' AND lease_expires_at <= coalesce($1, now()) \
+             ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now.map(time).transpose()?)
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let n = rows.len();
+        for row in rows {
+            let failed = FailedAttempt::read(&row)?;
+            failed
+                .settle(&mut tx, |attempt| expiry_backoff(attempt, max_backoff))
+                .await?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(n)
+    }
+}
+
+/// A leased fire whose attempt failed, as read (and locked) for deciding what follows.
+struct FailedAttempt {
+    rec: FireRecord,
+    max_attempts: u32,
+    dead_letter_queue: Option<String>,
+    now: Timestamp,
+}
+
+impl FailedAttempt {
+    fn read(row: &sqlx::postgres::PgRow) -> Result<FailedAttempt, StoreError> {
+        let job_id: String = row.try_get("job_id").map_err(db)?;
+        let now: DateTime<Utc> = row.try_get("db_now").map_err(db)?;
+        let now = Timestamp::from_chrono(&now);
+        Ok(FailedAttempt {
+            rec: FireRecord {
+                fire_id: row.try_get("fire_id").map_err(db)?,
+                job_id: job_id.as_str().into(),
+                queue: row.try_get("queue").map_err(db)?,
+                scheduled_time: now,
+                fire_time: now,
+                attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db)?).unwrap_or(1),
+                not_before: None,
+                dead_lettered: row.try_get("dead_lettered").map_err(db)?,
+                trace: None,
+            },
+            max_attempts: u32::try_from(row.try_get::<i32, _>("max_attempts").map_err(db)?)
+                .unwrap_or(1),
+            dead_letter_queue: row.try_get("dead_letter_queue").map_err(db)?,
+            now,
+        })
+    }
+
+    /// Writes what [`after_attempt`] decides; `delay_for(attempt)` is the wait before the next.
+    async fn settle(
+        self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        delay_for: impl Fn(u32) -> Micros,
+    ) -> Result<(), StoreError> {
+        let delay = delay_for(self.rec.attempt);
+        let id = &self.rec.fire_id;
+        let query = match after_attempt(
+            &self.rec,
+            self.max_attempts,
+            self.dead_letter_queue.as_deref(),
+            delay,
+        ) {
+            AfterAttempt::Again { attempt, delay } => sqlx::query(
+                "UPDATE tickd_fires SET state = 'ready', attempt = $2, \
+                 available_at = $3, lease_token = NULL, leased_by = NULL, \
+                 lease_expires_at = NULL WHERE fire_id = $1",
+            )
+            .bind(id)
+            .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
+            .bind(time(self.now.plus(delay))?),
+            AfterAttempt::DeadLetter { queue } => sqlx::query(
+                "UPDATE tickd_fires SET state = 'ready', attempt = 1, queue = $2, \
+                 dead_lettered = true, available_at = $3, lease_token = NULL, \
+                 leased_by = NULL, lease_expires_at = NULL WHERE fire_id = $1",
+            )
+            .bind(id)
+            .bind(queue)
+            .bind(time(self.now)?),
+            AfterAttempt::Drop => {
+                sqlx::query("DELETE FROM tickd_fires WHERE fire_id = $1").bind(id)
+            }
+        };
+        query.execute(&mut **tx).await.map_err(db)?;
+        Ok(())
     }
 }
 
