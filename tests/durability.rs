@@ -246,16 +246,7 @@ async fn missed_occurrences_follow_the_misfire_policy_after_restart() {
     server.settle().await;
     // Passed-over occurrences are counted, per queue.
     let text = scrape(server.metrics_addr).await;
-    let skipped = |queue: &str| {
-        sample(
-            &text,
-            "tickd_occurrences_skipped_total",
-            &[
-                &format!("tickd_queue=\"{queue}\""),
-                "tickd_skip_reason=\"misfire\"",
-            ],
-        )
-    };
+    let skipped = |queue: &str| skipped_occurrences(&text, queue, "misfire");
     assert_eq!(skipped("once"), Some(6.0), "{text}");
     assert_eq!(skipped("skip"), Some(7.0), "{text}");
     assert_eq!(skipped("all"), None, "{text}");

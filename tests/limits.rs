@@ -32,16 +32,7 @@ async fn a_full_queue_skips_occurrences_and_counts_them() {
         "the job keeps its schedule"
     );
     let text = scrape(server.metrics_addr).await;
-    let skipped = |queue: &str| {
-        sample(
-            &text,
-            "tickd_occurrences_skipped_total",
-            &[
-                &format!("tickd_queue=\"{queue}\""),
-                "tickd_skip_reason=\"backlog_full\"",
-            ],
-        )
-    };
+    let skipped = |queue: &str| skipped_occurrences(&text, queue, "backlog_full");
     assert_eq!(skipped("full"), Some(2.0), "{text}");
 
     // Schedule still works on a full queue.

@@ -757,6 +757,18 @@ impl Drop for TickdProcess {
     }
 }
 
+/// `tickd_occurrences_skipped_total` for `queue` and `reason` in a scrape.
+pub fn skipped_occurrences(text: &str, queue: &str, reason: &str) -> Option<f64> {
+    sample(
+        text,
+        "tickd_occurrences_skipped_total",
+        &[
+            &format!("tickd_queue=\"{queue}\""),
+            &format!("tickd_skip_reason=\"{reason}\""),
+        ],
+    )
+}
+
 /// The grpc.health.v1 status of `service` ("" for the whole server).
 pub async fn health_of(addr: SocketAddr, service: &str) -> tonic_health::ServingStatus {
     use tonic_health::pb::health_check_response::ServingStatus as Pb;
