@@ -187,6 +187,52 @@ pub fn jitter_for(job_id: &str, occurrence: Timestamp, max: Micros) -> Micros {
     (h % max as u64) as Micros
 }
 
+/// A lifecycle change asked for by a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Cancel,
+    Pause,
+    Resume,
+}
+
+/// A lifecycle change that does not apply to the job's state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("job {id} is {}; only scheduled or paused jobs can be paused or resumed", .state.as_str())]
+pub struct TransitionRefused {
+    pub id: String,
+    pub state: JobState,
+}
+
+impl Job {
+    /// Applies `transition`: true when the job changed. Cancelling a cancelled or completed
+    /// job, pausing a paused one or resuming a scheduled one changes nothing; pausing or
+    /// resuming a finished job is refused.
+    pub fn apply(&mut self, transition: Transition) -> Result<bool, TransitionRefused> {
+        use JobState::*;
+        let from = self.status.state;
+        let to = match (transition, from) {
+            (Transition::Cancel, Scheduled | Paused) => Cancelled,
+            (Transition::Cancel, Cancelled | Completed) => from,
+            (Transition::Pause, Scheduled | Paused) => Paused,
+            (Transition::Resume, Scheduled | Paused) => Scheduled,
+            (Transition::Pause | Transition::Resume, Completed | Cancelled) => {
+                return Err(TransitionRefused {
+                    id: self.spec.id.to_string(),
+                    state: from,
+                });
+            }
+        };
+        if to == from {
+            return Ok(false);
+        }
+        self.status.state = to;
+        if to == Cancelled {
+            self.status.next_occurrence = None;
+        }
+        Ok(true)
+    }
+}
+
 /// What [`advance`] decided for a job that fell due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Advance {

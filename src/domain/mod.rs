@@ -11,8 +11,8 @@ pub mod trigger;
 
 pub use fire::FireRecord;
 pub use job::{
-    Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, advance, advance_with_room,
-    fire_id,
+    Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, Transition,
+    TransitionRefused, advance, advance_with_room, fire_id,
 };
 pub use time::{Micros, Timestamp};
 pub use trace::TraceContext;

@@ -38,13 +38,7 @@ const MAX_RETRY_AFTER_FAILED_COMMIT: std::time::Duration = std::time::Duration::
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, SchedulerError>>;
 
-/// A lifecycle change asked for by a client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transition {
-    Cancel,
-    Pause,
-    Resume,
-}
+pub(crate) use crate::domain::Transition;
 
 /// Why a fire goes back for redelivery, and so when it is delivered again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -529,24 +523,10 @@ fn decide_transition(
     let Some(mut job) = batch.job(inner, id) else {
         return Err(SchedulerError::NotFound(id.to_string()));
     };
-    let from = job.status.state;
-    let to = match (transition, from) {
-        (Transition::Cancel, JobState::Scheduled | JobState::Paused) => JobState::Cancelled,
-        (Transition::Cancel, JobState::Cancelled | JobState::Completed) => from,
-        (Transition::Pause, JobState::Scheduled | JobState::Paused) => JobState::Paused,
-        (Transition::Resume, JobState::Scheduled | JobState::Paused) => JobState::Scheduled,
-        (Transition::Pause | Transition::Resume, JobState::Completed | JobState::Cancelled) => {
-            return Err(SchedulerError::FailedPrecondition(format!(
-                "job {id} is {}; only scheduled or paused jobs can be paused or resumed",
-                from.as_str()
-            )));
-        }
-    };
-    if to != from {
-        job.status.state = to;
-        if to == JobState::Cancelled {
-            job.status.next_occurrence = None;
-        }
+    if job
+        .apply(transition)
+        .map_err(|e| SchedulerError::FailedPrecondition(e.to_string()))?
+    {
         batch.put_job(job.clone(), false);
     }
     Ok(job.spec.id.clone())
