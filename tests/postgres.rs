@@ -446,3 +446,101 @@ async fn a_stale_lease_changes_nothing() {
         (a.fire.fire_id.as_str(), 1, true)
     );
 }
+
+/// Job changes from any replica: pause stops releases, resume brings them back, cancel
+/// finishes the job, a finished job cannot be paused, and delete takes the job and its fires.
+#[tokio::test]
+async fn job_changes_from_any_replica() {
+    use tickd::domain::{JobState, Timestamp, Transition};
+    let db = TestDatabase::create().await;
+    let a = tickd::store::postgres::PgStore::connect(&db.url)
+        .await
+        .expect("connect");
+    let b = tickd::store::postgres::PgStore::connect(&db.url)
+        .await
+        .expect("connect");
+    let created = Timestamp(1_780_272_000_000_000);
+    let t = |s: i64| Some(Timestamp(created.0 + s * 1_000_000));
+    a.insert_job(&every_second_job("j", created))
+        .await
+        .expect("insert");
+    assert!(
+        !a.insert_job(&every_second_job("j", created))
+            .await
+            .expect("insert"),
+        "id taken"
+    );
+
+    let state =
+        |r: Option<Result<tickd::domain::Job, _>>| r.expect("found").expect("allowed").status.state;
+    assert_eq!(
+        state(
+            b.transition("j", Transition::Pause, t(0))
+                .await
+                .expect("pause")
+        ),
+        JobState::Paused
+    );
+    assert!(
+        a.release_due(t(3), 10, 100)
+            .await
+            .expect("release")
+            .is_empty(),
+        "paused"
+    );
+    assert_eq!(
+        state(
+            b.transition("j", Transition::Resume, t(3))
+                .await
+                .expect("resume")
+        ),
+        JobState::Scheduled
+    );
+    let mut released = 0;
+    loop {
+        let n = a.release_due(t(3), 10, 100).await.expect("release").len();
+        if n == 0 {
+            break;
+        }
+        released += n;
+    }
+    assert_eq!(
+        released, 3,
+        "the occurrences of 1, 2 and 3 s, late but within the grace"
+    );
+
+    let cancelled = a
+        .transition("j", Transition::Cancel, t(4))
+        .await
+        .expect("cancel")
+        .expect("found")
+        .expect("allowed");
+    assert_eq!(cancelled.status.state, JobState::Cancelled);
+    assert_eq!(cancelled.status.finish_time, t(4));
+    let read = b.get_job("j").await.expect("get").expect("found");
+    assert_eq!(
+        (read.status.state, read.status.finish_time),
+        (JobState::Cancelled, t(4))
+    );
+    let refused = b
+        .transition("j", Transition::Pause, t(5))
+        .await
+        .expect("pause")
+        .expect("found");
+    assert!(refused.is_err(), "a cancelled job cannot be paused");
+    assert!(
+        a.transition("nope", Transition::Cancel, t(5))
+            .await
+            .expect("cancel")
+            .is_none()
+    );
+
+    assert_eq!(
+        b.delete_job("j").await.expect("delete"),
+        Some(3),
+        "its three fires dropped"
+    );
+    assert!(a.get_job("j").await.expect("get").is_none());
+    assert!(a.claim("q", 10, "x", t(6)).await.expect("claim").is_empty());
+    assert_eq!(a.delete_job("j").await.expect("delete"), None);
+}

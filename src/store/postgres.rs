@@ -5,11 +5,12 @@
 //! connection of their own that is closed whatever the outcome (a session lock left on a
 //! pooled connection after a failed migration would block every other replica).
 //!
-//! Also the first path of the multi-replica engine: [`PgStore::release_due`], the release of
+//! Also the storage side of the multi-replica engine: jobs ([`PgStore::insert_job`],
+//! [`PgStore::get_job`], [`PgStore::transition`], [`PgStore::delete_job`]), [`PgStore::release_due`], the release of
 //! due occurrences that stays exactly-once when replicas race, [`PgStore::claim`] (a fire
 //! leased to one holder at a time, with a token), [`PgStore::ack`], and [`PgStore::nack`],
 //! [`PgStore::extend`] and [`PgStore::reap_expired`], fenced by the lease token. The engine
-//! around them (job changes, wake-ups, streams, the API, health) is not written yet, and
+//! around them (listing, retention, wake-ups, streams, the API, health) is not written yet, and
 //! nothing in the server uses this module.
 
 use chrono::{DateTime, Utc};
@@ -20,7 +21,8 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use super::{StoreError, codec};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
-    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Timestamp, advance, fire_id,
+    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Timestamp, Transition,
+    TransitionRefused, advance, fire_id,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -135,16 +137,14 @@ impl PgStore {
     ) -> Result<Vec<FireRecord>, StoreError> {
         let now = now.map(time).transpose()?;
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let rows = sqlx::query(
-            // The locking SELECT returns the columns itself: a row locked after another
-            // replica's commit is returned as that commit left it (a join on a CTE would
-            // read it from the statement's older snapshot).
-            "SELECT id, spec, state, next_occurrence, fire_count, create_time, \
-                    last_fire_time, finish_time, version, coalesce($1, now()) AS db_now \
-             FROM tickd_jobs \
+        // The locking SELECT returns the columns itself: a row locked after another replica's
+        // commit is returned as that commit left it (a join on a locking CTE would read it from
+        // the statement's older snapshot).
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS}, coalesce($1, now()) AS db_now FROM tickd_jobs \
              WHERE next_due_at <= coalesce($1, now()) \
-             ORDER BY next_due_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
+             ORDER BY next_due_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+        )))
         .bind(now)
         .bind(limit)
         .fetch_all(&mut *tx)
@@ -152,26 +152,9 @@ impl PgStore {
         .map_err(db)?;
         let mut released = Vec::new();
         for row in rows {
-            let id: String = row.try_get("id").map_err(db)?;
-            let spec: JobSpec = codec::decode("tickd_jobs", &id, row.try_get("spec").map_err(db)?)?;
-            let at = |col: &str| -> Result<Option<Timestamp>, StoreError> {
-                let t: Option<DateTime<Utc>> = row.try_get(col).map_err(db)?;
-                Ok(t.map(|t| Timestamp::from_chrono(&t)))
-            };
-            let status = JobStatus {
-                state: state_of(row.try_get("state").map_err(db)?)?,
-                next_occurrence: at("next_occurrence")?,
-                fire_count: u64::try_from(row.try_get::<i64, _>("fire_count").map_err(db)?)
-                    .unwrap_or(0),
-                create_time: at("create_time")?.unwrap_or_default(),
-                last_fire_time: at("last_fire_time")?,
-                finish_time: at("finish_time")?,
-                trace: None,
-            };
-            let version: i64 = row.try_get("version").map_err(db)?;
-            let db_now = at("db_now")?.unwrap_or_default();
-            let job = Job::restore(std::sync::Arc::new(spec), status)
-                .map_err(|e| StoreError::Io(format!("job {id}: {e}")))?;
+            let (job, version) = job_from_row(&row)?;
+            let id = job.spec.id.to_string();
+            let db_now = instant(&row, "db_now")?;
             let plan = advance(&job, db_now, catch_up_cap);
             for occurrence in &plan.fires {
                 let rec = FireRecord {
@@ -207,38 +190,83 @@ impl PgStore {
                     released.push(rec);
                 }
             }
-            let mut next = job.clone();
-            next.status = plan.status.clone();
-            let s = &plan.status;
-            let moved = sqlx::query(
-                "UPDATE tickd_jobs SET state = $3, next_occurrence = $4, next_due_at = $5, \
-                 fire_count = $6, last_fire_time = $7, \
-                 finish_time = CASE WHEN $3 IN ('completed', 'cancelled') \
-                     THEN coalesce(finish_time, $8) END, \
-                 version = version + 1 \
-                 WHERE id = $1 AND version = $2",
-            )
-            .bind(&id)
-            .bind(version)
-            .bind(state_name(s.state))
-            .bind(s.next_occurrence.map(time).transpose()?)
-            .bind(next.next_due().map(time).transpose()?)
-            .bind(i64::try_from(s.fire_count).unwrap_or(i64::MAX))
-            .bind(s.last_fire_time.map(time).transpose()?)
-            .bind(time(db_now)?)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            // The row is locked, so this cannot miss; if it ever does, nothing of this pass
-            // may land (the fires above would belong to an occurrence someone else moved past).
-            if moved.rows_affected() != 1 {
-                return Err(StoreError::Io(format!(
-                    "job {id} changed while it was being released; released nothing, retrying"
-                )));
-            }
+            let mut next = job;
+            next.status = plan.status;
+            update_job(&mut tx, &next, version, db_now).await?;
         }
         tx.commit().await.map_err(db)?;
         Ok(released)
+    }
+
+    /// One job, as the database has it now.
+    pub async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM tickd_jobs WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        row.map(|row| job_from_row(&row).map(|(job, _)| job))
+            .transpose()
+    }
+
+    /// Cancels, pauses or resumes a job (see [`Job::apply`]), on whichever replica: the row is
+    /// locked while it changes. `Ok(None)` when there is no such job.
+    pub async fn transition(
+        &self,
+        id: &str,
+        transition: Transition,
+        now: Option<Timestamp>,
+    ) -> Result<Option<Result<Job, TransitionRefused>>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS}, coalesce($2, now()) AS db_now FROM tickd_jobs \
+             WHERE id = $1 FOR UPDATE"
+        )))
+        .bind(id)
+        .bind(now.map(time).transpose()?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let (mut job, version) = job_from_row(&row)?;
+        match job.apply(transition) {
+            Err(refused) => return Ok(Some(Err(refused))),
+            Ok(false) => {}
+            Ok(true) => {
+                let now = instant(&row, "db_now")?;
+                update_job(&mut tx, &job, version, now).await?;
+                if job.status.state.is_final() {
+                    job.status.finish_time.get_or_insert(now);
+                }
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Some(Ok(job)))
+    }
+
+    /// Deletes a job and its outstanding fires at once; `None` when there is no such job, else
+    /// how many fires were dropped.
+    pub async fn delete_job(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let deleted = sqlx::query("DELETE FROM tickd_jobs WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if deleted.rows_affected() == 0 {
+            return Ok(None);
+        }
+        let fires = sqlx::query("DELETE FROM tickd_fires WHERE job_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(Some(fires.rows_affected()))
     }
 
     /// Leases up to `n` ready fires of `queue` to `holder`: each for its ack deadline, measured
@@ -479,4 +507,75 @@ pub struct Lease {
     /// Names this lease: a nack or extend must carry it, so a stale holder changes nothing.
     pub token: uuid::Uuid,
     pub expires_at: Timestamp,
+}
+
+/// The columns [`job_from_row`] reads.
+const JOB_COLUMNS: &str = "id, spec, state, next_occurrence, fire_count, create_time, \
+     last_fire_time, finish_time, version";
+
+/// A timestamp column.
+fn instant(row: &sqlx::postgres::PgRow, col: &str) -> Result<Timestamp, StoreError> {
+    let t: DateTime<Utc> = row.try_get(col).map_err(db)?;
+    Ok(Timestamp::from_chrono(&t))
+}
+
+/// A job and its version from a row of [`JOB_COLUMNS`].
+fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<(Job, i64), StoreError> {
+    let id: String = row.try_get("id").map_err(db)?;
+    let spec: JobSpec = codec::decode("tickd_jobs", &id, row.try_get("spec").map_err(db)?)?;
+    let at = |col: &str| -> Result<Option<Timestamp>, StoreError> {
+        let t: Option<DateTime<Utc>> = row.try_get(col).map_err(db)?;
+        Ok(t.map(|t| Timestamp::from_chrono(&t)))
+    };
+    let status = JobStatus {
+        state: state_of(row.try_get("state").map_err(db)?)?,
+        next_occurrence: at("next_occurrence")?,
+        fire_count: u64::try_from(row.try_get::<i64, _>("fire_count").map_err(db)?).unwrap_or(0),
+        create_time: instant(row, "create_time")?,
+        last_fire_time: at("last_fire_time")?,
+        finish_time: at("finish_time")?,
+        trace: None,
+    };
+    let version: i64 = row.try_get("version").map_err(db)?;
+    let job = Job::restore(std::sync::Arc::new(spec), status)
+        .map_err(|e| StoreError::Io(format!("job {id}: {e}")))?;
+    Ok((job, version))
+}
+
+/// Writes a job's status if its row is still at `version` (the row is locked by the caller, so
+/// anything else means a bug or a foreign writer: the transaction must not commit). A job that
+/// finished now gets `now` as its finish time.
+async fn update_job(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    job: &Job,
+    version: i64,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let s = &job.status;
+    let moved = sqlx::query(
+        "UPDATE tickd_jobs SET state = $3, next_occurrence = $4, next_due_at = $5, \
+         fire_count = $6, last_fire_time = $7, \
+         finish_time = CASE WHEN $3 IN ('completed', 'cancelled') \
+             THEN coalesce(finish_time, $8) END, \
+         version = version + 1 \
+         WHERE id = $1 AND version = $2",
+    )
+    .bind(&*job.spec.id)
+    .bind(version)
+    .bind(state_name(s.state))
+    .bind(s.next_occurrence.map(time).transpose()?)
+    .bind(job.next_due().map(time).transpose()?)
+    .bind(i64::try_from(s.fire_count).unwrap_or(i64::MAX))
+    .bind(s.last_fire_time.map(time).transpose()?)
+    .bind(time(now)?)
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?;
+    if moved.rows_affected() != 1 {
+        return Err(StoreError::Io(format!(
+            "job {} changed while it was being updated; nothing of this change was made",
+            job.spec.id
+        )));
+    }
+    Ok(())
 }
