@@ -17,9 +17,8 @@ CREATE TABLE tickd_jobs (
     fire_count      bigint NOT NULL DEFAULT 0,
     create_time     timestamptz NOT NULL,
     last_fire_time  timestamptz,
+    -- When the job became completed or cancelled; retention counts from here.
     finish_time     timestamptz,
-    -- When retention deletes the finished job.
-    expire_at       timestamptz,
     -- Trace context of the Schedule call, MessagePack.
     trace           bytea,
     -- Bumped by every change: the compare-and-set that keeps two replicas from releasing
@@ -29,7 +28,7 @@ CREATE TABLE tickd_jobs (
 
 CREATE INDEX tickd_jobs_due ON tickd_jobs (next_due_at) WHERE next_due_at IS NOT NULL;
 CREATE INDEX tickd_jobs_by_queue ON tickd_jobs (queue, id);
-CREATE INDEX tickd_jobs_expiring ON tickd_jobs (expire_at) WHERE expire_at IS NOT NULL;
+CREATE INDEX tickd_jobs_finished ON tickd_jobs (finish_time) WHERE finish_time IS NOT NULL;
 
 CREATE TABLE tickd_fires (
     -- '<job id>@<scheduled time>': one row per occurrence, ever.

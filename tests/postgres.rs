@@ -544,3 +544,99 @@ async fn job_changes_from_any_replica() {
     assert!(a.claim("q", 10, "x", t(6)).await.expect("claim").is_empty());
     assert_eq!(a.delete_job("j").await.expect("delete"), None);
 }
+
+/// Listing pages through the jobs in id order (all, or one queue's), and retention deletes a
+/// finished job once its time is up and no fire of it is outstanding.
+#[tokio::test]
+async fn listing_and_retention() {
+    use tickd::domain::{Timestamp, Transition};
+    let db = TestDatabase::create().await;
+    let store = tickd::store::postgres::PgStore::connect(&db.url)
+        .await
+        .expect("connect");
+    let created = Timestamp(1_780_272_000_000_000);
+    let t = |s: i64| Some(Timestamp(created.0 + s * 1_000_000));
+    for i in 0..5 {
+        store
+            .insert_job(&every_second_job(&format!("j{i}"), created))
+            .await
+            .expect("insert");
+    }
+    let (page, more) = store.list_jobs(None, 2, None).await.expect("list");
+    let ids = |jobs: &[tickd::domain::Job]| {
+        jobs.iter()
+            .map(|j| j.spec.id.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        (ids(&page), more),
+        (vec!["j0".to_string(), "j1".into()], true)
+    );
+    let (page, more) = store
+        .list_jobs(Some("q"), 10, Some("j2"))
+        .await
+        .expect("list");
+    assert_eq!(
+        (ids(&page), more),
+        (vec!["j3".to_string(), "j4".into()], false)
+    );
+    assert!(
+        store
+            .list_jobs(Some("other"), 10, None)
+            .await
+            .expect("list")
+            .0
+            .is_empty()
+    );
+
+    // j0 has an outstanding fire when it is cancelled; j1 has none.
+    assert_eq!(
+        store
+            .release_due(t(1), 1, 100)
+            .await
+            .expect("release")
+            .len(),
+        1
+    );
+    for id in ["j0", "j1"] {
+        store
+            .transition(id, Transition::Cancel, t(1))
+            .await
+            .expect("cancel");
+    }
+    let hour = 3_600_000_000;
+    assert_eq!(
+        store
+            .delete_expired(t(3_600), hour, 10)
+            .await
+            .expect("retention"),
+        0,
+        "not yet"
+    );
+    assert_eq!(
+        store
+            .delete_expired(t(3_601), hour, 10)
+            .await
+            .expect("retention"),
+        1
+    );
+    assert!(store.get_job("j1").await.expect("get").is_none());
+    assert!(
+        store.get_job("j0").await.expect("get").is_some(),
+        "its fire is outstanding"
+    );
+    let fire = store
+        .claim("q", 1, "w", t(3_601))
+        .await
+        .expect("claim")
+        .remove(0);
+    store.ack("q", &[fire.fire.fire_id]).await.expect("ack");
+    assert_eq!(
+        store
+            .delete_expired(t(3_601), hour, 10)
+            .await
+            .expect("retention"),
+        1
+    );
+    assert!(store.get_job("j0").await.expect("get").is_none());
+}

@@ -6,11 +6,12 @@
 //! pooled connection after a failed migration would block every other replica).
 //!
 //! Also the storage side of the multi-replica engine: jobs ([`PgStore::insert_job`],
-//! [`PgStore::get_job`], [`PgStore::transition`], [`PgStore::delete_job`]), [`PgStore::release_due`], the release of
+//! [`PgStore::get_job`], [`PgStore::list_jobs`], [`PgStore::transition`],
+//! [`PgStore::delete_job`], [`PgStore::delete_expired`]), [`PgStore::release_due`], the release of
 //! due occurrences that stays exactly-once when replicas race, [`PgStore::claim`] (a fire
 //! leased to one holder at a time, with a token), [`PgStore::ack`], and [`PgStore::nack`],
 //! [`PgStore::extend`] and [`PgStore::reap_expired`], fenced by the lease token. The engine
-//! around them (listing, retention, wake-ups, streams, the API, health) is not written yet, and
+//! around them (wake-ups, streams, the API, health) is not written yet, and
 //! nothing in the server uses this module.
 
 use chrono::{DateTime, Utc};
@@ -143,7 +144,7 @@ impl PgStore {
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS}, coalesce($1, now()) AS db_now FROM tickd_jobs \
              WHERE next_due_at <= coalesce($1, now()) \
-             ORDER BY next_due_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+             ORDER BY next_due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
         )))
         .bind(now)
         .bind(limit)
@@ -267,6 +268,60 @@ impl PgStore {
             .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(Some(fires.rows_affected()))
+    }
+
+    /// Up to `page_size` jobs in id order after `after`, on `queue` when given (the
+    /// `(queue, id)` index), and whether more may follow.
+    pub async fn list_jobs(
+        &self,
+        queue: Option<&str>,
+        page_size: i64,
+        after: Option<&str>,
+    ) -> Result<(Vec<Job>, bool), StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS} FROM tickd_jobs \
+             WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR id > $2) \
+             ORDER BY id LIMIT $3 + 1"
+        )))
+        .bind(queue)
+        .bind(after)
+        .bind(page_size)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let more = rows.len() as i64 > page_size;
+        let jobs = rows
+            .iter()
+            .take(usize::try_from(page_size).unwrap_or(0))
+            .map(|row| job_from_row(row).map(|(job, _)| job))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((jobs, more))
+    }
+
+    /// Deletes up to `limit` finished jobs whose retention (`retention` after their finish)
+    /// ended at the database's now (or `now`) and that have no fire outstanding. Returns how
+    /// many.
+    pub async fn delete_expired(
+        &self,
+        now: Option<Timestamp>,
+        retention: Micros,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let deleted = sqlx::query(
+            "DELETE FROM tickd_jobs WHERE id IN ( \
+                 SELECT j.id FROM tickd_jobs j \
+                 WHERE j.state IN ('completed', 'cancelled') \
+                   AND j.finish_time <= coalesce($1, now()) - $2 * interval '1 microsecond' \
+                   AND NOT EXISTS (SELECT 1 FROM tickd_fires f WHERE f.job_id = j.id) \
+                 LIMIT $3 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now.map(time).transpose()?)
+        .bind(retention)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(deleted.rows_affected())
     }
 
     /// Leases up to `n` ready fires of `queue` to `holder`: each for its ack deadline, measured
