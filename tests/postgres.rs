@@ -154,7 +154,7 @@ fn every_second_job(id: &str, created: tickd::domain::Timestamp) -> tickd::domai
             start_time: None,
             jitter: 0,
         },
-        payload: Default::default(),
+        payload: bytes::Bytes::from_static(b"p"),
         labels: Default::default(),
         max_fires: 0,
         end_time: None,

@@ -346,7 +346,8 @@ impl PgStore {
                  ORDER BY available_at, fire_id LIMIT $2 FOR UPDATE SKIP LOCKED) ready \
              WHERE f.fire_id = ready.fire_id \
              RETURNING f.fire_id, f.job_id, f.queue, f.scheduled_time, f.fire_time, f.attempt, \
-                 f.dead_lettered, f.lease_token, f.lease_expires_at",
+                 f.dead_lettered, f.lease_token, f.lease_expires_at, \
+                 (SELECT j.spec FROM tickd_jobs j WHERE j.id = f.job_id) AS spec",
         )
         .bind(queue)
         .bind(n)
@@ -362,7 +363,12 @@ impl PgStore {
                     Ok(Timestamp::from_chrono(&t))
                 };
                 let job_id: String = row.try_get("job_id").map_err(db)?;
+                // A job is deleted with its fires in one transaction, so a leased fire has one.
+                let spec: Option<Vec<u8>> = row.try_get("spec").map_err(db)?;
+                let spec = spec.ok_or_else(|| StoreError::MissingSpec(job_id.clone()))?;
+                let spec: JobSpec = codec::decode("tickd_jobs", &job_id, &spec)?;
                 Ok(Lease {
+                    spec: std::sync::Arc::new(spec),
                     fire: FireRecord {
                         fire_id: row.try_get("fire_id").map_err(db)?,
                         job_id: job_id.as_str().into(),
@@ -559,6 +565,8 @@ impl FailedAttempt {
 #[derive(Debug, Clone)]
 pub struct Lease {
     pub fire: FireRecord,
+    /// The fire's job (payload, labels, delivery options).
+    pub spec: std::sync::Arc<JobSpec>,
     /// Names this lease: a nack or extend must carry it, so a stale holder changes nothing.
     pub token: uuid::Uuid,
     pub expires_at: Timestamp,
