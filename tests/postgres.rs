@@ -640,3 +640,32 @@ async fn listing_and_retention() {
     );
     assert!(store.get_job("j0").await.expect("get").is_none());
 }
+
+/// A release wakes the replicas listening: the queue that got new fires is named once the
+/// release has committed.
+#[tokio::test]
+async fn a_release_wakes_listeners() {
+    use tickd::domain::Timestamp;
+    use tickd::store::postgres::{PgStore, Wakeup, Wakeups};
+    let db = TestDatabase::create().await;
+    let store = PgStore::connect(&db.url).await.expect("connect");
+    let mut wakeups = Wakeups::listen(&db.url).await.expect("listen");
+    let created = Timestamp(1_780_272_000_000_000);
+    store
+        .insert_job(&every_second_job("w", created))
+        .await
+        .expect("insert");
+    assert_eq!(
+        store
+            .release_due(Some(Timestamp(created.0 + 1_000_000)), 10, 100)
+            .await
+            .expect("release")
+            .len(),
+        1
+    );
+    let woke = tokio::time::timeout(std::time::Duration::from_secs(10), wakeups.next())
+        .await
+        .expect("a wake-up in time")
+        .expect("listening");
+    assert_eq!(woke, Wakeup::Queue("q".into()));
+}

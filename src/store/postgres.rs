@@ -10,8 +10,9 @@
 //! [`PgStore::delete_job`], [`PgStore::delete_expired`]), [`PgStore::release_due`], the release of
 //! due occurrences that stays exactly-once when replicas race, [`PgStore::claim`] (a fire
 //! leased to one holder at a time, with a token), [`PgStore::ack`], and [`PgStore::nack`],
-//! [`PgStore::extend`] and [`PgStore::reap_expired`], fenced by the lease token. The engine
-//! around them (wake-ups, streams, the API, health) is not written yet, and
+//! [`PgStore::extend`] and [`PgStore::reap_expired`], fenced by the lease token, and
+//! [`Wakeups`] (LISTEN/NOTIFY on the queues a release filled). The engine
+//! around them (delivery loops, streams, the API, health) is not written yet, and
 //! nothing in the server uses this module.
 
 use chrono::{DateTime, Utc};
@@ -41,6 +42,41 @@ pub async fn migrate(url: &str) -> Result<(), StoreError> {
 /// The newest migration version in this binary.
 pub fn schema_version() -> i64 {
     MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// The NOTIFY channel on which a release names the queues it gave new fires.
+pub const FIRES_CHANNEL: &str = "tickd_fires";
+
+/// What wakes a replica's delivery loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wakeup {
+    /// New fires on this queue.
+    Queue(String),
+    /// The listening connection was lost and is back: notifications may have been missed, so
+    /// look at every queue.
+    Reconnected,
+}
+
+/// Listens for [`Wakeup`]s (LISTEN/NOTIFY). Where the database has no NOTIFY, replicas poll.
+#[derive(Debug)]
+pub struct Wakeups {
+    listener: sqlx::postgres::PgListener,
+}
+
+impl Wakeups {
+    pub async fn listen(url: &str) -> Result<Wakeups, StoreError> {
+        let mut listener = sqlx::postgres::PgListener::connect(url).await.map_err(db)?;
+        listener.listen(FIRES_CHANNEL).await.map_err(db)?;
+        Ok(Wakeups { listener })
+    }
+
+    /// The next wake-up; waits for one.
+    pub async fn next(&mut self) -> Result<Wakeup, StoreError> {
+        Ok(match self.listener.try_recv().await.map_err(db)? {
+            Some(n) => Wakeup::Queue(n.payload().to_string()),
+            None => Wakeup::Reconnected,
+        })
+    }
 }
 
 /// Session settings of every pooled connection: a replica stopped mid-transaction (SIGSTOP, a
@@ -194,6 +230,18 @@ impl PgStore {
             let mut next = job;
             next.status = plan.status;
             update_job(&mut tx, &next, version, db_now).await?;
+        }
+        // Replicas with subscribers on these queues wake up when this commits.
+        let mut queues: Vec<&str> = released.iter().map(|f| f.queue.as_str()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        if !queues.is_empty() {
+            sqlx::query("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q")
+                .bind(FIRES_CHANNEL)
+                .bind(&queues)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
         Ok(released)
