@@ -8,6 +8,8 @@ CREATE TABLE tickd_jobs (
     queue           text NOT NULL,
     -- The job's spec (trigger, payload, labels, options), MessagePack.
     spec            bytea NOT NULL,
+    -- The job's labels again, for ListJobs' label filter (labels @> filter).
+    labels          jsonb NOT NULL DEFAULT '{}',
     state           text NOT NULL
         CHECK (state IN ('scheduled', 'paused', 'completed', 'cancelled')),
     -- The next occurrence to fire (before jitter); null once the job will not fire again.
@@ -28,6 +30,7 @@ CREATE TABLE tickd_jobs (
 
 CREATE INDEX tickd_jobs_due ON tickd_jobs (next_due_at) WHERE next_due_at IS NOT NULL;
 CREATE INDEX tickd_jobs_by_queue ON tickd_jobs (queue, id);
+CREATE INDEX tickd_jobs_labels ON tickd_jobs USING gin (labels jsonb_path_ops);
 CREATE INDEX tickd_jobs_finished ON tickd_jobs (finish_time) WHERE finish_time IS NOT NULL;
 
 CREATE TABLE tickd_fires (

@@ -274,6 +274,12 @@ async fn racing_replicas_release_each_occurrence_once() {
     assert!(
         leases
             .iter()
+            .all(|l| l.spec.id == l.fire.job_id && &*l.spec.payload == b"p"),
+        "each lease carries its job's spec and payload"
+    );
+    assert!(
+        leases
+            .iter()
             .all(|l| l.expires_at.0 == now.0 + 30_000_000 && l.fire.attempt == 1)
     );
     let mut tokens: Vec<_> = leases.iter().map(|l| l.token).collect();
@@ -557,12 +563,18 @@ async fn listing_and_retention() {
     let created = Timestamp(1_780_272_000_000_000);
     let t = |s: i64| Some(Timestamp(created.0 + s * 1_000_000));
     for i in 0..5 {
-        store
-            .insert_job(&every_second_job(&format!("j{i}"), created))
-            .await
-            .expect("insert");
+        let mut job = every_second_job(&format!("j{i}"), created);
+        let mut spec = (*job.spec).clone();
+        spec.labels
+            .insert("parity".into(), ["even", "odd"][i % 2].into());
+        job.spec = std::sync::Arc::new(spec);
+        store.insert_job(&job).await.expect("insert");
     }
-    let (page, more) = store.list_jobs(None, 2, None).await.expect("list");
+    let none = std::collections::BTreeMap::new();
+    let (page, more) = store
+        .list_jobs(None, &[], &none, 2, None)
+        .await
+        .expect("list");
     let ids = |jobs: &[tickd::domain::Job]| {
         jobs.iter()
             .map(|j| j.spec.id.to_string())
@@ -573,7 +585,7 @@ async fn listing_and_retention() {
         (vec!["j0".to_string(), "j1".into()], true)
     );
     let (page, more) = store
-        .list_jobs(Some("q"), 10, Some("j2"))
+        .list_jobs(Some("q"), &[], &none, 10, Some("j2"))
         .await
         .expect("list");
     assert_eq!(
@@ -582,28 +594,36 @@ async fn listing_and_retention() {
     );
     assert!(
         store
-            .list_jobs(Some("other"), 10, None)
+            .list_jobs(Some("other"), &[], &none, 10, None)
             .await
             .expect("list")
             .0
             .is_empty()
     );
 
-    // j0 has an outstanding fire when it is cancelled; j1 has none.
-    assert_eq!(
-        store
-            .release_due(t(1), 1, 100)
-            .await
-            .expect("release")
-            .len(),
-        1
-    );
+    let odd = std::collections::BTreeMap::from([("parity".to_string(), "odd".to_string())]);
+    let (page, _) = store
+        .list_jobs(None, &[], &odd, 10, None)
+        .await
+        .expect("list");
+    assert_eq!(ids(&page), vec!["j1".to_string(), "j3".into()], "by label");
+
+    // j0 has an outstanding fire when it is cancelled (jobs due at once go in id order); j1
+    // has none.
+    let released = store.release_due(t(1), 1, 100).await.expect("release");
+    assert_eq!(&*released[0].job_id, "j0");
     for id in ["j0", "j1"] {
         store
             .transition(id, Transition::Cancel, t(1))
             .await
             .expect("cancel");
     }
+    let cancelled = [tickd::domain::JobState::Cancelled];
+    let (page, _) = store
+        .list_jobs(None, &cancelled, &none, 10, None)
+        .await
+        .expect("list");
+    assert_eq!(ids(&page), vec!["j0".to_string(), "j1".into()], "by state");
     let hour = 3_600_000_000;
     assert_eq!(
         store

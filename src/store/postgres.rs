@@ -142,8 +142,9 @@ impl PgStore {
         let s = &job.status;
         let inserted = sqlx::query(
             "INSERT INTO tickd_jobs (id, queue, spec, state, next_occurrence, next_due_at, \
-             fire_count, create_time, last_fire_time, finish_time) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING",
+             fire_count, create_time, last_fire_time, finish_time, labels) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb) \
+             ON CONFLICT (id) DO NOTHING",
         )
         .bind(&*job.spec.id)
         .bind(&job.spec.queue)
@@ -155,6 +156,7 @@ impl PgStore {
         .bind(time(s.create_time)?)
         .bind(s.last_fire_time.map(time).transpose()?)
         .bind(s.finish_time.map(time).transpose()?)
+        .bind(labels_json(&job.spec.labels)?)
         .execute(&self.pool)
         .await
         .map_err(db)?;
@@ -318,21 +320,28 @@ impl PgStore {
         Ok(Some(fires.rows_affected()))
     }
 
-    /// Up to `page_size` jobs in id order after `after`, on `queue` when given (the
-    /// `(queue, id)` index), and whether more may follow.
+    /// Up to `page_size` jobs in id order after `after` that are on `queue` (when given), in
+    /// one of `states` (when any) and carry every one of `labels`, and whether more may follow.
     pub async fn list_jobs(
         &self,
         queue: Option<&str>,
+        states: &[JobState],
+        labels: &std::collections::BTreeMap<String, String>,
         page_size: i64,
         after: Option<&str>,
     ) -> Result<(Vec<Job>, bool), StoreError> {
+        let states: Vec<&str> = states.iter().map(|s| state_name(*s)).collect();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {JOB_COLUMNS} FROM tickd_jobs \
              WHERE ($1::text IS NULL OR queue = $1) AND ($2::text IS NULL OR id > $2) \
-             ORDER BY id LIMIT $3 + 1"
+               AND (cardinality($3::text[]) = 0 OR state = ANY($3)) \
+               AND labels @> $4::jsonb \
+             ORDER BY id LIMIT $5 + 1"
         )))
         .bind(queue)
         .bind(after)
+        .bind(&states)
+        .bind(labels_json(labels)?)
         .bind(page_size)
         .fetch_all(&self.pool)
         .await
@@ -618,6 +627,11 @@ pub struct Lease {
     /// Names this lease: a nack or extend must carry it, so a stale holder changes nothing.
     pub token: uuid::Uuid,
     pub expires_at: Timestamp,
+}
+
+/// Labels as a JSON object, for the `labels` column and its filter.
+fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> Result<String, StoreError> {
+    serde_json::to_string(labels).map_err(|e| StoreError::Io(format!("labels: {e}")))
 }
 
 /// The columns [`job_from_row`] reads.
