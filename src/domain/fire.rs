@@ -38,24 +38,25 @@ pub enum AfterAttempt {
     Drop,
 }
 
-/// Decides [`AfterAttempt`] for a fire that failed its attempt `rec.attempt`, of a job allowing
-/// `max_attempts` with dead-letter queue `dead_letter_queue`; `delay` is the wait before the
-/// next attempt (the nack's, or the expiry backoff). A fire already dead-lettered is dropped
-/// when it uses up its attempts again.
+/// Decides [`AfterAttempt`] for a fire that failed its attempt `attempt` (on its dead-letter
+/// queue already when `dead_lettered`), of a job allowing `max_attempts` with dead-letter queue
+/// `dead_letter_queue`; `delay` is the wait before the next attempt (the nack's, or the expiry
+/// backoff). A fire already dead-lettered is dropped when it uses up its attempts again.
 pub fn after_attempt(
-    rec: &FireRecord,
+    attempt: u32,
+    dead_lettered: bool,
     max_attempts: u32,
     dead_letter_queue: Option<&str>,
     delay: Micros,
 ) -> AfterAttempt {
-    if rec.attempt < max_attempts {
+    if attempt < max_attempts {
         return AfterAttempt::Again {
-            attempt: rec.attempt + 1,
+            attempt: attempt + 1,
             delay,
         };
     }
     match dead_letter_queue {
-        Some(queue) if !rec.dead_lettered => AfterAttempt::DeadLetter {
+        Some(queue) if !dead_lettered => AfterAttempt::DeadLetter {
             queue: queue.to_string(),
         },
         _ => AfterAttempt::Drop,
@@ -73,45 +74,28 @@ pub fn expiry_backoff(attempt: u32, max: Micros) -> Micros {
 mod tests {
     use super::*;
 
-    fn rec(attempt: u32, dead_lettered: bool) -> FireRecord {
-        FireRecord {
-            fire_id: "a@1".into(),
-            job_id: "a".into(),
-            queue: "q".into(),
-            scheduled_time: crate::domain::Timestamp(1),
-            fire_time: crate::domain::Timestamp(1),
-            attempt,
-            not_before: None,
-            dead_lettered,
-            trace: None,
-        }
-    }
-
     /// Attempts left: again, with the next attempt number and the delay; none left: to the
     /// dead-letter queue once, then dropped; no dead-letter queue: dropped.
     #[test]
     fn after_an_attempt() {
         assert_eq!(
-            after_attempt(&rec(2, false), 3, Some("dead"), 7),
+            after_attempt(2, false, 3, Some("dead"), 7),
             AfterAttempt::Again {
                 attempt: 3,
                 delay: 7
             }
         );
         assert_eq!(
-            after_attempt(&rec(3, false), 3, Some("dead"), 7),
+            after_attempt(3, false, 3, Some("dead"), 7),
             AfterAttempt::DeadLetter {
                 queue: "dead".into()
             }
         );
         assert_eq!(
-            after_attempt(&rec(3, true), 3, Some("dead"), 7),
+            after_attempt(3, true, 3, Some("dead"), 7),
             AfterAttempt::Drop
         );
-        assert_eq!(
-            after_attempt(&rec(3, false), 3, None, 7),
-            AfterAttempt::Drop
-        );
+        assert_eq!(after_attempt(3, false, 3, None, 7), AfterAttempt::Drop);
     }
 
     /// Backoff starts at one second, doubles, and stops at the cap.

@@ -259,21 +259,10 @@ impl State {
 
     /// Moves a job's deletion to `at` (none: not to be deleted).
     pub fn set_expiry(&mut self, id: &JobId, at: Option<Timestamp>) {
-        let Some(entry) = self.jobs.get_mut(id) else {
-            return;
-        };
-        if entry.expiry == at {
-            return;
-        }
-        if let Some(old) = entry.expiry.take() {
-            self.expiries.remove(&(old, id.clone()));
-        }
-        if let Some(t) = at {
-            entry.expiry = Some(t);
-            self.expiries.insert((t, id.clone()));
-            if self.expiries.first().is_some_and(|(first, _)| *first == t) {
-                self.timer_dirty = true;
-            }
+        if let Some(entry) = self.jobs.get_mut(id)
+            && rekey(&mut self.expiries, &mut entry.expiry, id, at)
+        {
+            self.timer_dirty = true;
         }
     }
 
@@ -293,28 +282,14 @@ impl State {
     pub fn remove_fire(&mut self, id: &str) -> Option<FireEntry> {
         self.release(id);
         let entry = self.fires.remove(id)?;
-        if let Some(n) = self.fires_per_job.get_mut(&entry.rec.job_id) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.fires_per_job.remove(&entry.rec.job_id);
-            }
-        }
-        self.uncount_queue(&entry.rec.queue);
+        uncount(&mut self.fires_per_job, &*entry.rec.job_id);
+        uncount(&mut self.fires_per_queue, entry.rec.queue.as_str());
         Some(entry)
-    }
-
-    fn uncount_queue(&mut self, queue: &str) {
-        if let Some(n) = self.fires_per_queue.get_mut(queue) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.fires_per_queue.remove(queue);
-            }
-        }
     }
 
     /// A fire moved from one queue to another (dead-lettering).
     fn count_queue_move(&mut self, from: &str, to: &str) {
-        self.uncount_queue(from);
+        uncount(&mut self.fires_per_queue, from);
         *self.fires_per_queue.entry(to.to_string()).or_default() += 1;
     }
 
@@ -326,20 +301,9 @@ impl State {
     /// Puts a job's timer where its status says: armed at its next due time when SCHEDULED,
     /// absent otherwise.
     pub fn sync_timer(&mut self, id: &JobId) {
-        let Some(entry) = self.jobs.get_mut(id) else {
-            return;
-        };
-        let want = entry.job.next_due();
-        if entry.timer == want {
-            return;
-        }
-        if let Some(old) = entry.timer.take() {
-            self.timers.remove(&(old, id.clone()));
-        }
-        if let Some(due) = want {
-            entry.timer = Some(due);
-            self.timers.insert((due, id.clone()));
-            if self.timers.first().is_some_and(|(t, _)| *t == due) {
+        if let Some(entry) = self.jobs.get_mut(id) {
+            let want = entry.job.next_due();
+            if rekey(&mut self.timers, &mut entry.timer, id, want) {
                 self.timer_dirty = true;
             }
         }
@@ -743,6 +707,42 @@ impl State {
                 self.deadlines.remove(&(old, id.clone()));
                 self.insert_deadline(deadline, id.clone());
             }
+        }
+    }
+}
+
+/// Moves `id`'s key in `index` from `*slot` to `want` (none: out of the index). True when the
+/// new key is the earliest of the index, so the timer loop must look again.
+fn rekey(
+    index: &mut BTreeSet<(Timestamp, JobId)>,
+    slot: &mut Option<Timestamp>,
+    id: &JobId,
+    want: Option<Timestamp>,
+) -> bool {
+    if *slot == want {
+        return false;
+    }
+    if let Some(old) = slot.take() {
+        index.remove(&(old, id.clone()));
+    }
+    let Some(t) = want else {
+        return false;
+    };
+    *slot = Some(t);
+    index.insert((t, id.clone()));
+    index.first().is_some_and(|(first, _)| *first == t)
+}
+
+/// Counts one fewer for `key`, forgetting it at zero.
+fn uncount<K, Q>(counts: &mut HashMap<K, u32>, key: &Q)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    if let Some(n) = counts.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            counts.remove(key);
         }
     }
 }

@@ -689,7 +689,8 @@ fn decide_redelivery(
         }
     };
     match after_attempt(
-        &rec,
+        rec.attempt,
+        rec.dead_lettered,
         spec.max_attempts,
         spec.dead_letter_queue.as_deref(),
         delay,

@@ -492,12 +492,11 @@ impl PgStore {
         now: Option<Timestamp>,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query(
-            "SELECT fire_id, job_id, queue, attempt, dead_lettered, max_attempts, \
-                    dead_letter_queue, coalesce($3, clock_timestamp()) AS db_now \
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {FAILED_ATTEMPT_COLUMNS}, coalesce($3, clock_timestamp()) AS db_now \
              FROM tickd_fires WHERE fire_id = $1 AND lease_token = $2 AND state = 'leased' \
-             FOR UPDATE",
-        )
+             FOR UPDATE"
+        )))
         .bind(fire_id)
         .bind(token)
         .bind(now.map(time).transpose()?)
@@ -523,13 +522,12 @@ impl PgStore {
         max_backoff: Micros,
     ) -> Result<usize, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let rows = sqlx::query(
-            "SELECT fire_id, job_id, queue, attempt, dead_lettered, max_attempts, \
-                    dead_letter_queue, coalesce($1, clock_timestamp()) AS db_now \
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {FAILED_ATTEMPT_COLUMNS}, coalesce($1, clock_timestamp()) AS db_now \
              FROM tickd_fires \
              WHERE state = 'leased' AND lease_expires_at <= coalesce($1, now()) \
-             ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED",
-        )
+             ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
+        )))
         .bind(now.map(time).transpose()?)
         .bind(limit)
         .fetch_all(&mut *tx)
@@ -549,33 +547,30 @@ impl PgStore {
 
 /// A leased fire whose attempt failed, as read (and locked) for deciding what follows.
 struct FailedAttempt {
-    rec: FireRecord,
+    fire_id: String,
+    attempt: u32,
+    dead_lettered: bool,
     max_attempts: u32,
     dead_letter_queue: Option<String>,
     now: Timestamp,
 }
 
+/// The columns [`FailedAttempt::read`] reads, besides `db_now`.
+const FAILED_ATTEMPT_COLUMNS: &str =
+    "fire_id, attempt, dead_lettered, max_attempts, dead_letter_queue";
+
 impl FailedAttempt {
     fn read(row: &sqlx::postgres::PgRow) -> Result<FailedAttempt, StoreError> {
-        let job_id: String = row.try_get("job_id").map_err(db)?;
-        let now: DateTime<Utc> = row.try_get("db_now").map_err(db)?;
-        let now = Timestamp::from_chrono(&now);
+        let count = |col: &str| -> Result<u32, StoreError> {
+            Ok(u32::try_from(row.try_get::<i32, _>(col).map_err(db)?).unwrap_or(1))
+        };
         Ok(FailedAttempt {
-            rec: FireRecord {
-                fire_id: row.try_get("fire_id").map_err(db)?,
-                job_id: job_id.as_str().into(),
-                queue: row.try_get("queue").map_err(db)?,
-                scheduled_time: now,
-                fire_time: now,
-                attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db)?).unwrap_or(1),
-                not_before: None,
-                dead_lettered: row.try_get("dead_lettered").map_err(db)?,
-                trace: None,
-            },
-            max_attempts: u32::try_from(row.try_get::<i32, _>("max_attempts").map_err(db)?)
-                .unwrap_or(1),
+            fire_id: row.try_get("fire_id").map_err(db)?,
+            attempt: count("attempt")?,
+            dead_lettered: row.try_get("dead_lettered").map_err(db)?,
+            max_attempts: count("max_attempts")?,
             dead_letter_queue: row.try_get("dead_letter_queue").map_err(db)?,
-            now,
+            now: instant(row, "db_now")?,
         })
     }
 
@@ -585,10 +580,11 @@ impl FailedAttempt {
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         delay_for: impl Fn(u32) -> Micros,
     ) -> Result<(), StoreError> {
-        let delay = delay_for(self.rec.attempt);
-        let id = &self.rec.fire_id;
+        let delay = delay_for(self.attempt);
+        let id = &self.fire_id;
         let query = match after_attempt(
-            &self.rec,
+            self.attempt,
+            self.dead_lettered,
             self.max_attempts,
             self.dead_letter_queue.as_deref(),
             delay,
