@@ -100,7 +100,7 @@ async fn main() {
     let added = rss_bytes().saturating_sub(rss_before);
     println!(
         "restart: {} jobs rebuilt in {:.2} s; resident memory +{} MiB ({} bytes/job)",
-        core.job_count(),
+        core.job_count().await,
         took.as_secs_f64(),
         added >> 20,
         added / n as u64

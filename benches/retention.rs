@@ -94,7 +94,7 @@ async fn main() {
         println!(
             "{:>10} {:>10} {:>10.1} {:>12.1} {:>8.1}",
             scheduled,
-            core.job_count(),
+            core.job_count().await,
             rss_bytes() as f64 / 1_048_576.0,
             store_bytes as f64 / 1_048_576.0,
             started.elapsed().as_secs_f64()

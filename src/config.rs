@@ -21,9 +21,42 @@ pub struct Config {
     #[arg(long, env = "TICKD_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
     pub metrics_listen: SocketAddr,
 
-    /// Directory of the embedded store (created if missing).
+    /// Directory of the embedded store (created if missing). Not used with --database-url.
     #[arg(long, env = "TICKD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+
+    /// PostgreSQL to keep jobs and fires in (`postgres://user:password@host:5432/db`), shared
+    /// by any number of tickd replicas. Unset: the embedded store in --data-dir. The schema is
+    /// created or migrated at start.
+    #[arg(long, env = "TICKD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// With --database-url: longest a replica goes without looking for due jobs and ready
+    /// fires when nothing woke it (with NOTIFY, how late a job scheduled on a replica that
+    /// died meanwhile can be; without, the fire latency).
+    #[arg(long, env = "TICKD_DATABASE_POLL_INTERVAL", default_value = "500ms", value_parser = parse_poll_interval)]
+    pub database_poll_interval: Duration,
+
+    /// With --database-url: wake replicas through LISTEN/NOTIFY. `false` for PostgreSQL-wire
+    /// databases without it (then set --database-poll-interval to 100ms or so).
+    #[arg(long, env = "TICKD_DATABASE_NOTIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub database_notify: bool,
+
+    /// With --database-url: most connections this replica opens.
+    #[arg(long, env = "TICKD_DATABASE_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(2..=1_000))]
+    pub database_max_connections: u32,
+
+    /// For tests of clock skew: this process's clock runs this many milliseconds ahead
+    /// (negative: behind) of the system's.
+    #[arg(
+        long,
+        env = "TICKD_TEST_CLOCK_SKEW_MS",
+        default_value_t = 0,
+        hide = true,
+        allow_negative_numbers = true
+    )]
+    pub test_clock_skew_ms: i64,
 
     /// Largest job payload accepted, in bytes.
     #[arg(long, env = "TICKD_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024,
@@ -117,6 +150,10 @@ const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3_600);
 const DAY: Duration = Duration::from_secs(86_400);
 
+fn parse_poll_interval(s: &str) -> Result<Duration, String> {
+    duration_between(s, MS * 10, Duration::from_secs(60))
+}
+
 fn parse_open_timeout(s: &str) -> Result<Duration, String> {
     duration_between(s, MS * 10, HOUR)
 }
@@ -149,6 +186,11 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             data_dir: PathBuf::from("./data"),
+            database_url: None,
+            database_poll_interval: Duration::from_millis(500),
+            database_notify: true,
+            database_max_connections: 16,
+            test_clock_skew_ms: 0,
             max_payload_bytes: 256 * 1024,
             max_catch_up_fires: 100,
             max_redelivery_backoff: Duration::from_secs(60),
@@ -179,6 +221,11 @@ mod tests {
         assert_eq!(parsed.listen, d.listen);
         assert_eq!(parsed.metrics_listen, d.metrics_listen);
         assert_eq!(parsed.data_dir, d.data_dir);
+        assert_eq!(parsed.database_url, d.database_url);
+        assert_eq!(parsed.database_poll_interval, d.database_poll_interval);
+        assert_eq!(parsed.database_notify, d.database_notify);
+        assert_eq!(parsed.database_max_connections, d.database_max_connections);
+        assert_eq!(parsed.test_clock_skew_ms, d.test_clock_skew_ms);
         assert_eq!(parsed.max_payload_bytes, d.max_payload_bytes);
         assert_eq!(parsed.max_catch_up_fires, d.max_catch_up_fires);
         assert_eq!(parsed.max_redelivery_backoff, d.max_redelivery_backoff);
@@ -197,6 +244,12 @@ mod tests {
     fn durations_out_of_range_are_refused_naming_the_flag() {
         for (flag, too_small, too_big, edges) in [
             ("--retention", None, "3661d", ["0s", "3660d"]),
+            (
+                "--database-poll-interval",
+                Some("9ms"),
+                "61s",
+                ["10ms", "1m"],
+            ),
             (
                 "--max-redelivery-backoff",
                 Some("999ms"),

@@ -17,6 +17,11 @@ fn every_tickd_variable_reaches_its_flag() {
         ("TICKD_LISTEN", "127.0.0.2:6000"),
         ("TICKD_METRICS_LISTEN", "127.0.0.3:6001"),
         ("TICKD_DATA_DIR", "/tmp/tickd-env-test"),
+        ("TICKD_DATABASE_URL", "postgres://u@db:5432/t"),
+        ("TICKD_DATABASE_POLL_INTERVAL", "250ms"),
+        ("TICKD_DATABASE_NOTIFY", "false"),
+        ("TICKD_DATABASE_MAX_CONNECTIONS", "4"),
+        ("TICKD_TEST_CLOCK_SKEW_MS", "-1500"),
         ("TICKD_MAX_PAYLOAD_BYTES", "1000"),
         ("TICKD_MAX_CATCH_UP_FIRES", "7"),
         ("TICKD_MAX_REDELIVERY_BACKOFF", "3s"),
@@ -56,6 +61,11 @@ fn every_tickd_variable_reaches_its_flag() {
         "127.0.0.3:6001".parse::<SocketAddr>().expect("addr")
     );
     assert_eq!(c.data_dir, PathBuf::from("/tmp/tickd-env-test"));
+    assert_eq!(c.database_url.as_deref(), Some("postgres://u@db:5432/t"));
+    assert_eq!(c.database_poll_interval, Duration::from_millis(250));
+    assert!(!c.database_notify);
+    assert_eq!(c.database_max_connections, 4);
+    assert_eq!(c.test_clock_skew_ms, -1_500);
     assert_eq!(c.max_payload_bytes, 1_000);
     assert_eq!(c.max_catch_up_fires, 7);
     assert_eq!(c.max_redelivery_backoff, Duration::from_secs(3));

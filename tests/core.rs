@@ -114,7 +114,7 @@ async fn a_week_of_berlin_cron_in_virtual_time() {
     let berlin: chrono_tz::Tz = "Europe/Berlin".parse().expect("zone");
     let mut local_times = Vec::new();
     for _ in 0..7 {
-        let job = core.get("daily").expect("job");
+        let job = core.get("daily").await.expect("job");
         let occurrence = job.status.next_occurrence.expect("next");
         clock.advance(occurrence.since(clock.now()));
         let d = next(&mut sub).await;
@@ -256,7 +256,7 @@ async fn a_cancelled_caller_leaves_the_change_whole() {
         "the call was dropped before its commit finished"
     );
     settle(&core).await;
-    let job = core.get("j").expect("the change was applied");
+    let job = core.get("j").await.expect("the change was applied");
     assert_eq!(job.status.state, JobState::Scheduled);
     assert_eq!(store.inner.load().expect("load").jobs.len(), 1);
     clock.advance(10 * S);
@@ -277,7 +277,10 @@ async fn failed_commit_changes_nothing() {
         .await
         .expect_err("disk failed");
     assert!(matches!(err, SchedulerError::Unavailable(_)), "{err:?}");
-    assert!(matches!(core.get("j"), Err(SchedulerError::NotFound(_))));
+    assert!(matches!(
+        core.get("j").await,
+        Err(SchedulerError::NotFound(_))
+    ));
     store.set_fail_commits(false);
     core.schedule(spec("j", TriggerSpec::After { after: S }))
         .await
@@ -304,12 +307,12 @@ async fn restart_rebuilds_memory_from_the_store() {
     .expect("schedule");
     clock.advance(10 * S);
     settle(&core).await; // fires for 110 s with nobody subscribed: it waits, stored
-    let before = core.get("every").expect("job");
+    let before = core.get("every").await.expect("job");
     assert_eq!(before.status.next_occurrence, Some(Timestamp(120 * S)));
     core.shutdown().await;
 
     let core = start(store.clone(), clock.clone()).await;
-    let after = core.get("every").expect("job");
+    let after = core.get("every").await.expect("job");
     assert_eq!(after.status, before.status);
     let mut sub = core.subscribe("q", 10).expect("subscribe");
     let d = next(&mut sub).await;
@@ -339,7 +342,7 @@ async fn jitter_delays_within_bounds() {
     .await
     .expect("schedule");
     for k in 1..=5 {
-        let due = core.get("j").expect("job").next_due().expect("due");
+        let due = core.get("j").await.expect("job").next_due().expect("due");
         let occurrence = Timestamp(k * 10 * S);
         assert!(due >= occurrence && due < occurrence.plus(5 * S), "{due:?}");
         clock.advance(due.since(clock.now()));
@@ -348,12 +351,12 @@ async fn jitter_delays_within_bounds() {
         assert_eq!(d.fire.fire_time, due);
         sub.handle().ack(&[d.fire.fire_id]);
         settle(&core).await;
-        let armed = core.get("j").expect("job").next_due();
+        let armed = core.get("j").await.expect("job").next_due();
         drop(sub);
         core.shutdown().await;
         core = start(store.clone(), clock.clone()).await;
         sub = core.subscribe("q", 100).expect("subscribe");
-        assert_eq!(core.get("j").expect("job").next_due(), armed);
+        assert_eq!(core.get("j").await.expect("job").next_due(), armed);
     }
     core.shutdown().await;
 }
@@ -740,7 +743,7 @@ async fn an_unloadable_job_does_not_stop_the_others() {
         .expect("commit");
     let clock = Arc::new(ManualClock::new(Timestamp(1_000 * S)));
     let core = start(store, clock.clone()).await;
-    assert_eq!(core.job_count(), 1);
+    assert_eq!(core.job_count().await, 1);
     let mut sub = core.subscribe("q", 10).expect("subscribe");
     clock.advance(1_000 * S);
     assert_eq!(&*next(&mut sub).await.fire.job_id, "good");

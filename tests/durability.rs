@@ -12,42 +12,56 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Jobs and un-acked fires come back after a graceful restart on the same directory; the
-/// fire that was in flight comes back without an attempt counted (the README's promise for a
-/// shutdown), and once acked it is gone.
-#[tokio::test]
-async fn graceful_restart_keeps_jobs_and_unacked_fires() {
-    let mut server = TestServer::manual().await;
-    let mut sub = server.subscribe("q", 10).await;
-    let pending = server.schedule(job("q", after_trigger(3_600_000))).await;
-    let fired = server.schedule(job("q", after_trigger(0))).await;
-    server.settle().await;
-    let fire = sub.recv().await;
-    assert_eq!((fire.job_id.as_str(), fire.attempt), (fired.id.as_str(), 1));
+both_backends! {
+    /// Jobs and un-acked fires come back after a graceful restart on the same store; once acked
+    /// a fire is gone. On the embedded store the fire that was in flight comes back at once
+    /// without an attempt counted (the README's promise for a shutdown); across replicas its
+    /// lease holds (the worker may still be on it, and ack it elsewhere), so it comes back when
+    /// its deadline passes, as attempt 2.
+    #[tokio::test]
+    async fn graceful_restart_keeps_jobs_and_unacked_fires(backend) {
+        let mut server = backend.manual().await;
+        let mut sub = server.subscribe("q", 10).await;
+        let pending = server.schedule(job("q", after_trigger(3_600_000))).await;
+        let fired = server.schedule(job("q", after_trigger(0))).await;
+        server.settle().await;
+        let fire = sub.recv().await;
+        assert_eq!((fire.job_id.as_str(), fire.attempt), (fired.id.as_str(), 1));
 
-    let mut server = server.restart().await;
-    let got = server.job(&pending.id).await;
-    assert_eq!(got.state(), pb::JobState::Scheduled);
-    assert_eq!(got.next_fire_time, pending.next_fire_time);
-    assert_eq!(server.job(&fired.id).await.state(), pb::JobState::Completed);
-    let mut sub = server.subscribe("q", 10).await;
-    let again = sub.recv().await;
-    assert_eq!(
-        (again.fire_id.as_str(), again.attempt),
-        (fire.fire_id.as_str(), 1),
-        "the un-acked fire is delivered again, its attempt not counted"
-    );
-    sub.ack(&[&again.fire_id]).await;
-    server.wait_in_flight("q", 0).await;
-    assert_eq!(server.queue("q").backlog, 0);
+        let mut server = server.restart().await;
+        let got = server.job(&pending.id).await;
+        assert_eq!(got.state(), pb::JobState::Scheduled);
+        assert_eq!(got.next_fire_time, pending.next_fire_time);
+        assert_eq!(server.job(&fired.id).await.state(), pb::JobState::Completed);
+        let mut sub = server.subscribe("q", 10).await;
+        let attempt = match backend {
+            Backend::Embedded => 1,
+            Backend::Postgres => {
+                server.settle().await;
+                assert_eq!(server.counts("q"), (0, 1), "still leased");
+                // The 30 s ack deadline, then the 1 s backoff.
+                server.advance(31_000).await;
+                2
+            }
+        };
+        let again = sub.recv().await;
+        assert_eq!(
+            (again.fire_id.as_str(), again.attempt),
+            (fire.fire_id.as_str(), attempt),
+            "the un-acked fire is delivered again"
+        );
+        sub.ack(&[&again.fire_id]).await;
+        server.wait_in_flight("q", 0).await;
+        assert_eq!(server.queue("q").backlog, 0);
 
-    let server = server.restart().await;
-    assert_eq!(
-        (server.queue("q").backlog, server.queue("q").in_flight),
-        (0, 0),
-        "an acked fire does not come back after a restart"
-    );
-    server.stop().await;
+        let server = server.restart().await;
+        assert_eq!(
+            (server.queue("q").backlog, server.queue("q").in_flight),
+            (0, 0),
+            "an acked fire does not come back after a restart"
+        );
+        server.stop().await;
+    }
 }
 
 /// After kill -9, everything that was answered OK is there exactly as it was: a pending job
@@ -233,97 +247,106 @@ async fn drain(server: &mut TestServer, queue: &str, start: i64) -> Vec<i64> {
     times
 }
 
-/// Down from before the first occurrence (at +200 ms) until +900 ms: the occurrences at
-/// 200..=800 ms are missed by more than the grace period, the one at 900 ms is on time.
-/// FIRE_ONCE sends the latest missed one (800) then 900; SKIP sends only 900; FIRE_ALL sends
-/// all of them, oldest first.
-#[tokio::test]
-async fn missed_occurrences_follow_the_misfire_policy_after_restart() {
-    let mut server = TestServer::manual().await;
-    let start = server.now() + 200_000;
-    jobs_per_policy(&mut server, start, "").await;
-    let mut server = server.restart_after(900).await;
-    server.settle().await;
-    // Passed-over occurrences are counted, per queue.
-    let text = scrape(server.metrics_addr).await;
-    let skipped = |queue: &str| skipped_occurrences(&text, queue, "misfire");
-    assert_eq!(skipped("once"), Some(6.0), "{text}");
-    assert_eq!(skipped("skip"), Some(7.0), "{text}");
-    assert_eq!(skipped("all"), None, "{text}");
+both_backends! {
+    /// Down from before the first occurrence (at +200 ms) until +900 ms: the occurrences at
+    /// 200..=800 ms are missed by more than the grace period, the one at 900 ms is on time.
+    /// FIRE_ONCE sends the latest missed one (800) then 900; SKIP sends only 900; FIRE_ALL sends
+    /// all of them, oldest first.
+    #[tokio::test]
+    async fn missed_occurrences_follow_the_misfire_policy_after_restart(backend) {
+        let mut server = backend.manual().await;
+        let start = server.now() + 200_000;
+        let p = &format!("{}.", backend.name());
+        jobs_per_policy(&mut server, start, p).await;
+        let mut server = server.restart_after(900).await;
+        server.settle().await;
+        // Passed-over occurrences are counted, per queue.
+        let text = scrape(server.metrics_addr).await;
+        let skipped = |queue: &str| skipped_occurrences(&text, &format!("{p}{queue}"), "misfire");
+        assert_eq!(skipped("once"), Some(6.0), "{text}");
+        assert_eq!(skipped("skip"), Some(7.0), "{text}");
+        assert_eq!(skipped("all"), None, "{text}");
 
-    assert_eq!(drain(&mut server, "once", start).await, vec![600, 700]);
-    assert_eq!(drain(&mut server, "skip", start).await, vec![700]);
-    assert_eq!(
-        drain(&mut server, "all", start).await,
-        vec![0, 100, 200, 300, 400, 500, 600, 700]
-    );
-    // And each is back on its grid.
-    server.advance(100).await;
-    for queue in ["once", "skip", "all"] {
-        assert_eq!(drain(&mut server, queue, start).await, vec![800], "{queue}");
+        let q = |queue: &str| format!("{p}{queue}");
+        assert_eq!(drain(&mut server, &q("once"), start).await, vec![600, 700]);
+        assert_eq!(drain(&mut server, &q("skip"), start).await, vec![700]);
+        assert_eq!(
+            drain(&mut server, &q("all"), start).await,
+            vec![0, 100, 200, 300, 400, 500, 600, 700]
+        );
+        // And each is back on its grid.
+        server.advance(100).await;
+        for queue in ["once", "skip", "all"] {
+            assert_eq!(drain(&mut server, &q(queue), start).await, vec![800], "{queue}");
+        }
+        server.stop().await;
     }
-    server.stop().await;
 }
 
-/// `--max-catch-up-fires` caps FIRE_ALL: of seven missed occurrences only the three oldest are
-/// sent; the rest are skipped, and the job goes on with its next on-time occurrence.
-#[tokio::test]
-async fn fire_all_is_capped_by_max_catch_up_fires() {
-    let mut server = TestServer::manual_with(|c| c.max_catch_up_fires = 3).await;
-    let start = server.now() + 200_000;
-    jobs_per_policy(&mut server, start, "capped.").await;
-    let mut server = server.restart_after(900).await;
-    server.settle().await;
-    assert_eq!(
-        drain(&mut server, "capped.all", start).await,
-        vec![0, 100, 200, 700]
-    );
-    server.stop().await;
+both_backends! {
+    /// `--max-catch-up-fires` caps FIRE_ALL: of seven missed occurrences only the three oldest are
+    /// sent; the rest are skipped, and the job goes on with its next on-time occurrence.
+    #[tokio::test]
+    async fn fire_all_is_capped_by_max_catch_up_fires(backend) {
+        let mut server = backend.manual_with(|c| c.max_catch_up_fires = 3).await;
+        let start = server.now() + 200_000;
+        let p = format!("capped.{}.", backend.name());
+        jobs_per_policy(&mut server, start, &p).await;
+        let mut server = server.restart_after(900).await;
+        server.settle().await;
+        assert_eq!(
+            drain(&mut server, &format!("{p}all"), start).await,
+            vec![0, 100, 200, 700]
+        );
+        server.stop().await;
+    }
 }
 
-/// A daily 02:30 Europe/Berlin job, down across the spring-forward night: FIRE_ALL catches up
-/// on each missed day at its real instant (03:00 CEST on the night 02:30 does not exist, and
-/// the offset changes from +01:00 to +02:00), FIRE_ONCE only on the latest.
-#[tokio::test]
-async fn cron_catch_up_across_a_dst_change() {
-    // Friday 2026-03-27 12:00 UTC; Berlin springs forward on Sunday 2026-03-29 at 02:00.
-    let friday_noon = 1_774_612_800_000_000;
-    let mut server = TestServer::manual_at(friday_noon, |_| {}).await;
-    for (id, policy) in [
-        ("dst.all", pb::MisfirePolicy::FireAll),
-        ("dst.once", pb::MisfirePolicy::FireOnce),
-    ] {
-        let mut j = job(id, cron_trigger("30 2 * * *", "Europe/Berlin"));
-        j.id = id.into();
-        j.misfire_policy = policy.into();
-        server.schedule(j).await;
+both_backends! {
+    /// A daily 02:30 Europe/Berlin job, down across the spring-forward night: FIRE_ALL catches up
+    /// on each missed day at its real instant (03:00 CEST on the night 02:30 does not exist, and
+    /// the offset changes from +01:00 to +02:00), FIRE_ONCE only on the latest.
+    #[tokio::test]
+    async fn cron_catch_up_across_a_dst_change(backend) {
+        // Friday 2026-03-27 12:00 UTC; Berlin springs forward on Sunday 2026-03-29 at 02:00.
+        let friday_noon = 1_774_612_800_000_000;
+        let mut server = backend.manual_at(friday_noon, |_| {}).await;
+        for (id, policy) in [
+            ("dst.all", pb::MisfirePolicy::FireAll),
+            ("dst.once", pb::MisfirePolicy::FireOnce),
+        ] {
+            let mut j = job(id, cron_trigger("30 2 * * *", "Europe/Berlin"));
+            j.id = id.into();
+            j.misfire_policy = policy.into();
+            server.schedule(j).await;
+        }
+        // Back on Tuesday 2026-03-31 at 12:00 UTC.
+        let mut server = server.restart_after(4 * 24 * 3_600_000).await;
+        server.settle().await;
+        let utc = |t: i64| {
+            chrono::DateTime::from_timestamp_micros(friday_noon + t * 1_000)
+                .expect("time")
+                .format("%m-%d %H:%M")
+                .to_string()
+        };
+        let all: Vec<String> = drain(&mut server, "dst.all", friday_noon)
+            .await
+            .into_iter()
+            .map(utc)
+            .collect();
+        assert_eq!(
+            all,
+            vec!["03-28 01:30", "03-29 01:00", "03-30 00:30", "03-31 00:30"],
+            "02:30 CET, 03:00 CEST (02:30 does not exist), then 02:30 CEST, in UTC"
+        );
+        let once: Vec<String> = drain(&mut server, "dst.once", friday_noon)
+            .await
+            .into_iter()
+            .map(utc)
+            .collect();
+        assert_eq!(once, vec!["03-31 00:30"]);
+        server.stop().await;
     }
-    // Back on Tuesday 2026-03-31 at 12:00 UTC.
-    let mut server = server.restart_after(4 * 24 * 3_600_000).await;
-    server.settle().await;
-    let utc = |t: i64| {
-        chrono::DateTime::from_timestamp_micros(friday_noon + t * 1_000)
-            .expect("time")
-            .format("%m-%d %H:%M")
-            .to_string()
-    };
-    let all: Vec<String> = drain(&mut server, "dst.all", friday_noon)
-        .await
-        .into_iter()
-        .map(utc)
-        .collect();
-    assert_eq!(
-        all,
-        vec!["03-28 01:30", "03-29 01:00", "03-30 00:30", "03-31 00:30"],
-        "02:30 CET, 03:00 CEST (02:30 does not exist), then 02:30 CEST, in UTC"
-    );
-    let once: Vec<String> = drain(&mut server, "dst.once", friday_noon)
-        .await
-        .into_iter()
-        .map(utc)
-        .collect();
-    assert_eq!(once, vec!["03-31 00:30"]);
-    server.stop().await;
 }
 
 /// SIGTERM: health turns NOT_SERVING (seen on a Watch opened before), open streams end with

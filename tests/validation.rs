@@ -235,7 +235,7 @@ async fn bad_schedule_requests_are_refused_and_change_nothing() {
     // Nor in the store: a restart rebuilds memory from the store alone.
     let server = server.restart().await;
     assert_eq!(
-        server.core.job_count(),
+        server.core.job_count().await,
         0,
         "a refused request left a stored job"
     );

@@ -10,7 +10,9 @@ mod server;
 mod service;
 pub mod validate;
 
-pub use server::{LIVENESS_SERVICE_NAME, Listeners, ServerError, run, run_with, serve, start_core};
+pub use server::{
+    LIVENESS_SERVICE_NAME, Listeners, ServerError, run, run_with, serve, start_core, start_replica,
+};
 pub use service::SchedulerService;
 
 /// Code generated from `proto/tickd/v1/scheduler.proto`.

@@ -30,7 +30,10 @@ use super::service::SchedulerService;
 use super::validate::Limits;
 use crate::config::Config;
 use crate::domain::time::duration_micros;
-use crate::scheduler::{Clock, Health, Scheduler, SchedulerConfig, StartError, SystemClock};
+use crate::scheduler::{
+    Clock, Health, ReplicaSettings, Scheduler, SchedulerConfig, SkewedClock, StartError,
+    SystemClock,
+};
 use crate::store::{RedbStore, Store, StoreError};
 use crate::telemetry::{FireTelemetry, metrics};
 
@@ -68,25 +71,28 @@ pub struct Listeners {
     pub metrics: TcpListener,
 }
 
-/// Opens the embedded store in `config.data_dir` and serves on `listeners` until `shutdown`
-/// resolves.
+/// Opens the store the configuration names (PostgreSQL with `database_url`, else the embedded
+/// store in `data_dir`) and serves on `listeners` until `shutdown` resolves.
 pub async fn run(
     listeners: Listeners,
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let clock: Arc<dyn Clock> = match config.test_clock_skew_ms {
+        0 => Arc::new(SystemClock),
+        ms => Arc::new(SkewedClock {
+            skew: ms.saturating_mul(1_000),
+        }),
+    };
+    if let Some(url) = &config.database_url {
+        let core = start_replica(url, clock, false, config).await?;
+        return serve(listeners, core, config, shutdown).await;
+    }
     let dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || RedbStore::open(&dir))
         .await
         .map_err(|e| ServerError::Transport(format!("store open task failed: {e}")))??;
-    run_with(
-        listeners,
-        Arc::new(store),
-        Arc::new(SystemClock),
-        config,
-        shutdown,
-    )
-    .await
+    run_with(listeners, Arc::new(store), clock, config, shutdown).await
 }
 
 /// Serves on `listeners` with the given store and clock until `shutdown` resolves.
@@ -107,19 +113,37 @@ pub async fn start_core(
     clock: Arc<dyn Clock>,
     config: &Config,
 ) -> Result<Scheduler, ServerError> {
-    Ok(Scheduler::start(
-        store,
-        clock,
-        SchedulerConfig {
-            max_catch_up_fires: config.max_catch_up_fires as usize,
-            max_redelivery_backoff: duration_micros(config.max_redelivery_backoff),
-            retention: duration_micros(config.retention),
-            max_queue_backlog: config.max_queue_backlog as usize,
-            max_subscribers: config.max_subscribers as usize,
-            observer: Arc::new(FireTelemetry::default()),
-        },
-    )
-    .await?)
+    Ok(Scheduler::start(store, clock, core_config(config)).await?)
+}
+
+/// Starts a replica on the PostgreSQL database at `url` with the settings of `config`, its
+/// fires traced. With `use_core_clock`, due times and leases follow `clock` instead of the
+/// database's (tests on a manual clock).
+pub async fn start_replica(
+    url: &str,
+    clock: Arc<dyn Clock>,
+    use_core_clock: bool,
+    config: &Config,
+) -> Result<Scheduler, ServerError> {
+    let settings = ReplicaSettings {
+        database_url: url.to_string(),
+        poll_interval: config.database_poll_interval,
+        notify: config.database_notify,
+        use_core_clock,
+        max_connections: config.database_max_connections,
+    };
+    Ok(Scheduler::start_replica(settings, clock, core_config(config)).await?)
+}
+
+fn core_config(config: &Config) -> SchedulerConfig {
+    SchedulerConfig {
+        max_catch_up_fires: config.max_catch_up_fires as usize,
+        max_redelivery_backoff: duration_micros(config.max_redelivery_backoff),
+        retention: duration_micros(config.retention),
+        max_queue_backlog: config.max_queue_backlog as usize,
+        max_subscribers: config.max_subscribers as usize,
+        observer: Arc::new(FireTelemetry::default()),
+    }
 }
 
 /// Serves `core` on `listeners` until `shutdown` resolves, then shuts the core down in order
@@ -220,7 +244,11 @@ pub async fn serve(
         );
     let mut server = tokio::spawn(server);
     if let (Some(addr), Some(metrics_addr)) = (addr, metrics_addr) {
-        info!(%addr, %metrics_addr, data_dir = %config.data_dir.display(), "tickd listening");
+        let store = match &config.database_url {
+            Some(_) => "postgresql".to_string(),
+            None => config.data_dir.display().to_string(),
+        };
+        info!(%addr, %metrics_addr, %store, "tickd listening");
     }
 
     let failed = async {

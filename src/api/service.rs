@@ -116,7 +116,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         let id = request.into_inner().id;
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
-        let job = self.core.get(&id).map_err(convert::status)?;
+        let job = self.core.get(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
@@ -125,7 +125,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let q = validate::list_request(request.into_inner())?;
-        let (jobs, mut next) = self.core.list(&q.filter, q.page_size, q.after.as_deref());
+        let (jobs, mut next) = self
+            .core
+            .list(&q.filter, q.page_size, q.after.as_deref())
+            .await
+            .map_err(convert::status)?;
         // A page stops before it would outgrow the response size limit; the rest follows.
         let mut page = Vec::with_capacity(jobs.len());
         let mut bytes = 0;

@@ -57,6 +57,28 @@ impl Clock for SystemClock {
     }
 }
 
+/// The system clock moved by a fixed offset: a machine whose clock is wrong. For tests of
+/// clock skew between replicas.
+#[derive(Debug)]
+pub struct SkewedClock {
+    pub skew: Micros,
+}
+
+impl Clock for SkewedClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now_utc().plus(self.skew)
+    }
+
+    fn steady_now(&self) -> Timestamp {
+        SystemClock.steady_now()
+    }
+
+    fn sleep_until(&self, deadline: Timestamp) -> Sleep<'_> {
+        let wait = micros_duration(deadline.since(self.now())).min(MAX_SYSTEM_SLEEP);
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
 /// A clock that moves only when told to. For tests. Steady time starts at the wall time given
 /// and moves with [`ManualClock::advance`]; [`ManualClock::step_wall`] moves only the wall clock,
 /// as an NTP step does.

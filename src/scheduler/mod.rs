@@ -1,7 +1,14 @@
-//! The scheduler core: timers, delivery, acks and misfires, on top of a [`Store`] and a
+//! The scheduler core: timers, delivery, acks and misfires, on top of a store and a
 //! [`Clock`]. Knows nothing of gRPC; hands out plain Rust types, streams and errors.
 //!
-//! # Where things happen
+//! Two engines sit behind one [`Scheduler`] handle:
+//! - [`embedded`]: one process that owns its store (redb), holds every job in memory and
+//!   commits through one writer thread. The default.
+//! - [`replicated`]: any number of replicas sharing one PostgreSQL database, which holds
+//!   everything; each replica releases due jobs, redelivers expired leases and serves its own
+//!   Subscribe streams, and every decision is made on the database's clock.
+//!
+//! # Where things happen (embedded)
 //! - A fire is **born** in [`writer`]: the job's advance and the fire's record commit together.
 //! - A fire **waits** in [`state`]: on its queue's ready list, or in the deadline index while
 //!   delayed or in flight.
@@ -13,37 +20,42 @@
 //!   finished job's retention.
 //! - A job **goes away** in [`writer`] too: by DeleteJob, or by retention once it finished and
 //!   none of its fires is outstanding.
-//! - [`Health`] says whether commits succeed and the writer and timer run; the API layer turns
-//!   it into gRPC health and exits when the core has failed.
 //!
-//! Durable changes go through the writer thread (group commit); memory is changed only after
-//! the store has the change. There is no task or timer per job.
+//! # Where things happen (replicated)
+//! A fire is born in `PgStore::release_due` (the job's advance and the fire's row in one
+//! transaction), waits as a `ready` row, is handed out by `PgStore::claim` (a lease with a
+//! token) to a subscription's claim loop, and is acked by deleting its row. The engine's loops
+//! live in [`replicated`].
+//!
+//! [`Health`] says whether commits succeed and the loops run; the API layer turns it into gRPC
+//! health and exits when the core has failed. There is no task or timer per job.
 
 pub mod clock;
+mod embedded;
 pub mod observe;
+pub mod replicated;
 mod state;
 mod timer;
 mod writer;
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio_stream::Stream;
-use tracing::{info, warn};
 
-pub use clock::{Clock, ManualClock, SystemClock};
+pub use clock::{Clock, ManualClock, SkewedClock, SystemClock};
 pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason, SkipReason};
+pub use replicated::ReplicaSettings;
 pub use state::Delivery;
 
-use crate::domain::{Job, JobId, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
+use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
 use crate::store::{Store, StoreError};
-use state::{State, SubId};
-use writer::{Op, Redelivery, Reply, Transition};
+use embedded::{Embedded, EmbeddedHandle, EmbeddedSubscription};
+use replicated::{ReplicaHandle, ReplicaSubscription, Replicated};
+use writer::Transition;
 
 /// Tunables of the core.
 #[derive(Debug, Clone)]
@@ -170,425 +182,6 @@ impl JobFilter {
     }
 }
 
-/// Shared by the handle, the timer task, the writer thread and subscriptions.
-#[derive(Debug)]
-pub(crate) struct Inner {
-    state: Mutex<State>,
-    clock: Arc<dyn Clock>,
-    store: Arc<dyn Store>,
-    config: SchedulerConfig,
-    ops: mpsc::UnboundedSender<Op>,
-    timer_wake: Notify,
-    stop: watch::Sender<bool>,
-    /// Fires dropped after their last attempt with no dead-letter queue.
-    dropped_fires: AtomicU64,
-    health: watch::Sender<Health>,
-}
-
-impl Inner {
-    /// Locks the state. A lock poisoned by a panic may hold a half-made change: the core is
-    /// marked failed (the process exits and rebuilds memory from the store), and the state is
-    /// used only for the way out.
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| {
-            self.fail("a panic interrupted a change to the scheduler's state");
-            p.into_inner()
-        })
-    }
-
-    /// Marks the core failed for good (see [`Health::Failed`]).
-    pub(crate) fn fail(&self, reason: &str) {
-        self.health.send_if_modified(|h| {
-            if matches!(h, Health::Failed(_)) {
-                return false;
-            }
-            tracing::error!(reason, "the scheduler core failed; tickd must be restarted");
-            *h = Health::Failed(reason.to_string());
-            true
-        });
-    }
-
-    /// Records whether the last commit succeeded; a failed core stays failed.
-    pub(crate) fn set_store_health(&self, failure: Option<&crate::store::StoreError>) {
-        self.health.send_if_modified(|h| match (&*h, failure) {
-            (Health::Failed(_), _) => false,
-            (Health::Serving, None) => false,
-            (Health::StoreFailing(_), None) => {
-                info!("store commits succeed again; serving");
-                *h = Health::Serving;
-                true
-            }
-            (current, Some(e)) => {
-                let reason = e.to_string();
-                if matches!(current, Health::StoreFailing(r) if *r == reason) {
-                    return false;
-                }
-                *h = Health::StoreFailing(reason);
-                true
-            }
-        });
-    }
-
-    /// Runs `f` on the locked state, then, with the lock released, wakes the timer loop if `f`
-    /// armed something earlier than what it is sleeping for, and the subscription streams that
-    /// may now have a fire. Every change to the state goes through here.
-    pub(crate) fn mutate<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
-        let (result, wake, wakers) = {
-            let mut state = self.lock();
-            let result = f(&mut state);
-            (
-                result,
-                std::mem::take(&mut state.timer_dirty),
-                std::mem::take(&mut state.wakers),
-            )
-        };
-        if wake {
-            self.timer_wake.notify_one();
-        }
-        for waker in wakers {
-            waker.wake();
-        }
-        result
-    }
-
-    fn send(&self, op: Op) -> Result<(), SchedulerError> {
-        self.ops.send(op).map_err(|_| shutting_down())
-    }
-
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, SchedulerError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(make(tx))?;
-        rx.await.map_err(|_| shutting_down())?
-    }
-
-    fn redeliver(&self, ids: Vec<String>, why: Redelivery) {
-        for fire_id in ids {
-            // After shutdown the writer is gone; the fire stays in the store and comes back
-            // on restart.
-            let _ = self.send(Op::Redeliver { fire_id, why });
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Tasks {
-    writer: std::thread::JoinHandle<()>,
-    timer: tokio::task::JoinHandle<()>,
-}
-
-/// A handle to the running core. Cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Scheduler {
-    inner: Arc<Inner>,
-    tasks: Arc<Mutex<Option<Tasks>>>,
-}
-
-impl Scheduler {
-    /// Loads everything from `store`, rebuilds memory from it, and starts the writer thread
-    /// and the timer task.
-    pub async fn start(
-        store: Arc<dyn Store>,
-        clock: Arc<dyn Clock>,
-        config: SchedulerConfig,
-    ) -> Result<Scheduler, StartError> {
-        let loader = store.clone();
-        let snapshot = tokio::task::spawn_blocking(move || loader.load())
-            .await
-            .map_err(|e| StartError::Load(format!("loader task failed: {e}")))??;
-        let (jobs, fires) = (snapshot.jobs.len(), snapshot.fires.len());
-        let state = State::restore(snapshot, clock.clone(), config.retention);
-        info!(jobs, fires, "state restored from the store");
-
-        let (ops, rx) = mpsc::unbounded_channel();
-        let inner = Arc::new(Inner {
-            state: Mutex::new(state),
-            clock,
-            store,
-            config,
-            ops,
-            timer_wake: Notify::new(),
-            stop: watch::Sender::new(false),
-            dropped_fires: AtomicU64::new(0),
-            health: watch::Sender::new(Health::Serving),
-        });
-        let writer_inner = inner.clone();
-        let writer = std::thread::Builder::new()
-            .name("tickd-writer".into())
-            .spawn(move || {
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    writer::run(writer_inner.clone(), rx)
-                }));
-                if let Err(panic) = ran {
-                    writer_inner.fail(&format!(
-                        "the writer thread panicked: {}",
-                        panic_message(&*panic)
-                    ));
-                }
-            })
-            .map_err(|e| StartError::Load(format!("cannot start the writer thread: {e}")))?;
-        // The timer runs in a task of its own; this one notices when it ends other than by
-        // shutdown.
-        let supervised = inner.clone();
-        let timer = tokio::spawn(async move {
-            let ran =
-                tokio::spawn(timer::run(supervised.clone(), supervised.stop.subscribe())).await;
-            if !*supervised.stop.borrow() {
-                let why = match ran {
-                    Err(e) if e.is_panic() => {
-                        format!(
-                            "the timer task panicked: {}",
-                            panic_message(&*e.into_panic())
-                        )
-                    }
-                    Err(e) => format!("the timer task ended: {e}"),
-                    Ok(()) => "the timer task ended: the writer is gone".to_string(),
-                };
-                supervised.fail(&why);
-            }
-        });
-        Ok(Scheduler {
-            inner,
-            tasks: Arc::new(Mutex::new(Some(Tasks { writer, timer }))),
-        })
-    }
-
-    /// The core's health, as it changes.
-    pub fn health(&self) -> watch::Receiver<Health> {
-        self.inner.health.subscribe()
-    }
-
-    /// Stores a new job (or returns the existing one with the same id and spec). An empty id
-    /// gets a UUIDv7. Answers once the job is on disk.
-    pub async fn schedule(&self, spec: JobSpec) -> Result<Job, SchedulerError> {
-        self.schedule_traced(spec, None).await
-    }
-
-    /// [`Scheduler::schedule`], remembering the trace context of the call so that the job's
-    /// fires can link to it.
-    pub async fn schedule_traced(
-        &self,
-        mut spec: JobSpec,
-        trace: Option<TraceContext>,
-    ) -> Result<Job, SchedulerError> {
-        if spec.id.is_empty() {
-            spec.id = uuid::Uuid::now_v7().to_string().into();
-        }
-        let mut job = Job::create(spec, self.inner.clock.now())?;
-        job.status.trace = trace.map(Box::new);
-        self.inner.call(|reply| Op::Schedule { job, reply }).await
-    }
-
-    /// Cancels a job. Cancelling a cancelled or completed job returns it unchanged.
-    pub async fn cancel(&self, id: &str) -> Result<Job, SchedulerError> {
-        self.transition(id, Transition::Cancel).await
-    }
-
-    /// Pauses a scheduled job (a paused one stays paused).
-    pub async fn pause(&self, id: &str) -> Result<Job, SchedulerError> {
-        self.transition(id, Transition::Pause).await
-    }
-
-    /// Resumes a paused job; what it missed follows its misfire policy.
-    pub async fn resume(&self, id: &str) -> Result<Job, SchedulerError> {
-        self.transition(id, Transition::Resume).await
-    }
-
-    async fn transition(&self, id: &str, transition: Transition) -> Result<Job, SchedulerError> {
-        let id = id.to_string();
-        self.inner
-            .call(|reply| Op::Transition {
-                id,
-                transition,
-                reply,
-            })
-            .await
-    }
-
-    /// Deletes a job at once, in any state; its outstanding fires are dropped (counted, and a
-    /// later ack of one is ignored). Answers how many were dropped, once the deletion is stored.
-    pub async fn delete(&self, id: &str) -> Result<u32, SchedulerError> {
-        let id = id.to_string();
-        self.inner.call(|reply| Op::Delete { id, reply }).await
-    }
-
-    /// How long finished jobs are kept.
-    pub fn retention(&self) -> Micros {
-        self.inner.config.retention
-    }
-
-    /// One job.
-    pub fn get(&self, id: &str) -> Result<Job, SchedulerError> {
-        self.inner
-            .lock()
-            .jobs
-            .get(id)
-            .map(|e| e.job.clone())
-            .ok_or_else(|| SchedulerError::NotFound(id.to_string()))
-    }
-
-    /// Up to `page_size` matching jobs in id order after `after`, and the id to continue after
-    /// when there may be more. Looks at no more than [`list_scan_budget`] jobs (only the
-    /// queue's, when the filter names one), so a page may hold fewer jobs than asked for, even
-    /// none, and still have a continuation.
-    pub fn list(
-        &self,
-        filter: &JobFilter,
-        page_size: usize,
-        after: Option<&str>,
-    ) -> (Vec<Job>, Option<String>) {
-        let state = self.inner.lock();
-        let start = match after {
-            Some(a) => Bound::Excluded(a),
-            None => Bound::Unbounded,
-        };
-        let ids: Box<dyn Iterator<Item = &JobId>> = match &filter.queue {
-            Some(q) => match state.by_queue.get(q) {
-                Some(ids) => Box::new(ids.range::<str, _>((start, Bound::Unbounded))),
-                None => Box::new(std::iter::empty()),
-            },
-            None => Box::new(
-                state
-                    .jobs
-                    .range::<str, _>((start, Bound::Unbounded))
-                    .map(|(id, _)| id),
-            ),
-        };
-        let mut page = Vec::new();
-        let mut last_seen: Option<&JobId> = None;
-        let mut budget = list_scan_budget(page_size);
-        for id in ids {
-            if page.len() == page_size || budget == 0 {
-                // More may match after what was looked at.
-                let next = last_seen.map(|id| id.to_string());
-                return (page, next);
-            }
-            budget -= 1;
-            last_seen = Some(id);
-            if let Some(entry) = state.jobs.get(id)
-                && filter.matches(&entry.job)
-            {
-                page.push(entry.job.clone());
-            }
-        }
-        (page, None)
-    }
-
-    /// Opens a subscription on `queue` that holds at most `max_in_flight` un-acked fires.
-    pub fn subscribe(
-        &self,
-        queue: &str,
-        max_in_flight: usize,
-    ) -> Result<Subscription, SchedulerError> {
-        let id = self.inner.mutate(|state| {
-            if state.shutting_down {
-                return Err(shutting_down());
-            }
-            let max = self.inner.config.max_subscribers;
-            if state.subscribers.len() >= max {
-                return Err(SchedulerError::ResourceExhausted(format!(
-                    "tickd already serves {max} Subscribe streams (--max-subscribers); retry \
-                     later or share streams between workers"
-                )));
-            }
-            Ok(state.add_subscriber(queue, max_in_flight.max(1)))
-        })?;
-        Ok(Subscription {
-            handle: SubscriberHandle {
-                id,
-                queue: queue.to_string(),
-                inner: self.inner.clone(),
-            },
-        })
-    }
-
-    /// Acks fires of `queue` from outside a stream; returns how many were pending. The acks are
-    /// on disk when this returns.
-    pub async fn ack(&self, queue: &str, fire_ids: &[String]) -> Result<u32, SchedulerError> {
-        let (newly, mut ids) = self.inner.mutate(|state| state.mark_acked(fire_ids, queue));
-        let n = u32::try_from(newly.len()).unwrap_or(u32::MAX);
-        // Ids already acked but whose deletion is still being written are sent again, so this
-        // call too answers only once that deletion is on disk.
-        ids.extend(newly);
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        self.inner
-            .call(|reply| Op::Ack {
-                fire_ids: ids,
-                reply: Some(reply),
-            })
-            .await?;
-        Ok(n)
-    }
-
-    /// Counts for gauges: jobs by state (kept up to date as jobs change), and per queue the
-    /// fires waiting, in flight, and the subscribers (counted by a scan of the outstanding
-    /// fires under the state lock). Meant for a scrape every few seconds, not a hot path.
-    pub fn stats(&self) -> Stats {
-        let state = self.inner.lock();
-        let jobs = state
-            .job_counts
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(s, n)| (*s, *n))
-            .collect();
-        let mut queues: BTreeMap<&str, QueueStats> = BTreeMap::new();
-        for entry in state.fires.values() {
-            let q = queues.entry(entry.rec.queue.as_str()).or_default();
-            match entry.status {
-                state::FireStatus::InFlight { .. } => q.in_flight += 1,
-                state::FireStatus::Acked => {}
-                _ => q.backlog += 1,
-            }
-        }
-        for sub in state.subscribers.values() {
-            queues.entry(sub.queue.as_str()).or_default().subscribers += 1;
-        }
-        let queues = queues
-            .into_iter()
-            .map(|(name, q)| (name.to_string(), q))
-            .collect();
-        Stats { jobs, queues }
-    }
-
-    /// Fires dropped after their last attempt because their job has no dead-letter queue.
-    pub fn dropped_fires(&self) -> u64 {
-        self.inner.dropped_fires.load(Ordering::Relaxed)
-    }
-
-    /// First step of shutdown: refuse new subscriptions and end the open ones. Fires they held
-    /// are deliverable again (after a restart, or to a subscriber elsewhere).
-    pub fn close_subscriptions(&self) {
-        self.inner.mutate(|state| {
-            state.shutting_down = true;
-            state.close_all_subscribers();
-        });
-    }
-
-    /// Stops the core: ends subscriptions, stops the timer, commits every change already
-    /// accepted, and stops the writer. Idempotent.
-    pub async fn shutdown(&self) {
-        self.close_subscriptions();
-        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(tasks) = tasks else {
-            return;
-        };
-        self.inner.stop.send_replace(true);
-        if let Err(e) = tasks.timer.await {
-            warn!(error = %e, "timer task ended abnormally");
-        }
-        let (tx, rx) = oneshot::channel();
-        if self.inner.send(Op::Shutdown { reply: tx }).is_ok() {
-            let _ = rx.await;
-        }
-        let joined = tokio::task::spawn_blocking(move || tasks.writer.join()).await;
-        if !matches!(joined, Ok(Ok(()))) {
-            warn!("writer thread ended abnormally");
-        }
-        info!("scheduler stopped");
-    }
-}
-
 /// The text of a panic payload.
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -607,65 +200,255 @@ pub enum StartError {
     Load(String),
 }
 
+/// A handle to the running core, on whichever engine. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Scheduler {
+    engine: Engine,
+}
+
+#[derive(Debug, Clone)]
+enum Engine {
+    Embedded(Embedded),
+    Replicated(Replicated),
+}
+
+/// Calls the same method on whichever engine runs.
+macro_rules! on_engine {
+    ($self:expr, $e:ident => $call:expr) => {
+        match &$self.engine {
+            Engine::Embedded($e) => $call,
+            Engine::Replicated($e) => $call,
+        }
+    };
+}
+
+impl Scheduler {
+    /// Loads everything from `store`, rebuilds memory from it, and starts the embedded engine
+    /// (its writer thread and timer task).
+    pub async fn start(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: SchedulerConfig,
+    ) -> Result<Scheduler, StartError> {
+        let engine = Embedded::start(store, clock, config).await?;
+        Ok(Scheduler {
+            engine: Engine::Embedded(engine),
+        })
+    }
+
+    /// Starts a replica on the PostgreSQL database of `settings` (migrating it first).
+    pub async fn start_replica(
+        settings: ReplicaSettings,
+        clock: Arc<dyn Clock>,
+        config: SchedulerConfig,
+    ) -> Result<Scheduler, StartError> {
+        let engine = Replicated::start(settings, clock, config).await?;
+        Ok(Scheduler {
+            engine: Engine::Replicated(engine),
+        })
+    }
+
+    /// The core's health, as it changes.
+    pub fn health(&self) -> watch::Receiver<Health> {
+        on_engine!(self, e => e.health())
+    }
+
+    /// Stores a new job (or returns the existing one with the same id and spec). An empty id
+    /// gets a UUIDv7. Answers once the job is durable.
+    pub async fn schedule(&self, spec: JobSpec) -> Result<Job, SchedulerError> {
+        self.schedule_traced(spec, None).await
+    }
+
+    /// [`Scheduler::schedule`], remembering the trace context of the call so that the job's
+    /// fires can link to it.
+    pub async fn schedule_traced(
+        &self,
+        mut spec: JobSpec,
+        trace: Option<TraceContext>,
+    ) -> Result<Job, SchedulerError> {
+        if spec.id.is_empty() {
+            spec.id = uuid::Uuid::now_v7().to_string().into();
+        }
+        let mut job = Job::create(spec, self.now())?;
+        job.status.trace = trace.map(Box::new);
+        on_engine!(self, e => e.schedule(job).await)
+    }
+
+    /// Cancels a job. Cancelling a cancelled or completed job returns it unchanged.
+    pub async fn cancel(&self, id: &str) -> Result<Job, SchedulerError> {
+        on_engine!(self, e => e.transition(id, Transition::Cancel).await)
+    }
+
+    /// Pauses a scheduled job (a paused one stays paused).
+    pub async fn pause(&self, id: &str) -> Result<Job, SchedulerError> {
+        on_engine!(self, e => e.transition(id, Transition::Pause).await)
+    }
+
+    /// Resumes a paused job; what it missed follows its misfire policy.
+    pub async fn resume(&self, id: &str) -> Result<Job, SchedulerError> {
+        on_engine!(self, e => e.transition(id, Transition::Resume).await)
+    }
+
+    /// Deletes a job at once, in any state; its outstanding fires are dropped (counted, and a
+    /// later ack of one is ignored). Answers how many were dropped, once the deletion is stored.
+    pub async fn delete(&self, id: &str) -> Result<u32, SchedulerError> {
+        on_engine!(self, e => e.delete(id).await)
+    }
+
+    /// How long finished jobs are kept.
+    pub fn retention(&self) -> Micros {
+        on_engine!(self, e => e.retention())
+    }
+
+    /// One job.
+    pub async fn get(&self, id: &str) -> Result<Job, SchedulerError> {
+        match &self.engine {
+            Engine::Embedded(e) => e.get(id),
+            Engine::Replicated(e) => e.get(id).await,
+        }
+    }
+
+    /// Up to `page_size` matching jobs in id order after `after`, and the id to continue after
+    /// when there may be more. The embedded engine looks at no more than [`list_scan_budget`]
+    /// jobs (only the queue's, when the filter names one), so a page may hold fewer jobs than
+    /// asked for, even none, and still have a continuation.
+    pub async fn list(
+        &self,
+        filter: &JobFilter,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<(Vec<Job>, Option<String>), SchedulerError> {
+        match &self.engine {
+            Engine::Embedded(e) => Ok(e.list(filter, page_size, after)),
+            Engine::Replicated(e) => e.list(filter, page_size, after).await,
+        }
+    }
+
+    /// Opens a subscription on `queue` that holds at most `max_in_flight` un-acked fires.
+    pub fn subscribe(
+        &self,
+        queue: &str,
+        max_in_flight: usize,
+    ) -> Result<Subscription, SchedulerError> {
+        Ok(match &self.engine {
+            Engine::Embedded(e) => Subscription::Embedded(e.subscribe(queue, max_in_flight)?),
+            Engine::Replicated(e) => Subscription::Replicated(e.subscribe(queue, max_in_flight)?),
+        })
+    }
+
+    /// Acks fires of `queue` from outside a stream; returns how many were pending. The acks are
+    /// durable when this returns.
+    pub async fn ack(&self, queue: &str, fire_ids: &[String]) -> Result<u32, SchedulerError> {
+        on_engine!(self, e => e.ack(queue, fire_ids).await)
+    }
+
+    /// Counts for gauges: jobs by state, and per queue the fires waiting, in flight, and the
+    /// subscribers. Meant for a scrape every few seconds, not a hot path. On PostgreSQL the
+    /// counts are the database's as of the last refresh (every few seconds), and subscribers
+    /// are this replica's.
+    pub fn stats(&self) -> Stats {
+        on_engine!(self, e => e.stats())
+    }
+
+    /// Fires dropped (by this process) after their last attempt because their job has no
+    /// dead-letter queue.
+    pub fn dropped_fires(&self) -> u64 {
+        on_engine!(self, e => e.dropped_fires())
+    }
+
+    /// First step of shutdown: refuse new subscriptions and end the open ones.
+    pub fn close_subscriptions(&self) {
+        on_engine!(self, e => e.close_subscriptions())
+    }
+
+    /// Stops the core: ends subscriptions, stops the loops, commits every change already
+    /// accepted. Idempotent.
+    pub async fn shutdown(&self) {
+        on_engine!(self, e => e.shutdown().await)
+    }
+
+    /// Now, as the core decides it (on PostgreSQL: the database's clock, as estimated from
+    /// this replica's); for the gRPC layer's validation of relative times.
+    pub fn now(&self) -> Timestamp {
+        on_engine!(self, e => e.now())
+    }
+
+    /// Waits until the core has done everything due at the clock's current time, together
+    /// with every change asked for before this call. For tests and tools that drive a
+    /// [`ManualClock`]: advance it, settle, then look.
+    pub async fn settle(&self) {
+        on_engine!(self, e => e.settle().await)
+    }
+
+    /// How many jobs the core holds, in every state.
+    pub async fn job_count(&self) -> usize {
+        match &self.engine {
+            Engine::Embedded(e) => e.job_count(),
+            Engine::Replicated(e) => e.job_count().await,
+        }
+    }
+}
+
 /// Acks, nacks and deadline extensions for one subscription; usable from any task.
 #[derive(Debug, Clone)]
-pub struct SubscriberHandle {
-    id: SubId,
-    queue: String,
-    inner: Arc<Inner>,
+pub enum SubscriberHandle {
+    #[doc(hidden)]
+    Embedded(EmbeddedHandle),
+    #[doc(hidden)]
+    Replicated(ReplicaHandle),
+}
+
+macro_rules! on_handle {
+    ($self:expr, $h:ident => $call:expr) => {
+        match $self {
+            SubscriberHandle::Embedded($h) => $call,
+            SubscriberHandle::Replicated($h) => $call,
+        }
+    };
 }
 
 impl SubscriberHandle {
     /// Acks fires of this subscription's queue (also ones whose deadline has passed). Written
     /// with the next group commit; not waited for.
     pub fn ack(&self, fire_ids: &[String]) {
-        let (newly, _) = self
-            .inner
-            .mutate(|state| state.mark_acked(fire_ids, &self.queue));
-        if !newly.is_empty() {
-            let _ = self.inner.send(Op::Ack {
-                fire_ids: newly,
-                reply: None,
-            });
-        }
+        on_handle!(self, h => h.ack(fire_ids))
     }
 
     /// Gives fires in flight on this subscription back for redelivery after `delay`
     /// (attempt + 1).
     pub fn nack(&self, fire_ids: &[String], delay: Micros) {
-        let taken = self
-            .inner
-            .mutate(|state| state.take_back(fire_ids, self.id));
-        self.inner.redeliver(taken, Redelivery::Nack(delay));
+        on_handle!(self, h => h.nack(fire_ids, delay))
     }
 
     /// Moves the ack deadline of fires in flight on this subscription to `now + extension`.
     pub fn extend(&self, fire_ids: &[String], extension: Micros) {
-        self.inner.mutate(|state| {
-            let deadline = state.clock.steady_now().plus(extension);
-            state.extend(fire_ids, self.id, deadline);
-        });
+        on_handle!(self, h => h.extend(fire_ids, extension))
     }
 
     /// Ends the subscription. Fires it held stay leased until their ack deadlines (the worker
     /// may still be working on them, and may ack them on another stream or with Ack); then they
     /// are redelivered as any expired fire is.
     pub fn close(&self) {
-        self.inner.mutate(|state| state.detach_subscriber(self.id));
+        on_handle!(self, h => h.close())
     }
 }
 
-/// The fires of one subscription, as a stream: a fire is taken off its queue only when the
-/// stream is polled and the subscription has room. Dropping it ends the subscription.
+/// The fires of one subscription, as a stream. Dropping it ends the subscription.
 #[derive(Debug)]
-pub struct Subscription {
-    handle: SubscriberHandle,
+pub enum Subscription {
+    #[doc(hidden)]
+    Embedded(EmbeddedSubscription),
+    #[doc(hidden)]
+    Replicated(ReplicaSubscription),
 }
 
 impl Subscription {
     /// A handle for acking from another task.
     pub fn handle(&self) -> SubscriberHandle {
-        self.handle.clone()
+        match self {
+            Subscription::Embedded(s) => SubscriberHandle::Embedded(s.handle()),
+            Subscription::Replicated(s) => SubscriberHandle::Replicated(s.handle()),
+        }
     }
 
     /// The next fire; `None` once the subscription is closed (shutdown).
@@ -678,93 +461,9 @@ impl Stream for Subscription {
     type Item = Delivery;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        let id = self.handle.id;
-        let inner = &self.handle.inner;
-        let polled = inner.mutate(|state| state.poll_delivery(id, cx.waker()));
-        if let Poll::Ready(Some(delivery)) = &polled {
-            inner
-                .config
-                .observer
-                .fire_delivered(&delivery.fire, inner.clock.now());
+        match self.get_mut() {
+            Subscription::Embedded(s) => Pin::new(s).poll_next(cx),
+            Subscription::Replicated(s) => Pin::new(s).poll_next(cx),
         }
-        polled
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.handle.close();
-    }
-}
-
-impl Scheduler {
-    /// Now, as the core's clock says (for the gRPC layer's validation of relative times).
-    pub fn now(&self) -> Timestamp {
-        self.inner.clock.now()
-    }
-
-    /// Waits until the core has done everything due at the clock's current time: the timer has
-    /// taken every due occurrence, ack deadline and redelivery delay, and the writer has
-    /// committed and applied what they caused, together with every change asked for before
-    /// this call. For tests and tools that drive a [`ManualClock`]: advance it, settle, then
-    /// look. Under the system clock and steady load it may take long to find a quiet moment.
-    pub async fn settle(&self) {
-        loop {
-            let now = self.inner.clock.now();
-            let steady = self.inner.clock.steady_now();
-            let idle_before = self.inner.lock().idle_at(now, steady);
-            let (tx, rx) = oneshot::channel();
-            if self.inner.send(Op::Flush { reply: tx }).is_err() || rx.await.is_err() {
-                return; // The writer has stopped: nothing more will change.
-            }
-            if idle_before
-                && self.inner.clock.now() == now
-                && self.inner.clock.steady_now() == steady
-                && self.inner.lock().idle_at(now, steady)
-            {
-                return;
-            }
-            // Let the timer task run (it may share this thread).
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-    }
-
-    /// How many jobs the core holds, in every state.
-    pub fn job_count(&self) -> usize {
-        self.inner.lock().jobs.len()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::MemoryStore;
-
-    /// A panic while the state lock is held is not shrugged off: the core reports itself
-    /// failed (so the process exits and rebuilds memory from the store).
-    #[tokio::test]
-    async fn a_poisoned_state_lock_fails_the_core() {
-        let core = Scheduler::start(
-            Arc::new(MemoryStore::new()),
-            Arc::new(ManualClock::new(Timestamp(0))),
-            SchedulerConfig::default(),
-        )
-        .await
-        .expect("start");
-        let health = core.health();
-        assert_eq!(*health.borrow(), Health::Serving);
-        let inner = core.inner.clone();
-        let poisoner = std::thread::spawn(move || {
-            let _held = inner.state.lock();
-            panic!("injected panic while holding the state lock");
-        });
-        assert!(poisoner.join().is_err());
-        assert!(core.get("x").is_err());
-        assert!(
-            matches!(&*health.borrow(), Health::Failed(r) if r.contains("panic")),
-            "{:?}",
-            *health.borrow()
-        );
-        core.shutdown().await;
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, watch};
 use tracing::warn;
 
-use super::Inner;
+use super::embedded::Inner;
 use super::writer::{Op, Redelivery};
 use crate::domain::Micros;
 

@@ -17,9 +17,10 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
+use super::SchedulerError;
+use super::embedded::Inner;
 use super::observe::{DropReason, RedeliveryReason, SkipReason};
 use super::state::{FireStatus, State};
-use super::{Inner, SchedulerError};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
     FireRecord, Job, JobId, JobState, Micros, Timestamp, advance_with_room, fire_id,

@@ -11,9 +11,8 @@
 //! due occurrences that stays exactly-once when replicas race, [`PgStore::claim`] (a fire
 //! leased to one holder at a time, with a token), [`PgStore::ack`], and [`PgStore::nack`],
 //! [`PgStore::extend`] and [`PgStore::reap_expired`], fenced by the lease token, and
-//! [`Wakeups`] (LISTEN/NOTIFY on the queues a release filled). The engine
-//! around them (delivery loops, streams, the API, health) is not written yet, and
-//! nothing in the server uses this module.
+//! [`Wakeups`] (LISTEN/NOTIFY on the queues a release, nack or redelivery filled). The engine
+//! around them (the loops, streams, health) is `scheduler::replicated`.
 
 use chrono::{DateTime, Utc};
 use sqlx::Connection;
@@ -23,8 +22,8 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use super::{StoreError, codec};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
-    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Timestamp, Transition,
-    TransitionRefused, advance, fire_id,
+    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Timestamp, TraceContext, Transition,
+    TransitionRefused, advance_with_room, fire_id,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -120,11 +119,14 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Migrates `url`'s database and opens a pool on it.
-    pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
+    /// Migrates `url`'s database and opens a pool of at most `max_connections` on it.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<PgStore, StoreError> {
         migrate(url).await?;
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(max_connections)
+            // A call waits this long for a connection, then fails (UNAVAILABLE) rather than hang
+            // while the database is down.
+            .acquire_timeout(std::time::Duration::from_secs(3))
             .after_connect(|conn, _| {
                 Box::pin(async move {
                     sqlx::raw_sql(SESSION_SETTINGS).execute(conn).await?;
@@ -137,13 +139,18 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// Stores a new job; false when its id is taken.
     pub async fn insert_job(&self, job: &Job) -> Result<bool, StoreError> {
         let s = &job.status;
         let inserted = sqlx::query(
             "INSERT INTO tickd_jobs (id, queue, spec, state, next_occurrence, next_due_at, \
-             fire_count, create_time, last_fire_time, finish_time, labels) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb) \
+             fire_count, create_time, last_fire_time, finish_time, labels, trace) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12) \
              ON CONFLICT (id) DO NOTHING",
         )
         .bind(&*job.spec.id)
@@ -157,23 +164,25 @@ impl PgStore {
         .bind(s.last_fire_time.map(time).transpose()?)
         .bind(s.finish_time.map(time).transpose()?)
         .bind(labels_json(&job.spec.labels)?)
+        .bind(s.trace.as_deref().map(codec::encode).transpose()?)
         .execute(&self.pool)
         .await
         .map_err(db)?;
         Ok(inserted.rows_affected() == 1)
     }
 
-    /// Releases what is due: in one transaction, takes up to `limit` jobs due at the database's
-    /// now (or at `now`, for tests on a manual clock) that no other replica holds, decides their
-    /// fires with [`advance`], inserts the fires (an existing fire_id is left alone) and moves
-    /// each job on only if nobody moved it since it was read (its `version`). Returns the fires
-    /// inserted; nothing is visible to anyone before the commit.
+    /// Releases what is due: in one transaction, takes up to `limits.batch` jobs due at the
+    /// database's now (or at `now`, for tests on a manual clock) that no other replica holds,
+    /// decides their fires with [`advance_with_room`] (a queue holding `limits.max_backlog`
+    /// fires gets no more), inserts the fires (an existing fire_id is left alone) and moves
+    /// each job on only if nobody moved it since it was read (its `version`). `trace_for` gives
+    /// each new fire its trace context. Nothing is visible to anyone before the commit.
     pub async fn release_due(
         &self,
         now: Option<Timestamp>,
-        limit: i64,
-        catch_up_cap: usize,
-    ) -> Result<Vec<FireRecord>, StoreError> {
+        limits: ReleaseLimits,
+        trace_for: &(dyn Fn(&FireRecord, &Job) -> Option<TraceContext> + Sync),
+    ) -> Result<Released, StoreError> {
         let now = now.map(time).transpose()?;
         let mut tx = self.pool.begin().await.map_err(db)?;
         // The locking SELECT returns the columns itself: a row locked after another replica's
@@ -185,33 +194,91 @@ impl PgStore {
              ORDER BY next_due_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
         )))
         .bind(now)
-        .bind(limit)
+        .bind(limits.batch)
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        let mut released = Vec::new();
-        for row in rows {
-            let (job, version) = job_from_row(&row)?;
+        let mut released = Released {
+            jobs: rows.len(),
+            ..Released::default()
+        };
+        if rows.is_empty() {
+            tx.rollback().await.map_err(db)?;
+            return Ok(released);
+        }
+        let jobs = rows
+            .iter()
+            .map(|row| Ok((job_from_row(row)?, instant(row, "db_now")?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Outstanding fires per queue of these jobs, counted once; this batch's are added.
+        let mut queues: Vec<&str> = jobs
+            .iter()
+            .map(|((j, _), _)| j.spec.queue.as_str())
+            .collect();
+        queues.sort_unstable();
+        queues.dedup();
+        let mut outstanding: std::collections::HashMap<String, usize> =
+            sqlx::query_as::<_, (String, i64)>(
+                "SELECT queue, count(*) FROM tickd_fires WHERE queue = ANY($1) GROUP BY queue",
+            )
+            .bind(&queues)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?
+            .into_iter()
+            .map(|(q, n)| (q, usize::try_from(n).unwrap_or(usize::MAX)))
+            .collect();
+        for ((job, version), db_now) in jobs {
             let id = job.spec.id.to_string();
-            let db_now = instant(&row, "db_now")?;
-            let plan = advance(&job, db_now, catch_up_cap);
-            for occurrence in &plan.fires {
-                let rec = FireRecord {
-                    fire_id: fire_id(&id, *occurrence),
+            let held = outstanding.entry(job.spec.queue.clone()).or_default();
+            // One advance takes one on-time occurrence (or settles a misfire); a job late by
+            // several on-time occurrences takes several steps, at most MAX_STEPS per release
+            // (the rest is still due, for the next).
+            let mut next = job.clone();
+            let mut occurrences = Vec::new();
+            let mut skipped = Skipped {
+                job_id: id.clone(),
+                queue: job.spec.queue.clone(),
+                misfire: 0,
+                misfire_at_least: false,
+                backlog_full: 0,
+            };
+            for _ in 0..MAX_STEPS {
+                let room = limits.max_backlog.saturating_sub(*held + occurrences.len());
+                let plan = advance_with_room(&next, db_now, limits.catch_up_cap, room);
+                if plan.status == next.status {
+                    break;
+                }
+                skipped.misfire += plan.skipped;
+                skipped.misfire_at_least |= plan.skipped_at_least;
+                skipped.backlog_full += plan.skipped_no_room;
+                occurrences.extend(plan.fires);
+                next.status = plan.status;
+                if next.next_due().is_none_or(|due| due > db_now) {
+                    break;
+                }
+            }
+            if skipped.misfire > 0 || skipped.backlog_full > 0 {
+                released.skipped.push(skipped);
+            }
+            for occurrence in occurrences {
+                let mut rec = FireRecord {
+                    fire_id: fire_id(&id, occurrence),
                     job_id: id.as_str().into(),
                     queue: job.spec.queue.clone(),
-                    scheduled_time: *occurrence,
+                    scheduled_time: occurrence,
                     fire_time: db_now,
                     attempt: 1,
                     not_before: None,
                     dead_lettered: false,
                     trace: None,
                 };
+                rec.trace = trace_for(&rec, &job);
                 let inserted = sqlx::query(
                     "INSERT INTO tickd_fires (fire_id, job_id, queue, scheduled_time, \
                      fire_time, attempt, ack_deadline_us, max_attempts, dead_letter_queue, \
-                     state, available_at) \
-                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, 'ready', $5) \
+                     state, available_at, trace) \
+                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, 'ready', $5, $9) \
                      ON CONFLICT (fire_id) DO NOTHING",
                 )
                 .bind(&rec.fire_id)
@@ -222,31 +289,118 @@ impl PgStore {
                 .bind(job.spec.ack_deadline)
                 .bind(i32::try_from(job.spec.max_attempts).unwrap_or(i32::MAX))
                 .bind(job.spec.dead_letter_queue.as_deref())
+                .bind(rec.trace.as_ref().map(codec::encode).transpose()?)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
                 if inserted.rows_affected() == 1 {
-                    released.push(rec);
+                    *held += 1;
+                    released.fires.push(rec);
                 }
             }
-            let mut next = job;
-            next.status = plan.status;
             update_job(&mut tx, &next, version, db_now).await?;
         }
         // Replicas with subscribers on these queues wake up when this commits.
-        let mut queues: Vec<&str> = released.iter().map(|f| f.queue.as_str()).collect();
-        queues.sort_unstable();
-        queues.dedup();
-        if !queues.is_empty() {
-            sqlx::query("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q")
-                .bind(FIRES_CHANNEL)
-                .bind(&queues)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
+        let queues: Vec<String> = released.fires.iter().map(|f| f.queue.clone()).collect();
+        notify(&mut tx, queues).await?;
         tx.commit().await.map_err(db)?;
         Ok(released)
+    }
+
+    /// When the earliest job falls due, and the database's now (or `now`) as it was read.
+    pub async fn next_due(
+        &self,
+        now: Option<Timestamp>,
+    ) -> Result<(Option<Timestamp>, Timestamp), StoreError> {
+        let row = sqlx::query(
+            "SELECT min(next_due_at) AS next, coalesce($1, now()) AS db_now FROM tickd_jobs \
+             WHERE next_due_at IS NOT NULL",
+        )
+        .bind(now.map(time).transpose()?)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let next: Option<DateTime<Utc>> = row.try_get("next").map_err(db)?;
+        Ok((
+            next.map(|t| Timestamp::from_chrono(&t)),
+            instant(&row, "db_now")?,
+        ))
+    }
+
+    /// When the earliest fire of `queue` that is waiting becomes deliverable, and the
+    /// database's now (or `now`) as it was read.
+    pub async fn next_available(
+        &self,
+        queue: &str,
+        now: Option<Timestamp>,
+    ) -> Result<(Option<Timestamp>, Timestamp), StoreError> {
+        let row = sqlx::query(
+            "SELECT min(available_at) AS next, coalesce($2, now()) AS db_now FROM tickd_fires \
+             WHERE queue = $1 AND state = 'ready'",
+        )
+        .bind(queue)
+        .bind(now.map(time).transpose()?)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db)?;
+        let next: Option<DateTime<Utc>> = row.try_get("next").map_err(db)?;
+        Ok((
+            next.map(|t| Timestamp::from_chrono(&t)),
+            instant(&row, "db_now")?,
+        ))
+    }
+
+    /// The database's clock, now.
+    pub async fn clock(&self) -> Result<Timestamp, StoreError> {
+        let t: DateTime<Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(Timestamp::from_chrono(&t))
+    }
+
+    /// Jobs per state, and per queue the fires waiting and the fires leased.
+    pub async fn counts(&self) -> Result<Counts, StoreError> {
+        let jobs = sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, count(*) FROM tickd_jobs GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(|(state, n)| Ok((state_of(&state)?, u64::try_from(n).unwrap_or(0))))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+        let queues = sqlx::query_as::<_, (String, i64, i64)>(
+            "SELECT queue, count(*) FILTER (WHERE state = 'ready'), \
+                 count(*) FILTER (WHERE state = 'leased') \
+             FROM tickd_fires GROUP BY queue",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .map(|(q, ready, leased)| {
+            (
+                q,
+                u64::try_from(ready).unwrap_or(0),
+                u64::try_from(leased).unwrap_or(0),
+            )
+        })
+        .collect();
+        Ok(Counts { jobs, queues })
+    }
+
+    /// Of the leases named by `tokens`, those that still hold (not acked, expired and passed
+    /// on, or nacked).
+    pub async fn still_leased(&self, tokens: &[uuid::Uuid]) -> Result<Vec<uuid::Uuid>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT lease_token FROM tickd_fires \
+             WHERE lease_token = ANY($1) AND state = 'leased'",
+        )
+        .bind(tokens)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)
     }
 
     /// One job, as the database has it now.
@@ -300,8 +454,8 @@ impl PgStore {
     }
 
     /// Deletes a job and its outstanding fires at once; `None` when there is no such job, else
-    /// how many fires were dropped.
-    pub async fn delete_job(&self, id: &str) -> Result<Option<u64>, StoreError> {
+    /// the fires dropped.
+    pub async fn delete_job(&self, id: &str) -> Result<Option<Vec<FireRecord>>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let deleted = sqlx::query("DELETE FROM tickd_jobs WHERE id = $1")
             .bind(id)
@@ -311,13 +465,17 @@ impl PgStore {
         if deleted.rows_affected() == 0 {
             return Ok(None);
         }
-        let fires = sqlx::query("DELETE FROM tickd_fires WHERE job_id = $1")
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        let fires = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM tickd_fires WHERE job_id = $1 RETURNING {FIRE_COLUMNS}"
+        )))
+        .bind(id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
         tx.commit().await.map_err(db)?;
-        Ok(Some(fires.rows_affected()))
+        Ok(Some(
+            fires.iter().map(fire_from_row).collect::<Result<_, _>>()?,
+        ))
     }
 
     /// Up to `page_size` jobs in id order after `after` that are on `queue` (when given), in
@@ -403,7 +561,7 @@ impl PgStore {
                  ORDER BY available_at, fire_id LIMIT $2 FOR UPDATE SKIP LOCKED) ready \
              WHERE f.fire_id = ready.fire_id \
              RETURNING f.fire_id, f.job_id, f.queue, f.scheduled_time, f.fire_time, f.attempt, \
-                 f.dead_lettered, f.lease_token, f.lease_expires_at, \
+                 f.dead_lettered, f.trace, f.lease_token, f.lease_expires_at, \
                  (SELECT j.spec FROM tickd_jobs j WHERE j.id = f.job_id) AS spec",
         )
         .bind(queue)
@@ -415,46 +573,56 @@ impl PgStore {
         .map_err(db)?;
         rows.into_iter()
             .map(|row| {
-                let at = |col: &str| -> Result<Timestamp, StoreError> {
-                    let t: DateTime<Utc> = row.try_get(col).map_err(db)?;
-                    Ok(Timestamp::from_chrono(&t))
-                };
-                let job_id: String = row.try_get("job_id").map_err(db)?;
+                let fire = fire_from_row(&row)?;
                 // A job is deleted with its fires in one transaction, so a leased fire has one.
                 let spec: Option<Vec<u8>> = row.try_get("spec").map_err(db)?;
-                let spec = spec.ok_or_else(|| StoreError::MissingSpec(job_id.clone()))?;
-                let spec: JobSpec = codec::decode("tickd_jobs", &job_id, &spec)?;
+                let spec = spec.ok_or_else(|| StoreError::MissingSpec(fire.job_id.to_string()))?;
+                let spec: JobSpec = codec::decode("tickd_jobs", &fire.job_id, &spec)?;
                 Ok(Lease {
                     spec: std::sync::Arc::new(spec),
-                    fire: FireRecord {
-                        fire_id: row.try_get("fire_id").map_err(db)?,
-                        job_id: job_id.as_str().into(),
-                        queue: row.try_get("queue").map_err(db)?,
-                        scheduled_time: at("scheduled_time")?,
-                        fire_time: at("fire_time")?,
-                        attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db)?)
-                            .unwrap_or(1),
-                        not_before: None,
-                        dead_lettered: row.try_get("dead_lettered").map_err(db)?,
-                        trace: None,
-                    },
+                    fire,
                     token: row.try_get("lease_token").map_err(db)?,
-                    expires_at: at("lease_expires_at")?,
+                    expires_at: instant(&row, "lease_expires_at")?,
                 })
             })
             .collect()
     }
 
-    /// Acks fires of `queue` by id, from any replica and whatever their lease: returns how
-    /// many were outstanding (and are now gone).
-    pub async fn ack(&self, queue: &str, fire_ids: &[String]) -> Result<u64, StoreError> {
-        let done = sqlx::query("DELETE FROM tickd_fires WHERE queue = $1 AND fire_id = ANY($2)")
-            .bind(queue)
-            .bind(fire_ids)
-            .execute(&self.pool)
-            .await
-            .map_err(db)?;
-        Ok(done.rows_affected())
+    /// Acks fires of `queue` by id, from any replica and whatever their lease: returns the
+    /// ones that were outstanding (and are now gone).
+    pub async fn ack(
+        &self,
+        queue: &str,
+        fire_ids: &[String],
+    ) -> Result<Vec<FireRecord>, StoreError> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM tickd_fires WHERE queue = $1 AND fire_id = ANY($2) \
+             RETURNING {FIRE_COLUMNS}"
+        )))
+        .bind(queue)
+        .bind(fire_ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        done.iter().map(fire_from_row).collect()
+    }
+
+    /// Acks many fires, each of its own queue (`(queue, fire_id)` pairs), in one commit: the
+    /// acks that several streams sent meanwhile. Returns the ones that were outstanding.
+    pub async fn ack_each(&self, acks: &[(String, String)]) -> Result<Vec<FireRecord>, StoreError> {
+        let (queues, ids): (Vec<&str>, Vec<&str>) =
+            acks.iter().map(|(q, id)| (q.as_str(), id.as_str())).unzip();
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM tickd_fires WHERE (queue, fire_id) IN \
+                 (SELECT * FROM unnest($1::text[], $2::text[])) \
+             RETURNING {FIRE_COLUMNS}"
+        )))
+        .bind(&queues)
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        done.iter().map(fire_from_row).collect()
     }
 
     /// Moves the lease of a fire held with `token` to `by` from now; false when the lease is
@@ -482,15 +650,15 @@ impl PgStore {
     }
 
     /// Gives back a fire held with `token` for another attempt after `delay` (or to its
-    /// dead-letter queue, or drops it, when its attempts are used up); false when the lease is
-    /// no longer that token's, and then nothing changes.
+    /// dead-letter queue, or drops it, when its attempts are used up), and says which; `None`
+    /// when the lease is no longer that token's, and then nothing changes.
     pub async fn nack(
         &self,
         fire_id: &str,
         token: uuid::Uuid,
         delay: Micros,
         now: Option<Timestamp>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Option<Attempted>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {FAILED_ATTEMPT_COLUMNS}, coalesce($3, clock_timestamp()) AS db_now \
@@ -504,26 +672,27 @@ impl PgStore {
         .await
         .map_err(db)?;
         let Some(row) = row else {
-            return Ok(false);
+            return Ok(None);
         };
         let failed = FailedAttempt::read(&row)?;
-        failed.settle(&mut tx, |_| delay).await?;
+        let outcome = failed.settle(&mut tx, |_| delay).await?;
+        notify(&mut tx, outcome.queue().into_iter().collect()).await?;
         tx.commit().await.map_err(db)?;
-        Ok(true)
+        Ok(Some(outcome))
     }
 
     /// Takes back up to `limit` fires whose lease expired (at the database's now, or `now`),
-    /// whoever held them: each goes out again after the expiry backoff (capped at
-    /// `max_backoff`), or to its dead-letter queue, or is dropped. Returns how many.
+    /// whoever held them: each goes out again the expiry backoff after its lease ended (capped at
+    /// `max_backoff`), or to its dead-letter queue, or is dropped. Returns what became of each.
     pub async fn reap_expired(
         &self,
         now: Option<Timestamp>,
         limit: i64,
         max_backoff: Micros,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<Vec<Attempted>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {FAILED_ATTEMPT_COLUMNS}, coalesce($1, clock_timestamp()) AS db_now \
+            "SELECT {FAILED_ATTEMPT_COLUMNS}, lease_expires_at AS db_now \
              FROM tickd_fires \
              WHERE state = 'leased' AND lease_expires_at <= coalesce($1, now()) \
              ORDER BY lease_expires_at LIMIT $2 FOR UPDATE SKIP LOCKED"
@@ -533,42 +702,66 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        let n = rows.len();
+        if rows.is_empty() {
+            tx.rollback().await.map_err(db)?;
+            return Ok(Vec::new());
+        }
+        let mut outcomes = Vec::with_capacity(rows.len());
         for row in rows {
             let failed = FailedAttempt::read(&row)?;
-            failed
-                .settle(&mut tx, |attempt| expiry_backoff(attempt, max_backoff))
-                .await?;
+            outcomes.push(
+                failed
+                    .settle(&mut tx, |attempt| expiry_backoff(attempt, max_backoff))
+                    .await?,
+            );
         }
+        notify(
+            &mut tx,
+            outcomes.iter().filter_map(Attempted::queue).collect(),
+        )
+        .await?;
         tx.commit().await.map_err(db)?;
-        Ok(n)
+        Ok(outcomes)
     }
 }
 
 /// A leased fire whose attempt failed, as read (and locked) for deciding what follows.
 struct FailedAttempt {
-    fire_id: String,
-    attempt: u32,
-    dead_lettered: bool,
+    fire: FireRecord,
     max_attempts: u32,
     dead_letter_queue: Option<String>,
     now: Timestamp,
 }
 
 /// The columns [`FailedAttempt::read`] reads, besides `db_now`.
-const FAILED_ATTEMPT_COLUMNS: &str =
-    "fire_id, attempt, dead_lettered, max_attempts, dead_letter_queue";
+const FAILED_ATTEMPT_COLUMNS: &str = "fire_id, job_id, queue, scheduled_time, fire_time, \
+     attempt, dead_lettered, trace, max_attempts, dead_letter_queue";
+
+/// What became of a fire whose attempt failed: `fire` as it was, and [`after_attempt`]'s
+/// decision.
+#[derive(Debug, Clone)]
+pub struct Attempted {
+    pub fire: FireRecord,
+    pub after: AfterAttempt,
+}
+
+impl Attempted {
+    /// The queue the fire waits on now, unless it was dropped.
+    fn queue(&self) -> Option<String> {
+        match &self.after {
+            AfterAttempt::Again { .. } => Some(self.fire.queue.clone()),
+            AfterAttempt::DeadLetter { queue } => Some(queue.clone()),
+            AfterAttempt::Drop => None,
+        }
+    }
+}
 
 impl FailedAttempt {
     fn read(row: &sqlx::postgres::PgRow) -> Result<FailedAttempt, StoreError> {
-        let count = |col: &str| -> Result<u32, StoreError> {
-            Ok(u32::try_from(row.try_get::<i32, _>(col).map_err(db)?).unwrap_or(1))
-        };
         Ok(FailedAttempt {
-            fire_id: row.try_get("fire_id").map_err(db)?,
-            attempt: count("attempt")?,
-            dead_lettered: row.try_get("dead_lettered").map_err(db)?,
-            max_attempts: count("max_attempts")?,
+            fire: fire_from_row(row)?,
+            max_attempts: u32::try_from(row.try_get::<i32, _>("max_attempts").map_err(db)?)
+                .unwrap_or(1),
             dead_letter_queue: row.try_get("dead_letter_queue").map_err(db)?,
             now: instant(row, "db_now")?,
         })
@@ -579,24 +772,25 @@ impl FailedAttempt {
         self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         delay_for: impl Fn(u32) -> Micros,
-    ) -> Result<(), StoreError> {
-        let delay = delay_for(self.attempt);
-        let id = &self.fire_id;
-        let query = match after_attempt(
-            self.attempt,
-            self.dead_lettered,
+    ) -> Result<Attempted, StoreError> {
+        let delay = delay_for(self.fire.attempt);
+        let id = &self.fire.fire_id;
+        let after = after_attempt(
+            self.fire.attempt,
+            self.fire.dead_lettered,
             self.max_attempts,
             self.dead_letter_queue.as_deref(),
             delay,
-        ) {
+        );
+        let query = match &after {
             AfterAttempt::Again { attempt, delay } => sqlx::query(
                 "UPDATE tickd_fires SET state = 'ready', attempt = $2, \
                  available_at = $3, lease_token = NULL, leased_by = NULL, \
                  lease_expires_at = NULL WHERE fire_id = $1",
             )
             .bind(id)
-            .bind(i32::try_from(attempt).unwrap_or(i32::MAX))
-            .bind(time(self.now.plus(delay))?),
+            .bind(i32::try_from(*attempt).unwrap_or(i32::MAX))
+            .bind(time(self.now.plus(*delay))?),
             AfterAttempt::DeadLetter { queue } => sqlx::query(
                 "UPDATE tickd_fires SET state = 'ready', attempt = 1, queue = $2, \
                  dead_lettered = true, available_at = $3, lease_token = NULL, \
@@ -610,7 +804,10 @@ impl FailedAttempt {
             }
         };
         query.execute(&mut **tx).await.map_err(db)?;
-        Ok(())
+        Ok(Attempted {
+            fire: self.fire,
+            after,
+        })
     }
 }
 
@@ -632,7 +829,103 @@ fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> Result<St
 
 /// The columns [`job_from_row`] reads.
 const JOB_COLUMNS: &str = "id, spec, state, next_occurrence, fire_count, create_time, \
-     last_fire_time, finish_time, version";
+     last_fire_time, finish_time, trace, version";
+
+/// The columns [`fire_from_row`] reads.
+const FIRE_COLUMNS: &str =
+    "fire_id, job_id, queue, scheduled_time, fire_time, attempt, dead_lettered, trace";
+
+/// A fire from a row of [`FIRE_COLUMNS`].
+fn fire_from_row(row: &sqlx::postgres::PgRow) -> Result<FireRecord, StoreError> {
+    let fire_id: String = row.try_get("fire_id").map_err(db)?;
+    let job_id: String = row.try_get("job_id").map_err(db)?;
+    Ok(FireRecord {
+        trace: decode_trace(row, "tickd_fires", &fire_id)?,
+        fire_id,
+        job_id: job_id.as_str().into(),
+        queue: row.try_get("queue").map_err(db)?,
+        scheduled_time: instant(row, "scheduled_time")?,
+        fire_time: instant(row, "fire_time")?,
+        attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db)?).unwrap_or(1),
+        not_before: None,
+        dead_lettered: row.try_get("dead_lettered").map_err(db)?,
+    })
+}
+
+/// The `trace` column (MessagePack), if set.
+fn decode_trace(
+    row: &sqlx::postgres::PgRow,
+    table: &'static str,
+    key: &str,
+) -> Result<Option<TraceContext>, StoreError> {
+    let bytes: Option<Vec<u8>> = row.try_get("trace").map_err(db)?;
+    bytes.map(|b| codec::decode(table, key, &b)).transpose()
+}
+
+/// Wakes, when the transaction commits, the replicas serving these queues.
+async fn notify(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    mut queues: Vec<String>,
+) -> Result<(), StoreError> {
+    queues.sort_unstable();
+    queues.dedup();
+    if queues.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q")
+        .bind(FIRES_CHANNEL)
+        .bind(&queues)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+/// Most advances of one job in one release (each takes one on-time occurrence).
+const MAX_STEPS: usize = 1_000;
+
+/// How much one [`PgStore::release_due`] takes on.
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseLimits {
+    /// Most jobs in one transaction.
+    pub batch: i64,
+    /// Most catch-up fires of one MISFIRE_POLICY_FIRE_ALL job.
+    pub catch_up_cap: usize,
+    /// Most fires one queue holds un-acked.
+    pub max_backlog: usize,
+}
+
+/// What one [`PgStore::release_due`] did.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// Jobs it looked at (a full batch means more may be due).
+    pub jobs: usize,
+    /// Fires stored, in the order released.
+    pub fires: Vec<FireRecord>,
+    /// Jobs that passed occurrences over.
+    pub skipped: Vec<Skipped>,
+}
+
+/// Occurrences of one job passed over without a fire.
+#[derive(Debug)]
+pub struct Skipped {
+    pub job_id: String,
+    pub queue: String,
+    /// By the misfire policy.
+    pub misfire: u64,
+    /// `misfire` stopped counting at its cap.
+    pub misfire_at_least: bool,
+    /// Because the queue held its most fires.
+    pub backlog_full: u64,
+}
+
+/// Counts for gauges (see [`PgStore::counts`]).
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub jobs: Vec<(JobState, u64)>,
+    /// (queue, ready, leased).
+    pub queues: Vec<(String, u64, u64)>,
+}
 
 /// A timestamp column.
 fn instant(row: &sqlx::postgres::PgRow, col: &str) -> Result<Timestamp, StoreError> {
@@ -655,7 +948,7 @@ fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<(Job, i64), StoreError> {
         create_time: instant(row, "create_time")?,
         last_fire_time: at("last_fire_time")?,
         finish_time: at("finish_time")?,
-        trace: None,
+        trace: decode_trace(row, "tickd_jobs", &id)?.map(Box::new),
     };
     let version: i64 = row.try_get("version").map_err(db)?;
     let job = Job::restore(std::sync::Arc::new(spec), status)

@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -39,6 +41,7 @@ const PATIENCE: Duration = Duration::from_secs(20);
 /// ([`TestServer::manual`]); [`TestServer::restart`] stops it gracefully and starts it again on
 /// the same directory, clock and configuration.
 pub struct TestServer {
+    pub backend: Backend,
     pub addr: SocketAddr,
     /// The Prometheus endpoint (`GET /metrics`).
     pub metrics_addr: SocketAddr,
@@ -49,6 +52,8 @@ pub struct TestServer {
     pub clock: Option<Arc<ManualClock>>,
     config: Config,
     dir: Arc<tempfile::TempDir>,
+    /// The database of a server on PostgreSQL.
+    db: Option<Arc<pg::TestDatabase>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), tickd::api::ServerError>>>,
 }
@@ -120,6 +125,51 @@ impl TestServer {
         Self::launch_on(dir, clock, config, Arc::new(store)).await
     }
 
+    /// A server on `backend` (a fresh database of its own for PostgreSQL).
+    async fn launch_new(
+        backend: Backend,
+        clock: Option<Arc<ManualClock>>,
+        config: Config,
+    ) -> TestServer {
+        let dir = Arc::new(tempdir());
+        match backend {
+            Backend::Embedded => Self::launch(dir, clock, config).await,
+            Backend::Postgres => {
+                let db = Arc::new(pg::TestDatabase::create().await);
+                Self::launch_pg(dir, clock, config, db).await
+            }
+        }
+    }
+
+    /// A replica on `db`; on `clock`'s time when given (else the database's).
+    async fn launch_pg(
+        dir: Arc<tempfile::TempDir>,
+        clock: Option<Arc<ManualClock>>,
+        mut config: Config,
+        db: Arc<pg::TestDatabase>,
+    ) -> TestServer {
+        config.data_dir = dir.path().to_path_buf();
+        let (core_clock, use_core_clock): (Arc<dyn Clock>, bool) = match &clock {
+            Some(c) => (c.clone(), true),
+            None => (Arc::new(SystemClock), false),
+        };
+        let core = tickd::api::start_replica(&db.url, core_clock, use_core_clock, &config)
+            .await
+            .expect("start the replica");
+        let mut server = Self::serve_core(core, dir, clock, config).await;
+        server.backend = Backend::Postgres;
+        server.db = Some(db);
+        server
+    }
+
+    /// Starts the server anew after [`TestServer::shut_down`], on what it kept.
+    async fn relaunch(saved: Saved) -> TestServer {
+        match saved.db {
+            Some(db) => Self::launch_pg(saved.dir, saved.clock, saved.config, db).await,
+            None => Self::launch(saved.dir, saved.clock, saved.config).await,
+        }
+    }
+
     async fn launch_on(
         dir: Arc<tempfile::TempDir>,
         clock: Option<Arc<ManualClock>>,
@@ -145,6 +195,16 @@ impl TestServer {
         let core = tickd::api::start_core(store, core_clock, &config)
             .await
             .expect("start the core");
+        Self::serve_core(core, dir, clock, config).await
+    }
+
+    /// Serves `core` on ephemeral ports.
+    async fn serve_core(
+        core: Scheduler,
+        dir: Arc<tempfile::TempDir>,
+        clock: Option<Arc<ManualClock>>,
+        config: Config,
+    ) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -164,6 +224,7 @@ impl TestServer {
         });
         let client = connect(addr).await;
         TestServer {
+            backend: Backend::Embedded,
             addr,
             metrics_addr,
             client,
@@ -171,6 +232,7 @@ impl TestServer {
             clock,
             config,
             dir,
+            db: None,
             stop: Some(stop),
             task: Some(task),
         }
@@ -186,7 +248,7 @@ impl TestServer {
         self.shut_down().await;
     }
 
-    async fn shut_down(mut self) -> (Arc<tempfile::TempDir>, Option<Arc<ManualClock>>, Config) {
+    async fn shut_down(mut self) -> Saved {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -197,32 +259,51 @@ impl TestServer {
                 .expect("server task");
             result.expect("server ran without error");
         }
-        (self.dir.clone(), self.clock.clone(), self.config.clone())
+        Saved {
+            dir: self.dir.clone(),
+            clock: self.clock.clone(),
+            config: self.config.clone(),
+            db: self.db.clone(),
+        }
     }
 
     /// Stops the server gracefully and starts it again on the same data directory, clock and
     /// configuration (with new ports and a new client).
     pub async fn restart(self) -> TestServer {
-        let (dir, clock, config) = self.shut_down().await;
-        Self::launch(dir, clock, config).await
+        let saved = self.shut_down().await;
+        Self::relaunch(saved).await
     }
 
     /// [`TestServer::restart`] with the configuration changed by `tweak`.
     pub async fn restart_with(self, tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let (dir, clock, mut config) = self.shut_down().await;
-        tweak(&mut config);
-        Self::launch(dir, clock, config).await
+        let mut saved = self.shut_down().await;
+        tweak(&mut saved.config);
+        Self::relaunch(saved).await
     }
 
     /// Stops the server gracefully, moves its manual clock forward by `ms` while it is down,
     /// and starts it again.
     pub async fn restart_after(self, ms: i64) -> TestServer {
-        let (dir, clock, config) = self.shut_down().await;
-        clock
+        let saved = self.shut_down().await;
+        saved
+            .clock
             .as_deref()
             .expect("a server on a manual clock")
             .advance(ms * 1_000);
-        Self::launch(dir, clock, config).await
+        Self::relaunch(saved).await
+    }
+
+    /// Another server on the same database (PostgreSQL only), clock and configuration: a
+    /// second replica.
+    pub async fn replica(&self) -> TestServer {
+        let db = self.db.clone().expect("a server on PostgreSQL");
+        Self::launch_pg(
+            Arc::new(tempdir()),
+            self.clock.clone(),
+            self.config.clone(),
+            db,
+        )
+        .await
     }
 
     /// The manual clock; panics for a server on the system clock.
@@ -279,7 +360,8 @@ impl TestServer {
         (q.backlog, q.in_flight)
     }
 
-    /// Polls until `check` holds, failing the test if it never does.
+    /// Polls until `check` holds, failing the test if it never does. (On PostgreSQL the
+    /// counts are read again, by a settle, between checks.)
     pub async fn wait_until(&self, what: &str, mut check: impl FnMut(&TestServer) -> bool) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         while !check(self) {
@@ -288,6 +370,9 @@ impl TestServer {
                 "never happened: {what}"
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
+            if self.backend == Backend::Postgres {
+                self.settle().await;
+            }
         }
     }
 
@@ -360,6 +445,91 @@ impl TestServer {
     pub async fn subscribe(&mut self, queue: &str, max_in_flight: u32) -> Sub {
         Sub::open(&mut self.client, queue, max_in_flight).await
     }
+}
+
+/// What a stopped server keeps for its restart.
+struct Saved {
+    dir: Arc<tempfile::TempDir>,
+    clock: Option<Arc<ManualClock>>,
+    config: Config,
+    db: Option<Arc<pg::TestDatabase>>,
+}
+
+/// The store a test server runs on. A contract test takes one and runs on each (see
+/// [`both_backends!`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The embedded store (redb) in a temporary directory.
+    Embedded,
+    /// A PostgreSQL database of the test's own.
+    Postgres,
+}
+
+impl Backend {
+    /// "embedded" or "postgres": for names a test keeps apart per backend (metrics are per
+    /// process, and both backends' tests run in one).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Embedded => "embedded",
+            Backend::Postgres => "postgres",
+        }
+    }
+
+    /// A server on the system clock with default settings.
+    pub async fn start(self) -> TestServer {
+        self.start_with(|_| {}).await
+    }
+
+    /// A server on the system clock with adjusted configuration.
+    pub async fn start_with(self, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::launch_new(self, None, test_config(tweak)).await
+    }
+
+    /// A server on a manual clock at [`MANUAL_START_MICROS`].
+    pub async fn manual(self) -> TestServer {
+        self.manual_with(|_| {}).await
+    }
+
+    /// A server on a manual clock with adjusted configuration.
+    pub async fn manual_with(self, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        self.manual_at(MANUAL_START_MICROS, tweak).await
+    }
+
+    /// A server on a manual clock at `micros` with adjusted configuration.
+    pub async fn manual_at(self, micros: i64, tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let clock = Arc::new(ManualClock::new(Timestamp(micros)));
+        TestServer::launch_new(self, Some(clock), test_config(tweak)).await
+    }
+}
+
+/// Declares a test that runs once per backend from one body: `name::embedded`, and with the
+/// `postgres-tests` feature `name::postgres`. The body gets the backend as `$b`.
+///
+/// ```ignore
+/// both_backends! {
+///     /// What it checks.
+///     #[tokio::test]
+///     async fn name(backend) { let server = backend.manual().await; ... }
+/// }
+/// ```
+#[macro_export]
+macro_rules! both_backends {
+    ($($(#[$m:meta])* async fn $name:ident($b:ident) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[$m])*
+            async fn embedded() {
+                run($crate::common::Backend::Embedded).await
+            }
+            #[cfg(feature = "postgres-tests")]
+            $(#[$m])*
+            async fn postgres() {
+                run($crate::common::Backend::Postgres).await
+            }
+            async fn run($b: $crate::common::Backend) $body
+        }
+    )*};
 }
 
 /// Test defaults: a shutdown grace that keeps a broken shutdown from hanging a test long.
