@@ -802,6 +802,17 @@ impl TickdProcess {
         p
     }
 
+    /// Starts tickd as a replica on the PostgreSQL database at `url`, with extra environment
+    /// (its data directory, unused, is its own).
+    pub fn replica(url: &str, env: &[(&str, &str)]) -> TickdProcess {
+        let dir = tempdir();
+        let mut all = vec![("TICKD_DATABASE_URL", url)];
+        all.extend_from_slice(env);
+        let mut p = Self::start_in(dir.path(), &all, None);
+        p.owned_dir = Some(dir);
+        p
+    }
+
     /// Starts tickd on `dir` with extra environment; its stdout lines go to `lines`.
     pub fn start_in(
         dir: &Path,
@@ -875,6 +886,18 @@ impl TickdProcess {
 
     pub fn pid(&self) -> i32 {
         i32::try_from(self.child.id()).expect("pid")
+    }
+
+    /// Stops the process (SIGSTOP), as a long pause would.
+    pub fn sigstop(&self) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGSTOP) }, 0);
+    }
+
+    /// Lets a stopped process go on (SIGCONT).
+    pub fn sigcont(&self) {
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(self.pid(), libc::SIGCONT) }, 0);
     }
 
     /// Sends SIGTERM (a graceful shutdown).
