@@ -53,6 +53,8 @@ use crate::store::postgres::{Attempted, Lease, PgStore, ReleaseLimits, Released,
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Most jobs one release transaction takes, and most expired leases one reap takes.
 const BATCH: i64 = 500;
+/// How often a busy release loop looks for expired leases (an idle one looks on each pass).
+const REAP_EVERY: Duration = Duration::from_millis(100);
 /// How often finished jobs past their retention are looked for.
 const RETIRE_EVERY: Duration = Duration::from_secs(60);
 /// How often the estimate of the database's clock is refreshed, and the gauges' counts.
@@ -126,6 +128,8 @@ struct Shared {
     stats: Mutex<Stats>,
     dropped: AtomicU64,
     acks: mpsc::UnboundedSender<AckOp>,
+    /// New jobs for the inserter, each with where to answer.
+    inserts: mpsc::UnboundedSender<(Job, oneshot::Sender<Result<bool, StoreError>>)>,
 }
 
 /// Bookkeeping of the release loop.
@@ -133,6 +137,8 @@ struct Shared {
 struct PassState {
     /// Steady time of the last look for expired finished jobs.
     last_retire: Option<Timestamp>,
+    /// Steady time of the last look for expired leases.
+    last_reap: Option<Timestamp>,
 }
 
 /// Work for the acker.
@@ -195,6 +201,7 @@ impl Replicated {
     ) -> Result<Replicated, StartError> {
         let store = PgStore::connect(&settings.database_url, settings.max_connections).await?;
         let (acks, ack_rx) = mpsc::unbounded_channel();
+        let (inserts, insert_rx) = mpsc::unbounded_channel();
         let name = format!(
             "{}-{}",
             std::env::var("HOSTNAME").unwrap_or_else(|_| "tickd".into()),
@@ -209,7 +216,10 @@ impl Replicated {
             health: watch::Sender::new(Health::Serving),
             stop: watch::Sender::new(false),
             release_wake: Notify::new(),
-            pass: tokio::sync::Mutex::new(PassState { last_retire: None }),
+            pass: tokio::sync::Mutex::new(PassState {
+                last_retire: None,
+                last_reap: None,
+            }),
             queues: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
             next_sub: AtomicU64::new(1),
@@ -218,6 +228,7 @@ impl Replicated {
             stats: Mutex::new(Stats::default()),
             dropped: AtomicU64::new(0),
             acks,
+            inserts,
         });
         if !shared.settings.use_core_clock {
             shared.measure_clock().await.map_err(StartError::Store)?;
@@ -227,6 +238,7 @@ impl Replicated {
         let mut tasks = vec![
             supervise(&shared, "release loop", release_loop(shared.clone())),
             supervise(&shared, "acker", acker(shared.clone(), ack_rx)),
+            supervise(&shared, "inserter", inserter(shared.clone(), insert_rx)),
             supervise(&shared, "clock", clock_loop(shared.clone())),
         ];
         if shared.settings.notify {
@@ -245,7 +257,12 @@ impl Replicated {
     pub async fn schedule(&self, job: Job) -> Result<Job, SchedulerError> {
         let s = &self.shared;
         s.accepting()?;
-        if s.store.insert_job(&job).await.map_err(unavailable)? {
+        let (reply, inserted) = oneshot::channel();
+        s.inserts
+            .send((job.clone(), reply))
+            .map_err(|_| shutting_down())?;
+        let inserted = inserted.await.map_err(|_| shutting_down())?;
+        if inserted.map_err(unavailable)? {
             s.armed(job.next_due());
             return Ok(job);
         }
@@ -616,17 +633,25 @@ impl Shared {
                 break;
             }
         }
-        loop {
-            let reaped = self
-                .store
-                .reap_expired(at, BATCH, self.config.max_redelivery_backoff)
-                .await?;
-            let full = reaped.len() as i64 >= BATCH;
-            for attempted in &reaped {
-                self.report_attempt(attempted, RedeliveryReason::Expired);
-            }
-            if !full {
-                break;
+        let steady = self.clock.steady_now();
+        let reap = retire
+            || state
+                .last_reap
+                .is_none_or(|t| steady.since(t) >= REAP_EVERY.as_micros() as Micros);
+        if reap {
+            state.last_reap = Some(steady);
+            loop {
+                let reaped = self
+                    .store
+                    .reap_expired(at, BATCH, self.config.max_redelivery_backoff)
+                    .await?;
+                let full = reaped.len() as i64 >= BATCH;
+                for attempted in &reaped {
+                    self.report_attempt(attempted, RedeliveryReason::Expired);
+                }
+                if !full {
+                    break;
+                }
             }
         }
         let steady = self.clock.steady_now();
@@ -848,6 +873,40 @@ async fn release_loop(shared: Arc<Shared>) {
         };
         if wait > Duration::ZERO {
             nap(&shared, wait, shared.release_wake.notified()).await;
+        }
+    }
+}
+
+/// Stores the jobs of concurrent Schedule calls, many per statement (group commit).
+async fn inserter(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<(Job, oneshot::Sender<Result<bool, StoreError>>)>,
+) {
+    let mut stop = shared.stop.subscribe();
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            n = rx.recv_many(&mut batch, 1_000) => if n == 0 { return },
+            _ = stopped(&mut stop) => return,
+        }
+        let started = std::time::Instant::now();
+        let jobs: Vec<&Job> = batch.iter().map(|(job, _)| job).collect();
+        let stored = shared.store.insert_jobs(&jobs).await;
+        shared
+            .config
+            .observer
+            .store_committed(jobs.len(), started.elapsed(), stored.is_ok());
+        match stored {
+            Ok(inserted) => {
+                for ((_, reply), inserted) in batch.drain(..).zip(inserted) {
+                    let _ = reply.send(Ok(inserted));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in batch.drain(..) {
+                    let _ = reply.send(Err(StoreError::Io(e.to_string())));
+                }
+            }
         }
     }
 }

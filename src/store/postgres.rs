@@ -144,31 +144,55 @@ impl PgStore {
         self.pool.close().await;
     }
 
-    /// Stores a new job; false when its id is taken.
-    pub async fn insert_job(&self, job: &Job) -> Result<bool, StoreError> {
-        let s = &job.status;
-        let inserted = sqlx::query(
+    /// Stores new jobs in one statement (one commit); returns, per job, whether it was stored
+    /// (false when its id is taken, also by an earlier job of the same call).
+    pub async fn insert_jobs(&self, jobs: &[&Job]) -> Result<Vec<bool>, StoreError> {
+        let mut cols = JobRows::default();
+        let mut seen = std::collections::HashSet::new();
+        let mut first = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            first.push(seen.insert(&*job.spec.id));
+            cols.push(job)?;
+        }
+        let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO tickd_jobs (id, queue, spec, state, next_occurrence, next_due_at, \
-             fire_count, create_time, last_fire_time, finish_time, labels, trace) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11::jsonb, $12) \
-             ON CONFLICT (id) DO NOTHING",
+                 fire_count, create_time, last_fire_time, finish_time, labels, trace) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], \
+                 $5::timestamptz[], $6::timestamptz[], $7::bigint[], $8::timestamptz[], \
+                 $9::timestamptz[], $10::timestamptz[], $11::jsonb[], $12::bytea[]) \
+             ON CONFLICT (id) DO NOTHING RETURNING id",
         )
-        .bind(&*job.spec.id)
-        .bind(&job.spec.queue)
-        .bind(codec::encode(job.spec.as_ref())?)
-        .bind(state_name(s.state))
-        .bind(s.next_occurrence.map(time).transpose()?)
-        .bind(job.next_due().map(time).transpose()?)
-        .bind(i64::try_from(s.fire_count).unwrap_or(i64::MAX))
-        .bind(time(s.create_time)?)
-        .bind(s.last_fire_time.map(time).transpose()?)
-        .bind(s.finish_time.map(time).transpose()?)
-        .bind(labels_json(&job.spec.labels)?)
-        .bind(s.trace.as_deref().map(codec::encode).transpose()?)
-        .execute(&self.pool)
+        .bind(&cols.ids)
+        .bind(&cols.queues)
+        .bind(&cols.specs)
+        .bind(&cols.states)
+        .bind(&cols.next)
+        .bind(&cols.due)
+        .bind(&cols.counts)
+        .bind(&cols.created)
+        .bind(&cols.last)
+        .bind(&cols.finished)
+        .bind(&cols.labels)
+        .bind(&cols.traces)
+        .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        Ok(inserted.rows_affected() == 1)
+        let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+        Ok(jobs
+            .iter()
+            .zip(first)
+            .map(|(job, first)| first && inserted.contains(&*job.spec.id))
+            .collect())
+    }
+
+    /// Stores a new job; false when its id is taken.
+    pub async fn insert_job(&self, job: &Job) -> Result<bool, StoreError> {
+        Ok(self
+            .insert_jobs(&[job])
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
     }
 
     /// Releases what is due: in one transaction, takes up to `limits.batch` jobs due at the
@@ -228,6 +252,8 @@ impl PgStore {
             .into_iter()
             .map(|(q, n)| (q, usize::try_from(n).unwrap_or(usize::MAX)))
             .collect();
+        let mut fires = NewFires::default();
+        let mut updates = Vec::with_capacity(jobs.len());
         for ((job, version), db_now) in jobs {
             let id = job.spec.id.to_string();
             let held = outstanding.entry(job.spec.queue.clone()).or_default();
@@ -274,32 +300,15 @@ impl PgStore {
                     trace: None,
                 };
                 rec.trace = trace_for(&rec, &job);
-                let inserted = sqlx::query(
-                    "INSERT INTO tickd_fires (fire_id, job_id, queue, scheduled_time, \
-                     fire_time, attempt, ack_deadline_us, max_attempts, dead_letter_queue, \
-                     state, available_at, trace) \
-                     VALUES ($1, $2, $3, $4, $5, 1, $6, $7, $8, 'ready', $5, $9) \
-                     ON CONFLICT (fire_id) DO NOTHING",
-                )
-                .bind(&rec.fire_id)
-                .bind(&id)
-                .bind(&rec.queue)
-                .bind(time(rec.scheduled_time)?)
-                .bind(time(db_now)?)
-                .bind(job.spec.ack_deadline)
-                .bind(i32::try_from(job.spec.max_attempts).unwrap_or(i32::MAX))
-                .bind(job.spec.dead_letter_queue.as_deref())
-                .bind(rec.trace.as_ref().map(codec::encode).transpose()?)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                if inserted.rows_affected() == 1 {
-                    *held += 1;
-                    released.fires.push(rec);
-                }
+                *held += 1;
+                fires.push(&job, rec)?;
             }
-            update_job(&mut tx, &next, version, db_now).await?;
+            updates.push((next, version, db_now));
         }
+        // One statement for every fire, one for every job: the transaction's round trips do
+        // not grow with the batch.
+        released.fires = fires.insert(&mut tx).await?;
+        update_jobs(&mut tx, &updates).await?;
         // Replicas with subscribers on these queues wake up when this commits.
         let queues: Vec<String> = released.fires.iter().map(|f| f.queue.clone()).collect();
         notify(&mut tx, queues).await?;
@@ -307,14 +316,17 @@ impl PgStore {
         Ok(released)
     }
 
-    /// When the earliest job falls due, and the database's now (or `now`) as it was read.
+    /// When the earliest job falls due or the earliest lease ends, and the database's now (or
+    /// `now`) as it was read.
     pub async fn next_due(
         &self,
         now: Option<Timestamp>,
     ) -> Result<(Option<Timestamp>, Timestamp), StoreError> {
         let row = sqlx::query(
-            "SELECT min(next_due_at) AS next, coalesce($1, now()) AS db_now FROM tickd_jobs \
-             WHERE next_due_at IS NOT NULL",
+            "SELECT least( \
+                 (SELECT min(next_due_at) FROM tickd_jobs WHERE next_due_at IS NOT NULL), \
+                 (SELECT min(lease_expires_at) FROM tickd_fires WHERE state = 'leased') \
+             ) AS next, coalesce($1, now()) AS db_now",
         )
         .bind(now.map(time).transpose()?)
         .fetch_one(&self.pool)
@@ -954,6 +966,177 @@ fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<(Job, i64), StoreError> {
     let job = Job::restore(std::sync::Arc::new(spec), status)
         .map_err(|e| StoreError::Io(format!("job {id}: {e}")))?;
     Ok((job, version))
+}
+
+/// Jobs to insert, column by column (for one `INSERT … SELECT FROM unnest`).
+#[derive(Default)]
+struct JobRows {
+    ids: Vec<String>,
+    queues: Vec<String>,
+    specs: Vec<Vec<u8>>,
+    states: Vec<&'static str>,
+    next: Vec<Option<DateTime<Utc>>>,
+    due: Vec<Option<DateTime<Utc>>>,
+    counts: Vec<i64>,
+    created: Vec<DateTime<Utc>>,
+    last: Vec<Option<DateTime<Utc>>>,
+    finished: Vec<Option<DateTime<Utc>>>,
+    labels: Vec<String>,
+    traces: Vec<Option<Vec<u8>>>,
+}
+
+impl JobRows {
+    fn push(&mut self, job: &Job) -> Result<(), StoreError> {
+        let s = &job.status;
+        self.ids.push(job.spec.id.to_string());
+        self.queues.push(job.spec.queue.clone());
+        self.specs.push(codec::encode(job.spec.as_ref())?);
+        self.states.push(state_name(s.state));
+        self.next.push(s.next_occurrence.map(time).transpose()?);
+        self.due.push(job.next_due().map(time).transpose()?);
+        self.counts
+            .push(i64::try_from(s.fire_count).unwrap_or(i64::MAX));
+        self.created.push(time(s.create_time)?);
+        self.last.push(s.last_fire_time.map(time).transpose()?);
+        self.finished.push(s.finish_time.map(time).transpose()?);
+        self.labels.push(labels_json(&job.spec.labels)?);
+        self.traces
+            .push(s.trace.as_deref().map(codec::encode).transpose()?);
+        Ok(())
+    }
+}
+
+/// Fires to insert, column by column (for one `INSERT … SELECT FROM unnest`).
+#[derive(Default)]
+struct NewFires {
+    records: Vec<FireRecord>,
+    ids: Vec<String>,
+    job_ids: Vec<String>,
+    queues: Vec<String>,
+    scheduled: Vec<DateTime<Utc>>,
+    fired: Vec<DateTime<Utc>>,
+    ack_deadlines: Vec<i64>,
+    max_attempts: Vec<i32>,
+    dead_letter_queues: Vec<Option<String>>,
+    traces: Vec<Option<Vec<u8>>>,
+}
+
+impl NewFires {
+    fn push(&mut self, job: &Job, rec: FireRecord) -> Result<(), StoreError> {
+        self.ids.push(rec.fire_id.clone());
+        self.job_ids.push(rec.job_id.to_string());
+        self.queues.push(rec.queue.clone());
+        self.scheduled.push(time(rec.scheduled_time)?);
+        self.fired.push(time(rec.fire_time)?);
+        self.ack_deadlines.push(job.spec.ack_deadline);
+        self.max_attempts
+            .push(i32::try_from(job.spec.max_attempts).unwrap_or(i32::MAX));
+        self.dead_letter_queues
+            .push(job.spec.dead_letter_queue.clone());
+        self.traces
+            .push(rec.trace.as_ref().map(codec::encode).transpose()?);
+        self.records.push(rec);
+        Ok(())
+    }
+
+    /// Inserts them all, leaving alone any whose fire_id exists; returns those inserted.
+    async fn insert(
+        self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> Result<Vec<FireRecord>, StoreError> {
+        if self.records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inserted: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO tickd_fires (fire_id, job_id, queue, scheduled_time, fire_time, \
+                 attempt, ack_deadline_us, max_attempts, dead_letter_queue, state, \
+                 available_at, trace) \
+             SELECT id, job, q, sched, fired, 1, deadline, attempts, dlq, 'ready', fired, tr \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], \
+                 $5::timestamptz[], $6::bigint[], $7::int[], $8::text[], $9::bytea[]) \
+                 AS u(id, job, q, sched, fired, deadline, attempts, dlq, tr) \
+             ON CONFLICT (fire_id) DO NOTHING RETURNING fire_id",
+        )
+        .bind(&self.ids)
+        .bind(&self.job_ids)
+        .bind(&self.queues)
+        .bind(&self.scheduled)
+        .bind(&self.fired)
+        .bind(&self.ack_deadlines)
+        .bind(&self.max_attempts)
+        .bind(&self.dead_letter_queues)
+        .bind(&self.traces)
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)?;
+        if inserted.len() == self.records.len() {
+            return Ok(self.records);
+        }
+        let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+        Ok(self
+            .records
+            .into_iter()
+            .filter(|r| inserted.contains(&r.fire_id))
+            .collect())
+    }
+}
+
+/// [`update_job`] for many jobs in one statement; fails (and the caller's transaction must
+/// not commit) unless every row was still at its version.
+async fn update_jobs(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    jobs: &[(Job, i64, Timestamp)],
+) -> Result<(), StoreError> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let mut ids = Vec::with_capacity(jobs.len());
+    let mut versions = Vec::with_capacity(jobs.len());
+    let mut states = Vec::with_capacity(jobs.len());
+    let mut next = Vec::with_capacity(jobs.len());
+    let mut due = Vec::with_capacity(jobs.len());
+    let mut counts = Vec::with_capacity(jobs.len());
+    let mut last = Vec::with_capacity(jobs.len());
+    let mut nows = Vec::with_capacity(jobs.len());
+    for (job, version, now) in jobs {
+        let s = &job.status;
+        ids.push(job.spec.id.to_string());
+        versions.push(*version);
+        states.push(state_name(s.state));
+        next.push(s.next_occurrence.map(time).transpose()?);
+        due.push(job.next_due().map(time).transpose()?);
+        counts.push(i64::try_from(s.fire_count).unwrap_or(i64::MAX));
+        last.push(s.last_fire_time.map(time).transpose()?);
+        nows.push(time(*now)?);
+    }
+    let moved = sqlx::query(
+        "UPDATE tickd_jobs j SET state = u.state, next_occurrence = u.next, \
+             next_due_at = u.due, fire_count = u.fires, last_fire_time = u.last, \
+             finish_time = CASE WHEN u.state IN ('completed', 'cancelled') \
+                 THEN coalesce(j.finish_time, u.now) END, \
+             version = j.version + 1 \
+         FROM unnest($1::text[], $2::bigint[], $3::text[], $4::timestamptz[], \
+             $5::timestamptz[], $6::bigint[], $7::timestamptz[], $8::timestamptz[]) \
+             AS u(id, version, state, next, due, fires, last, now) \
+         WHERE j.id = u.id AND j.version = u.version",
+    )
+    .bind(&ids)
+    .bind(&versions)
+    .bind(&states)
+    .bind(&next)
+    .bind(&due)
+    .bind(&counts)
+    .bind(&last)
+    .bind(&nows)
+    .execute(&mut **tx)
+    .await
+    .map_err(db)?;
+    if moved.rows_affected() != jobs.len() as u64 {
+        return Err(StoreError::Io(
+            "a job changed while it was being released; nothing of this release was made".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Writes a job's status if its row is still at `version` (the row is locked by the caller, so

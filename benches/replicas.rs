@@ -1,0 +1,343 @@
+//! The embedded store and PostgreSQL with 1 and 3 replicas, side by side in one run. Not a
+//! test: run with `cargo bench --bench replicas` (optionally `-- SCALE`, default 1.0, which
+//! multiplies every job count), read the table.
+//!
+//! Each tickd is a process of its own (the release binary); this process is the load client.
+//! For PostgreSQL it creates a database of its own on `TICKD_BENCH_DATABASE_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`) per configuration and drops it after.
+//!
+//! Workloads, per configuration:
+//! 1. **Schedule/s**: durable Schedules from 256 callers over 8 connections, spread over the
+//!    replicas.
+//! 2. **Fires/s delivered and acked**: that many jobs due at one instant, one worker stream per
+//!    replica (max_in_flight 256) acking each fire on the stream; from the due instant to the
+//!    last fire received.
+//! 3. **Lateness at 1,000 fires/s**: one-shot jobs due every millisecond for 10 s; lateness is
+//!    the time from a fire's scheduled time to its arrival at the worker.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prost_types::Timestamp as PbTimestamp;
+use sqlx::Connection;
+use tickd::api::pb;
+use tickd::api::pb::scheduler_client::SchedulerClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+const CALLERS: usize = 256;
+const CONNECTIONS: usize = 8;
+
+fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+fn ts(micros: i64) -> PbTimestamp {
+    PbTimestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
+    }
+}
+
+fn micros_of(t: &Option<PbTimestamp>) -> i64 {
+    t.as_ref()
+        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000)
+}
+
+/// A tickd process.
+struct Tickd {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Tickd {
+    fn start(database_url: Option<&str>) -> Tickd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tickd"));
+        command
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("TICKD_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(url) = database_url {
+            command.env("TICKD_DATABASE_URL", url);
+        }
+        let mut child = command.spawn().expect("spawn tickd");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split_once(" addr=") {
+                    let addr: String = rest.1.chars().take_while(|c| !c.is_whitespace()).collect();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tickd logs its address");
+        Tickd {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for Tickd {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn admin_url() -> String {
+    std::env::var("TICKD_BENCH_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A database of its own, dropped when the guard goes.
+struct Database {
+    name: String,
+    url: String,
+}
+
+impl Database {
+    async fn create() -> Database {
+        let name = format!("tickd_bench_{}", uuid::Uuid::now_v7().simple());
+        let mut conn = sqlx::postgres::PgConnection::connect(&admin_url())
+            .await
+            .expect("PostgreSQL at TICKD_BENCH_DATABASE_URL");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .expect("create database");
+        let _ = conn.close().await;
+        let base = admin_url();
+        let server = base.rsplit_once('/').map_or(base.as_str(), |(s, _)| s);
+        Database {
+            url: format!("{server}/{name}"),
+            name,
+        }
+    }
+
+    async fn drop_now(self) {
+        if let Ok(mut conn) = sqlx::postgres::PgConnection::connect(&admin_url()).await {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            )))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+/// Schedules one-shot jobs due at `due(i)` from many callers over `channels`.
+async fn schedule_all(
+    channels: &[Channel],
+    n: usize,
+    prefix: &str,
+    due: impl Fn(usize) -> i64 + Send + Sync + Clone + 'static,
+) -> Duration {
+    let started = Instant::now();
+    let per = n.div_ceil(CALLERS);
+    let mut tasks = Vec::new();
+    for c in 0..CALLERS {
+        let mut client = SchedulerClient::new(channels[c % channels.len()].clone());
+        let prefix = prefix.to_string();
+        let due = due.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (c * per)..((c + 1) * per).min(n) {
+                let job = pb::Job {
+                    id: format!("{prefix}-{i}"),
+                    queue: prefix.clone(),
+                    trigger: Some(pb::Trigger {
+                        kind: Some(pb::trigger::Kind::At(ts(due(i)))),
+                    }),
+                    payload: b"small payload".to_vec().into(),
+                    misfire_grace_period: Some(prost_types::Duration {
+                        seconds: 600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                };
+                client
+                    .schedule(pb::ScheduleRequest { job: Some(job) })
+                    .await
+                    .expect("schedule");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("caller");
+    }
+    started.elapsed()
+}
+
+/// One worker per replica on `queue`, acking every fire on its stream; sends each fire's
+/// (scheduled time, arrival) in micros.
+async fn workers(tickds: &[Tickd], queue: &str, out: mpsc::UnboundedSender<(i64, i64)>) {
+    for t in tickds {
+        let mut client = SchedulerClient::new(t.channel().await);
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
+                queue: queue.into(),
+                max_in_flight: 256,
+            })),
+        })
+        .await
+        .expect("open");
+        let mut fires = client
+            .subscribe(ReceiverStream::new(rx))
+            .await
+            .expect("subscribe")
+            .into_inner();
+        let out = out.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(fire)) = fires.message().await {
+                let _ = out.send((micros_of(&fire.scheduled_time), now_micros()));
+                let ack = pb::SubscribeRequest {
+                    request: Some(pb::subscribe_request::Request::Ack(pb::AckFires {
+                        fire_ids: vec![fire.fire_id],
+                    })),
+                };
+                if tx.send(ack).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+async fn receive(rx: &mut mpsc::UnboundedReceiver<(i64, i64)>, n: usize) -> Vec<(i64, i64)> {
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
+            Ok(Some(g)) => got.push(g),
+            _ => panic!("only {} of {n} fires arrived", got.len()),
+        }
+    }
+    got
+}
+
+fn percentile(sorted: &[i64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1_000.0
+}
+
+struct Row {
+    name: String,
+    schedule_per_s: f64,
+    fires_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+async fn measure(name: &str, tickds: &[Tickd], scale: f64) -> Row {
+    let mut channels = Vec::new();
+    for i in 0..CONNECTIONS {
+        channels.push(tickds[i % tickds.len()].channel().await);
+    }
+    // 1. Schedule/s, jobs due in an hour.
+    let n = (20_000.0 * scale) as usize;
+    let far = now_micros() + 3_600_000_000;
+    let took = schedule_all(&channels, n, "far", move |_| far).await;
+    let schedule_per_s = n as f64 / took.as_secs_f64();
+    // Room to schedule `n` more before they fall due: twice what the first took, plus 2 s.
+    let lead = |n: usize| (2.0 * n as f64 / schedule_per_s * 1e6) as i64 + 2_000_000;
+
+    // 2. Fires/s: n jobs due at one instant.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    workers(tickds, "burst", tx).await;
+    let n = (20_000.0 * scale) as usize;
+    let due = now_micros() + lead(n);
+    schedule_all(&channels, n, "burst", move |_| due).await;
+    let wait = due - now_micros();
+    assert!(wait > 0, "scheduling the burst took longer than planned");
+    tokio::time::sleep(Duration::from_micros(wait as u64)).await;
+    let got = receive(&mut rx, n).await;
+    let last = got.iter().map(|(_, at)| *at).max().unwrap_or(due);
+    let fires_per_s = n as f64 / ((last - due) as f64 / 1e6);
+
+    // 3. Lateness at 1,000 fires/s for 10 s.
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    workers(tickds, "steady", tx).await;
+    let n = (10_000.0 * scale) as usize;
+    let start = now_micros() + lead(n);
+    schedule_all(&channels, n, "steady", move |i| start + i as i64 * 1_000).await;
+    assert!(now_micros() < start, "scheduling took longer than planned");
+    let got = receive(&mut rx, n).await;
+    let mut late: Vec<i64> = got.iter().map(|(s, at)| at - s).collect();
+    late.sort_unstable();
+    Row {
+        name: name.to_string(),
+        schedule_per_s,
+        fires_per_s,
+        p50_ms: percentile(&late, 0.5),
+        p99_ms: percentile(&late, 0.99),
+        max_ms: percentile(&late, 1.0),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let scale: f64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1.0);
+    let mut rows = Vec::new();
+    {
+        let embedded = [Tickd::start(None)];
+        rows.push(measure("embedded (redb)", &embedded, scale).await);
+    }
+    for replicas in [1, 3] {
+        let db = Database::create().await;
+        {
+            let tickds: Vec<Tickd> = (0..replicas).map(|_| Tickd::start(Some(&db.url))).collect();
+            let name = format!(
+                "PostgreSQL, {replicas} replica{}",
+                if replicas > 1 { "s" } else { "" }
+            );
+            rows.push(measure(&name, &tickds, scale).await);
+        }
+        db.drop_now().await;
+    }
+    println!(
+        "\n{:<24} {:>12} {:>14} {:>16} {:>16} {:>16}",
+        "store",
+        "Schedule/s",
+        "fires/s acked",
+        "lateness p50 ms",
+        "lateness p99 ms",
+        "lateness max ms"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:>12.0} {:>14.0} {:>16.1} {:>16.1} {:>16.1}",
+            r.name, r.schedule_per_s, r.fires_per_s, r.p50_ms, r.p99_ms, r.max_ms
+        );
+    }
+    println!(
+        "\n(lateness: 1,000 fires/s for 10 s, from scheduled time to arrival at the worker; \
+         scale {scale})"
+    );
+}
