@@ -6,9 +6,11 @@
 //!
 //! # Layout
 //! - [`domain`]: jobs, triggers, fires and the arithmetic between them. Pure; no I/O, no clock.
-//! - [`store`]: the storage trait, the embedded redb store and an in-memory one for tests.
-//! - [`scheduler`]: the core: one timer loop, per-queue delivery with acks and redelivery, and
-//!   the writer thread that group-commits every durable change.
+//! - [`store`]: the storage trait, the embedded redb store, an in-memory one for tests, and
+//!   the PostgreSQL tables and statements shared by replicas.
+//! - [`scheduler`]: the core, on one of two engines: embedded (one timer loop, per-queue
+//!   delivery with acks and redelivery, and the writer thread that group-commits every
+//!   durable change) or replicated (a replica's loops on PostgreSQL).
 //! - [`api`]: the only module that speaks gRPC: validation, conversions, status mapping, the
 //!   server and its graceful shutdown.
 //! - [`telemetry`]: logs and OpenTelemetry traces; turns the core's fire events into spans.

@@ -116,6 +116,9 @@ struct Shared {
     stop: watch::Sender<bool>,
     /// Wakes the release loop (a job was scheduled or resumed here).
     release_wake: Notify,
+    /// When the sleeping release loop will look next on its own ([`Shared::now`]'s time,
+    /// micros); `i64::MAX` while it is not sleeping.
+    release_at: AtomicI64,
     /// One pass of the release loop at a time (the loop's, or a settle's).
     pass: tokio::sync::Mutex<PassState>,
     /// Per queue with subscriptions here: bumped when the queue may have new ready fires.
@@ -216,6 +219,7 @@ impl Replicated {
             health: watch::Sender::new(Health::Serving),
             stop: watch::Sender::new(false),
             release_wake: Notify::new(),
+            release_at: AtomicI64::new(i64::MAX),
             pass: tokio::sync::Mutex::new(PassState {
                 last_retire: None,
                 last_reap: None,
@@ -532,9 +536,10 @@ impl Shared {
         Ok(())
     }
 
-    /// A job here now falls due at `due`: the release loop looks again.
+    /// A job here now falls due at `due`: the release loop looks again if it would look
+    /// later than that.
     fn armed(&self, due: Option<Timestamp>) {
-        if due.is_some() {
+        if due.is_some_and(|d| d.0 < self.release_at.load(Ordering::Relaxed)) {
             self.release_wake.notify_one();
         }
     }
@@ -872,7 +877,17 @@ async fn release_loop(shared: Arc<Shared>) {
             }
         };
         if wait > Duration::ZERO {
-            nap(&shared, wait, shared.release_wake.notified()).await;
+            let woken = shared.release_wake.notified();
+            tokio::pin!(woken);
+            // Registered before `release_at` is published, so a Schedule that reads the new
+            // time and notifies is not missed.
+            woken.as_mut().enable();
+            shared
+                .release_at
+                .store(shared.now().plus(micros(wait)).0, Ordering::Relaxed);
+            nap(&shared, wait, woken).await;
+            // While it works it may miss what it already read: any new job wakes it again.
+            shared.release_at.store(i64::MAX, Ordering::Relaxed);
         }
     }
 }

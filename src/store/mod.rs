@@ -8,6 +8,10 @@
 //! A store only applies ordered batches of writes atomically and durably, and loads everything
 //! back. It makes no decisions: the scheduler decides, then commits. It must not assume it is the
 //! only process using the data, or that the data is local.
+//!
+//! [`postgres`] is the other kind: the tables shared by replicas, where the database itself
+//! decides what is due and who holds a fire (in the statements the replicated engine runs), so
+//! it is not a [`Store`].
 
 mod memory;
 pub mod postgres;

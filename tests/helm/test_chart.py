@@ -107,12 +107,73 @@ def test_optional_parts_are_off_by_default():
     assert not [e for e in env if e["name"].startswith("OTEL_")]
 
 
-def test_more_than_one_replica_fails_with_the_reason():
-    """replicaCount > 1 refuses to render, and says why."""
+def test_more_than_one_replica_on_the_embedded_store_fails_with_the_reason():
+    """replicaCount > 1 without a database refuses to render, and says what to do."""
     with pytest.raises(helm.HelmError) as err:
         render({"replicaCount": 2})
     assert "replicaCount must be 1" in str(err.value)
-    assert "multi-replica" in str(err.value)
+    assert "database.existingSecret" in str(err.value)
+
+
+REPLICATED = {"replicaCount": 3, "database": {"existingSecret": "tickd-db"}}
+
+
+@pytest.mark.parametrize("kube", KUBE_VERSIONS)
+def test_replicas_on_postgresql_render_a_valid_deployment(kube):
+    """With a database Secret, any number of replicas: a Deployment (no StatefulSet, no volume,
+    no headless Service), the URL from the Secret, a PodDisruptionBudget keeping one pod, and
+    replicas spread over nodes; every manifest valid, lint clean."""
+    docs = manifests(REPLICATED)
+    for doc in docs:
+        if doc["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(doc, kube, strict=True)
+    assert not of_kind(docs, "StatefulSet")
+    assert [s for s in of_kind(docs, "Service") if s["spec"].get("clusterIP") == "None"] == []
+    (deployment,) = of_kind(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "volumeMounts" not in container and "volumes" not in pod
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TICKD_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "tickd-db",
+        "key": "database-url",
+    }
+    assert "value" not in env["TICKD_DATABASE_URL"]
+    assert "TICKD_DATA_DIR" not in env
+    assert env["TICKD_DATABASE_NOTIFY"]["value"] == "true"
+    (pdb,) = of_kind(docs, "PodDisruptionBudget")
+    assert pdb["spec"] == {
+        "minAvailable": 1,
+        "selector": deployment["spec"]["selector"],
+    }
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    # Readiness follows the database: the same probes as on the embedded store.
+    assert "service" not in container["readinessProbe"]["grpc"]
+    result = helm.lint(str(CHART), REPLICATED, strict=True)
+    assert result["errors"] == [], result
+
+
+def test_replica_spreading_can_be_required_or_left_to_affinity():
+    """podAntiAffinity "hard" requires distinct nodes; an explicit affinity replaces it."""
+    hard = {**REPLICATED, "podAntiAffinity": "hard"}
+    (deployment,) = of_kind(manifests(hard), "Deployment")
+    anti = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert anti["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"] == (
+        "kubernetes.io/hostname"
+    )
+    own = {**REPLICATED, "affinity": ALL_ON["affinity"]}
+    (deployment,) = of_kind(manifests(own), "Deployment")
+    assert deployment["spec"]["template"]["spec"]["affinity"] == ALL_ON["affinity"]
+
+
+def test_a_database_url_is_never_a_plain_value():
+    """The schema has no place for the URL itself: only the name of a Secret."""
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema({"database": {"url": "postgres://u:secret@db/tickd"}})
 
 
 @pytest.mark.parametrize(
@@ -139,10 +200,13 @@ def test_schema_rejects_bad_values(values):
 
 
 def test_every_setting_is_reachable_from_values():
-    """Each TICKD_* variable tickd reads is set by the chart."""
-    container = statefulset()["spec"]["template"]["spec"]["containers"][0]
-    names = {e["name"] for e in container["env"]}
-    assert config_defaults()["env"] <= names, config_defaults()["env"] - names
+    """Each TICKD_* variable tickd reads is set by the chart, on one store or the other (but
+    the hidden test-only ones)."""
+    names = {e["name"] for e in statefulset()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    (deployment,) = of_kind(manifests(REPLICATED), "Deployment")
+    names |= {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    wanted = {v for v in config_defaults()["env"] if not v.startswith("TICKD_TEST_")}
+    assert wanted <= names, wanted - names
 
 
 def test_pod_is_locked_down_and_probed():
