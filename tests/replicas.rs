@@ -263,6 +263,42 @@ async fn any_replica_serves_the_whole_api() {
     assert_eq!(fire_rows(&db.url).await, 0);
 }
 
+/// Without LISTEN/NOTIFY (`--database-notify=false`, for PostgreSQL-wire databases that lack
+/// it) replicas poll: a job scheduled on one fires on time at a worker on the other, within
+/// the poll interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_notify_replicas_poll() {
+    let db = TestDatabase::create().await;
+    let polling = &[
+        ("TICKD_DATABASE_NOTIFY", "false"),
+        ("TICKD_DATABASE_POLL_INTERVAL", "100ms"),
+    ];
+    let a = TickdProcess::replica(&db.url, polling);
+    let b = TickdProcess::replica(&db.url, polling);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let _worker = Worker::start(&mut cb, "polled", 10, 1, true, tx).await;
+    for i in 0..5 {
+        let mut j = job("polled", after_trigger(500 + i * 200));
+        j.id = format!("polled-{i}");
+        schedule(&mut ca, j).await;
+    }
+    let mut got = Vec::new();
+    collect(&mut rx, &mut got, Duration::from_secs(10), "5 fires", |g| {
+        g.len() >= 5
+    })
+    .await;
+    for g in &got {
+        let late = g.at - micros_of(&g.fire.scheduled_time);
+        assert!(
+            late < 500_000,
+            "{}: {} ms late",
+            g.fire.fire_id,
+            late / 1_000
+        );
+    }
+}
+
 /// Workers on two replicas share one queue: each of 200 fires goes to exactly one of them,
 /// and both get work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

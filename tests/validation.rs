@@ -199,205 +199,215 @@ fn cases(max_payload: usize) -> Vec<Case> {
     ]
 }
 
-/// Every bad Schedule request is refused on the right field and stores nothing.
-#[tokio::test]
-async fn bad_schedule_requests_are_refused_and_change_nothing() {
-    let mut server = TestServer::start().await;
-    let mut failures = Vec::new();
-    for case in cases(256 * 1024) {
-        match server
-            .client
-            .schedule(pb::ScheduleRequest { job: case.job })
-            .await
-        {
-            Ok(_) => failures.push(format!("{}: accepted", case.name)),
-            Err(status) => {
-                let fields = bad_fields(&status);
-                if status.code() != Code::InvalidArgument || !fields.iter().any(|f| f == case.field)
-                {
-                    failures.push(format!("{}: {:?} {fields:?}", case.name, status.code()));
+both_backends! {
+    /// Every bad Schedule request is refused on the right field and stores nothing.
+    #[tokio::test]
+    async fn bad_schedule_requests_are_refused_and_change_nothing(backend) {
+        let mut server = backend.start().await;
+        let mut failures = Vec::new();
+        for case in cases(256 * 1024) {
+            match server
+                .client
+                .schedule(pb::ScheduleRequest { job: case.job })
+                .await
+            {
+                Ok(_) => failures.push(format!("{}: accepted", case.name)),
+                Err(status) => {
+                    let fields = bad_fields(&status);
+                    if status.code() != Code::InvalidArgument || !fields.iter().any(|f| f == case.field)
+                    {
+                        failures.push(format!("{}: {:?} {fields:?}", case.name, status.code()));
+                    }
                 }
             }
         }
+        assert!(failures.is_empty(), "{failures:#?}");
+        let list = server
+            .client
+            .list_jobs(pb::ListJobsRequest::default())
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(
+            list.jobs.is_empty(),
+            "a refused request left a job: {:?}",
+            list.jobs
+        );
+        // Nor in the store: a restart rebuilds memory from the store alone.
+        let server = server.restart().await;
+        assert_eq!(
+            server.core.job_count().await,
+            0,
+            "a refused request left a stored job"
+        );
+        server.stop().await;
     }
-    assert!(failures.is_empty(), "{failures:#?}");
-    let list = server
-        .client
-        .list_jobs(pb::ListJobsRequest::default())
-        .await
-        .expect("list")
-        .into_inner();
-    assert!(
-        list.jobs.is_empty(),
-        "a refused request left a job: {:?}",
-        list.jobs
-    );
-    // Nor in the store: a restart rebuilds memory from the store alone.
-    let server = server.restart().await;
-    assert_eq!(
-        server.core.job_count().await,
-        0,
-        "a refused request left a stored job"
-    );
-    server.stop().await;
 }
 
-/// The payload limit is configurable.
-#[tokio::test]
-async fn payload_limit_is_configurable() {
-    let mut server = TestServer::start_with(|c| c.max_payload_bytes = 16).await;
-    let mut j = ok_job();
-    j.payload = vec![1u8; 17].into();
-    let err = server
-        .client
-        .schedule(pb::ScheduleRequest {
-            job: Some(j.clone()),
-        })
-        .await
-        .expect_err("over the limit");
-    assert_bad_field(&err, "job.payload");
-    j.payload = vec![1u8; 16].into();
-    schedule(&mut server.client, j).await;
-    server.stop().await;
+both_backends! {
+    /// The payload limit is configurable.
+    #[tokio::test]
+    async fn payload_limit_is_configurable(backend) {
+        let mut server = backend.start_with(|c| c.max_payload_bytes = 16).await;
+        let mut j = ok_job();
+        j.payload = vec![1u8; 17].into();
+        let err = server
+            .client
+            .schedule(pb::ScheduleRequest {
+                job: Some(j.clone()),
+            })
+            .await
+            .expect_err("over the limit");
+        assert_bad_field(&err, "job.payload");
+        j.payload = vec![1u8; 16].into();
+        schedule(&mut server.client, j).await;
+        server.stop().await;
+    }
 }
 
-/// Bad ids, list filters and acks are refused on the right field.
-#[tokio::test]
-async fn bad_ids_filters_and_acks_are_refused() {
-    let mut server = TestServer::start().await;
-    let c = &mut server.client;
-    assert_bad_field(
-        &c.get_job(pb::GetJobRequest { id: String::new() })
+both_backends! {
+    /// Bad ids, list filters and acks are refused on the right field.
+    #[tokio::test]
+    async fn bad_ids_filters_and_acks_are_refused(backend) {
+        let mut server = backend.start().await;
+        let c = &mut server.client;
+        assert_bad_field(
+            &c.get_job(pb::GetJobRequest { id: String::new() })
+                .await
+                .expect_err("empty"),
+            "id",
+        );
+        assert_bad_field(
+            &c.cancel_job(pb::CancelJobRequest { id: "a b".into() })
+                .await
+                .expect_err("bad"),
+            "id",
+        );
+        assert_bad_field(
+            &c.pause_job(pb::PauseJobRequest { id: String::new() })
+                .await
+                .expect_err("empty"),
+            "id",
+        );
+        assert_bad_field(
+            &c.resume_job(pb::ResumeJobRequest { id: String::new() })
+                .await
+                .expect_err("empty"),
+            "id",
+        );
+        let bad_list = |f: fn(&mut pb::ListJobsRequest)| {
+            let mut r = pb::ListJobsRequest::default();
+            f(&mut r);
+            r
+        };
+        assert_bad_field(
+            &c.list_jobs(bad_list(|r| r.page_size = -1))
+                .await
+                .expect_err("negative"),
+            "page_size",
+        );
+        assert_bad_field(
+            &c.list_jobs(bad_list(|r| r.page_token = "garbage".into()))
+                .await
+                .expect_err("token"),
+            "page_token",
+        );
+        assert_bad_field(
+            &c.list_jobs(bad_list(|r| r.states = vec![0]))
+                .await
+                .expect_err("unspecified"),
+            "states",
+        );
+        assert_bad_field(
+            &c.list_jobs(bad_list(|r| r.queue = "a b".into()))
+                .await
+                .expect_err("queue"),
+            "queue",
+        );
+        assert_bad_field(
+            &c.ack(pb::AckRequest {
+                queue: String::new(),
+                fire_ids: vec!["x".into()],
+            })
             .await
-            .expect_err("empty"),
-        "id",
-    );
-    assert_bad_field(
-        &c.cancel_job(pb::CancelJobRequest { id: "a b".into() })
+            .expect_err("no queue"),
+            "queue",
+        );
+        assert_bad_field(
+            &c.ack(pb::AckRequest {
+                queue: "q".into(),
+                fire_ids: vec![String::new()],
+            })
             .await
-            .expect_err("bad"),
-        "id",
-    );
-    assert_bad_field(
-        &c.pause_job(pb::PauseJobRequest { id: String::new() })
+            .expect_err("empty id"),
+            "fire_ids",
+        );
+        server.stop().await;
+    }
+}
+
+both_backends! {
+    /// A Subscribe whose first message is not an open is refused, as is a bad open.
+    #[tokio::test]
+    async fn subscribe_must_open_first(backend) {
+        let mut server = backend.start().await;
+        let first = pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::Ack(pb::AckFires {
+                fire_ids: vec![],
+            })),
+        };
+        let err = server
+            .client
+            .subscribe(tokio_stream::iter(vec![first]))
             .await
-            .expect_err("empty"),
-        "id",
-    );
-    assert_bad_field(
-        &c.resume_job(pb::ResumeJobRequest { id: String::new() })
+            .expect_err("ack before open");
+        assert_bad_field(&err, "request");
+
+        let bad_open = pb::SubscribeRequest {
+            request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
+                queue: "bad queue".into(),
+                max_in_flight: 20_000,
+            })),
+        };
+        let err = server
+            .client
+            .subscribe(tokio_stream::iter(vec![bad_open]))
             .await
-            .expect_err("empty"),
-        "id",
-    );
-    let bad_list = |f: fn(&mut pb::ListJobsRequest)| {
-        let mut r = pb::ListJobsRequest::default();
-        f(&mut r);
-        r
-    };
-    assert_bad_field(
-        &c.list_jobs(bad_list(|r| r.page_size = -1))
-            .await
-            .expect_err("negative"),
-        "page_size",
-    );
-    assert_bad_field(
-        &c.list_jobs(bad_list(|r| r.page_token = "garbage".into()))
-            .await
-            .expect_err("token"),
-        "page_token",
-    );
-    assert_bad_field(
-        &c.list_jobs(bad_list(|r| r.states = vec![0]))
-            .await
-            .expect_err("unspecified"),
-        "states",
-    );
-    assert_bad_field(
-        &c.list_jobs(bad_list(|r| r.queue = "a b".into()))
-            .await
-            .expect_err("queue"),
-        "queue",
-    );
-    assert_bad_field(
-        &c.ack(pb::AckRequest {
-            queue: String::new(),
+            .expect_err("bad open");
+        assert_bad_field(&err, "open.queue");
+        assert_bad_field(&err, "open.max_in_flight");
+        server.stop().await;
+    }
+}
+
+both_backends! {
+    /// A bad message later on a stream ends it with INVALID_ARGUMENT naming the field.
+    #[tokio::test]
+    async fn bad_message_on_a_stream_ends_it(backend) {
+        let mut server = backend.start().await;
+        let mut sub = Sub::open(&mut server.client, "q", 10).await;
+        sub.send(pb::subscribe_request::Request::Nack(pb::NackFires {
             fire_ids: vec!["x".into()],
-        })
-        .await
-        .expect_err("no queue"),
-        "queue",
-    );
-    assert_bad_field(
-        &c.ack(pb::AckRequest {
-            queue: "q".into(),
-            fire_ids: vec![String::new()],
-        })
-        .await
-        .expect_err("empty id"),
-        "fire_ids",
-    );
-    server.stop().await;
-}
-
-/// A Subscribe whose first message is not an open is refused, as is a bad open.
-#[tokio::test]
-async fn subscribe_must_open_first() {
-    let mut server = TestServer::start().await;
-    let first = pb::SubscribeRequest {
-        request: Some(pb::subscribe_request::Request::Ack(pb::AckFires {
-            fire_ids: vec![],
-        })),
-    };
-    let err = server
-        .client
-        .subscribe(tokio_stream::iter(vec![first]))
-        .await
-        .expect_err("ack before open");
-    assert_bad_field(&err, "request");
-
-    let bad_open = pb::SubscribeRequest {
-        request: Some(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
-            queue: "bad queue".into(),
-            max_in_flight: 20_000,
-        })),
-    };
-    let err = server
-        .client
-        .subscribe(tokio_stream::iter(vec![bad_open]))
-        .await
-        .expect_err("bad open");
-    assert_bad_field(&err, "open.queue");
-    assert_bad_field(&err, "open.max_in_flight");
-    server.stop().await;
-}
-
-/// A bad message later on a stream ends it with INVALID_ARGUMENT naming the field.
-#[tokio::test]
-async fn bad_message_on_a_stream_ends_it() {
-    let mut server = TestServer::start().await;
-    let mut sub = Sub::open(&mut server.client, "q", 10).await;
-    sub.send(pb::subscribe_request::Request::Nack(pb::NackFires {
-        fire_ids: vec!["x".into()],
-        retry_delay: Some(ms(-5)),
-    }))
-    .await;
-    match sub.end(2_000).await {
-        Err(status) => assert_bad_field(&status, "nack.retry_delay"),
-        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
-    }
-    let mut sub = Sub::open(&mut server.client, "q", 10).await;
-    sub.send(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
-        queue: "q".into(),
-        max_in_flight: 1,
-    }))
-    .await;
-    match sub.end(2_000).await {
-        Err(status) => {
-            assert_eq!(status.code(), Code::InvalidArgument);
-            assert_bad_field(&status, "open");
+            retry_delay: Some(ms(-5)),
+        }))
+        .await;
+        match sub.end(2_000).await {
+            Err(status) => assert_bad_field(&status, "nack.retry_delay"),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
         }
-        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        let mut sub = Sub::open(&mut server.client, "q", 10).await;
+        sub.send(pb::subscribe_request::Request::Open(pb::SubscribeOpen {
+            queue: "q".into(),
+            max_in_flight: 1,
+        }))
+        .await;
+        match sub.end(2_000).await {
+            Err(status) => {
+                assert_eq!(status.code(), Code::InvalidArgument);
+                assert_bad_field(&status, "open");
+            }
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+        server.stop().await;
     }
-    server.stop().await;
 }
