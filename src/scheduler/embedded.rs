@@ -19,7 +19,7 @@ use super::state::{self, Delivery, State, SubId};
 use super::writer::{self, Op, Redelivery, Reply, Transition};
 use super::{
     Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats,
-    list_scan_budget, panic_message, shutting_down, timer,
+    list_scan_budget, mark_failed, mark_store, panic_message, shutting_down, timer,
 };
 use crate::domain::{Job, JobId, Micros, Timestamp};
 use crate::store::Store;
@@ -52,35 +52,16 @@ impl Inner {
 
     /// Marks the core failed for good (see [`Health::Failed`]).
     pub(crate) fn fail(&self, reason: &str) {
-        self.health.send_if_modified(|h| {
-            if matches!(h, Health::Failed(_)) {
-                return false;
-            }
-            tracing::error!(reason, "the scheduler core failed; tickd must be restarted");
-            *h = Health::Failed(reason.to_string());
-            true
-        });
+        mark_failed(&self.health, reason);
     }
 
     /// Records whether the last commit succeeded; a failed core stays failed.
     pub(crate) fn set_store_health(&self, failure: Option<&crate::store::StoreError>) {
-        self.health.send_if_modified(|h| match (&*h, failure) {
-            (Health::Failed(_), _) => false,
-            (Health::Serving, None) => false,
-            (Health::StoreFailing(_), None) => {
-                info!("store commits succeed again; serving");
-                *h = Health::Serving;
-                true
-            }
-            (current, Some(e)) => {
-                let reason = e.to_string();
-                if matches!(current, Health::StoreFailing(r) if *r == reason) {
-                    return false;
-                }
-                *h = Health::StoreFailing(reason);
-                true
-            }
-        });
+        mark_store(
+            &self.health,
+            failure.map(|e| e.to_string()),
+            "store commits succeed again",
+        );
     }
 
     /// Runs `f` on the locked state, then, with the lock released, wakes the timer loop if `f`

@@ -137,6 +137,39 @@ pub enum Health {
     Failed(String),
 }
 
+/// Moves `health` to failed for good (see [`Health::Failed`]); logs it once.
+fn mark_failed(health: &watch::Sender<Health>, reason: &str) {
+    health.send_if_modified(|h| {
+        if matches!(h, Health::Failed(_)) {
+            return false;
+        }
+        tracing::error!(reason, "the scheduler core failed; tickd must be restarted");
+        *h = Health::Failed(reason.to_string());
+        true
+    });
+}
+
+/// Records on `health` whether the store answered: `Some(reason)` when it failed. A failed core
+/// stays failed; `recovered` is logged when it answers again.
+fn mark_store(health: &watch::Sender<Health>, failure: Option<String>, recovered: &str) {
+    health.send_if_modified(|h| match (&*h, failure) {
+        (Health::Failed(_), _) => false,
+        (Health::Serving, None) => false,
+        (Health::StoreFailing(_), None) => {
+            tracing::info!("{recovered}; serving");
+            *h = Health::Serving;
+            true
+        }
+        (current, Some(reason)) => {
+            if matches!(current, Health::StoreFailing(r) if *r == reason) {
+                return false;
+            }
+            *h = Health::StoreFailing(reason);
+            true
+        }
+    });
+}
+
 /// Counts for gauges; see [`Scheduler::stats`].
 #[derive(Debug, Clone, Default)]
 pub struct Stats {

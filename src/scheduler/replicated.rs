@@ -40,8 +40,8 @@ use super::clock::Clock;
 use super::observe::{DropReason, RedeliveryReason, SkipReason};
 use super::state::Delivery;
 use super::{
-    Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats,
-    panic_message, shutting_down,
+    Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats, mark_failed,
+    mark_store, panic_message, shutting_down,
 };
 use crate::domain::fire::AfterAttempt;
 use crate::domain::time::micros_duration;
@@ -578,35 +578,17 @@ impl Shared {
 
     /// Records how the last database call of a loop went.
     fn set_health(&self, failure: Option<&StoreError>) {
-        self.health.send_if_modified(|h| match (&*h, failure) {
-            (Health::Failed(_), _) => false,
-            (Health::Serving, None) => false,
-            (Health::StoreFailing(_), None) => {
-                info!("the database answers again; serving");
-                *h = Health::Serving;
-                true
-            }
-            (current, Some(e)) => {
-                let reason = format!("the database cannot be used: {e}");
-                if matches!(current, Health::StoreFailing(r) if *r == reason) {
-                    return false;
-                }
-                warn!(%reason, "not serving until the database answers (retrying)");
-                *h = Health::StoreFailing(reason);
-                true
-            }
-        });
+        let failure = failure.map(|e| format!("the database cannot be used: {e}"));
+        if let Some(reason) = &failure
+            && !matches!(&*self.health.borrow(), Health::StoreFailing(r) if r == reason)
+        {
+            warn!(%reason, "not serving until the database answers (retrying)");
+        }
+        mark_store(&self.health, failure, "the database answers again");
     }
 
     fn fail(&self, reason: &str) {
-        self.health.send_if_modified(|h| {
-            if matches!(h, Health::Failed(_)) {
-                return false;
-            }
-            tracing::error!(reason, "the replica failed; tickd must be restarted");
-            *h = Health::Failed(reason.to_string());
-            true
-        });
+        mark_failed(&self.health, reason);
     }
 
     /// Releases everything due, takes back every expired lease, and (once a minute, or when

@@ -332,11 +332,7 @@ impl PgStore {
         .fetch_one(&self.pool)
         .await
         .map_err(db)?;
-        let next: Option<DateTime<Utc>> = row.try_get("next").map_err(db)?;
-        Ok((
-            next.map(|t| Timestamp::from_chrono(&t)),
-            instant(&row, "db_now")?,
-        ))
+        next_and_now(&row)
     }
 
     /// When the earliest fire of `queue` that is waiting becomes deliverable, and the
@@ -355,11 +351,7 @@ impl PgStore {
         .fetch_one(&self.pool)
         .await
         .map_err(db)?;
-        let next: Option<DateTime<Utc>> = row.try_get("next").map_err(db)?;
-        Ok((
-            next.map(|t| Timestamp::from_chrono(&t)),
-            instant(&row, "db_now")?,
-        ))
+        next_and_now(&row)
     }
 
     /// The database's clock, now.
@@ -937,6 +929,15 @@ pub struct Counts {
     pub jobs: Vec<(JobState, u64)>,
     /// (queue, ready, leased).
     pub queues: Vec<(String, u64, u64)>,
+}
+
+/// The `next` (nullable) and `db_now` columns of a "when next" query.
+fn next_and_now(row: &sqlx::postgres::PgRow) -> Result<(Option<Timestamp>, Timestamp), StoreError> {
+    let next: Option<DateTime<Utc>> = row.try_get("next").map_err(db)?;
+    Ok((
+        next.map(|t| Timestamp::from_chrono(&t)),
+        instant(row, "db_now")?,
+    ))
 }
 
 /// A timestamp column.
