@@ -316,6 +316,7 @@ impl Replicated {
             .ok_or_else(|| SchedulerError::NotFound(id.to_string()))?;
         for fire in &dropped {
             s.config.observer.fire_dropped(fire, DropReason::JobDeleted);
+            s.forget(&fire.queue, std::slice::from_ref(&fire.fire_id));
         }
         Ok(u32::try_from(dropped.len()).unwrap_or(u32::MAX))
     }

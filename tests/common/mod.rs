@@ -361,18 +361,22 @@ impl TestServer {
     }
 
     /// Polls until `check` holds, failing the test if it never does. (On PostgreSQL the
-    /// counts are read again, by a settle, between checks.)
+    /// counts are read again, by a settle, before each check: the ones kept may be older than
+    /// what the test did since.)
     pub async fn wait_until(&self, what: &str, mut check: impl FnMut(&TestServer) -> bool) {
         let deadline = tokio::time::Instant::now() + PATIENCE;
-        while !check(self) {
+        loop {
+            if self.backend == Backend::Postgres {
+                self.settle().await;
+            }
+            if check(self) {
+                return;
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "never happened: {what}"
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
-            if self.backend == Backend::Postgres {
-                self.settle().await;
-            }
         }
     }
 
