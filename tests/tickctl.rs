@@ -282,3 +282,75 @@ async fn errors_name_the_field_and_exit_non_zero() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach tickd"));
     server.stop().await;
 }
+
+/// `schedule --from-file` creates every job of a JSON Lines file (flags as keys, labels as an
+/// object or repeated) through BatchSchedule; a file with a bad line is refused naming the
+/// line before anything is sent, and one the server refuses creates none of its jobs.
+#[tokio::test]
+async fn schedule_from_a_json_lines_file() {
+    let mut server = TestServer::start().await;
+    let lines = concat!(
+        r#"{"queue": "bulk", "id": "a", "after": "1h", "label": ["team=web"]}"#,
+        "\n\n",
+        r#"{"queue": "bulk", "id": "b", "cron": "0 9 * * *", "tz": "Europe/Berlin", "labels": {"k": "v"}, "max_attempts": 3}"#,
+        "\n",
+    );
+    let out = tickctl(
+        &server,
+        &["schedule", "--from-file", "-"],
+        Some(lines.as_bytes()),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout(&out).trim(), "scheduled 2 job(s)");
+    let a = server.job("a").await;
+    assert_eq!(a.labels.get("team").map(String::as_str), Some("web"));
+    let b = server.job("b").await;
+    assert_eq!(
+        (b.labels.get("k").map(String::as_str), b.max_attempts),
+        (Some("v"), 3)
+    );
+
+    let bad_line = concat!(
+        r#"{"queue": "bulk", "id": "c", "after": "1h"}"#,
+        "\n",
+        r#"{"queue": "bulk", "id": "d", "after": "soon"}"#,
+        "\n",
+    );
+    let out = tickctl(
+        &server,
+        &["schedule", "--from-file", "-"],
+        Some(bad_line.as_bytes()),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("line 2") && err.contains("--after"), "{err}");
+
+    let refused = concat!(
+        r#"{"queue": "bulk", "id": "e", "after": "1h"}"#,
+        "\n",
+        r#"{"queue": "bulk", "id": "f", "cron": "nope"}"#,
+        "\n",
+    );
+    let out = tickctl(
+        &server,
+        &["schedule", "--from-file", "-"],
+        Some(refused.as_bytes()),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("requests[1].job.trigger.cron.expression"),
+        "{err}"
+    );
+    for id in ["c", "d", "e", "f"] {
+        expect_code(server.get(id).await, tonic::Code::NotFound);
+    }
+    server.stop().await;
+}

@@ -131,6 +131,26 @@ pub fn status(e: SchedulerError) -> Status {
         SchedulerError::Unavailable(_) => Status::unavailable(e.to_string()),
         SchedulerError::ResourceExhausted(_) => Status::resource_exhausted(e.to_string()),
         SchedulerError::Internal(_) => Status::internal(e.to_string()),
+        SchedulerError::InBatch { index, error } => match *error {
+            SchedulerError::InvalidTrigger(t) => {
+                let mut v = super::validate::Violations::default();
+                v.add(
+                    format!("requests[{index}].job.trigger"),
+                    format!("{t}; no job of the batch was scheduled"),
+                );
+                v.into_status()
+            }
+            inner => {
+                let status = status(inner);
+                Status::new(
+                    status.code(),
+                    format!(
+                        "requests[{index}]: {}; no job of the batch was scheduled",
+                        status.message()
+                    ),
+                )
+            }
+        },
     }
 }
 

@@ -86,6 +86,24 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
+    async fn batch_schedule(
+        &self,
+        request: Request<pb::BatchScheduleRequest>,
+    ) -> Result<Response<pb::BatchScheduleResponse>, Status> {
+        let specs =
+            validate::batch_schedule_request(request.into_inner(), self.limits, self.core.now())?;
+        let trace = telemetry::trace_context_of(&tracing::Span::current().context());
+        let jobs = self
+            .core
+            .schedule_batch(specs, trace)
+            .await
+            .map_err(convert::status)?;
+        let retention = self.core.retention();
+        Ok(Response::new(pb::BatchScheduleResponse {
+            jobs: jobs.iter().map(|j| convert::job(j, retention)).collect(),
+        }))
+    }
+
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,

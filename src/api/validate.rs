@@ -1,7 +1,7 @@
 //! Validation at the edge: every request is checked here before anything reaches the core, and
 //! a bad one is refused with INVALID_ARGUMENT and a `google.rpc.BadRequest` naming each bad field.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
 use tonic::{Code, Status};
@@ -51,6 +51,17 @@ impl Violations {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Runs `f` on violations of its own and adds them with `prefix` before each field (for a
+    /// message inside a list: `requests[3].`).
+    pub fn nested<R>(&mut self, prefix: &str, f: impl FnOnce(&mut Violations) -> R) -> R {
+        let mut inner = Violations::default();
+        let result = f(&mut inner);
+        for (field, description) in inner.0 {
+            self.add(format!("{prefix}{field}"), description);
+        }
+        result
     }
 
     /// `Ok(())` when nothing was wrong, else the status to return.
@@ -184,13 +195,76 @@ pub fn schedule_request(
     now: Timestamp,
 ) -> Result<JobSpec, Status> {
     let mut v = Violations::default();
+    let spec = schedule_spec(&mut v, req, limits, now);
+    v.into_result()?;
+    spec.ok_or_else(|| Status::invalid_argument("invalid job"))
+}
+
+/// Most jobs in one BatchSchedule.
+pub const MAX_BATCH_JOBS: usize = 1_000;
+
+/// Validates a BatchSchedule and converts each job, in order. A violation names the request
+/// it is in (`requests[3].job.queue`); explicit ids may not repeat.
+pub fn batch_schedule_request(
+    req: pb::BatchScheduleRequest,
+    limits: Limits,
+    now: Timestamp,
+) -> Result<Vec<JobSpec>, Status> {
+    let mut v = Violations::default();
+    let n = req.requests.len();
+    if n == 0 || n > MAX_BATCH_JOBS {
+        v.add(
+            "requests",
+            format!("holds {n} requests; send 1 to {MAX_BATCH_JOBS} per call"),
+        );
+        return Err(v.into_status());
+    }
+    let mut specs = Vec::with_capacity(n);
+    let mut first_with_id: HashMap<String, usize> = HashMap::new();
+    for (i, r) in req.requests.into_iter().enumerate() {
+        if let Some(id) = r
+            .job
+            .as_ref()
+            .map(|j| j.id.clone())
+            .filter(|id| !id.is_empty())
+        {
+            if let Some(first) = first_with_id.get(&id) {
+                v.add(
+                    format!("requests[{i}].job.id"),
+                    format!(
+                        "repeats requests[{first}].job.id; each job of a batch needs its own id"
+                    ),
+                );
+            } else {
+                first_with_id.insert(id, i);
+            }
+        }
+        specs.push(v.nested(&format!("requests[{i}]."), |v| {
+            schedule_spec(v, r, limits, now)
+        }));
+    }
+    v.into_result()?;
+    specs
+        .into_iter()
+        .map(|s| s.ok_or_else(|| Status::invalid_argument("invalid job")))
+        .collect()
+}
+
+/// Checks one ScheduleRequest into `v` (fields named from the request: `job.queue`), and
+/// converts it when nothing was wrong with it.
+fn schedule_spec(
+    v: &mut Violations,
+    req: pb::ScheduleRequest,
+    limits: Limits,
+    now: Timestamp,
+) -> Option<JobSpec> {
     let Some(job) = req.job else {
         v.add("job", "is required");
-        return Err(v.into_status());
+        return None;
     };
-    check_name(&mut v, "job.id", &job.id, false);
-    check_name(&mut v, "job.queue", &job.queue, true);
-    let trigger = trigger(&mut v, job.trigger.as_ref(), now);
+    check_name(v, "job.id", &job.id, false);
+    check_name(v, "job.queue", &job.queue, true);
+    let trigger = trigger(v, job.trigger.as_ref(), now);
 
     if job.payload.len() > limits.max_payload_bytes {
         v.add(
@@ -202,11 +276,11 @@ pub fn schedule_request(
             ),
         );
     }
-    let labels = labels(&mut v, "job.labels", &job.labels);
+    let labels = labels(v, "job.labels", &job.labels);
     let end_time = job
         .end_time
         .as_ref()
-        .and_then(|t| timestamp(&mut v, "job.end_time", t));
+        .and_then(|t| timestamp(v, "job.end_time", t));
     if let Some(end) = end_time
         && end <= now
     {
@@ -226,7 +300,7 @@ pub fn schedule_request(
     };
     let misfire_grace = match &job.misfire_grace_period {
         Some(d) => duration(
-            &mut v,
+            v,
             "job.misfire_grace_period",
             d,
             0,
@@ -236,7 +310,7 @@ pub fn schedule_request(
     };
     let ack_deadline = match &job.ack_deadline {
         Some(d) => duration(
-            &mut v,
+            v,
             "job.ack_deadline",
             d,
             MIN_ACK_DEADLINE_MICROS,
@@ -255,24 +329,21 @@ pub fn schedule_request(
         }
         n => n,
     };
-    check_name(
-        &mut v,
-        "job.dead_letter_queue",
-        &job.dead_letter_queue,
-        false,
-    );
+    check_name(v, "job.dead_letter_queue", &job.dead_letter_queue, false);
     if !job.dead_letter_queue.is_empty() && job.dead_letter_queue == job.queue {
         v.add("job.dead_letter_queue", "must differ from job.queue");
     }
 
-    v.into_result()?;
-    // Every `None` below has added a violation, so `into_result` has returned already.
+    if !v.is_empty() {
+        return None;
+    }
+    // Every `None` below has added a violation.
     let (Some(trigger), Some(misfire_grace), Some(ack_deadline)) =
         (trigger, misfire_grace, ack_deadline)
     else {
-        return Err(Status::invalid_argument("invalid job"));
+        return None;
     };
-    Ok(JobSpec {
+    Some(JobSpec {
         id: job.id.into(),
         queue: job.queue,
         trigger,

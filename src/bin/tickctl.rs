@@ -74,11 +74,17 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("trigger").required(true).args(["at", "after", "every", "cron"])))]
+#[command(group(clap::ArgGroup::new("trigger").args(["at", "after", "every", "cron"])))]
 struct ScheduleArgs {
+    /// Schedule every job of a JSON Lines file (- for stdin) through BatchSchedule, 1,000 per
+    /// call: one object per line whose keys are this command's flags without the dashes
+    /// ({"queue": "emails", "id": "a", "after": "30s", "label": ["team=web"]}); `labels` may
+    /// also be an object.
+    #[arg(long, conflicts_with_all = ["queue", "id", "at", "after", "every", "cron", "payload", "payload_file"])]
+    from_file: Option<String>,
     /// Queue whose subscribers receive the fires.
-    #[arg(long)]
-    queue: String,
+    #[arg(long, required_unless_present = "from_file")]
+    queue: Option<String>,
     /// Job id; tickd assigns one when omitted.
     #[arg(long)]
     id: Option<String>,
@@ -424,6 +430,136 @@ fn read_payload(args: &ScheduleArgs) -> Result<Vec<u8>, Failure> {
 }
 
 async fn schedule(client: &mut Client, args: ScheduleArgs, output: Output) -> Result<(), Failure> {
+    if let Some(file) = &args.from_file {
+        return schedule_from_file(client, file, output).await;
+    }
+    let job = job_of(args)?;
+    let job = client
+        .schedule(pb::ScheduleRequest { job: Some(job) })
+        .await?
+        .into_inner();
+    print_job(&job, output);
+    Ok(())
+}
+
+/// Most jobs per BatchSchedule call.
+const BATCH: usize = 1_000;
+
+/// Schedules the jobs of a JSON Lines file, 1,000 per BatchSchedule call (each call all or
+/// nothing; a refused call stops the command, and the calls before it stay done).
+async fn schedule_from_file(
+    client: &mut Client,
+    file: &str,
+    output: Output,
+) -> Result<(), Failure> {
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Failure(format!("error: cannot read stdin: {e}"), 2))?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| Failure(format!("error: cannot read {file}: {e}"), 2))?
+    };
+    let mut jobs = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |e: String| Failure(format!("error: {file} line {}: {e}", n + 1), 2);
+        jobs.push(job_of(line_args(line).map_err(at)?).map_err(|e| at(e.0))?);
+    }
+    if jobs.is_empty() {
+        return Err(Failure(format!("error: {file} holds no job"), 2));
+    }
+    let mut done = 0;
+    for (call, chunk) in jobs.chunks(BATCH).enumerate() {
+        let request = pb::BatchScheduleRequest {
+            requests: chunk
+                .iter()
+                .map(|j| pb::ScheduleRequest {
+                    job: Some(j.clone()),
+                })
+                .collect(),
+        };
+        let created = match client.batch_schedule(request).await {
+            Ok(r) => r.into_inner().jobs,
+            Err(status) => {
+                if done > 0 {
+                    eprintln!(
+                        "{done} job(s) of lines 1 to {} were scheduled before this call was refused; \
+                         requests[i] below is line {} + i",
+                        call * BATCH,
+                        call * BATCH + 1
+                    );
+                }
+                return Err(status.into());
+            }
+        };
+        done += created.len();
+        if let Output::Json = output {
+            for job in &created {
+                print_job(job, output);
+            }
+        }
+    }
+    if !matches!(output, Output::Json) {
+        println!("scheduled {done} job(s)");
+    }
+    Ok(())
+}
+
+/// The schedule flags of one JSON Lines object, parsed as on the command line.
+fn line_args(line: &str) -> Result<ScheduleArgs, String> {
+    #[derive(Debug, Parser)]
+    #[command(name = "line", no_binary_name = true)]
+    struct Line {
+        #[command(flatten)]
+        args: ScheduleArgs,
+    }
+    let object: serde_json::Map<String, Value> =
+        serde_json::from_str(line).map_err(|e| format!("not a JSON object: {e}"))?;
+    let mut argv = Vec::new();
+    for (key, value) in object {
+        let flag = format!("--{}", key.replace('_', "-"));
+        let scalar = |v: &Value| match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Number(n) => Ok(n.to_string()),
+            Value::Bool(b) => Ok(b.to_string()),
+            other => Err(format!("{key}: {other} is not a string or a number")),
+        };
+        match (key.as_str(), &value) {
+            ("from_file" | "from-file", _) => {
+                return Err("from_file cannot be used in a line".into());
+            }
+            ("labels", Value::Object(map)) => {
+                for (k, v) in map {
+                    argv.push("--label".to_string());
+                    argv.push(format!("{k}={}", scalar(v)?));
+                }
+            }
+            (_, Value::Array(items)) => {
+                for item in items {
+                    argv.push(flag.clone());
+                    argv.push(scalar(item)?);
+                }
+            }
+            _ => {
+                argv.push(flag);
+                argv.push(scalar(&value)?);
+            }
+        }
+    }
+    Line::try_parse_from(argv).map(|l| l.args).map_err(|e| {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        first.trim_start_matches("error: ").to_string()
+    })
+}
+
+/// The job the schedule flags describe.
+fn job_of(args: ScheduleArgs) -> Result<pb::Job, Failure> {
     use pb::trigger::Kind;
     let kind = if let Some(at) = args.at {
         Kind::At(pb_time(at))
@@ -453,9 +589,9 @@ async fn schedule(client: &mut Client, args: ScheduleArgs, output: Output) -> Re
         Some(Misfire::Skip) => pb::MisfirePolicy::Skip,
         Some(Misfire::All) => pb::MisfirePolicy::FireAll,
     };
-    let job = pb::Job {
+    Ok(pb::Job {
         id: args.id.unwrap_or_default(),
-        queue: args.queue,
+        queue: args.queue.unwrap_or_default(),
         trigger: Some(pb::Trigger { kind: Some(kind) }),
         payload: payload.into(),
         labels: args.labels.into_iter().collect(),
@@ -467,13 +603,7 @@ async fn schedule(client: &mut Client, args: ScheduleArgs, output: Output) -> Re
         max_attempts: args.max_attempts.unwrap_or(0),
         dead_letter_queue: args.dead_letter_queue.unwrap_or_default(),
         ..Default::default()
-    };
-    let job = client
-        .schedule(pb::ScheduleRequest { job: Some(job) })
-        .await?
-        .into_inner();
-    print_job(&job, output);
-    Ok(())
+    })
 }
 
 async fn list(client: &mut Client, args: ListArgs, output: Output) -> Result<(), Failure> {

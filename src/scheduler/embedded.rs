@@ -198,6 +198,13 @@ impl Embedded {
         self.inner.call(|reply| Op::Schedule { job, reply }).await
     }
 
+    /// Stores `jobs` in one commit, all or none.
+    pub async fn schedule_batch(&self, jobs: Vec<Job>) -> Result<Vec<Job>, SchedulerError> {
+        self.inner
+            .call(|reply| Op::ScheduleBatch { jobs, reply })
+            .await
+    }
+
     pub async fn transition(
         &self,
         id: &str,

@@ -117,6 +117,12 @@ pub enum SchedulerError {
     ResourceExhausted(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// One job of a batch could not be scheduled, so none was.
+    #[error("requests[{index}]: {error}; no job of the batch was scheduled")]
+    InBatch {
+        index: usize,
+        error: Box<SchedulerError>,
+    },
 }
 
 fn shutting_down() -> SchedulerError {
@@ -305,6 +311,30 @@ impl Scheduler {
         let mut job = Job::create(spec, self.now())?;
         job.status.trace = trace.map(Box::new);
         on_engine!(self, e => e.schedule(job).await)
+    }
+
+    /// Stores several new jobs in one commit, all or none (see [`Scheduler::schedule`] for
+    /// each); answers them in order. A job that cannot be created, or whose id is taken by a
+    /// different job, fails the whole batch with [`SchedulerError::InBatch`] naming it.
+    pub async fn schedule_batch(
+        &self,
+        specs: Vec<JobSpec>,
+        trace: Option<TraceContext>,
+    ) -> Result<Vec<Job>, SchedulerError> {
+        let now = self.now();
+        let mut jobs = Vec::with_capacity(specs.len());
+        for (index, mut spec) in specs.into_iter().enumerate() {
+            if spec.id.is_empty() {
+                spec.id = uuid::Uuid::now_v7().to_string().into();
+            }
+            let mut job = Job::create(spec, now).map_err(|e| SchedulerError::InBatch {
+                index,
+                error: Box::new(e.into()),
+            })?;
+            job.status.trace = trace.clone().map(Box::new);
+            jobs.push(job);
+        }
+        on_engine!(self, e => e.schedule_batch(jobs).await)
     }
 
     /// Cancels a job. Cancelling a cancelled or completed job returns it unchanged.

@@ -281,6 +281,26 @@ impl Replicated {
         }
     }
 
+    pub async fn schedule_batch(&self, jobs: Vec<Job>) -> Result<Vec<Job>, SchedulerError> {
+        let s = &self.shared;
+        s.accepting()?;
+        let refs: Vec<&Job> = jobs.iter().collect();
+        match s.store.insert_batch(&refs).await.map_err(unavailable)? {
+            Ok(stored) => {
+                s.armed(stored.iter().filter_map(Job::next_due).min());
+                Ok(stored)
+            }
+            Err(index) => Err(SchedulerError::InBatch {
+                index,
+                error: Box::new(SchedulerError::AlreadyExists(
+                    jobs.get(index)
+                        .map(|j| j.spec.id.to_string())
+                        .unwrap_or_default(),
+                )),
+            }),
+        }
+    }
+
     pub async fn transition(
         &self,
         id: &str,

@@ -78,6 +78,11 @@ pub(crate) enum Op {
         job: Job,
         reply: Reply<Job>,
     },
+    /// Jobs stored all together or not at all (BatchSchedule).
+    ScheduleBatch {
+        jobs: Vec<Job>,
+        reply: Reply<Vec<Job>>,
+    },
     Transition {
         id: String,
         transition: Transition,
@@ -154,6 +159,9 @@ enum Effect {
     },
 }
 
+/// What a ScheduleBatch decided: the ids to answer with, or why none is stored.
+type BatchOutcome = Result<Vec<JobId>, SchedulerError>;
+
 /// A batch being decided: the writes, the jobs as they will be after it, and what to apply.
 #[derive(Debug, Default)]
 struct Batch {
@@ -161,6 +169,7 @@ struct Batch {
     jobs: HashMap<JobId, Job>,
     effects: Vec<Effect>,
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
+    batch_replies: Vec<(Reply<Vec<Job>>, BatchOutcome)>,
     count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
     /// Fires outstanding per queue as this batch leaves them (memory's count when the batch
     /// first looked, plus the fires it released).
@@ -291,7 +300,7 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
         result
     };
 
-    let (replies, events) = inner.mutate(|state| {
+    let (replies, batch_answers, events) = inner.mutate(|state| {
         let mut events = Vec::new();
         match &result {
             Ok(()) => events = apply(inner, state, &batch.jobs, batch.effects),
@@ -321,7 +330,23 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
             };
             replies.push((reply, answer));
         }
-        (replies, events)
+        let mut batch_answers = Vec::with_capacity(batch.batch_replies.len());
+        for (reply, outcome) in batch.batch_replies {
+            let answer = match (&result, outcome) {
+                (_, Err(e)) => Err(e),
+                (Err(e), Ok(_)) => Err(not_stored(e)),
+                (Ok(()), Ok(ids)) => ids
+                    .iter()
+                    .map(|id| {
+                        state.jobs.get(id).map(|e| e.job.clone()).ok_or_else(|| {
+                            SchedulerError::Internal(format!("job {id} vanished"))
+                        })
+                    })
+                    .collect(),
+            };
+            batch_answers.push((reply, answer));
+        }
+        (replies, batch_answers, events)
     });
     let observer = &inner.config.observer;
     for event in events {
@@ -335,6 +360,9 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
                 observer.occurrences_skipped(&queue, count, reason)
             }
         }
+    }
+    for (reply, answer) in batch_answers {
+        let _ = reply.send(answer);
     }
     for (reply, answer) in replies {
         let _ = reply.send(answer);
@@ -470,6 +498,33 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
                 }
             };
             batch.job_replies.push((reply, outcome));
+        }
+        Op::ScheduleBatch { jobs, reply } => {
+            // All or nothing: every job is checked before any is put.
+            let taken = jobs.iter().enumerate().find_map(|(index, job)| {
+                match batch.job(inner, &job.spec.id) {
+                    Some(existing) if existing.spec != job.spec => Some(SchedulerError::InBatch {
+                        index,
+                        error: Box::new(SchedulerError::AlreadyExists(job.spec.id.to_string())),
+                    }),
+                    _ => None,
+                }
+            });
+            let outcome = match taken {
+                Some(e) => Err(e),
+                None => {
+                    let mut ids = Vec::with_capacity(jobs.len());
+                    for job in jobs {
+                        let id = job.spec.id.clone();
+                        if batch.job(inner, &id).is_none() {
+                            batch.put_job(job, true);
+                        }
+                        ids.push(id);
+                    }
+                    Ok(ids)
+                }
+            };
+            batch.batch_replies.push((reply, outcome));
         }
         Op::Transition {
             id,

@@ -147,42 +147,38 @@ impl PgStore {
     /// Stores new jobs in one statement (one commit); returns, per job, whether it was stored
     /// (false when its id is taken, also by an earlier job of the same call).
     pub async fn insert_jobs(&self, jobs: &[&Job]) -> Result<Vec<bool>, StoreError> {
-        let mut cols = JobRows::default();
-        let mut seen = std::collections::HashSet::new();
-        let mut first = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            first.push(seen.insert(&*job.spec.id));
-            cols.push(job)?;
+        insert_rows(&self.pool, jobs).await
+    }
+
+    /// Stores new jobs in one transaction, all or none: a job whose id is taken by a job with
+    /// the same spec is answered with that job; one taken by a different job stores nothing
+    /// and is answered `Err(its index)`.
+    pub async fn insert_batch(&self, jobs: &[&Job]) -> Result<Result<Vec<Job>, usize>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let inserted = insert_rows(&mut *tx, jobs).await?;
+        let mut answer = Vec::with_capacity(jobs.len());
+        for (index, (job, inserted)) in jobs.iter().zip(inserted).enumerate() {
+            if inserted {
+                answer.push((*job).clone());
+                continue;
+            }
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {JOB_COLUMNS} FROM tickd_jobs WHERE id = $1 FOR SHARE"
+            )))
+            .bind(&*job.spec.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+            match row.map(|r| job_from_row(&r)).transpose()? {
+                Some((existing, _)) if existing.spec == job.spec => answer.push(existing),
+                _ => {
+                    tx.rollback().await.map_err(db)?;
+                    return Ok(Err(index));
+                }
+            }
         }
-        let inserted: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO tickd_jobs (id, queue, spec, state, next_occurrence, next_due_at, \
-                 fire_count, create_time, last_fire_time, finish_time, labels, trace) \
-             SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], \
-                 $5::timestamptz[], $6::timestamptz[], $7::bigint[], $8::timestamptz[], \
-                 $9::timestamptz[], $10::timestamptz[], $11::jsonb[], $12::bytea[]) \
-             ON CONFLICT (id) DO NOTHING RETURNING id",
-        )
-        .bind(&cols.ids)
-        .bind(&cols.queues)
-        .bind(&cols.specs)
-        .bind(&cols.states)
-        .bind(&cols.next)
-        .bind(&cols.due)
-        .bind(&cols.counts)
-        .bind(&cols.created)
-        .bind(&cols.last)
-        .bind(&cols.finished)
-        .bind(&cols.labels)
-        .bind(&cols.traces)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
-        Ok(jobs
-            .iter()
-            .zip(first)
-            .map(|(job, first)| first && inserted.contains(&*job.spec.id))
-            .collect())
+        tx.commit().await.map_err(db)?;
+        Ok(Ok(answer))
     }
 
     /// Stores a new job; false when its id is taken.
@@ -967,6 +963,50 @@ fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<(Job, i64), StoreError> {
     let job = Job::restore(std::sync::Arc::new(spec), status)
         .map_err(|e| StoreError::Io(format!("job {id}: {e}")))?;
     Ok((job, version))
+}
+
+/// Inserts `jobs` in one statement on `exec`, leaving alone any whose id exists; returns, per
+/// job, whether it was stored (false also for a repeat of an earlier job's id).
+async fn insert_rows<'e>(
+    exec: impl sqlx::PgExecutor<'e>,
+    jobs: &[&Job],
+) -> Result<Vec<bool>, StoreError> {
+    let mut cols = JobRows::default();
+    let mut seen = std::collections::HashSet::new();
+    let mut first = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        first.push(seen.insert(&*job.spec.id));
+        cols.push(job)?;
+    }
+    let inserted: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO tickd_jobs (id, queue, spec, state, next_occurrence, next_due_at, \
+             fire_count, create_time, last_fire_time, finish_time, labels, trace) \
+         SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[], \
+             $5::timestamptz[], $6::timestamptz[], $7::bigint[], $8::timestamptz[], \
+             $9::timestamptz[], $10::timestamptz[], $11::jsonb[], $12::bytea[]) \
+         ON CONFLICT (id) DO NOTHING RETURNING id",
+    )
+    .bind(&cols.ids)
+    .bind(&cols.queues)
+    .bind(&cols.specs)
+    .bind(&cols.states)
+    .bind(&cols.next)
+    .bind(&cols.due)
+    .bind(&cols.counts)
+    .bind(&cols.created)
+    .bind(&cols.last)
+    .bind(&cols.finished)
+    .bind(&cols.labels)
+    .bind(&cols.traces)
+    .fetch_all(exec)
+    .await
+    .map_err(db)?;
+    let inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+    Ok(jobs
+        .iter()
+        .zip(first)
+        .map(|(job, first)| first && inserted.contains(&*job.spec.id))
+        .collect())
 }
 
 /// Jobs to insert, column by column (for one `INSERT … SELECT FROM unnest`).
