@@ -172,8 +172,8 @@ async fn main() {
     let started = Instant::now();
     let calls = n.div_ceil(1_000);
     let mut tasks = Vec::new();
-    for c in 0..CONNECTIONS {
-        let mut client = SchedulerClient::new(channels[c].clone());
+    for (c, channel) in channels.iter().enumerate() {
+        let mut client = SchedulerClient::new(channel.clone());
         tasks.push(tokio::spawn(async move {
             for call in (c..calls).step_by(CONNECTIONS) {
                 let requests = (call * 1_000..((call + 1) * 1_000).min(n))
