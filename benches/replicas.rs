@@ -2,7 +2,8 @@
 //! test: run with `cargo bench --bench replicas` (optionally `-- SCALE`, default 1.0, which
 //! multiplies every job count), read the table.
 //!
-//! Each tickd is a process of its own (the release binary); this process is the load client.
+//! Each tickd is a process of its own (the release binary, `common::Tickd`); this process is
+//! the load client.
 //! For PostgreSQL it creates a database of its own on `TICKD_BENCH_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`) per configuration and drops it after.
 //!
@@ -15,97 +16,18 @@
 //! 3. **Lateness at 1,000 fires/s**: one-shot jobs due every millisecond for 10 s; lateness is
 //!    the time from a fire's scheduled time to its arrival at the worker.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use prost_types::Timestamp as PbTimestamp;
+use common::*;
+use std::time::Duration;
+
 use sqlx::Connection;
 use tickd::api::pb;
 use tickd::api::pb::scheduler_client::SchedulerClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
-const CALLERS: usize = 256;
 const CONNECTIONS: usize = 8;
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
-fn ts(micros: i64) -> PbTimestamp {
-    PbTimestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
-    }
-}
-
-fn micros_of(t: &Option<PbTimestamp>) -> i64 {
-    t.as_ref()
-        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000)
-}
-
-/// A tickd process.
-struct Tickd {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Tickd {
-    fn start(database_url: Option<&str>) -> Tickd {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tickd"));
-        command
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("TICKD_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if let Some(url) = database_url {
-            command.env("TICKD_DATABASE_URL", url);
-        }
-        let mut child = command.spawn().expect("spawn tickd");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split_once(" addr=") {
-                    let addr: String = rest.1.chars().take_while(|c| !c.is_whitespace()).collect();
-                    let _ = tx.send(addr);
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("tickd logs its address");
-        Tickd {
-            child,
-            addr,
-            _dir: dir,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect")
-    }
-}
-
-impl Drop for Tickd {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
 
 fn admin_url() -> String {
     std::env::var("TICKD_BENCH_DATABASE_URL")
@@ -147,48 +69,6 @@ impl Database {
             .await;
         }
     }
-}
-
-/// Schedules one-shot jobs due at `due(i)` from many callers over `channels`.
-async fn schedule_all(
-    channels: &[Channel],
-    n: usize,
-    prefix: &str,
-    due: impl Fn(usize) -> i64 + Send + Sync + Clone + 'static,
-) -> Duration {
-    let started = Instant::now();
-    let per = n.div_ceil(CALLERS);
-    let mut tasks = Vec::new();
-    for c in 0..CALLERS {
-        let mut client = SchedulerClient::new(channels[c % channels.len()].clone());
-        let prefix = prefix.to_string();
-        let due = due.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in (c * per)..((c + 1) * per).min(n) {
-                let job = pb::Job {
-                    id: format!("{prefix}-{i}"),
-                    queue: prefix.clone(),
-                    trigger: Some(pb::Trigger {
-                        kind: Some(pb::trigger::Kind::At(ts(due(i)))),
-                    }),
-                    payload: b"small payload".to_vec().into(),
-                    misfire_grace_period: Some(prost_types::Duration {
-                        seconds: 600,
-                        nanos: 0,
-                    }),
-                    ..Default::default()
-                };
-                client
-                    .schedule(pb::ScheduleRequest { job: Some(job) })
-                    .await
-                    .expect("schedule");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("caller");
-    }
-    started.elapsed()
 }
 
 /// One worker per replica on `queue`, acking every fire on its stream; sends each fire's
@@ -236,11 +116,6 @@ async fn receive(rx: &mut mpsc::UnboundedReceiver<(i64, i64)>, n: usize) -> Vec<
         }
     }
     got
-}
-
-fn percentile(sorted: &[i64], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)] as f64 / 1_000.0
 }
 
 struct Row {
@@ -306,13 +181,15 @@ async fn main() {
         .unwrap_or(1.0);
     let mut rows = Vec::new();
     {
-        let embedded = [Tickd::start(None)];
+        let embedded = [Tickd::start(&[], &[])];
         rows.push(measure("embedded (redb)", &embedded, scale).await);
     }
     for replicas in [1, 3] {
         let db = Database::create().await;
         {
-            let tickds: Vec<Tickd> = (0..replicas).map(|_| Tickd::start(Some(&db.url))).collect();
+            let tickds: Vec<Tickd> = (0..replicas)
+                .map(|_| Tickd::start(&[], &[("TICKD_DATABASE_URL", db.url.as_str())]))
+                .collect();
             let name = format!(
                 "PostgreSQL, {replicas} replica{}",
                 if replicas > 1 { "s" } else { "" }

@@ -5,6 +5,9 @@
 //! the scheduler core on it and reports how long rebuilding memory took and how much resident
 //! memory it added.
 
+mod common;
+
+use common::*;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,13 +18,6 @@ use tickd::store::{DB_FILE_NAME, RedbStore, Store, Write};
 
 const BATCH: usize = 10_000;
 const HOUR_MICROS: i64 = 3_600_000_000;
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
-}
 
 fn job(i: usize, now: Timestamp) -> (Arc<JobSpec>, JobStatus) {
     let spec = JobSpec {

@@ -6,6 +6,9 @@
 //! holds, resident memory and the store file's size. Flat columns are the pass: memory and disk
 //! follow the jobs alive at a time, not the jobs ever scheduled.
 
+mod common;
+
+use common::*;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,13 +19,6 @@ use tickd::store::{DB_FILE_NAME, RedbStore};
 use tokio_stream::StreamExt;
 
 const ROUND: usize = 10_000;
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
-}
 
 fn one_shot(i: usize) -> JobSpec {
     JobSpec {

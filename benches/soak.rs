@@ -12,8 +12,9 @@
 //! descriptors, the jobs and the backlog it reports, and the lateness of the fires received in
 //! that window (receive time minus scheduled time).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
+use common::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -52,22 +53,6 @@ struct Window {
     acked: AtomicU64,
     nacked: AtomicU64,
     reconnects: AtomicU64,
-}
-
-fn micros(t: &Option<prost_types::Timestamp>) -> i64 {
-    t.as_ref()
-        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000)
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
-fn log_field(line: &str, key: &str) -> Option<String> {
-    let rest = line.split_once(&format!(" {key}="))?.1;
-    Some(rest.chars().take_while(|c| !c.is_whitespace()).collect())
 }
 
 fn rss_mib(pid: u32) -> f64 {
@@ -156,7 +141,7 @@ async fn subscriber(client: SchedulerClient<Channel>, seed: u64, window: Arc<Win
             };
             window.received.fetch_add(1, Ordering::Relaxed);
             if fire.attempt == 1 {
-                let late = now_micros() - micros(&fire.scheduled_time);
+                let late = now_micros() - micros_of(&fire.scheduled_time);
                 if let Ok(mut l) = window.lateness.lock() {
                     l.push(late);
                 }
@@ -190,56 +175,16 @@ async fn subscriber(client: SchedulerClient<Channel>, seed: u64, window: Arc<Win
     }
 }
 
-fn percentile(sorted: &[i64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i] as f64 / 1_000.0
-}
-
 #[tokio::main]
 async fn main() {
     let seconds: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(3_600);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tickd"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--retention",
-            "1m",
-            "--data-dir",
-        ])
-        .arg(dir.path())
-        .env("TICKD_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tickd (cargo builds it for benches)");
-    let pid = child.id();
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let (Some(a), Some(m)) = (log_field(&line, "addr"), log_field(&line, "metrics_addr"))
-            {
-                let _ = tx.send((a, m));
-            }
-        }
-    });
-    let (addr, metrics_addr) = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("tickd logs its address");
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let tickd = common::Tickd::start(&["--retention", "1m"], &[]);
+    let pid = tickd.child.id();
+    let metrics_addr = tickd.metrics_addr.clone();
+    let channel = tickd.channel().await;
     let client = SchedulerClient::new(channel);
 
     let window = Arc::new(Window::default());
@@ -316,7 +261,7 @@ async fn main() {
         "errors"
     );
     let started = Instant::now();
-    let store = dir.path().join(tickd::store::DB_FILE_NAME);
+    let store = tickd.dir.path().join(tickd::store::DB_FILE_NAME);
     let mut next = started + SAMPLE_EVERY;
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep_until(next.into()).await;
@@ -348,6 +293,5 @@ async fn main() {
         window.acked.load(Ordering::Relaxed),
         window.nacked.load(Ordering::Relaxed)
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(tickd);
 }

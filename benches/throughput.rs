@@ -8,9 +8,11 @@
 //!    subscriber; time from the due instant to the last fire received.
 //! 4. Bulk create: that many jobs through BatchSchedule, 1,000 per call.
 
-use std::time::{Duration, Instant};
+mod common;
 
-use prost_types::Timestamp as PbTimestamp;
+use common::*;
+use std::time::Instant;
+
 use tickd::api::pb;
 use tickd::api::pb::scheduler_client::SchedulerClient;
 use tickd::config::Config;
@@ -19,60 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-const CALLERS: usize = 256;
 /// HTTP/2 connections the callers spread over (one connection is served by one task).
 const CONNECTIONS: usize = 8;
-
-fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
-}
-
-fn now_micros() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64)
-}
-
-fn ts(micros: i64) -> PbTimestamp {
-    PbTimestamp {
-        seconds: micros.div_euclid(1_000_000),
-        nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
-    }
-}
-
-async fn schedule_all(channels: &[Channel], n: usize, queue: &str, at: i64) -> Duration {
-    let started = Instant::now();
-    let per = n.div_ceil(CALLERS);
-    let mut tasks = Vec::new();
-    for c in 0..CALLERS {
-        let mut client = SchedulerClient::new(channels[c % channels.len()].clone());
-        let queue = queue.to_string();
-        tasks.push(tokio::spawn(async move {
-            for i in (c * per)..((c + 1) * per).min(n) {
-                let job = pb::Job {
-                    id: format!("{queue}-{i}"),
-                    queue: queue.clone(),
-                    trigger: Some(pb::Trigger {
-                        kind: Some(pb::trigger::Kind::At(ts(at))),
-                    }),
-                    payload: b"small payload".to_vec().into(),
-                    ..Default::default()
-                };
-                client
-                    .schedule(pb::ScheduleRequest { job: Some(job) })
-                    .await
-                    .expect("schedule");
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.expect("caller");
-    }
-    started.elapsed()
-}
 
 #[tokio::main]
 async fn main() {
@@ -110,7 +60,11 @@ async fn main() {
 
     // 1 and 2: pending jobs, an hour out.
     let rss_before = rss_bytes();
-    let took = schedule_all(&channels, n, "pending", now_micros() + 3_600_000_000).await;
+    let took = {
+        let at = now_micros() + 3_600_000_000;
+        schedule_all(&channels, n, "pending", move |_| at)
+    }
+    .await;
     let rss_after = rss_bytes();
     println!(
         "schedule: {n} jobs in {:.2} s = {:.0} jobs/s ({CALLERS} concurrent callers on {CONNECTIONS} connections, fsync per group commit)",
@@ -126,7 +80,7 @@ async fn main() {
 
     // 3: n jobs due at one instant, a few seconds out so that scheduling them finishes first.
     let due = now_micros() + 5_000_000 + (n as i64) * 200;
-    let took = schedule_all(&channels, n, "burst", due).await;
+    let took = schedule_all(&channels, n, "burst", move |_| due).await;
     assert!(
         now_micros() < due,
         "scheduling took too long ({took:?}); lower JOBS"

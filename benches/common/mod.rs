@@ -1,0 +1,164 @@
+//! What the benchmarks share: times, percentiles, resident memory, a tickd process of its own,
+//! and many concurrent Schedule callers.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use prost_types::Timestamp as PbTimestamp;
+use tickd::api::pb;
+use tickd::api::pb::scheduler_client::SchedulerClient;
+use tonic::transport::Channel;
+
+/// Concurrent Schedule callers of [`schedule_all`].
+pub const CALLERS: usize = 256;
+
+pub fn now_micros() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
+}
+
+pub fn ts(micros: i64) -> PbTimestamp {
+    PbTimestamp {
+        seconds: micros.div_euclid(1_000_000),
+        nanos: (micros.rem_euclid(1_000_000) * 1_000) as i32,
+    }
+}
+
+pub fn micros_of(t: &Option<PbTimestamp>) -> i64 {
+    t.as_ref()
+        .map_or(0, |t| t.seconds * 1_000_000 + i64::from(t.nanos) / 1_000)
+}
+
+/// The `p` percentile of `sorted` microseconds, in milliseconds (0 when empty).
+pub fn percentile(sorted: &[i64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1_000.0
+}
+
+/// This process's resident memory.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+/// The value of `key` in a text log line (`key=value`).
+fn log_field(line: &str, key: &str) -> Option<String> {
+    let rest = line.split_once(&format!(" {key}="))?.1;
+    Some(rest.chars().take_while(|c| !c.is_whitespace()).collect())
+}
+
+/// The tickd binary (release build) as a process of its own, on ephemeral ports and a data
+/// directory of its own; stopped (SIGTERM) when dropped.
+pub struct Tickd {
+    pub child: Child,
+    pub addr: String,
+    pub metrics_addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl Tickd {
+    /// Starts tickd with extra flags and environment, and waits for its address.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Tickd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tickd"))
+            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .envs(env.iter().copied())
+            .env("TICKD_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tickd (cargo builds it for benches)");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let (Some(a), Some(m)) =
+                    (log_field(&line, "addr"), log_field(&line, "metrics_addr"))
+                {
+                    let _ = tx.send((a, m));
+                }
+            }
+        });
+        let (addr, metrics_addr) = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tickd logs its address");
+        Tickd {
+            child,
+            addr,
+            metrics_addr,
+            dir,
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for Tickd {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Schedules `n` one-shot jobs `<prefix>-<i>` on queue `prefix`, due at `due(i)`, from
+/// [`CALLERS`] callers spread over `channels`; returns how long it took. A long misfire grace
+/// period keeps a burst that is delivered late from being counted as missed.
+pub async fn schedule_all(
+    channels: &[Channel],
+    n: usize,
+    prefix: &str,
+    due: impl Fn(usize) -> i64 + Send + Sync + Clone + 'static,
+) -> Duration {
+    let started = Instant::now();
+    let per = n.div_ceil(CALLERS);
+    let mut tasks = Vec::new();
+    for c in 0..CALLERS {
+        let mut client = SchedulerClient::new(channels[c % channels.len()].clone());
+        let prefix = prefix.to_string();
+        let due = due.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (c * per)..((c + 1) * per).min(n) {
+                let job = pb::Job {
+                    id: format!("{prefix}-{i}"),
+                    queue: prefix.clone(),
+                    trigger: Some(pb::Trigger {
+                        kind: Some(pb::trigger::Kind::At(ts(due(i)))),
+                    }),
+                    payload: b"small payload".to_vec().into(),
+                    misfire_grace_period: Some(prost_types::Duration {
+                        seconds: 600,
+                        nanos: 0,
+                    }),
+                    ..Default::default()
+                };
+                client
+                    .schedule(pb::ScheduleRequest { job: Some(job) })
+                    .await
+                    .expect("schedule");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("caller");
+    }
+    started.elapsed()
+}
