@@ -111,6 +111,28 @@ async fn collect_for(rx: &mut mpsc::UnboundedReceiver<Got>, got: &mut Vec<Got>, 
     }
 }
 
+/// Receives `n` fires (30 s at most), and whatever more comes within 500 ms (anything
+/// delivered twice would), and asserts that they are `n` fires, each delivered once.
+async fn receive_each_once(rx: &mut mpsc::UnboundedReceiver<Got>, n: usize) -> Vec<Got> {
+    let mut got = Vec::new();
+    collect(
+        rx,
+        &mut got,
+        Duration::from_secs(30),
+        &format!("{n} fires"),
+        |g| g.len() >= n,
+    )
+    .await;
+    collect_for(rx, &mut got, Duration::from_millis(500)).await;
+    let ids: HashSet<&str> = got.iter().map(|g| g.fire.fire_id.as_str()).collect();
+    assert_eq!(
+        (got.len(), ids.len()),
+        (n, n),
+        "each fire delivered exactly once"
+    );
+    got
+}
+
 /// Every fire_id names one occurrence: its id is `<job id>@<scheduled time>` and no two ids
 /// share an occurrence.
 fn assert_one_id_per_occurrence(got: &[Got]) {
@@ -317,19 +339,7 @@ async fn workers_on_different_replicas_compete() {
     for _ in 0..200 {
         schedule(&mut client, job("shared", after_trigger(0))).await;
     }
-    let mut got = Vec::new();
-    collect(
-        &mut rx,
-        &mut got,
-        Duration::from_secs(30),
-        "200 fires",
-        |g| g.len() >= 200,
-    )
-    .await;
-    // Anything delivered twice would show up within a little more time.
-    collect_for(&mut rx, &mut got, Duration::from_millis(500)).await;
-    let ids: HashSet<&str> = got.iter().map(|g| g.fire.fire_id.as_str()).collect();
-    assert_eq!((got.len(), ids.len()), (200, 200), "each fire exactly once");
+    let got = receive_each_once(&mut rx, 200).await;
     for r in 0..2 {
         assert!(got.iter().any(|g| g.replica == r), "worker {r} got none");
     }
@@ -365,19 +375,8 @@ async fn racing_replicas_release_each_occurrence_once() {
         j.max_fires = 10;
         schedule(&mut clients[i % 3], j).await;
     }
-    let mut got = Vec::new();
-    collect(
-        &mut rx,
-        &mut got,
-        Duration::from_secs(30),
-        "500 fires",
-        |g| g.len() >= 500,
-    )
-    .await;
-    collect_for(&mut rx, &mut got, Duration::from_millis(500)).await;
+    let got = receive_each_once(&mut rx, 500).await;
     assert_one_id_per_occurrence(&got);
-    let ids: HashSet<&str> = got.iter().map(|g| g.fire.fire_id.as_str()).collect();
-    assert_eq!((got.len(), ids.len()), (500, 500), "each occurrence once");
     assert_no_gap(&got, 100);
     for (job, times) in occurrences(&got) {
         let want = if job.starts_with("at-") { 1 } else { 10 };
