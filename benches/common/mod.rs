@@ -44,7 +44,12 @@ pub fn percentile(sorted: &[i64], p: f64) -> f64 {
 
 /// This process's resident memory.
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/statm")
+    statm_rss("/proc/self/statm")
+}
+
+/// Resident memory from a `/proc/<pid>/statm` file.
+fn statm_rss(path: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
         .map_or(0, |pages| pages * 4096)
@@ -69,37 +74,38 @@ impl Tickd {
     /// Starts tickd with extra flags and environment, and waits for its address.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Tickd {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tickd"))
-            .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(args)
-            .envs(env.iter().copied())
-            .env("TICKD_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start tickd (cargo builds it for benches)");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let (Some(a), Some(m)) =
-                    (log_field(&line, "addr"), log_field(&line, "metrics_addr"))
-                {
-                    let _ = tx.send((a, m));
-                }
-            }
-        });
-        let (addr, metrics_addr) = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("tickd logs its address");
+        let (child, addr, metrics_addr) = spawn(dir.path(), args, env);
         Tickd {
             child,
             addr,
             metrics_addr,
             dir,
         }
+    }
+
+    /// Stops tickd (SIGTERM, waiting for it to exit), starts it again on the same data
+    /// directory with `args`, and answers how long the new process took to listen (it listens
+    /// once memory is rebuilt from the store).
+    pub fn restart(&mut self, args: &[&str]) -> Duration {
+        self.stop();
+        let started = Instant::now();
+        let (child, addr, metrics_addr) = spawn(self.dir.path(), args, &[]);
+        let took = started.elapsed();
+        self.child = child;
+        self.addr = addr;
+        self.metrics_addr = metrics_addr;
+        took
+    }
+
+    /// Resident memory of the tickd process.
+    pub fn rss_bytes(&self) -> u64 {
+        statm_rss(&format!("/proc/{}/statm", self.child.id()))
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
     }
 
     pub async fn channel(&self) -> Channel {
@@ -113,10 +119,51 @@ impl Tickd {
 
 impl Drop for Tickd {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+/// Starts the tickd binary on `dir` and ephemeral ports; answers it with its gRPC and metrics
+/// addresses once it logs them.
+fn spawn(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> (Child, String, String) {
+    // For profiling: TICKD_BENCH_BIN runs another tickd binary (one built with debug info),
+    // TICKD_BENCH_WRAPPER runs it under a profiler (`perf record -g -o tickd.perf --`).
+    let bin = std::env::var("TICKD_BENCH_BIN").unwrap_or(env!("CARGO_BIN_EXE_tickd").into());
+    let wrapper = std::env::var("TICKD_BENCH_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut command = match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(&bin);
+            c
+        }
+        None => Command::new(&bin),
+    };
+    let mut child = command
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("TICKD_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tickd (cargo builds it for benches)");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let (Some(a), Some(m)) = (log_field(&line, "addr"), log_field(&line, "metrics_addr"))
+            {
+                let _ = tx.send((a, m));
+            }
+        }
+    });
+    let (addr, metrics_addr) = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("tickd logs its address");
+    (child, addr, metrics_addr)
 }
 
 /// Schedules `n` one-shot jobs `<prefix>-<i>` on queue `prefix`, due at `due(i)`, from
