@@ -116,14 +116,31 @@ async fn run(opts: &Opts) -> Vec<Row> {
     // Schedule, against a fresh tickd.
     if opts.runs("schedule") {
         let tickd = Tickd::start(&[], &[]);
+        let (p50, p99) = fdatasync_floor(tickd.dir.path());
+        rows.push(Row {
+            workload: "one durable commit (what a Schedule waits for at least)".into(),
+            tickd: String::new(),
+            floor: format!(
+                "write 4 KiB + fdatasync on the data directory's disk: p50 {p50:.2} ms, p99 {p99:.2} ms"
+            ),
+            ratio: None,
+            goal: "",
+        });
         for (connections, in_flight) in [(1, 64), (4, 256)] {
+            let before = Commits::read(&tickd.metrics_addr).await;
             let t = schedule_for(&tickd.addr, connections, in_flight, opts.seconds).await;
+            let store = Commits::read(&tickd.metrics_addr).await.since(before);
             let f = schedule_for(&noop.addr, connections, in_flight, opts.seconds).await;
             rows.push(Row {
                 workload: format!(
                     "Schedule, {connections} connection(s) × {in_flight} in flight, durable"
                 ),
-                tickd: format!("{}/s, p99 {:.1} ms", num(t.rate), t.p99_ms),
+                tickd: format!(
+                    "{}/s, p99 {:.1} ms ({})",
+                    num(t.rate),
+                    t.p99_ms,
+                    store.describe()
+                ),
                 floor: format!("no-op server {}/s, p99 {:.1} ms", num(f.rate), f.p99_ms),
                 ratio: Some(t.rate / f.rate),
                 goal: if connections == 1 {
@@ -191,11 +208,15 @@ async fn run(opts: &Opts) -> Vec<Row> {
     if opts.runs("fires") {
         let tickd = Tickd::start(&[], &[]);
         let n = opts.burst;
-        let burst = fires(&tickd.addr, "burst", n, 0.0).await;
+        let burst = fires(&tickd, "burst", n, 0.0).await;
+        let store = burst
+            .store
+            .as_ref()
+            .map_or(String::new(), |s| format!(" ({})", s.describe()));
         let floor = timers(n, 0.0).await;
         rows.push(Row {
             workload: format!("{} jobs due at one instant, one subscriber", num(n as f64)),
-            tickd: format!("last received {:.0} ms after", burst.last_ms),
+            tickd: format!("last received {:.0} ms after{store}", burst.last_ms),
             floor: format!(
                 "tokio timers in-process: last woke {:.0} ms after",
                 floor.last_ms
@@ -216,7 +237,7 @@ async fn run(opts: &Opts) -> Vec<Row> {
             goal: "",
         });
         let rate = n as f64 / opts.seconds;
-        let spread = fires(&tickd.addr, "spread", n, opts.seconds).await;
+        let spread = fires(&tickd, "spread", n, opts.seconds).await;
         let floor = timers(n, opts.seconds).await;
         rows.push(Row {
             workload: format!("{} fires/s over {} s, lateness", num(rate), opts.seconds),
@@ -344,6 +365,25 @@ async fn schedule_for(addr: &str, connections: usize, in_flight: usize, seconds:
     }
 }
 
+/// The floor of any durable answer: writing 4 KiB into a file in `dir` and waiting for
+/// `fdatasync`, 200 times; p50 and p99 in milliseconds.
+fn fdatasync_floor(dir: &std::path::Path) -> (f64, f64) {
+    use std::io::{Seek, Write};
+    let path = dir.join("fdatasync-floor");
+    let mut file = std::fs::File::create(&path).expect("create a file in the data directory");
+    let mut times = Vec::new();
+    for i in 0..200u32 {
+        let started = Instant::now();
+        file.seek(std::io::SeekFrom::Start(0)).expect("seek");
+        file.write_all(&[i as u8; 4096]).expect("write");
+        file.sync_data().expect("fdatasync");
+        times.push(started.elapsed().as_micros() as i64);
+    }
+    let _ = std::fs::remove_file(path);
+    times.sort_unstable();
+    (percentile(&times, 0.5), percentile(&times, 0.99))
+}
+
 /// Jobs `<prefix>-<i>` for `0..n`, due at `due(i)`, as BatchSchedule requests of [`PER_BATCH`].
 fn batches(prefix: &str, n: usize, due: impl Fn(usize) -> i64) -> Vec<pb::BatchScheduleRequest> {
     (0..n)
@@ -448,13 +488,53 @@ struct Fires {
     delivered_rate: f64,
     /// Fires/s from the first scheduled time until the last ack is on disk.
     acked_rate: f64,
+    /// What the store did from the first scheduled time until the last ack (tickd only).
+    store: Option<Commits>,
+}
+
+/// Store commits, from tickd's metrics.
+#[derive(Debug, Clone, Copy)]
+struct Commits {
+    commits: f64,
+    writes: f64,
+    seconds: f64,
+}
+
+impl Commits {
+    async fn read(metrics_addr: &str) -> Commits {
+        let text = scrape(metrics_addr).await;
+        Commits {
+            commits: metric_sum(&text, "tickd_store_commit_duration_seconds_count"),
+            writes: metric_sum(&text, "tickd_store_commit_writes_sum"),
+            seconds: metric_sum(&text, "tickd_store_commit_duration_seconds_sum"),
+        }
+    }
+
+    /// How many commits, how large, and how long they took in all.
+    fn describe(&self) -> String {
+        format!(
+            "writer: {} commits of {} writes, {:.0} ms committing",
+            num(self.commits),
+            num(self.writes / self.commits.max(1.0)),
+            self.seconds * 1e3
+        )
+    }
+
+    fn since(self, before: Commits) -> Commits {
+        Commits {
+            commits: self.commits - before.commits,
+            writes: self.writes - before.writes,
+            seconds: self.seconds - before.seconds,
+        }
+    }
 }
 
 /// Schedules `n` one-shot jobs on a queue of their own, due evenly over `spread` seconds from
 /// a moment that leaves time to create them, subscribes before they fall due, acks each fire
 /// (batched; the last batch through the unary Ack, which answers once acks are on disk), and
 /// measures when each fire arrived against its scheduled time.
-async fn fires(addr: &str, queue: &str, n: usize, spread: f64) -> Fires {
+async fn fires(tickd: &Tickd, queue: &str, n: usize, spread: f64) -> Fires {
+    let addr = tickd.addr.as_str();
     let start = now_micros() + 2_000_000 + n as i64 * 20;
     let step = (spread * 1e6 / n as f64) as i64;
     let requests = batches(queue, n, |i| start + i as i64 * step);
@@ -463,6 +543,7 @@ async fn fires(addr: &str, queue: &str, n: usize, spread: f64) -> Fires {
         now_micros() < start,
         "creating the jobs took longer than planned; lower --burst"
     );
+    let commits = Commits::read(&tickd.metrics_addr).await;
     let channel = connect(addr).await;
     let (tx, rx) = mpsc::channel(1024);
     tx.send(pb::SubscribeRequest {
@@ -507,6 +588,7 @@ async fn fires(addr: &str, queue: &str, n: usize, spread: f64) -> Fires {
         .await
         .expect("ack");
     let acked = now_micros();
+    let commits = Commits::read(&tickd.metrics_addr).await.since(commits);
     lateness.sort_unstable();
     let end = start + (n as i64 - 1) * step;
     Fires {
@@ -515,6 +597,7 @@ async fn fires(addr: &str, queue: &str, n: usize, spread: f64) -> Fires {
         p99_ms: percentile(&lateness, 0.99),
         delivered_rate: n as f64 / ((last - start) as f64 / 1e6),
         acked_rate: n as f64 / ((acked - start) as f64 / 1e6),
+        store: Some(commits),
     }
 }
 
@@ -546,6 +629,7 @@ async fn timers(n: usize, spread: f64) -> Fires {
         p99_ms: percentile(&lateness, 0.99),
         delivered_rate: n as f64 / ((last - start) as f64 / 1e6),
         acked_rate: 0.0,
+        store: None,
     }
 }
 

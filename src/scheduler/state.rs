@@ -9,7 +9,9 @@
 //! handed to that stream. Guarded by one std mutex (`Inner::state`); never held across an
 //! `.await`; nothing here does I/O or waits.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::{FastMap, FastSet};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
@@ -74,7 +76,7 @@ pub(crate) struct QueueState {
 pub(crate) struct Subscriber {
     pub queue: String,
     pub max_in_flight: usize,
-    pub in_flight: HashSet<String>,
+    pub in_flight: FastSet<String>,
     /// Set while the stream waits for a fire; woken when one may be there for it.
     pub waker: Option<Waker>,
 }
@@ -97,7 +99,7 @@ pub(crate) struct State {
     pub clock: Arc<dyn Clock>,
     pub jobs: BTreeMap<JobId, JobEntry>,
     /// Job ids per queue, in id order: ListJobs on one queue scans only that queue's jobs.
-    pub by_queue: HashMap<String, BTreeSet<JobId>>,
+    pub by_queue: FastMap<String, BTreeSet<JobId>>,
     /// How many jobs are in each state; changed only through [`State::put_job`].
     pub job_counts: BTreeMap<JobState, u64>,
     /// (due time, job id) of every SCHEDULED job with a next occurrence.
@@ -106,18 +108,18 @@ pub(crate) struct State {
     pub retention: Micros,
     /// (deletion time, job id) of every COMPLETED or CANCELLED job.
     pub expiries: BTreeSet<(Timestamp, JobId)>,
-    pub fires: HashMap<String, FireEntry>,
+    pub fires: FastMap<String, FireEntry>,
     /// Fires outstanding per job (stored and not yet acked or dropped); a job with any is not
     /// deleted by retention.
-    pub fires_per_job: HashMap<JobId, u32>,
+    pub fires_per_job: FastMap<JobId, u32>,
     /// Fires outstanding per queue (waiting or in flight); a queue at `--max-queue-backlog`
     /// takes no new fire.
-    pub fires_per_queue: HashMap<String, u32>,
+    pub fires_per_queue: FastMap<String, u32>,
     /// (steady time, fire id) of in-flight ack deadlines and delayed redeliveries: measured on
     /// the steady clock, so a wall-clock step moves none of them.
     pub deadlines: BTreeSet<(Timestamp, String)>,
-    pub queues: HashMap<String, QueueState>,
-    pub subscribers: HashMap<SubId, Subscriber>,
+    pub queues: FastMap<String, QueueState>,
+    pub subscribers: FastMap<SubId, Subscriber>,
     pub next_sub_id: SubId,
     pub shutting_down: bool,
     /// Set when a timer or deadline became the earliest of its index: the timer loop must look
@@ -135,17 +137,17 @@ impl State {
         State {
             clock,
             jobs: BTreeMap::new(),
-            by_queue: HashMap::new(),
+            by_queue: FastMap::default(),
             job_counts: BTreeMap::new(),
             timers: BTreeSet::new(),
             retention,
             expiries: BTreeSet::new(),
-            fires: HashMap::new(),
-            fires_per_job: HashMap::new(),
-            fires_per_queue: HashMap::new(),
+            fires: FastMap::default(),
+            fires_per_job: FastMap::default(),
+            fires_per_queue: FastMap::default(),
             deadlines: BTreeSet::new(),
-            queues: HashMap::new(),
-            subscribers: HashMap::new(),
+            queues: FastMap::default(),
+            subscribers: FastMap::default(),
             next_sub_id: 0,
             shutting_down: false,
             timer_dirty: false,
@@ -617,7 +619,7 @@ impl State {
             Subscriber {
                 queue: queue.to_string(),
                 max_in_flight,
-                in_flight: HashSet::new(),
+                in_flight: FastSet::default(),
                 waker: None,
             },
         );
@@ -734,7 +736,7 @@ fn rekey(
 }
 
 /// Counts one fewer for `key`, forgetting it at zero.
-fn uncount<K, Q>(counts: &mut HashMap<K, u32>, key: &Q)
+fn uncount<K, Q>(counts: &mut FastMap<K, u32>, key: &Q)
 where
     K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
     Q: std::hash::Hash + Eq + ?Sized,

@@ -11,7 +11,7 @@
 //! A fire is born here: [`decide_advance`] writes the job's new status and the fire's record in
 //! the same transaction, so a crash can never lose an occurrence.
 
-use std::collections::{HashMap, HashSet};
+use super::{FastMap, FastSet};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -166,16 +166,16 @@ type BatchOutcome = Result<Vec<JobId>, SchedulerError>;
 #[derive(Debug, Default)]
 struct Batch {
     writes: Vec<Write>,
-    jobs: HashMap<JobId, Job>,
+    jobs: FastMap<JobId, Job>,
     effects: Vec<Effect>,
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
     batch_replies: Vec<(Reply<Vec<Job>>, BatchOutcome)>,
     count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
     /// Fires outstanding per queue as this batch leaves them (memory's count when the batch
     /// first looked, plus the fires it released).
-    queue_fires: HashMap<String, usize>,
+    queue_fires: FastMap<String, usize>,
     /// Jobs deleted in this batch (a later op in it sees them gone).
-    deleted: HashSet<JobId>,
+    deleted: FastSet<JobId>,
     /// When the batch is decided; finish times are stamped with it.
     now: Timestamp,
     unit_replies: Vec<Reply<()>>,
@@ -183,7 +183,7 @@ struct Batch {
     /// line with that delay if the commit fails.
     redelivered: Vec<(String, Option<Timestamp>)>,
     /// Acked fires deleted in this batch; their deletion is retried if the commit fails.
-    acked: HashSet<String>,
+    acked: FastSet<String>,
 }
 
 impl Batch {
@@ -407,7 +407,7 @@ fn not_stored(e: &crate::store::StoreError) -> SchedulerError {
 fn apply(
     inner: &Inner,
     state: &mut State,
-    jobs: &HashMap<JobId, Job>,
+    jobs: &FastMap<JobId, Job>,
     effects: Vec<Effect>,
 ) -> Vec<Event> {
     let mut events = Vec::new();

@@ -243,7 +243,7 @@ impl Observer for FireTelemetry {
             .record(lateness, &queue_attr(fire));
         traces::fire_step(
             fire,
-            format!("send {}", fire.queue),
+            format_args!("send {}", fire.queue),
             SpanKind::Producer,
             vec![
                 KeyValue::new("messaging.operation.type", "send"),
@@ -255,7 +255,7 @@ impl Observer for FireTelemetry {
     fn fire_acked(&self, fire: &FireRecord) {
         traces::fire_step(
             fire,
-            format!("ack {}", fire.queue),
+            format_args!("ack {}", fire.queue),
             SpanKind::Internal,
             vec![KeyValue::new("messaging.operation.type", "settle")],
         );
@@ -271,7 +271,7 @@ impl Observer for FireTelemetry {
         );
         traces::fire_step(
             fire,
-            format!("redeliver {}", fire.queue),
+            format_args!("redeliver {}", fire.queue),
             SpanKind::Internal,
             vec![KeyValue::new("tickd.redelivery.reason", reason.as_str())],
         );
@@ -283,7 +283,7 @@ impl Observer for FireTelemetry {
             .add(1, &[KeyValue::new("tickd.queue", from_queue.to_string())]);
         traces::fire_step(
             fire,
-            format!("dead_letter {from_queue}"),
+            format_args!("dead_letter {from_queue}"),
             SpanKind::Internal,
             vec![KeyValue::new(
                 "tickd.dead_letter.from_queue",
@@ -302,7 +302,7 @@ impl Observer for FireTelemetry {
         );
         traces::fire_step(
             fire,
-            format!("drop {}", fire.queue),
+            format_args!("drop {}", fire.queue),
             SpanKind::Internal,
             Vec::new(),
         );

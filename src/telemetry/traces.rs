@@ -59,7 +59,11 @@ fn fire_attributes(fire: &FireRecord) -> Vec<KeyValue> {
 }
 
 /// Starts and ends the `fire <queue>` span of a fire being released; returns its context.
+/// Builds nothing while no exporter is installed (the span would go nowhere).
 pub(crate) fn fire_released(fire: &FireRecord, job: &Job) -> Option<TraceContext> {
+    if !super::traces_enabled() {
+        return None;
+    }
     let tracer = global::tracer(TRACER_NAME);
     let links = job
         .status
@@ -85,16 +89,24 @@ pub(crate) fn fire_released(fire: &FireRecord, job: &Job) -> Option<TraceContext
 }
 
 /// A finished child span of the fire's span: one step of its delivery.
-pub(crate) fn fire_step(fire: &FireRecord, name: String, kind: SpanKind, extra: Vec<KeyValue>) {
+pub(crate) fn fire_step(
+    fire: &FireRecord,
+    name: std::fmt::Arguments<'_>,
+    kind: SpanKind,
+    extra: Vec<KeyValue>,
+) {
     let Some(trace) = &fire.trace else {
         return;
     };
+    if !super::traces_enabled() {
+        return;
+    }
     let parent = Context::new().with_remote_span_context(span_context_of(trace));
     let tracer = global::tracer(TRACER_NAME);
     let mut attributes = fire_attributes(fire);
     attributes.extend(extra);
     let _span = tracer
-        .span_builder(name)
+        .span_builder(name.to_string())
         .with_kind(kind)
         .with_attributes(attributes)
         .start_with_context(&tracer, &parent);
