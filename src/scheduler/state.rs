@@ -18,6 +18,7 @@ use std::task::{Poll, Waker};
 use tracing::error;
 
 use super::clock::Clock;
+use super::writer::Pending;
 use crate::domain::{FireRecord, Job, JobId, JobSpec, JobState, Micros, Timestamp};
 use crate::store::Snapshot;
 
@@ -130,6 +131,9 @@ pub(crate) struct State {
     /// Set while the timer loop holds work it took from the indexes and has not finished
     /// handing to the writer (see `Scheduler::settle`).
     pub timer_busy: bool,
+    /// Batches the writer decided that are not yet committed and applied, oldest first (see
+    /// the writer's pipeline).
+    pub pending: VecDeque<Arc<Pending>>,
 }
 
 impl State {
@@ -153,6 +157,7 @@ impl State {
             timer_dirty: false,
             wakers: Vec::new(),
             timer_busy: false,
+            pending: VecDeque::new(),
         }
     }
 

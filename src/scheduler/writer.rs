@@ -1,12 +1,18 @@
 //! The writer: the one place where durable state changes.
 //!
 //! Every change (Schedule, Cancel, Pause, Resume, a job advancing past its occurrences, an ack, a
-//! redelivery) is an [`Op`] sent to one thread. The thread drains whatever ops are waiting,
-//! decides each against memory plus the changes already decided in this batch, commits all of
-//! them in one store transaction (one fsync: group commit), then applies them to memory and
-//! answers each caller. Because applying happens here and not in the caller, a caller that goes
-//! away mid-call (a cancelled RPC) cannot leave a change half-applied: it is either committed
-//! and applied, or not committed at all.
+//! redelivery) is an [`Op`] sent to one thread. The thread drains whatever ops are waiting and
+//! decides each against memory plus the changes already decided and not yet applied; a second
+//! thread commits the batch in one store transaction (one fsync: group commit), then applies it
+//! to memory and answers each caller. Because applying happens there and not in the caller, a
+//! caller that goes away mid-call (a cancelled RPC) cannot leave a change half-applied: it is
+//! either committed and applied, or not committed at all.
+//!
+//! The two threads form a pipeline: batch n+1 is decided while batch n is being committed. What
+//! batch n decided is visible to later decisions through its [`Pending`] record (kept in the
+//! state until n is applied), never through memory, which shows only committed changes. A
+//! batch decided while a batch it may build on was pending is not committed if that one's
+//! commit fails: its callers are told the change was not stored, as for a failed commit.
 //!
 //! A fire is born here: [`decide_advance`] writes the job's new status and the fire's record in
 //! the same transaction, so a crash can never lose an occurrence.
@@ -123,6 +129,24 @@ pub(crate) enum Op {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
+    /// From the commit thread: it is done with the batch it had and takes the next.
+    CommitterFree,
+}
+
+/// What a batch decided that later batches must see while it is being committed: the jobs as
+/// it leaves them, the jobs it deletes, the fires it releases (by job), the fires whose acks it
+/// writes, and how it changes the fires outstanding per queue.
+/// Kept in [`State::pending`] from the moment the batch is handed to the committer until it is
+/// applied or rolled back, under the same lock as memory, so that a decision sees each change
+/// exactly once: in here or in memory.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    seq: u64,
+    jobs: FastMap<JobId, Job>,
+    deleted: FastSet<JobId>,
+    new_fires: FastMap<JobId, Vec<String>>,
+    acked: FastSet<String>,
+    queue_delta: FastMap<String, i64>,
 }
 
 /// What to do to memory once a batch is committed.
@@ -167,13 +191,16 @@ type BatchOutcome = Result<Vec<JobId>, SchedulerError>;
 struct Batch {
     writes: Vec<Write>,
     jobs: FastMap<JobId, Job>,
+    /// Fires this batch releases, by job (a delete later in the batch, or in a batch decided
+    /// while this one is pending, deletes them too).
+    new_fires: FastMap<JobId, Vec<String>>,
+    /// How this batch changes the fires outstanding per queue (released: +1; acked, dropped
+    /// or deleted: -1; dead-lettered: -1 on its queue, +1 on the dead-letter queue).
+    queue_delta: FastMap<String, i64>,
     effects: Vec<Effect>,
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
     batch_replies: Vec<(Reply<Vec<Job>>, BatchOutcome)>,
     count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
-    /// Fires outstanding per queue as this batch leaves them (memory's count when the batch
-    /// first looked, plus the fires it released).
-    queue_fires: FastMap<String, usize>,
     /// Jobs deleted in this batch (a later op in it sees them gone).
     deleted: FastSet<JobId>,
     /// When the batch is decided; finish times are stamped with it.
@@ -187,8 +214,9 @@ struct Batch {
 }
 
 impl Batch {
-    /// The job as this batch leaves it: from the batch, else from memory (locked only for the
-    /// clone; memory's durable parts change only in this thread, so the copy stays valid).
+    /// The job as this batch leaves it: from the batch, else from the batches still being
+    /// committed (newest first), else from memory (locked only for the clone; memory's durable
+    /// parts change only through this pipeline, so the copy stays valid).
     fn job(&self, inner: &Inner, id: &str) -> Option<Job> {
         if let Some(job) = self.jobs.get(id) {
             return Some(job.clone());
@@ -196,7 +224,50 @@ impl Batch {
         if self.deleted.contains(id) {
             return None;
         }
-        inner.lock().jobs.get(id).map(|e| e.job.clone())
+        let state = inner.lock();
+        for pending in state.pending.iter().rev() {
+            if let Some(job) = pending.jobs.get(id) {
+                return Some(job.clone());
+            }
+            if pending.deleted.contains(id) {
+                return None;
+            }
+        }
+        state.jobs.get(id).map(|e| e.job.clone())
+    }
+
+    /// Hands what this batch decided over to its [`Pending`] record.
+    fn pending(&mut self, seq: u64) -> Pending {
+        Pending {
+            seq,
+            jobs: std::mem::take(&mut self.jobs),
+            deleted: std::mem::take(&mut self.deleted),
+            new_fires: std::mem::take(&mut self.new_fires),
+            acked: std::mem::take(&mut self.acked),
+            queue_delta: std::mem::take(&mut self.queue_delta),
+        }
+    }
+
+    fn count(&mut self, queue: &str, delta: i64) {
+        match self.queue_delta.get_mut(queue) {
+            Some(n) => *n += delta,
+            None => {
+                self.queue_delta.insert(queue.to_string(), delta);
+            }
+        }
+    }
+
+    /// Fires outstanding on `queue` as this batch leaves it: memory's count, changed by the
+    /// batches still being committed and by this one.
+    fn outstanding(&self, inner: &Inner, queue: &str) -> usize {
+        let state = inner.lock();
+        let changed: i64 = state
+            .pending
+            .iter()
+            .filter_map(|p| p.queue_delta.get(queue))
+            .chain(self.queue_delta.get(queue))
+            .sum();
+        usize::try_from((i64::from(state.queue_fires(queue)) + changed).max(0)).unwrap_or(0)
     }
 
     fn put_job(&mut self, mut job: Job, spec_too: bool) {
@@ -215,44 +286,156 @@ impl Batch {
     }
 }
 
-/// Runs the writer until a `Shutdown` op or until every sender is gone.
+/// A decided batch on its way to the committer.
+struct Decided {
+    batch: Batch,
+    pending: Arc<Pending>,
+    /// The oldest batch still pending when this one was decided: if that one, or any after
+    /// it, fails to commit, this one is not committed either.
+    builds_on: Option<u64>,
+    probe: bool,
+    flushes: Vec<oneshot::Sender<()>>,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+/// The batch being decided: ops go into it until the commit thread is free to take it.
+struct Open {
+    batch: Batch,
+    ops: usize,
+    builds_on: Option<u64>,
+    probe: bool,
+    flushes: Vec<oneshot::Sender<()>>,
+    stops: Vec<oneshot::Sender<()>>,
+}
+
+impl Open {
+    fn new(inner: &Inner) -> Open {
+        Open {
+            batch: Batch {
+                now: inner.clock.now(),
+                ..Batch::default()
+            },
+            ops: 0,
+            builds_on: inner.lock().pending.front().map(|p| p.seq),
+            probe: false,
+            flushes: Vec::new(),
+            stops: Vec::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ops == 0 && !self.probe && self.flushes.is_empty() && self.stops.is_empty()
+    }
+}
+
+/// Runs the writer until a `Shutdown` op: decides ops here, and commits them on a thread of
+/// its own. Ops that arrive while a batch is being committed are decided into the next batch
+/// at once, and that batch is handed over the moment the commit thread is free (it says so
+/// with [`Op::CommitterFree`]): group commit, with deciding overlapped with committing.
 pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
-    let mut failures: u32 = 0;
+    // Holds a batch handed over while another commits (only a full batch or a shutdown is
+    // handed over to a busy commit thread).
+    let (to_commit, decided) = std::sync::mpsc::sync_channel::<Decided>(1);
+    let committer_inner = inner.clone();
+    let committer = match std::thread::Builder::new()
+        .name("tickd-commit".into())
+        .spawn(move || {
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commit_loop(&committer_inner, decided)
+            }));
+            if let Err(panic) = ran {
+                committer_inner.fail(&format!(
+                    "the writer thread panicked: {}",
+                    super::panic_message(&*panic)
+                ));
+            }
+        }) {
+        Ok(handle) => handle,
+        Err(e) => {
+            inner.fail(&format!("cannot start the commit thread: {e}"));
+            return;
+        }
+    };
+    let mut seq: u64 = 0;
+    let mut committer_free = true;
+    let mut open: Option<Open> = None;
     while let Some(first) = rx.blocking_recv() {
-        let mut ops = vec![first];
-        while ops.len() < MAX_OPS_PER_BATCH {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(op) = next.take() {
+            taken += 1;
+            match op {
+                Op::CommitterFree => committer_free = true,
+                op => {
+                    let open = open.get_or_insert_with(|| Open::new(&inner));
+                    match op {
+                        Op::Probe => open.probe = true,
+                        Op::Shutdown { reply } => open.stops.push(reply),
+                        Op::Flush { reply } => open.flushes.push(reply),
+                        op => {
+                            open.ops += 1;
+                            let now = inner.clock.now();
+                            open.batch.now = now;
+                            decide(&inner, &mut open.batch, op, now);
+                            inner
+                                .ops_decided
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+            if taken < MAX_OPS_PER_BATCH {
+                next = rx.try_recv().ok();
             }
         }
-        let mut stops = Vec::new();
-        let mut flushes = Vec::new();
-        let mut probe = false;
-        let ops: Vec<Op> = ops
-            .into_iter()
-            .filter_map(|op| match op {
-                Op::Probe => {
-                    probe = true;
-                    None
-                }
-                Op::Shutdown { reply } => {
-                    stops.push(reply);
-                    None
-                }
-                Op::Flush { reply } => {
-                    flushes.push(reply);
-                    None
-                }
-                op => Some(op),
-            })
-            .collect();
-        if !ops.is_empty() || probe {
-            if process(&inner, ops, probe) {
+        let Some(ready) = open.take_if(|o| {
+            !o.is_empty() && (committer_free || o.ops >= MAX_OPS_PER_BATCH || !o.stops.is_empty())
+        }) else {
+            continue;
+        };
+        seq += 1;
+        let mut batch = ready.batch;
+        let pending = Arc::new(batch.pending(seq));
+        inner.lock().pending.push_back(pending.clone());
+        let stopping = !ready.stops.is_empty();
+        committer_free = false;
+        let handed = to_commit.send(Decided {
+            batch,
+            pending,
+            builds_on: ready.builds_on,
+            probe: ready.probe,
+            flushes: ready.flushes,
+            stops: ready.stops,
+        });
+        if handed.is_err() || stopping {
+            break;
+        }
+    }
+    drop(to_commit);
+    // A panic in the commit thread already failed the core.
+    let _ = committer.join();
+    debug!("writer stopped");
+}
+
+/// Commits and applies decided batches in order until the writer stops or a batch carries a
+/// shutdown.
+fn commit_loop(inner: &Inner, decided: std::sync::mpsc::Receiver<Decided>) {
+    let mut failures: u32 = 0;
+    // The last batch whose commit failed (or was refused because one before it failed).
+    let mut last_failed: u64 = 0;
+    for d in decided {
+        let seq = d.pending.seq;
+        let doomed = d.builds_on.is_some_and(|first| last_failed >= first);
+        let has_writes = !d.batch.writes.is_empty() || d.probe;
+        if commit_and_apply(inner, d.batch, &d.pending, d.probe, doomed) {
+            if has_writes {
                 failures = 0;
-            } else {
+            }
+        } else {
+            last_failed = seq;
+            if !doomed {
                 // Back off so that a broken disk is not hammered; calls that arrive meanwhile
-                // wait and are tried with the next batch.
+                // wait and are tried with a later batch.
                 let pause = RETRY_AFTER_FAILED_COMMIT
                     .saturating_mul(1 << failures.min(8))
                     .min(MAX_RETRY_AFTER_FAILED_COMMIT);
@@ -260,33 +443,34 @@ pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
                 std::thread::sleep(pause);
             }
         }
-        for reply in flushes {
+        for reply in d.flushes {
             let _ = reply.send(());
         }
-        if !stops.is_empty() {
-            for reply in stops {
+        if !d.stops.is_empty() {
+            for reply in d.stops {
                 let _ = reply.send(());
             }
             break;
         }
+        // The writer hands over what it decided meanwhile.
+        let _ = inner.send(Op::CommitterFree);
     }
-    debug!("writer stopped");
 }
 
-/// Decides, commits and applies one batch of ops; false when the commit failed.
-fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
-    // Deciding runs without holding the state lock (misfire arithmetic can be slow); it takes
-    // the lock only to copy what it reads.
-    let now = inner.clock.now();
-    let mut batch = Batch {
-        now,
-        ..Batch::default()
-    };
-    for op in ops {
-        decide(inner, &mut batch, op, now);
-    }
-
-    let result = if batch.writes.is_empty() && !probe {
+/// Commits and applies one decided batch (or, when `doomed`, refuses it: a batch it builds
+/// on was not stored); false when it was not stored.
+fn commit_and_apply(
+    inner: &Inner,
+    batch: Batch,
+    pending: &Pending,
+    probe: bool,
+    doomed: bool,
+) -> bool {
+    let result = if doomed {
+        Err(crate::store::StoreError::Io(
+            "a change decided before it was not stored".into(),
+        ))
+    } else if batch.writes.is_empty() && !probe {
         Ok(())
     } else {
         let started = std::time::Instant::now();
@@ -302,8 +486,18 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
 
     let (replies, batch_answers, events) = inner.mutate(|state| {
         let mut events = Vec::new();
+        // This batch's changes are in memory from here on (or were never made).
+        if state.pending.front().is_some_and(|p| p.seq == pending.seq) {
+            state.pending.pop_front();
+        } else {
+            error!(
+                batch = pending.seq,
+                "writer pipeline out of order: a batch is applied that is not the oldest pending"
+            );
+            state.pending.retain(|p| p.seq != pending.seq);
+        }
         match &result {
-            Ok(()) => events = apply(inner, state, &batch.jobs, batch.effects),
+            Ok(()) => events = apply(inner, state, &pending.jobs, batch.effects),
             Err(e) => {
                 error!(error = %e, writes = batch.writes.len(), "store commit failed; the batch's changes were not made");
                 for effect in batch.effects {
@@ -381,9 +575,9 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
     if result.is_err() {
         // Acked fires stay acked in memory; their deletion is retried until the store takes
         // it, so memory and store agree again.
-        if !batch.acked.is_empty() {
+        if !pending.acked.is_empty() {
             let _ = inner.ops.send(Op::Ack {
-                fire_ids: batch.acked.into_iter().collect(),
+                fire_ids: pending.acked.iter().cloned().collect(),
                 reply: None,
             });
         }
@@ -541,21 +735,28 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             batch.unit_replies.push(reply);
         }
         Op::Ack { fire_ids, reply } => {
-            let acked: Vec<String> = {
+            let acked: Vec<(String, String)> = {
                 let state = inner.lock();
                 fire_ids
                     .into_iter()
-                    .filter(|id| {
-                        state
+                    .filter_map(|id| {
+                        let fire = state
                             .fires
-                            .get(id)
-                            .is_some_and(|f| f.status == FireStatus::Acked)
+                            .get(&id)
+                            .filter(|f| f.status == FireStatus::Acked)?;
+                        // Already being deleted by a batch still being committed.
+                        if state.pending.iter().any(|p| p.acked.contains(&id)) {
+                            return None;
+                        }
+                        let queue = fire.rec.queue.clone();
+                        Some((id, queue))
                     })
                     .collect()
             };
-            for id in acked {
+            for (id, queue) in acked {
                 // The same id may come from a stream ack, a unary ack and a retry at once.
                 if batch.acked.insert(id.clone()) {
+                    batch.count(&queue, -1);
                     batch.writes.push(Write::DeleteFire(id.clone()));
                     batch.effects.push(Effect::FireDeleted(id));
                 }
@@ -565,8 +766,8 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             }
         }
         Op::Redeliver { fire_id, why } => decide_redelivery(inner, batch, fire_id, why, now),
-        // Filtered out by `run` before deciding.
-        Op::Probe | Op::Flush { .. } | Op::Shutdown { .. } => {}
+        // Taken by `run` before deciding.
+        Op::Probe | Op::Flush { .. } | Op::Shutdown { .. } | Op::CommitterFree => {}
     }
 }
 
@@ -594,9 +795,32 @@ fn decide_delete(inner: &Inner, batch: &mut Batch, id: &str) -> Result<u32, Sche
         return Err(SchedulerError::NotFound(id.to_string()));
     };
     let id = job.spec.id.clone();
-    let fires = inner.lock().fires_of(&id);
-    delete_job(batch, id, fires.clone());
-    Ok(u32::try_from(fires.len()).unwrap_or(u32::MAX))
+    let fires: Vec<(String, String)> = {
+        let state = inner.lock();
+        let mut fires: Vec<(String, String)> = state
+            .fires_of(&id)
+            .into_iter()
+            .filter_map(|f| {
+                let queue = state.fires.get(&f)?.rec.queue.clone();
+                Some((f, queue))
+            })
+            .collect();
+        // Fires released by batches still being committed are not in memory yet.
+        for pending in &state.pending {
+            fires.extend(
+                pending
+                    .new_fires
+                    .get(&id)
+                    .into_iter()
+                    .flatten()
+                    .map(|f| (f.clone(), job.spec.queue.clone())),
+            );
+        }
+        fires
+    };
+    let count = fires.len();
+    delete_job(batch, id, fires);
+    Ok(u32::try_from(count).unwrap_or(u32::MAX))
 }
 
 /// Deletes a finished job whose retention ended, unless a fire of it is still outstanding.
@@ -607,7 +831,11 @@ fn decide_retire(inner: &Inner, batch: &mut Batch, id: JobId) {
     if !job.status.state.is_final() {
         return;
     }
-    let outstanding = inner.lock().fires_per_job.get(&id).is_some_and(|n| *n > 0);
+    let outstanding = {
+        let state = inner.lock();
+        state.fires_per_job.get(&id).is_some_and(|n| *n > 0)
+            || state.pending.iter().any(|p| p.new_fires.contains_key(&id))
+    };
     if outstanding {
         batch.effects.push(Effect::RetireLater(id));
         return;
@@ -616,18 +844,29 @@ fn decide_retire(inner: &Inner, batch: &mut Batch, id: JobId) {
     delete_job(batch, id, Vec::new());
 }
 
-fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<String>) {
-    for fire_id in &fires {
+/// Deletes a job and its outstanding `fires` (id and queue of each).
+fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<(String, String)>) {
+    let mut ids = Vec::with_capacity(fires.len());
+    for (fire_id, queue) in fires {
+        batch.count(&queue, -1);
         batch.writes.push(Write::DeleteFire(fire_id.clone()));
+        ids.push(fire_id);
     }
+    let fires = ids;
     // Fires this same batch released for the job (it fell due beside the delete) go too.
+    let mut released = Vec::new();
     batch.effects.retain(|effect| match effect {
         Effect::NewFire(rec) if rec.job_id == id => {
-            batch.writes.push(Write::DeleteFire(rec.fire_id.clone()));
+            released.push((rec.fire_id.clone(), rec.queue.clone()));
             false
         }
         _ => true,
     });
+    for (fire_id, queue) in released {
+        batch.count(&queue, -1);
+        batch.writes.push(Write::DeleteFire(fire_id));
+    }
+    batch.new_fires.remove(&id);
     batch.writes.push(Write::DeleteJob(id.clone()));
     batch.jobs.remove(&id);
     batch.deleted.insert(id.clone());
@@ -651,11 +890,7 @@ fn decide_advance(
         return;
     }
     let queue = job.spec.queue.clone();
-    // Memory's count is read once per queue and batch; fires this batch adds are counted on top.
-    let outstanding = *batch
-        .queue_fires
-        .entry(queue.clone())
-        .or_insert_with(|| inner.lock().queue_fires(&queue) as usize);
+    let outstanding = batch.outstanding(inner, &queue);
     let room = inner.config.max_queue_backlog.saturating_sub(outstanding);
     let plan = advance_with_room(&job, now, inner.config.max_catch_up_fires, room);
     if plan.status == job.status {
@@ -696,7 +931,9 @@ fn decide_advance(
             reason: SkipReason::BacklogFull,
         });
     }
-    *batch.queue_fires.entry(queue).or_default() += plan.fires.len();
+    if !plan.fires.is_empty() {
+        batch.count(&queue, i64::try_from(plan.fires.len()).unwrap_or(i64::MAX));
+    }
     for occurrence in &plan.fires {
         let mut rec = FireRecord {
             fire_id: fire_id(&id, *occurrence),
@@ -710,6 +947,11 @@ fn decide_advance(
             trace: None,
         };
         rec.trace = inner.config.observer.fire_released(&rec, &job);
+        batch
+            .new_fires
+            .entry(id.clone())
+            .or_default()
+            .push(rec.fire_id.clone());
         batch.writes.push(Write::PutFire(rec.clone()));
         batch.effects.push(Effect::NewFire(rec));
     }
@@ -754,6 +996,8 @@ fn decide_redelivery(
         AfterAttempt::DeadLetter { queue } => {
             batch.redelivered.push((fire_id.clone(), None));
             let from_queue = std::mem::replace(&mut rec.queue, queue);
+            batch.count(&from_queue, -1);
+            batch.count(&rec.queue, 1);
             rec.attempt = 1;
             rec.not_before = None;
             rec.dead_lettered = true;
@@ -766,6 +1010,7 @@ fn decide_redelivery(
             return;
         }
         AfterAttempt::Drop => {
+            batch.count(&rec.queue, -1);
             batch.redelivered.push((fire_id.clone(), None));
             batch.writes.push(Write::DeleteFire(fire_id));
             batch.effects.push(Effect::FireDropped(rec));
