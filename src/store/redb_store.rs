@@ -21,8 +21,10 @@ const STATUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_statuse
 const FIRES: TableDefinition<&str, &[u8]> = TableDefinition::new("fires");
 
 /// Page cache of the store. tickd reads the store once, at start-up, so the cache mostly
-/// holds pages written recently; a small one is enough.
-pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// holds pages written recently; a small one is enough (16 MiB instead of 64: 48 bytes less
+/// resident per job at a million jobs, commits no slower; the kernel's page cache keeps what
+/// it drops).
+pub const DEFAULT_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// The file name inside the data directory.
 pub const DB_FILE_NAME: &str = "tickd.redb";
