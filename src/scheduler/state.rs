@@ -226,34 +226,45 @@ impl State {
         state
     }
 
-    /// Stores a new or changed job, keeps the counts by state, and re-arms its timer.
+    /// Stores a new or changed job, keeps the counts by state, and re-arms its timer and its
+    /// deletion (one lookup of the job).
     pub fn put_job(&mut self, job: Job) {
         let id = job.spec.id.clone();
         *self.job_counts.entry(job.status.state).or_default() += 1;
-        match self.jobs.get_mut(&id) {
-            Some(entry) => {
+        let want_timer = job.next_due();
+        let want_expiry = self.expiry_of(&job);
+        let entry = match self.jobs.entry(id.clone()) {
+            std::collections::btree_map::Entry::Occupied(occupied) => {
+                let entry = occupied.into_mut();
                 let old = std::mem::replace(&mut entry.job, job);
                 if let Some(n) = self.job_counts.get_mut(&old.status.state) {
                     *n = n.saturating_sub(1);
                 }
+                entry
             }
-            None => {
-                self.by_queue
-                    .entry(job.spec.queue.clone())
-                    .or_default()
-                    .insert(id.clone());
-                self.jobs.insert(
-                    id.clone(),
-                    JobEntry {
-                        job,
-                        timer: None,
-                        expiry: None,
-                    },
-                );
+            std::collections::btree_map::Entry::Vacant(vacant) => {
+                match self.by_queue.get_mut(job.spec.queue.as_str()) {
+                    Some(ids) => {
+                        ids.insert(id.clone());
+                    }
+                    None => {
+                        self.by_queue
+                            .insert(job.spec.queue.clone(), BTreeSet::from([id.clone()]));
+                    }
+                }
+                vacant.insert(JobEntry {
+                    job,
+                    timer: None,
+                    expiry: None,
+                })
             }
+        };
+        if rekey(&mut self.timers, &mut entry.timer, &id, want_timer) {
+            self.timer_dirty = true;
         }
-        self.sync_timer(&id);
-        self.sync_expiry(&id);
+        if rekey(&mut self.expiries, &mut entry.expiry, &id, want_expiry) {
+            self.timer_dirty = true;
+        }
     }
 
     /// Takes a deleted job out of memory: its entry, its timer, its expiry and its count.
@@ -288,15 +299,6 @@ impl State {
                 .unwrap_or_else(|| self.clock.now())
                 .plus(self.retention)
         })
-    }
-
-    /// Puts a job in `expiries` at its deletion time when it is finished, absent otherwise.
-    fn sync_expiry(&mut self, id: &JobId) {
-        let Some(entry) = self.jobs.get(id) else {
-            return;
-        };
-        let want = self.expiry_of(&entry.job);
-        self.set_expiry(id, want);
     }
 
     /// Moves a job's deletion to `at` (none: not to be deleted).
