@@ -1,7 +1,7 @@
 //! The core on the embedded store: one process owns its store, holds every job and
 //! outstanding fire in memory ([`state`](super::state)), commits through the writer (one
-//! thread deciding, one committing: group commit, pipelined) and wakes one timer task when
-//! something is due. Memory is changed only after
+//! thread deciding, one committing and applying: group commit, pipelined) and wakes one timer
+//! task when something is due. Memory is changed only after
 //! the store has the change, and can always be rebuilt from it.
 
 use std::collections::BTreeMap;
