@@ -424,7 +424,7 @@ fn trigger(v: &mut Violations, t: Option<&pb::Trigger>, now: Timestamp) -> Optio
                 return None;
             };
             let rec = Recurrence::Cron {
-                cron: Box::new(cron),
+                cron: std::sync::Arc::new(cron),
                 tz,
             };
             if rec.next_after(now).is_none() {

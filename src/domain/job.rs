@@ -97,7 +97,9 @@ pub struct JobStatus {
 #[derive(Debug, Clone)]
 pub struct Job {
     pub spec: Arc<JobSpec>,
-    pub recurrence: Arc<Recurrence>,
+    /// Inline, not behind an `Arc` of its own: a one-shot or interval job's recurrence is two
+    /// numbers, and an allocation per job cost 48 bytes (a cron schedule is shared inside).
+    pub recurrence: Recurrence,
     pub status: JobStatus,
 }
 
@@ -124,7 +126,7 @@ impl Job {
         };
         Ok(Job {
             spec: Arc::new(spec),
-            recurrence: Arc::new(recurrence),
+            recurrence,
             status,
         })
     }
@@ -134,7 +136,7 @@ impl Job {
         let recurrence = Recurrence::resolve(&spec.trigger, status.create_time)?;
         Ok(Job {
             spec,
-            recurrence: Arc::new(recurrence),
+            recurrence,
             status,
         })
     }

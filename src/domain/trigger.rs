@@ -7,6 +7,7 @@
 //! reads a clock.
 
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::TimeZone;
 use chrono_tz::Tz;
@@ -60,7 +61,8 @@ pub enum TriggerError {
 pub enum Recurrence {
     Once(Timestamp),
     Every { start: Timestamp, period: Micros },
-    Cron { cron: Box<Cron>, tz: Tz },
+    /// Shared, so that cloning a job (the writer does, per change) does not copy the schedule.
+    Cron { cron: Arc<Cron>, tz: Tz },
 }
 
 /// How far [`Recurrence::count_between`] walks a cron schedule before it stops counting.
@@ -105,7 +107,7 @@ impl Recurrence {
                 expression,
                 time_zone,
             } => Recurrence::Cron {
-                cron: Box::new(parse_cron(expression)?),
+                cron: Arc::new(parse_cron(expression)?),
                 tz: parse_time_zone(time_zone)?,
             },
         })
