@@ -60,9 +60,15 @@ pub enum TriggerError {
 #[derive(Debug, Clone)]
 pub enum Recurrence {
     Once(Timestamp),
-    Every { start: Timestamp, period: Micros },
+    Every {
+        start: Timestamp,
+        period: Micros,
+    },
     /// Shared, so that cloning a job (the writer does, per change) does not copy the schedule.
-    Cron { cron: Arc<Cron>, tz: Tz },
+    Cron {
+        cron: Arc<Cron>,
+        tz: Tz,
+    },
 }
 
 /// How far [`Recurrence::count_between`] walks a cron schedule before it stops counting.
