@@ -1,7 +1,6 @@
 //! The core on the embedded store: one process owns its store, holds every job and
-//! outstanding fire in memory ([`state`](super::state)), commits through the writer (one
-//! thread deciding, one committing and applying: group commit, pipelined) and wakes one timer
-//! task when something is due. Memory is changed only after
+//! outstanding fire in memory ([`state`](super::state)), commits through one writer thread
+//! (group commit) and wakes one timer task when something is due. Memory is changed only after
 //! the store has the change, and can always be rebuilt from it.
 
 use std::collections::BTreeMap;
@@ -38,8 +37,6 @@ pub(crate) struct Inner {
     /// Fires dropped after their last attempt with no dead-letter queue.
     pub(super) dropped_fires: AtomicU64,
     pub(super) health: watch::Sender<Health>,
-    /// Ops the writer has decided so far (the pipeline's tests wait on it).
-    pub(super) ops_decided: AtomicU64,
 }
 
 impl Inner {
@@ -148,7 +145,6 @@ impl Embedded {
             stop: watch::Sender::new(false),
             dropped_fires: AtomicU64::new(0),
             health: watch::Sender::new(Health::Serving),
-            ops_decided: AtomicU64::new(0),
         });
         let writer_inner = inner.clone();
         let writer = std::thread::Builder::new()
@@ -540,10 +536,8 @@ impl Embedded {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::JobState;
     use crate::scheduler::ManualClock;
     use crate::store::MemoryStore;
-    use std::sync::atomic::Ordering;
 
     /// A panic while the state lock is held is not shrugged off: the core reports itself
     /// failed (so the process exits and rebuilds memory from the store).
@@ -570,166 +564,6 @@ mod tests {
             "{:?}",
             *health.borrow()
         );
-        core.shutdown().await;
-    }
-
-    /// A store whose commits wait while the gate is held, and fail when told to.
-    #[derive(Debug, Default)]
-    struct GatedStore {
-        inner: MemoryStore,
-        gate: std::sync::Mutex<Gate>,
-        changed: std::sync::Condvar,
-    }
-
-    #[derive(Debug, Default)]
-    struct Gate {
-        held: bool,
-        fail_next: bool,
-        commits: usize,
-        waiting: bool,
-    }
-
-    impl Store for GatedStore {
-        fn load(&self) -> Result<crate::store::Snapshot, crate::store::StoreError> {
-            self.inner.load()
-        }
-
-        fn commit(&self, writes: &[crate::store::Write]) -> Result<(), crate::store::StoreError> {
-            let mut gate = self.gate.lock().expect("gate");
-            gate.commits += 1;
-            gate.waiting = true;
-            self.changed.notify_all();
-            while gate.held {
-                gate = self.changed.wait(gate).expect("gate");
-            }
-            gate.waiting = false;
-            if std::mem::take(&mut gate.fail_next) {
-                return Err(crate::store::StoreError::Io("injected failure".into()));
-            }
-            self.inner.commit(writes)
-        }
-    }
-
-    impl GatedStore {
-        fn set(&self, f: impl FnOnce(&mut Gate)) {
-            f(&mut self.gate.lock().expect("gate"));
-            self.changed.notify_all();
-        }
-
-        fn read<R>(&self, f: impl FnOnce(&Gate) -> R) -> R {
-            f(&self.gate.lock().expect("gate"))
-        }
-    }
-
-    /// Polls `cond` every millisecond, for 10 s at most.
-    async fn until(what: &str, cond: impl Fn() -> bool) {
-        for _ in 0..10_000 {
-            if cond() {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        panic!("timed out waiting for {what}");
-    }
-
-    /// Starts a core on a held gate, schedules job `a` (its commit waits at the gate), then
-    /// cancels it: the cancel is decided against the pending schedule while that is being
-    /// committed. Answers the core and both calls, the gate still held.
-    async fn schedule_then_cancel_while_committing(
-        store: Arc<GatedStore>,
-    ) -> (
-        Arc<Embedded>,
-        tokio::task::JoinHandle<Result<Job, SchedulerError>>,
-        tokio::task::JoinHandle<Result<Job, SchedulerError>>,
-    ) {
-        let core = Arc::new(
-            Embedded::start(
-                store.clone(),
-                Arc::new(ManualClock::new(Timestamp(0))),
-                SchedulerConfig::default(),
-            )
-            .await
-            .expect("start"),
-        );
-        store.set(|g| g.held = true);
-        let job = Job::create(crate::store::contract::spec("a"), Timestamp(0)).expect("job");
-        let scheduling = tokio::spawn({
-            let core = core.clone();
-            async move { core.schedule(job).await }
-        });
-        until("the schedule's commit", || store.read(|g| g.waiting)).await;
-        let decided = core.inner.ops_decided.load(Ordering::SeqCst);
-        let cancelling = tokio::spawn({
-            let core = core.clone();
-            async move { core.transition("a", Transition::Cancel).await }
-        });
-        until("the cancel decided while the schedule commits", || {
-            core.inner.ops_decided.load(Ordering::SeqCst) > decided
-        })
-        .await;
-        assert_eq!(
-            core.inner.lock().pending.len(),
-            1,
-            "the schedule is pending"
-        );
-        // Memory shows only what is committed.
-        assert!(matches!(core.get("a"), Err(SchedulerError::NotFound(_))));
-        (core, scheduling, cancelling)
-    }
-
-    /// The writer decides a batch while the one before it is being committed, and sees what
-    /// that one decided: a cancel of a job whose schedule is still being committed finds it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batch_is_decided_on_the_one_being_committed() {
-        let store = Arc::new(GatedStore::default());
-        let (core, scheduling, cancelling) =
-            schedule_then_cancel_while_committing(store.clone()).await;
-        store.set(|g| g.held = false);
-        let scheduled = scheduling.await.expect("task").expect("scheduled");
-        assert_eq!(scheduled.status.state, JobState::Scheduled);
-        let cancelled = cancelling.await.expect("task").expect("cancelled");
-        assert_eq!(cancelled.status.state, JobState::Cancelled);
-        let stored = store.inner.load().expect("load");
-        assert_eq!(stored.jobs.len(), 1);
-        assert_eq!(stored.jobs[0].1.state, JobState::Cancelled);
-        assert!(core.inner.lock().pending.is_empty());
-        core.shutdown().await;
-    }
-
-    /// A batch decided on one whose commit then fails is not committed either: its callers
-    /// are told their change was not stored, and the store never sees it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_batch_built_on_a_failed_commit_is_not_committed() {
-        let store = Arc::new(GatedStore::default());
-        let (core, scheduling, cancelling) =
-            schedule_then_cancel_while_committing(store.clone()).await;
-        store.set(|g| {
-            g.fail_next = true;
-            g.held = false;
-        });
-        let refused = scheduling.await.expect("task").expect_err("not stored");
-        assert!(
-            matches!(refused, SchedulerError::Unavailable(_)),
-            "{refused:?}"
-        );
-        let refused = cancelling.await.expect("task").expect_err("not stored");
-        assert!(
-            matches!(refused, SchedulerError::Unavailable(_)),
-            "{refused:?}"
-        );
-        // Only the failed commit reached the store (one more commit is the core's probe at
-        // most, which writes nothing).
-        assert!(store.inner.load().expect("load").jobs.is_empty());
-        assert!(matches!(core.get("a"), Err(SchedulerError::NotFound(_))));
-        assert!(core.inner.lock().pending.is_empty());
-        // The store works again: the same calls now succeed.
-        let job = Job::create(crate::store::contract::spec("a"), Timestamp(0)).expect("job");
-        core.schedule(job).await.expect("scheduled");
-        let cancelled = core
-            .transition("a", Transition::Cancel)
-            .await
-            .expect("cancelled");
-        assert_eq!(cancelled.status.state, JobState::Cancelled);
         core.shutdown().await;
     }
 }

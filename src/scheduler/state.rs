@@ -18,7 +18,6 @@ use std::task::{Poll, Waker};
 use tracing::error;
 
 use super::clock::Clock;
-use super::writer::Pending;
 use crate::domain::{FireRecord, Job, JobId, JobSpec, JobState, Micros, Timestamp};
 use crate::store::Snapshot;
 
@@ -133,9 +132,6 @@ pub(crate) struct State {
     /// Set while the timer loop holds work it took from the indexes and has not finished
     /// handing to the writer (see `Scheduler::settle`).
     pub timer_busy: bool,
-    /// Batches the writer decided that are not yet committed and applied, oldest first (see
-    /// the writer's pipeline).
-    pub pending: VecDeque<Arc<Pending>>,
 }
 
 impl State {
@@ -159,7 +155,6 @@ impl State {
             timer_dirty: false,
             wakers: Vec::new(),
             timer_busy: false,
-            pending: VecDeque::new(),
         }
     }
 

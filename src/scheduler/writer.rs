@@ -1,21 +1,12 @@
 //! The writer: the one place where durable state changes.
 //!
 //! Every change (Schedule, Cancel, Pause, Resume, a job advancing past its occurrences, an ack, a
-//! redelivery) is an [`Op`] sent to one thread, which decides each against memory plus the
-//! changes already decided and not yet applied, into the next batch. A second thread commits
-//! each batch in one store transaction (one fsync: group commit), then applies it to memory and
-//! answers each caller. Because applying happens there and not in the caller, a caller that
-//! goes away mid-call (a cancelled RPC) cannot leave a change half-applied: it is either
-//! committed and applied, or not committed at all.
-//!
-//! The two threads form a pipeline: batch n+1 is decided while batch n is being committed.
-//! What a batch decided is visible to later decisions through its [`Pending`] record (kept in
-//! the state until the batch is applied), never through memory, which shows only committed
-//! changes. A batch that read what a pending batch decided (a job, a deleted job, released
-//! fires) is not committed if that one's commit fails: its callers are told the change was not
-//! stored, as for a failed commit. (A third thread, applying while the next batch commits, was
-//! tried: on two cores it bought nothing measurable — the burst took 1.46–1.51 s with it,
-//! 1.15–1.64 s without — for one more thread to reason about.)
+//! redelivery) is an [`Op`] sent to one thread. The thread drains whatever ops are waiting,
+//! decides each against memory plus the changes already decided in this batch, commits all of
+//! them in one store transaction (one fsync: group commit), then applies them to memory and
+//! answers each caller. Because applying happens here and not in the caller, a caller that goes
+//! away mid-call (a cancelled RPC) cannot leave a change half-applied: it is either committed
+//! and applied, or not committed at all.
 //!
 //! A fire is born here: [`decide_advance`] writes the job's new status and the fire's record in
 //! the same transaction, so a crash can never lose an occurrence.
@@ -132,24 +123,6 @@ pub(crate) enum Op {
     Shutdown {
         reply: oneshot::Sender<()>,
     },
-    /// From the commit thread: it is done with the batch it had and takes the next.
-    CommitterFree,
-}
-
-/// What a batch decided that later batches must see while it is being committed: the jobs as
-/// it leaves them, the jobs it deletes, the fires it releases (by job), the fires whose acks it
-/// writes, and how it changes the fires outstanding per queue.
-/// Kept in [`State::pending`] from the moment the batch is handed to the committer until it is
-/// applied or rolled back, under the same lock as memory, so that a decision sees each change
-/// exactly once: in here or in memory.
-#[derive(Debug, Default)]
-pub(crate) struct Pending {
-    seq: u64,
-    jobs: FastMap<JobId, Job>,
-    deleted: FastSet<JobId>,
-    new_fires: FastMap<JobId, Vec<String>>,
-    acked: FastSet<String>,
-    queue_delta: FastMap<String, i64>,
 }
 
 /// What to do to memory once a batch is committed.
@@ -194,19 +167,13 @@ type BatchOutcome = Result<Vec<JobId>, SchedulerError>;
 struct Batch {
     writes: Vec<Write>,
     jobs: FastMap<JobId, Job>,
-    /// The oldest pending batch a decision of this batch read (a job, a deleted job, released
-    /// fires): if that one or a later one is not stored, neither is this one.
-    depends_on: std::cell::Cell<Option<u64>>,
-    /// Fires this batch releases, by job (a delete later in the batch, or in a batch decided
-    /// while this one is pending, deletes them too).
-    new_fires: FastMap<JobId, Vec<String>>,
-    /// How this batch changes the fires outstanding per queue (released: +1; acked, dropped
-    /// or deleted: -1; dead-lettered: -1 on its queue, +1 on the dead-letter queue).
-    queue_delta: FastMap<String, i64>,
     effects: Vec<Effect>,
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
     batch_replies: Vec<(Reply<Vec<Job>>, BatchOutcome)>,
     count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
+    /// Fires outstanding per queue as this batch leaves them (memory's count when the batch
+    /// first looked, plus the fires it released).
+    queue_fires: FastMap<String, usize>,
     /// Jobs deleted in this batch (a later op in it sees them gone).
     deleted: FastSet<JobId>,
     /// When the batch is decided; finish times are stamped with it.
@@ -220,9 +187,8 @@ struct Batch {
 }
 
 impl Batch {
-    /// The job as this batch leaves it: from the batch, else from the batches still being
-    /// committed (newest first), else from memory (locked only for the clone; memory's durable
-    /// parts change only through this pipeline, so the copy stays valid).
+    /// The job as this batch leaves it: from the batch, else from memory (locked only for the
+    /// clone; memory's durable parts change only in this thread, so the copy stays valid).
     fn job(&self, inner: &Inner, id: &str) -> Option<Job> {
         if let Some(job) = self.jobs.get(id) {
             return Some(job.clone());
@@ -230,58 +196,7 @@ impl Batch {
         if self.deleted.contains(id) {
             return None;
         }
-        let state = inner.lock();
-        for pending in state.pending.iter().rev() {
-            if let Some(job) = pending.jobs.get(id) {
-                self.read_pending(pending.seq);
-                return Some(job.clone());
-            }
-            if pending.deleted.contains(id) {
-                self.read_pending(pending.seq);
-                return None;
-            }
-        }
-        state.jobs.get(id).map(|e| e.job.clone())
-    }
-
-    /// Notes that a decision read what pending batch `seq` decided.
-    fn read_pending(&self, seq: u64) {
-        let first = self.depends_on.get().map_or(seq, |d| d.min(seq));
-        self.depends_on.set(Some(first));
-    }
-
-    /// Hands what this batch decided over to its [`Pending`] record.
-    fn pending(&mut self, seq: u64) -> Pending {
-        Pending {
-            seq,
-            jobs: std::mem::take(&mut self.jobs),
-            deleted: std::mem::take(&mut self.deleted),
-            new_fires: std::mem::take(&mut self.new_fires),
-            acked: std::mem::take(&mut self.acked),
-            queue_delta: std::mem::take(&mut self.queue_delta),
-        }
-    }
-
-    fn count(&mut self, queue: &str, delta: i64) {
-        match self.queue_delta.get_mut(queue) {
-            Some(n) => *n += delta,
-            None => {
-                self.queue_delta.insert(queue.to_string(), delta);
-            }
-        }
-    }
-
-    /// Fires outstanding on `queue` as this batch leaves it: memory's count, changed by the
-    /// batches still being committed and by this one.
-    fn outstanding(&self, inner: &Inner, queue: &str) -> usize {
-        let state = inner.lock();
-        let changed: i64 = state
-            .pending
-            .iter()
-            .filter_map(|p| p.queue_delta.get(queue))
-            .chain(self.queue_delta.get(queue))
-            .sum();
-        usize::try_from((i64::from(state.queue_fires(queue)) + changed).max(0)).unwrap_or(0)
+        inner.lock().jobs.get(id).map(|e| e.job.clone())
     }
 
     fn put_job(&mut self, mut job: Job, spec_too: bool) {
@@ -300,158 +215,44 @@ impl Batch {
     }
 }
 
-/// A decided batch on its way to the committer.
-struct Decided {
-    batch: Batch,
-    pending: Arc<Pending>,
-    /// The oldest pending batch whose decisions this one read: if that one, or any after it,
-    /// fails to commit, this one is not committed either.
-    builds_on: Option<u64>,
-    probe: bool,
-    flushes: Vec<oneshot::Sender<()>>,
-    stops: Vec<oneshot::Sender<()>>,
-}
-
-/// The batch being decided: ops go into it until the commit thread is free to take it.
-struct Open {
-    batch: Batch,
-    ops: usize,
-    probe: bool,
-    flushes: Vec<oneshot::Sender<()>>,
-    stops: Vec<oneshot::Sender<()>>,
-}
-
-impl Open {
-    fn new(inner: &Inner) -> Open {
-        Open {
-            batch: Batch {
-                now: inner.clock.now(),
-                ..Batch::default()
-            },
-            ops: 0,
-            probe: false,
-            flushes: Vec::new(),
-            stops: Vec::new(),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.ops == 0 && !self.probe && self.flushes.is_empty() && self.stops.is_empty()
-    }
-}
-
-/// Runs the writer until a `Shutdown` op: decides ops here, and commits them on a thread of
-/// its own. Ops that arrive while a batch is being committed are decided into the next batch
-/// at once, and that batch is handed over the moment the commit thread is free (it says so
-/// with [`Op::CommitterFree`]): group commit, with deciding overlapped with committing.
+/// Runs the writer until a `Shutdown` op or until every sender is gone.
 pub(crate) fn run(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Op>) {
-    // Holds a batch handed over while another commits (only a full batch or a shutdown is
-    // handed over to a busy commit thread).
-    let (to_commit, decided) = std::sync::mpsc::sync_channel::<Decided>(1);
-    let committer_inner = inner.clone();
-    let committer = match std::thread::Builder::new()
-        .name("tickd-commit".into())
-        .spawn(move || {
-            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                commit_loop(&committer_inner, decided)
-            }));
-            if let Err(panic) = ran {
-                committer_inner.fail(&format!(
-                    "the writer thread panicked: {}",
-                    super::panic_message(&*panic)
-                ));
-            }
-        }) {
-        Ok(handle) => handle,
-        Err(e) => {
-            inner.fail(&format!("cannot start the commit thread: {e}"));
-            return;
-        }
-    };
-    let mut seq: u64 = 0;
-    let mut committer_free = true;
-    let mut open: Option<Open> = None;
-    while let Some(first) = rx.blocking_recv() {
-        let mut next = Some(first);
-        let mut taken = 0;
-        while let Some(op) = next.take() {
-            taken += 1;
-            match op {
-                Op::CommitterFree => committer_free = true,
-                op => {
-                    let open = open.get_or_insert_with(|| Open::new(&inner));
-                    match op {
-                        Op::Probe => open.probe = true,
-                        Op::Shutdown { reply } => open.stops.push(reply),
-                        Op::Flush { reply } => open.flushes.push(reply),
-                        op => {
-                            open.ops += 1;
-                            let now = inner.clock.now();
-                            open.batch.now = now;
-                            decide(&inner, &mut open.batch, op, now);
-                            inner
-                                .ops_decided
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        }
-                    }
-                }
-            }
-            if taken < MAX_OPS_PER_BATCH {
-                next = rx.try_recv().ok();
-            }
-        }
-        let Some(ready) = open.take_if(|o| {
-            !o.is_empty() && (committer_free || o.ops >= MAX_OPS_PER_BATCH || !o.stops.is_empty())
-        }) else {
-            continue;
-        };
-        seq += 1;
-        let mut batch = ready.batch;
-        let pending = Arc::new(batch.pending(seq));
-        inner.lock().pending.push_back(pending.clone());
-        let stopping = !ready.stops.is_empty();
-        committer_free = false;
-        let builds_on = batch.depends_on.get();
-        let handed = to_commit.send(Decided {
-            batch,
-            pending,
-            builds_on,
-            probe: ready.probe,
-            flushes: ready.flushes,
-            stops: ready.stops,
-        });
-        if handed.is_err() || stopping {
-            break;
-        }
-    }
-    drop(to_commit);
-    // A panic in the commit thread already failed the core.
-    let _ = committer.join();
-    debug!("writer stopped");
-}
-
-/// Commits and applies decided batches in order, answering their callers, flushes and
-/// shutdowns, until the writer stops or a batch carries a shutdown.
-fn commit_loop(inner: &Inner, decided: std::sync::mpsc::Receiver<Decided>) {
     let mut failures: u32 = 0;
-    // The last batch whose commit failed (or was refused because one before it failed).
-    let mut last_failed: u64 = 0;
-    for d in decided {
-        let seq = d.pending.seq;
-        let doomed = d.builds_on.is_some_and(|first| last_failed >= first);
-        let has_writes = !d.batch.writes.is_empty() || d.probe;
-        let result = commit(inner, &d.batch, d.probe, doomed);
-        let stored = result.is_ok();
-        apply_batch(inner, d.batch, &d.pending, result);
-        if stored {
-            if has_writes {
-                failures = 0;
+    while let Some(first) = rx.blocking_recv() {
+        let mut ops = vec![first];
+        while ops.len() < MAX_OPS_PER_BATCH {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
             }
-        } else {
-            last_failed = seq;
-            if !doomed {
+        }
+        let mut stops = Vec::new();
+        let mut flushes = Vec::new();
+        let mut probe = false;
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .filter_map(|op| match op {
+                Op::Probe => {
+                    probe = true;
+                    None
+                }
+                Op::Shutdown { reply } => {
+                    stops.push(reply);
+                    None
+                }
+                Op::Flush { reply } => {
+                    flushes.push(reply);
+                    None
+                }
+                op => Some(op),
+            })
+            .collect();
+        if !ops.is_empty() || probe {
+            if process(&inner, ops, probe) {
+                failures = 0;
+            } else {
                 // Back off so that a broken disk is not hammered; calls that arrive meanwhile
-                // wait and are tried with a later batch.
+                // wait and are tried with the next batch.
                 let pause = RETRY_AFTER_FAILED_COMMIT
                     .saturating_mul(1 << failures.min(8))
                     .min(MAX_RETRY_AFTER_FAILED_COMMIT);
@@ -459,33 +260,33 @@ fn commit_loop(inner: &Inner, decided: std::sync::mpsc::Receiver<Decided>) {
                 std::thread::sleep(pause);
             }
         }
-        for reply in d.flushes {
+        for reply in flushes {
             let _ = reply.send(());
         }
-        if !d.stops.is_empty() {
-            for reply in d.stops {
+        if !stops.is_empty() {
+            for reply in stops {
                 let _ = reply.send(());
             }
             break;
         }
-        // The writer hands over what it decided meanwhile.
-        let _ = inner.send(Op::CommitterFree);
     }
+    debug!("writer stopped");
 }
 
-/// Commits one decided batch (or, when `doomed`, refuses it: a batch it builds on was not
-/// stored).
-fn commit(
-    inner: &Inner,
-    batch: &Batch,
-    probe: bool,
-    doomed: bool,
-) -> Result<(), crate::store::StoreError> {
-    if doomed {
-        Err(crate::store::StoreError::Io(
-            "a change decided before it was not stored".into(),
-        ))
-    } else if batch.writes.is_empty() && !probe {
+/// Decides, commits and applies one batch of ops; false when the commit failed.
+fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
+    // Deciding runs without holding the state lock (misfire arithmetic can be slow); it takes
+    // the lock only to copy what it reads.
+    let now = inner.clock.now();
+    let mut batch = Batch {
+        now,
+        ..Batch::default()
+    };
+    for op in ops {
+        decide(inner, &mut batch, op, now);
+    }
+
+    let result = if batch.writes.is_empty() && !probe {
         Ok(())
     } else {
         let started = std::time::Instant::now();
@@ -497,31 +298,12 @@ fn commit(
         );
         inner.set_store_health(result.as_ref().err());
         result
-    }
-}
+    };
 
-/// Applies one committed batch to memory, or rolls back what deciding it took (when `result`
-/// says it was not stored), and answers its callers.
-fn apply_batch(
-    inner: &Inner,
-    batch: Batch,
-    pending: &Pending,
-    result: Result<(), crate::store::StoreError>,
-) {
     let (replies, batch_answers, events) = inner.mutate(|state| {
         let mut events = Vec::new();
-        // This batch's changes are in memory from here on (or were never made).
-        if state.pending.front().is_some_and(|p| p.seq == pending.seq) {
-            state.pending.pop_front();
-        } else {
-            error!(
-                batch = pending.seq,
-                "writer pipeline out of order: a batch is applied that is not the oldest pending"
-            );
-            state.pending.retain(|p| p.seq != pending.seq);
-        }
         match &result {
-            Ok(()) => events = apply(inner, state, &pending.jobs, batch.effects),
+            Ok(()) => events = apply(inner, state, &batch.jobs, batch.effects),
             Err(e) => {
                 error!(error = %e, writes = batch.writes.len(), "store commit failed; the batch's changes were not made");
                 for effect in batch.effects {
@@ -599,13 +381,14 @@ fn apply_batch(
     if result.is_err() {
         // Acked fires stay acked in memory; their deletion is retried until the store takes
         // it, so memory and store agree again.
-        if !pending.acked.is_empty() {
+        if !batch.acked.is_empty() {
             let _ = inner.ops.send(Op::Ack {
-                fire_ids: pending.acked.iter().cloned().collect(),
+                fire_ids: batch.acked.into_iter().collect(),
                 reply: None,
             });
         }
     }
+    result.is_ok()
 }
 
 fn not_stored(e: &crate::store::StoreError) -> SchedulerError {
@@ -758,30 +541,21 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             batch.unit_replies.push(reply);
         }
         Op::Ack { fire_ids, reply } => {
-            let acked: Vec<(String, Option<String>)> = {
+            let acked: Vec<String> = {
                 let state = inner.lock();
                 fire_ids
                     .into_iter()
-                    .filter_map(|id| {
-                        let fire = state
+                    .filter(|id| {
+                        state
                             .fires
-                            .get(&id)
-                            .filter(|f| f.status == FireStatus::Acked)?;
-                        // A batch still being committed may delete it too (a retried ack):
-                        // this batch writes its own delete, so as not to depend on that one,
-                        // but counts it off its queue only once.
-                        let counted = state.pending.iter().any(|p| p.acked.contains(&id));
-                        let queue = (!counted).then(|| fire.rec.queue.clone());
-                        Some((id, queue))
+                            .get(id)
+                            .is_some_and(|f| f.status == FireStatus::Acked)
                     })
                     .collect()
             };
-            for (id, queue) in acked {
+            for id in acked {
                 // The same id may come from a stream ack, a unary ack and a retry at once.
                 if batch.acked.insert(id.clone()) {
-                    if let Some(queue) = queue {
-                        batch.count(&queue, -1);
-                    }
                     batch.writes.push(Write::DeleteFire(id.clone()));
                     batch.effects.push(Effect::FireDeleted(id));
                 }
@@ -791,8 +565,8 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             }
         }
         Op::Redeliver { fire_id, why } => decide_redelivery(inner, batch, fire_id, why, now),
-        // Taken by `run` before deciding.
-        Op::Probe | Op::Flush { .. } | Op::Shutdown { .. } | Op::CommitterFree => {}
+        // Filtered out by `run` before deciding.
+        Op::Probe | Op::Flush { .. } | Op::Shutdown { .. } => {}
     }
 }
 
@@ -820,28 +594,9 @@ fn decide_delete(inner: &Inner, batch: &mut Batch, id: &str) -> Result<u32, Sche
         return Err(SchedulerError::NotFound(id.to_string()));
     };
     let id = job.spec.id.clone();
-    let fires: Vec<(String, String)> = {
-        let state = inner.lock();
-        let mut fires: Vec<(String, String)> = state
-            .fires_of(&id)
-            .into_iter()
-            .filter_map(|f| {
-                let queue = state.fires.get(&f)?.rec.queue.clone();
-                Some((f, queue))
-            })
-            .collect();
-        // Fires released by batches still being committed are not in memory yet.
-        for pending in &state.pending {
-            if let Some(released) = pending.new_fires.get(&id) {
-                batch.read_pending(pending.seq);
-                fires.extend(released.iter().map(|f| (f.clone(), job.spec.queue.clone())));
-            }
-        }
-        fires
-    };
-    let count = fires.len();
-    delete_job(batch, id, fires);
-    Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    let fires = inner.lock().fires_of(&id);
+    delete_job(batch, id, fires.clone());
+    Ok(u32::try_from(fires.len()).unwrap_or(u32::MAX))
 }
 
 /// Deletes a finished job whose retention ended, unless a fire of it is still outstanding.
@@ -852,14 +607,7 @@ fn decide_retire(inner: &Inner, batch: &mut Batch, id: JobId) {
     if !job.status.state.is_final() {
         return;
     }
-    let outstanding = {
-        let state = inner.lock();
-        let pending = state.pending.iter().find(|p| p.new_fires.contains_key(&id));
-        if let Some(p) = pending {
-            batch.read_pending(p.seq);
-        }
-        state.fires_per_job.get(&id).is_some_and(|n| *n > 0) || pending.is_some()
-    };
+    let outstanding = inner.lock().fires_per_job.get(&id).is_some_and(|n| *n > 0);
     if outstanding {
         batch.effects.push(Effect::RetireLater(id));
         return;
@@ -868,29 +616,18 @@ fn decide_retire(inner: &Inner, batch: &mut Batch, id: JobId) {
     delete_job(batch, id, Vec::new());
 }
 
-/// Deletes a job and its outstanding `fires` (id and queue of each).
-fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<(String, String)>) {
-    let mut ids = Vec::with_capacity(fires.len());
-    for (fire_id, queue) in fires {
-        batch.count(&queue, -1);
+fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<String>) {
+    for fire_id in &fires {
         batch.writes.push(Write::DeleteFire(fire_id.clone()));
-        ids.push(fire_id);
     }
-    let fires = ids;
     // Fires this same batch released for the job (it fell due beside the delete) go too.
-    let mut released = Vec::new();
     batch.effects.retain(|effect| match effect {
         Effect::NewFire(rec) if rec.job_id == id => {
-            released.push((rec.fire_id.clone(), rec.queue.clone()));
+            batch.writes.push(Write::DeleteFire(rec.fire_id.clone()));
             false
         }
         _ => true,
     });
-    for (fire_id, queue) in released {
-        batch.count(&queue, -1);
-        batch.writes.push(Write::DeleteFire(fire_id));
-    }
-    batch.new_fires.remove(&id);
     batch.writes.push(Write::DeleteJob(id.clone()));
     batch.jobs.remove(&id);
     batch.deleted.insert(id.clone());
@@ -914,7 +651,11 @@ fn decide_advance(
         return;
     }
     let queue = job.spec.queue.clone();
-    let outstanding = batch.outstanding(inner, &queue);
+    // Memory's count is read once per queue and batch; fires this batch adds are counted on top.
+    let outstanding = *batch
+        .queue_fires
+        .entry(queue.clone())
+        .or_insert_with(|| inner.lock().queue_fires(&queue) as usize);
     let room = inner.config.max_queue_backlog.saturating_sub(outstanding);
     let plan = advance_with_room(&job, now, inner.config.max_catch_up_fires, room);
     if plan.status == job.status {
@@ -955,9 +696,7 @@ fn decide_advance(
             reason: SkipReason::BacklogFull,
         });
     }
-    if !plan.fires.is_empty() {
-        batch.count(&queue, i64::try_from(plan.fires.len()).unwrap_or(i64::MAX));
-    }
+    *batch.queue_fires.entry(queue).or_default() += plan.fires.len();
     for occurrence in &plan.fires {
         let mut rec = FireRecord {
             fire_id: fire_id(&id, *occurrence),
@@ -971,11 +710,6 @@ fn decide_advance(
             trace: None,
         };
         rec.trace = inner.config.observer.fire_released(&rec, &job);
-        batch
-            .new_fires
-            .entry(id.clone())
-            .or_default()
-            .push(rec.fire_id.clone());
         batch.writes.push(Write::PutFire(rec.clone()));
         batch.effects.push(Effect::NewFire(rec));
     }
@@ -1020,8 +754,6 @@ fn decide_redelivery(
         AfterAttempt::DeadLetter { queue } => {
             batch.redelivered.push((fire_id.clone(), None));
             let from_queue = std::mem::replace(&mut rec.queue, queue);
-            batch.count(&from_queue, -1);
-            batch.count(&rec.queue, 1);
             rec.attempt = 1;
             rec.not_before = None;
             rec.dead_lettered = true;
@@ -1034,7 +766,6 @@ fn decide_redelivery(
             return;
         }
         AfterAttempt::Drop => {
-            batch.count(&rec.queue, -1);
             batch.redelivered.push((fire_id.clone(), None));
             batch.writes.push(Write::DeleteFire(fire_id));
             batch.effects.push(Effect::FireDropped(rec));
