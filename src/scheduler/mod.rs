@@ -47,15 +47,15 @@ use tokio::sync::watch;
 use tokio_stream::Stream;
 
 pub use clock::{Clock, ManualClock, SkewedClock, SystemClock};
+pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason, SkipReason};
+pub use replicated::ReplicaSettings;
+pub use state::Delivery;
 
 /// Hash maps of the core's memory: foldhash is several times faster than the standard
 /// library's SipHash on short keys, and seeded per process, so ids a client chooses cannot be
 /// crafted to collide.
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
-pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason, SkipReason};
-pub use replicated::ReplicaSettings;
-pub use state::Delivery;
 
 use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
 use crate::store::{Store, StoreError};

@@ -10,14 +10,13 @@
 //! `.await`; nothing here does I/O or waits.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-
-use super::{FastMap, FastSet};
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
 use tracing::error;
 
 use super::clock::Clock;
+use super::{FastMap, FastSet};
 use crate::domain::{FireRecord, Job, JobId, JobSpec, JobState, Micros, Timestamp};
 use crate::store::Snapshot;
 
@@ -197,17 +196,14 @@ impl State {
             }
             entries.push((id, Box::new(JobEntry { job, timer, expiry })));
         }
-        // The store lists jobs in id order, so these sorts find them sorted already.
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        // Collecting into a BTreeMap or BTreeSet sorts the list (the store lists jobs in id
+        // order, so it is sorted already) and builds the tree in one pass.
         state.jobs = entries.into_iter().collect();
         state.timers = timers.into_iter().collect();
         state.expiries = expiries.into_iter().collect();
         state.by_queue = by_queue
             .into_iter()
-            .map(|(queue, mut ids)| {
-                ids.sort();
-                (queue, ids.into_iter().collect())
-            })
+            .map(|(queue, ids)| (queue, ids.into_iter().collect()))
             .collect();
         state.timer_dirty = true;
         let mut fires = snapshot.fires;

@@ -11,7 +11,6 @@
 //! A fire is born here: [`decide_advance`] writes the job's new status and the fire's record in
 //! the same transaction, so a crash can never lose an occurrence.
 
-use super::{FastMap, FastSet};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
@@ -21,6 +20,7 @@ use super::SchedulerError;
 use super::embedded::Inner;
 use super::observe::{DropReason, RedeliveryReason, SkipReason};
 use super::state::{FireStatus, State};
+use super::{FastMap, FastSet};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
     FireRecord, Job, JobId, JobState, Micros, Timestamp, advance_with_room, fire_id,
