@@ -13,6 +13,7 @@
 //! decides what is due and who holds a fire (in the statements the replicated engine runs), so
 //! it is not a [`Store`].
 
+mod journal;
 mod memory;
 pub mod postgres;
 mod redb_store;
