@@ -9,7 +9,7 @@
 //! the segment. Opening the store replays whatever segments were not folded in yet.
 //!
 //! Segment `journal-<n>.log` is the magic bytes, then records: payload length (u32 LE), CRC-32C
-//! of the payload (u32 LE), payload. A payload is a sequence of operations: table (u8), kind
+//! of the length and payload (u32 LE), payload. A payload is a sequence of operations: table (u8), kind
 //! (u8: put or delete), key length (u32 LE), key, and for a put the value length (u32 LE) and
 //! value (the record as [`super::codec`] encodes it). Only the newest segment may end in a
 //! record cut short (a crash mid-append, never answered OK); anywhere else it is corruption.
@@ -92,10 +92,18 @@ pub(super) fn encode_batch(writes: &[Write], buf: &mut Vec<u8>) -> Result<(), St
     }
     let payload = &buf[start + FRAME_LEN..];
     let len = length(payload.len())?;
-    let crc = CRC.checksum(payload);
+    let crc = checksum(len, payload);
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     Ok(())
+}
+
+/// CRC-32C of the length and the payload, so that a run of zeros is not a valid empty record.
+fn checksum(len: u32, payload: &[u8]) -> u32 {
+    let mut digest = CRC.digest();
+    digest.update(&len.to_le_bytes());
+    digest.update(payload);
+    digest.finalize()
 }
 
 fn length(n: usize) -> Result<u32, StoreError> {
@@ -172,7 +180,7 @@ pub(super) fn read_segment(dir: &Path, n: u64) -> Result<Segment, StoreError> {
         else {
             break;
         };
-        if CRC.checksum(&bytes[start..end]) != crc {
+        if checksum(len, &bytes[start..end]) != crc {
             break;
         }
         records.push(start..end);
@@ -387,6 +395,12 @@ mod tests {
             assert_eq!(seg.records.len(), 1, "cut at {cut}");
             assert_eq!(seg.torn, cut - whole as usize);
         }
+        // Zeros after the whole records (a file grown but not written) are not a record.
+        let mut zeros = full[..whole as usize].to_vec();
+        zeros.extend_from_slice(&[0; 64]);
+        std::fs::write(dir.path().join(segment_name(1)), &zeros).expect("write");
+        let seg = read_segment(dir.path(), 1).expect("read");
+        assert_eq!((seg.records.len(), seg.torn), (1, 64));
         // A flipped byte inside the last record fails its checksum.
         let mut flipped = full.clone();
         let last = flipped.len() - 3;
