@@ -128,20 +128,40 @@ async fn run(opts: &Opts) -> Vec<Row> {
         });
         for (connections, in_flight) in [(1, 64), (4, 256)] {
             let before = Commits::read(&tickd.metrics_addr).await;
-            let t = schedule_for(&tickd.addr, connections, in_flight, opts.seconds).await;
+            let t = schedule_for(
+                &tickd.addr,
+                tickd.pid(),
+                connections,
+                in_flight,
+                opts.seconds,
+            )
+            .await;
             let store = Commits::read(&tickd.metrics_addr).await.since(before);
-            let f = schedule_for(&noop.addr, connections, in_flight, opts.seconds).await;
+            let f = schedule_for(
+                &noop.addr,
+                noop.child.id(),
+                connections,
+                in_flight,
+                opts.seconds,
+            )
+            .await;
             rows.push(Row {
                 workload: format!(
                     "Schedule, {connections} connection(s) × {in_flight} in flight, durable"
                 ),
                 tickd: format!(
-                    "{}/s, p99 {:.1} ms ({})",
+                    "{}/s, p99 {:.1} ms, {:.0} µs CPU a call ({})",
                     num(t.rate),
                     t.p99_ms,
+                    t.cpu_us,
                     store.describe()
                 ),
-                floor: format!("no-op server {}/s, p99 {:.1} ms", num(f.rate), f.p99_ms),
+                floor: format!(
+                    "no-op server {}/s, p99 {:.1} ms, {:.0} µs CPU a call",
+                    num(f.rate),
+                    f.p99_ms,
+                    f.cpu_us
+                ),
                 ratio: Some(t.rate / f.rate),
                 goal: if connections == 1 {
                     "≥ 0.7× the no-op rate, p99 ≤ 10 ms"
@@ -320,10 +340,18 @@ fn job(id: String, queue: &str, due: i64) -> pb::Job {
 struct Rate {
     rate: f64,
     p99_ms: f64,
+    /// The server's CPU time per call (user + system), in microseconds.
+    cpu_us: f64,
 }
 
 /// Calls Schedule for `seconds` from `connections` × `in_flight` callers, each job an hour out.
-async fn schedule_for(addr: &str, connections: usize, in_flight: usize, seconds: f64) -> Rate {
+async fn schedule_for(
+    addr: &str,
+    pid: u32,
+    connections: usize,
+    in_flight: usize,
+    seconds: f64,
+) -> Rate {
     static RUN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut channels = Vec::new();
@@ -331,6 +359,7 @@ async fn schedule_for(addr: &str, connections: usize, in_flight: usize, seconds:
         channels.push(connect(addr).await);
     }
     let due = now_micros() + 3_600_000_000;
+    let cpu_before = common::cpu_seconds(pid);
     let started = Instant::now();
     let until = started + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
@@ -358,10 +387,12 @@ async fn schedule_for(addr: &str, connections: usize, in_flight: usize, seconds:
         latencies.extend(t.await.expect("caller"));
     }
     let took = started.elapsed().as_secs_f64();
+    let cpu = common::cpu_seconds(pid) - cpu_before;
     latencies.sort_unstable();
     Rate {
         rate: latencies.len() as f64 / took,
         p99_ms: percentile(&latencies, 0.99),
+        cpu_us: cpu * 1e6 / latencies.len().max(1) as f64,
     }
 }
 

@@ -47,6 +47,23 @@ pub fn rss_bytes() -> u64 {
     statm_rss("/proc/self/statm")
 }
 
+/// CPU time (user + system) process `pid` has used so far, in seconds (0 if unreadable).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) closed by ')': utime is the 12th
+    // and stime the 13th of them, in clock ticks.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf reads a constant of the system.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / per_second
+}
+
 /// Resident memory from a `/proc/<pid>/statm` file.
 fn statm_rss(path: &str) -> u64 {
     std::fs::read_to_string(path)
@@ -98,6 +115,10 @@ impl Tickd {
     }
 
     /// Resident memory of the tickd process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn rss_bytes(&self) -> u64 {
         statm_rss(&format!("/proc/{}/statm", self.child.id()))
     }

@@ -105,7 +105,7 @@ where
         let parent =
             global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
         let span = tracing::info_span!(
-            "rpc",
+            crate::telemetry::RPC_SPAN_NAME,
             otel.name = %path,
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
