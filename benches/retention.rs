@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tickd::domain::{JobSpec, MisfirePolicy, TriggerSpec};
 use tickd::scheduler::{Scheduler, SchedulerConfig, SystemClock};
-use tickd::store::{DB_FILE_NAME, RedbStore};
+use tickd::store::RedbStore;
 use tokio_stream::StreamExt;
 
 const ROUND: usize = 10_000;
@@ -66,7 +66,6 @@ async fn main() {
         acked
     });
 
-    let file = dir.path().join(DB_FILE_NAME);
     let started = Instant::now();
     println!(
         "{:>10} {:>10} {:>10} {:>12} {:>8}",
@@ -86,7 +85,7 @@ async fn main() {
         scheduled = (scheduled + ROUND).min(n);
         // Let the round fire, be acked and pass its retention before sampling.
         tokio::time::sleep(Duration::from_millis(1_500)).await;
-        let store_bytes = std::fs::metadata(&file).map_or(0, |m| m.len());
+        let store_bytes = common::store_bytes(dir.path());
         println!(
             "{:>10} {:>10} {:>10.1} {:>12.1} {:>8.1}",
             scheduled,

@@ -239,7 +239,6 @@ async fn main() {
         "errors"
     );
     let started = Instant::now();
-    let store = tickd.dir.path().join(tickd::store::DB_FILE_NAME);
     let mut next = started + SAMPLE_EVERY;
     while started.elapsed() < Duration::from_secs(seconds) {
         tokio::time::sleep_until(next.into()).await;
@@ -252,7 +251,7 @@ async fn main() {
             "{:>6} {:>8.1} {:>9.1} {:>5} {:>7} {:>7} {:>8.0} {:>8.1} {:>8.1} {:>8.1} {:>6} {:>6}",
             started.elapsed().as_secs(),
             rss_mib(pid),
-            std::fs::metadata(&store).map_or(0, |m| m.len()) as f64 / 1_048_576.0,
+            common::store_bytes(tickd.dir.path()) as f64 / 1_048_576.0,
             open_fds(pid),
             metric_sum(&text, "tickd_jobs"),
             metric_sum(&text, "tickd_queue_backlog"),

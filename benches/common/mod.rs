@@ -47,6 +47,25 @@ pub fn rss_bytes() -> u64 {
     statm_rss("/proc/self/statm")
 }
 
+/// Bytes the embedded store takes in `data_dir`: the redb file and its journal segments.
+pub fn store_bytes(data_dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(data_dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name();
+                    let name = name.to_string_lossy();
+                    name == tickd::store::DB_FILE_NAME
+                        || (name.starts_with("journal-") && name.ends_with(".log"))
+                })
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// CPU time (user + system) process `pid` has used so far, in seconds (0 if unreadable).
 pub fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -58,7 +77,12 @@ pub fn cpu_seconds(pid: u32) -> f64 {
         return 0.0;
     };
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // SAFETY: sysconf reads a constant of the system.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     (ticks(11) + ticks(12)) / per_second
