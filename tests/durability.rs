@@ -244,6 +244,15 @@ async fn drain(server: &mut TestServer, queue: &str, start: i64) -> Vec<i64> {
     }
     server.wait_in_flight(queue, 0).await;
     assert_eq!(server.queue(queue).backlog, 0);
+    // Close the subscription and wait until the server has seen it go: otherwise a fire
+    // released next could be leased to this closed stream (a dropped stream keeps its leases
+    // until their deadline) instead of waiting for the next drain.
+    drop(sub);
+    server
+        .wait_until(&format!("no subscriber left on {queue}"), |s| {
+            s.queue(queue).subscribers == 0
+        })
+        .await;
     times
 }
 
