@@ -236,7 +236,11 @@ async fn run(opts: &Opts) -> Vec<Row> {
         let floor = timers(n, 0.0).await;
         rows.push(Row {
             workload: format!("{} jobs due at one instant, one subscriber", num(n as f64)),
-            tickd: format!("last received {:.0} ms after{store}", burst.last_ms),
+            tickd: format!(
+                "last received {:.0} ms after, {:.1} µs of tickd CPU a fire{store}",
+                burst.last_ms,
+                burst.cpu_us.unwrap_or(0.0)
+            ),
             floor: format!(
                 "tokio timers in-process: last woke {:.0} ms after",
                 floor.last_ms
@@ -521,6 +525,9 @@ struct Fires {
     acked_rate: f64,
     /// What the store did from the first scheduled time until the last ack (tickd only).
     store: Option<Commits>,
+    /// tickd's CPU time (all threads) from the subscription until the last ack, per fire, in
+    /// microseconds (tickd only).
+    cpu_us: Option<f64>,
 }
 
 /// Store commits, from tickd's metrics.
@@ -575,6 +582,7 @@ async fn fires(tickd: &Tickd, queue: &str, n: usize, spread: f64) -> Fires {
         "creating the jobs took longer than planned; lower --burst"
     );
     let commits = Commits::read(&tickd.metrics_addr).await;
+    let cpu_before = common::cpu_seconds(tickd.pid());
     let channel = connect(addr).await;
     let (tx, rx) = mpsc::channel(1024);
     tx.send(pb::SubscribeRequest {
@@ -619,6 +627,7 @@ async fn fires(tickd: &Tickd, queue: &str, n: usize, spread: f64) -> Fires {
         .await
         .expect("ack");
     let acked = now_micros();
+    let cpu = common::cpu_seconds(tickd.pid()) - cpu_before;
     let commits = Commits::read(&tickd.metrics_addr).await.since(commits);
     lateness.sort_unstable();
     let end = start + (n as i64 - 1) * step;
@@ -629,6 +638,7 @@ async fn fires(tickd: &Tickd, queue: &str, n: usize, spread: f64) -> Fires {
         delivered_rate: n as f64 / ((last - start) as f64 / 1e6),
         acked_rate: n as f64 / ((acked - start) as f64 / 1e6),
         store: Some(commits),
+        cpu_us: Some(cpu * 1e6 / n as f64),
     }
 }
 
@@ -661,6 +671,7 @@ async fn timers(n: usize, spread: f64) -> Fires {
         delivered_rate: n as f64 / ((last - start) as f64 / 1e6),
         acked_rate: 0.0,
         store: None,
+        cpu_us: None,
     }
 }
 
