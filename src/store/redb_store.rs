@@ -569,10 +569,16 @@ mod tests {
     #[test]
     fn a_folded_segment_left_behind_is_not_replayed() {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Segment 1 as the store below writes it (the checkpointer may delete the store's own
+        // copy at any moment).
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        Appender::create(elsewhere.path(), 1)
+            .and_then(|mut a| a.append(&fire_batch("f")))
+            .expect("segment 1");
+        let first = journal::segment_name(1);
+        let saved = std::fs::read(elsewhere.path().join(&first));
         let store = RedbStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 16).expect("open");
         store.commit(&fire_batch("f")).expect("commit");
-        let first = journal::segment_name(1);
-        let saved = std::fs::read(dir.path().join(&first));
         store.wait_for_checkpointer(0).expect("folded");
         store
             .commit(&[Write::DeleteFire("f".into())])
@@ -621,6 +627,50 @@ mod tests {
             err.to_string().contains(&journal::segment_name(last + 4)),
             "{err}"
         );
+    }
+
+    /// While the checkpointer cannot fold and two full segments wait, commits fail with its
+    /// error (a full disk as `Full`), write nothing, and go through again once it recovers.
+    #[test]
+    fn commits_fail_while_the_checkpointer_is_failing_and_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store =
+            RedbStore::open_with(dir.path(), DEFAULT_CACHE_BYTES, 1 << 20).expect("open");
+        // Stop the checkpointer, then set up what a failing one leaves behind.
+        store.shared.folding.lock().expect("lock").stop = true;
+        store.shared.changed.notify_all();
+        store
+            .checkpointer
+            .take()
+            .expect("running")
+            .join()
+            .expect("stopped");
+        {
+            let mut folding = store.shared.folding.lock().expect("lock");
+            folding.waiting.extend([1_000, 1_001]);
+            folding.error = Some((true, "No space left on device".into()));
+        }
+        let before = std::fs::metadata(dir.path().join(journal::segment_name(1)))
+            .expect("segment")
+            .len();
+        let err = store
+            .commit(&fire_batch("f"))
+            .expect_err("behind and failing");
+        assert!(matches!(err, StoreError::Full(_)), "{err}");
+        assert!(err.to_string().contains("cannot be folded"), "{err}");
+        let after = std::fs::metadata(dir.path().join(journal::segment_name(1)))
+            .expect("segment")
+            .len();
+        assert_eq!(before, after, "nothing appended");
+        {
+            let mut folding = store.shared.folding.lock().expect("lock");
+            folding.waiting.clear();
+            folding.error = None;
+        }
+        store.commit(&fire_batch("f")).expect("recovered");
+        drop(store);
+        let store = RedbStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.load().expect("load").fires.len(), 1);
     }
 
     /// A second process (or handle) on the same directory is refused with a clear reason.
