@@ -62,6 +62,19 @@ struct Outcome {
 }
 
 impl Outcome {
+    fn new(span: tracing::Span, service: &str, method: &str) -> Outcome {
+        Outcome {
+            span,
+            started: std::time::Instant::now(),
+            attrs: vec![
+                KeyValue::new("rpc.system", "grpc"),
+                KeyValue::new("rpc.service", service.to_string()),
+                KeyValue::new("rpc.method", method.to_string()),
+            ],
+            recorded: false,
+        }
+    }
+
     fn record(&mut self, code: i64) {
         if std::mem::replace(&mut self.recorded, true) {
             return;
@@ -102,6 +115,18 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let path = request.uri().path().trim_start_matches('/').to_string();
         let (service, method) = path.split_once('/').unwrap_or((path.as_str(), ""));
+        // Without a trace exporter the span would reach no one (log lines leave it out), so
+        // none is built: that saves the propagator, the registry's span and its fields on
+        // every call.
+        if !crate::telemetry::traces_enabled() {
+            let call = self.inner.call(request);
+            let mut outcome = Outcome::new(tracing::Span::none(), service, method);
+            return Box::pin(async move {
+                let result = call.await;
+                outcome.record(status_code(&result));
+                result
+            });
+        }
         let parent =
             global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
         let span = tracing::info_span!(
@@ -122,43 +147,33 @@ where
             let _entered = span.enter();
             self.inner.call(request)
         };
-        let mut outcome = Outcome {
-            span: span.clone(),
-            started: std::time::Instant::now(),
-            attrs: vec![
-                KeyValue::new("rpc.system", "grpc"),
-                KeyValue::new("rpc.service", service.to_string()),
-                KeyValue::new("rpc.method", method.to_string()),
-            ],
-            recorded: false,
-        };
+        let mut outcome = Outcome::new(span.clone(), service, method);
         Box::pin(
             async move {
                 let result = call.await;
-                // A failure answered at once carries grpc-status in the headers; otherwise the
-                // call succeeded as far as the headers tell.
-                let code = match &result {
-                    Ok(response) => response
-                        .headers()
-                        .get("grpc-status")
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<i64>().ok())
-                        .unwrap_or(0),
-                    // What tonic answers for a call refused by load shedding.
-                    Err(e)
-                        if std::borrow::Borrow::<dyn std::error::Error + Send + Sync>::borrow(
-                            e,
-                        )
-                        .is::<tower::load_shed::error::Overloaded>() =>
-                    {
-                        8
-                    }
-                    Err(_) => 2,
-                };
-                outcome.record(code);
+                outcome.record(status_code(&result));
                 result
             }
             .instrument(span),
         )
+    }
+}
+
+/// The gRPC status code of a call's result: a failure answered at once carries grpc-status in
+/// the headers; otherwise the call succeeded as far as the headers tell.
+fn status_code<R, E>(result: &Result<http::Response<R>, E>) -> i64
+where
+    E: std::borrow::Borrow<dyn std::error::Error + Send + Sync>,
+{
+    match result {
+        Ok(response) => response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0),
+        // What tonic answers for a call refused by load shedding.
+        Err(e) if e.borrow().is::<tower::load_shed::error::Overloaded>() => 8,
+        Err(_) => 2,
     }
 }
