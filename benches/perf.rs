@@ -176,14 +176,20 @@ async fn run(opts: &Opts) -> Vec<Row> {
     if opts.runs("bulk") {
         let mut tickd = Tickd::start(&[], &[]);
         let rss_empty = tickd.rss_bytes();
+        let cpu_before = common::cpu_seconds(tickd.pid());
         let t = bulk_create(&tickd.addr, opts.jobs).await;
+        let cpu = common::cpu_seconds(tickd.pid()) - cpu_before;
         let f = bulk_create(&noop.addr, opts.jobs).await;
         rows.push(Row {
             workload: format!(
                 "bulk create, {} jobs, BatchSchedule of {PER_BATCH}, 4 in flight",
                 num(opts.jobs as f64)
             ),
-            tickd: format!("{} jobs/s", num(t)),
+            tickd: format!(
+                "{} jobs/s, {:.1} µs of tickd CPU a job",
+                num(t),
+                cpu * 1e6 / opts.jobs as f64
+            ),
             floor: format!("no-op server {} jobs/s", num(f)),
             ratio: Some(t / f),
             goal: "≥ 300,000 jobs/s",
