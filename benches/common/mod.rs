@@ -47,8 +47,8 @@ pub fn rss_bytes() -> u64 {
     statm_rss("/proc/self/statm")
 }
 
-/// Bytes the embedded store takes in `data_dir`: the redb file and its journal segments.
-pub fn store_bytes(data_dir: &std::path::Path) -> u64 {
+/// The embedded store's files in `data_dir`: the redb file and its journal segments.
+pub fn store_files(data_dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(data_dir)
         .map(|entries| {
             entries
@@ -59,11 +59,19 @@ pub fn store_bytes(data_dir: &std::path::Path) -> u64 {
                     name == tickd::store::DB_FILE_NAME
                         || (name.starts_with("journal-") && name.ends_with(".log"))
                 })
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
+                .map(|e| e.path())
+                .collect()
         })
-        .unwrap_or(0)
+        .unwrap_or_default()
+}
+
+/// Bytes the embedded store takes in `data_dir`.
+pub fn store_bytes(data_dir: &std::path::Path) -> u64 {
+    store_files(data_dir)
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// CPU time (user + system) process `pid` has used so far, in seconds (0 if unreadable).

@@ -257,10 +257,16 @@ impl Appender {
             .write(true)
             .open(&path)
             .map_err(|e| file_error("cannot create", &path, e))?;
-        file.write_all(MAGIC)
+        let started = file
+            .write_all(MAGIC)
             .and_then(|()| file.sync_data())
-            .map_err(|e| file_error("cannot write", &path, e))?;
-        sync_dir(dir)?;
+            .map_err(|e| file_error("cannot write", &path, e))
+            .and_then(|()| sync_dir(dir));
+        if let Err(e) = started {
+            // Leave no half-made segment behind for the next attempt to trip over.
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(Appender {
             dir: dir.to_path_buf(),
             file,
