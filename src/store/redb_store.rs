@@ -18,7 +18,7 @@
 //! full disk is the common cause), so a failed checkpoint closes the database and the next
 //! attempt reopens it first. Freeing space is then enough: no restart needed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -266,13 +266,17 @@ impl Shared {
                 "the journal ends in a record cut short by a crash; it was never acknowledged and is ignored"
             );
         }
-        // The last write to each key wins; sorted keys also make the B-tree inserts local.
-        let mut last: BTreeMap<(Table, &str), Option<&[u8]>> = BTreeMap::new();
+        // The last write to each key wins (a hash map: a B-tree here cost 1,500 instructions an
+        // operation, 40% of a fold); then keys in order, which keeps redb's inserts local.
+        let mut last: HashMap<(Table, &str), Option<&[u8]>, foldhash::fast::RandomState> =
+            HashMap::default();
         for range in &segment.records {
             for op in journal::ops(&segment.bytes[range.clone()]).map_err(corrupt)? {
                 last.insert((op.table, op.key), op.value);
             }
         }
+        let mut last: Vec<_> = last.into_iter().collect();
+        last.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut db = self.database()?;
         let result = db
             .as_ref()
@@ -367,7 +371,7 @@ fn lower_priority() {
 fn fold_into(
     db: &Database,
     n: u64,
-    last: &BTreeMap<(Table, &str), Option<&[u8]>>,
+    last: &[((Table, &str), Option<&[u8]>)],
 ) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(io("begin write"))?;
     {
@@ -375,7 +379,7 @@ fn fold_into(
         let mut statuses = txn.open_table(STATUSES).map_err(io("open job_statuses"))?;
         let mut fires = txn.open_table(FIRES).map_err(io("open fires"))?;
         let mut meta = txn.open_table(META).map_err(io("open meta"))?;
-        for (&(table, key), value) in last {
+        for &((table, key), value) in last {
             let table = match table {
                 Table::Specs => &mut specs,
                 Table::Statuses => &mut statuses,
@@ -383,7 +387,7 @@ fn fold_into(
             };
             match value {
                 Some(value) => {
-                    table.insert(key, *value).map_err(io("write"))?;
+                    table.insert(key, value).map_err(io("write"))?;
                 }
                 None => {
                     table.remove(key).map_err(io("delete"))?;
