@@ -275,7 +275,7 @@ impl Shared {
                 last.insert((op.table, op.key), op.value);
             }
         }
-        let mut last: Vec<_> = last.into_iter().collect();
+        let mut last: Vec<LastWrite<'_>> = last.into_iter().collect();
         last.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let mut db = self.database()?;
         let result = db
@@ -367,12 +367,11 @@ fn lower_priority() {
     }
 }
 
+/// A key of a segment and the last value written to it (`None`: deleted).
+type LastWrite<'a> = ((Table, &'a str), Option<&'a [u8]>);
+
 /// One write transaction applying `last` and recording segment `n` as folded.
-fn fold_into(
-    db: &Database,
-    n: u64,
-    last: &[((Table, &str), Option<&[u8]>)],
-) -> Result<(), StoreError> {
+fn fold_into(db: &Database, n: u64, last: &[LastWrite<'_>]) -> Result<(), StoreError> {
     let txn = db.begin_write().map_err(io("begin write"))?;
     {
         let mut specs = txn.open_table(SPECS).map_err(io("open job_specs"))?;
