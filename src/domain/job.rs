@@ -165,7 +165,11 @@ impl Job {
 
 /// The stable id of one occurrence of one job: `<job id>@<RFC 3339 scheduled time>`.
 pub fn fire_id(job_id: &str, scheduled: Timestamp) -> String {
-    format!("{job_id}@{scheduled}")
+    let mut id = String::with_capacity(job_id.len() + 28);
+    id.push_str(job_id);
+    id.push('@');
+    scheduled.push_to(&mut id);
+    id
 }
 
 /// The jitter of one occurrence, in `[0, max)`: derived from the job id and the occurrence so
