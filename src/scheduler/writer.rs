@@ -500,23 +500,29 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             batch.job_replies.push((reply, outcome));
         }
         Op::ScheduleBatch { jobs, reply } => {
-            // All or nothing: every job is checked before any is put.
-            let taken = jobs.iter().enumerate().find_map(|(index, job)| {
+            // All or nothing: every job is checked before any is put. Each job is looked up
+            // once: the same id twice in one request is refused by validation.
+            let mut exists = Vec::with_capacity(jobs.len());
+            let mut taken = None;
+            for (index, job) in jobs.iter().enumerate() {
                 match batch.job(inner, &job.spec.id) {
-                    Some(existing) if existing.spec != job.spec => Some(SchedulerError::InBatch {
-                        index,
-                        error: Box::new(SchedulerError::AlreadyExists(job.spec.id.to_string())),
-                    }),
-                    _ => None,
+                    Some(existing) if existing.spec != job.spec => {
+                        taken = Some(SchedulerError::InBatch {
+                            index,
+                            error: Box::new(SchedulerError::AlreadyExists(job.spec.id.to_string())),
+                        });
+                        break;
+                    }
+                    found => exists.push(found.is_some()),
                 }
-            });
+            }
             let outcome = match taken {
                 Some(e) => Err(e),
                 None => {
                     let mut ids = Vec::with_capacity(jobs.len());
-                    for job in jobs {
+                    for (job, exists) in jobs.into_iter().zip(exists) {
                         let id = job.spec.id.clone();
-                        if batch.job(inner, &id).is_none() {
+                        if !exists {
                             batch.put_job(job, true);
                         }
                         ids.push(id);
