@@ -78,9 +78,8 @@ impl Timestamp {
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut buf = [0u8; 32];
-        if let Some(len) = rfc3339_utc(self.0, &mut buf) {
-            // Only ASCII digits and punctuation were written.
-            return f.write_str(std::str::from_utf8(&buf[..len]).map_err(|_| fmt::Error)?);
+        if let Some(text) = rfc3339_utc(self.0, &mut buf) {
+            return f.write_str(text);
         }
         match self.to_chrono() {
             Some(t) => f.write_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
@@ -94,7 +93,7 @@ impl Timestamp {
     /// year is 0000–9999).
     pub fn push_to(self, out: &mut String) {
         let mut buf = [0u8; 32];
-        match rfc3339_utc(self.0, &mut buf).and_then(|len| std::str::from_utf8(&buf[..len]).ok()) {
+        match rfc3339_utc(self.0, &mut buf) {
             Some(text) => out.push_str(text),
             None => {
                 use std::fmt::Write as _;
@@ -104,9 +103,9 @@ impl Timestamp {
     }
 }
 
-/// Writes `micros` as `YYYY-MM-DDTHH:MM:SS[.mmm|.uuuuuu]Z` into `buf`, returning the length;
+/// Writes `micros` as `YYYY-MM-DDTHH:MM:SS[.mmm|.uuuuuu]Z` into `buf` and returns it as text;
 /// `None` for years outside 0000–9999.
-fn rfc3339_utc(micros: i64, buf: &mut [u8; 32]) -> Option<usize> {
+fn rfc3339_utc(micros: i64, buf: &mut [u8; 32]) -> Option<&str> {
     let secs = micros.div_euclid(MICROS_PER_SECOND);
     let sub = micros.rem_euclid(MICROS_PER_SECOND);
     let days = secs.div_euclid(86_400);
@@ -154,7 +153,8 @@ fn rfc3339_utc(micros: i64, buf: &mut [u8; 32]) -> Option<usize> {
         }
     }
     buf[len] = b'Z';
-    Some(len + 1)
+    // Only ASCII digits and punctuation were written.
+    std::str::from_utf8(&buf[..=len]).ok()
 }
 
 /// A std Duration as microseconds, saturating.

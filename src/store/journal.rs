@@ -329,7 +329,7 @@ pub(super) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 /// A file error as a store error: a full disk (or quota) as [`StoreError::Full`].
 pub(super) fn file_error(what: &str, path: &Path, e: std::io::Error) -> StoreError {
     let message = format!("{what} {}: {e}", path.display());
-    if super::redb_store::is_full(&e) {
+    if super::is_full(&e) {
         StoreError::Full(message)
     } else {
         StoreError::Io(message)

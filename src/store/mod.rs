@@ -65,6 +65,15 @@ pub enum StoreError {
     MissingSpec(String),
 }
 
+/// ENOSPC or EDQUOT: the disk (or quota) is full, and freeing space lets writes succeed again.
+fn is_full(e: &std::io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+        || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+}
+
 /// A durable home for jobs and fires.
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Loads every job and fire.

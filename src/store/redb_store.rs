@@ -27,7 +27,7 @@ use std::time::Duration;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::journal::{self, Appender, Table};
-use super::{Snapshot, Store, StoreError, Write, codec};
+use super::{Snapshot, Store, StoreError, Write, codec, is_full};
 use crate::domain::{FireRecord, JobSpec, JobStatus};
 
 const SPECS: TableDefinition<&str, &[u8]> = TableDefinition::new("job_specs");
@@ -100,15 +100,6 @@ fn io<E: Into<redb::Error>>(what: &'static str) -> impl Fn(E) -> StoreError {
         redb::Error::Io(e) if is_full(&e) => StoreError::Full(format!("{what}: {e}")),
         e => StoreError::Io(format!("{what}: {e}")),
     }
-}
-
-/// ENOSPC or EDQUOT.
-pub(super) fn is_full(e: &std::io::Error) -> bool {
-    const ENOSPC: i32 = 28;
-    const EDQUOT: i32 = 122;
-    e.kind() == std::io::ErrorKind::StorageFull
-        || e.kind() == std::io::ErrorKind::QuotaExceeded
-        || matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
 }
 
 fn poisoned() -> StoreError {
