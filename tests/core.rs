@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::TimeZone;
-use tickd::domain::{JobSpec, JobState, MisfirePolicy, Timestamp, TriggerSpec};
+use tickd::domain::{JobSpec, JobState, MisfirePolicy, PackedSpec, Timestamp, TriggerSpec};
 use tickd::scheduler::{
     Clock, Delivery, ManualClock, Scheduler, SchedulerConfig, SchedulerError, Subscription,
 };
@@ -222,7 +222,7 @@ async fn concurrent_schedules_share_commits() {
                 // At the moment the call answers, its job is in the store.
                 let stored = store.inner.load().expect("load").jobs;
                 assert!(
-                    stored.iter().any(|(spec, _)| *spec.id == *id),
+                    stored.iter().any(|(spec, _)| spec.id() == &*id),
                     "{id} answered before its commit"
                 );
             })
@@ -540,7 +540,7 @@ async fn a_clock_step_back_does_not_spin_the_timer() {
     let store = Arc::new(MemoryStore::new());
     store
         .commit(&[
-            Write::PutSpec(Arc::new(spec(
+            Write::PutSpec(PackedSpec::new(&spec(
                 "a",
                 TriggerSpec::At {
                     at: Timestamp(1_000 * S),
@@ -735,9 +735,9 @@ async fn an_unloadable_job_does_not_stop_the_others() {
     );
     store
         .commit(&[
-            Write::PutSpec(Arc::new(bad)),
+            Write::PutSpec(PackedSpec::new(&bad)),
             Write::PutStatus("bad".into(), status.clone()),
-            Write::PutSpec(Arc::new(good)),
+            Write::PutSpec(PackedSpec::new(&good)),
             Write::PutStatus("good".into(), status),
         ])
         .expect("commit");
@@ -810,11 +810,16 @@ impl Store for CrashingStore {
         self.inner.commit(writes)?;
         let stored = self.inner.load()?;
         for (spec, status) in &stored.jobs {
-            let fires = stored.fires.iter().filter(|f| f.job_id == spec.id).count();
+            let fires = stored
+                .fires
+                .iter()
+                .filter(|f| *f.job_id == *spec.id())
+                .count();
             assert_eq!(
-                status.fire_count as usize, fires,
+                status.fire_count as usize,
+                fires,
                 "job {} moved past an occurrence whose fire is not stored (commit {writes:?})",
-                spec.id
+                spec.id()
             );
         }
         Ok(())
@@ -878,9 +883,8 @@ async fn a_crash_after_any_commit_loses_no_occurrence() {
         let snapshot = store.inner.load().expect("load");
         let mut writes: Vec<Write> = Vec::new();
         for (spec, status) in snapshot.jobs {
-            let id = spec.id.clone();
-            writes.push(Write::PutSpec(Arc::new(spec)));
-            writes.push(Write::PutStatus(id, status));
+            writes.push(Write::PutStatus(spec.id().into(), status));
+            writes.push(Write::PutSpec(spec));
         }
         writes.extend(snapshot.fires.into_iter().map(Write::PutFire));
         survived.commit(&writes).expect("copy");

@@ -215,7 +215,7 @@ async fn racing_replicas_release_each_occurrence_once() {
     assert!(
         leases
             .iter()
-            .all(|l| l.spec.id == l.fire.job_id && &*l.spec.payload == b"p"),
+            .all(|l| *l.spec.id() == *l.fire.job_id && l.spec.payload_bytes() == b"p"),
         "each lease carries its job's spec and payload"
     );
     assert!(
@@ -253,10 +253,10 @@ async fn a_stale_lease_changes_nothing() {
         .expect("connect");
     let created = Timestamp(1_780_272_000_000_000);
     let mut job = every_second_job("one", created);
-    let mut spec = (*job.spec).clone();
+    let mut spec = job.spec.to_spec();
     spec.max_attempts = 3;
     spec.dead_letter_queue = Some("dead".into());
-    job.spec = std::sync::Arc::new(spec);
+    job.spec = spec.into();
     store.insert_job(&job).await.expect("insert");
     let t = |s: i64| Some(Timestamp(created.0 + s * 1_000_000));
     assert_eq!(
@@ -518,10 +518,10 @@ async fn listing_and_retention() {
     let t = |s: i64| Some(Timestamp(created.0 + s * 1_000_000));
     for i in 0..5 {
         let mut job = every_second_job(&format!("j{i}"), created);
-        let mut spec = (*job.spec).clone();
+        let mut spec = job.spec.to_spec();
         spec.labels
             .insert("parity".into(), ["even", "odd"][i % 2].into());
-        job.spec = std::sync::Arc::new(spec);
+        job.spec = spec.into();
         store.insert_job(&job).await.expect("insert");
     }
     let none = std::collections::BTreeMap::new();
@@ -531,7 +531,7 @@ async fn listing_and_retention() {
         .expect("list");
     let ids = |jobs: &[tickd::domain::Job]| {
         jobs.iter()
-            .map(|j| j.spec.id.to_string())
+            .map(|j| j.spec.id().to_string())
             .collect::<Vec<_>>()
     };
     assert_eq!(

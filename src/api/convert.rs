@@ -1,6 +1,8 @@
 //! Conversions between protobuf messages and domain types, and the one place where a core
 //! error becomes a gRPC status.
 
+use std::collections::{BTreeMap, HashMap};
+
 use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
 use tonic::Status;
 
@@ -67,18 +69,18 @@ fn trigger(t: &TriggerSpec) -> pb::Trigger {
 pub fn job(j: &Job, retention: Micros) -> pb::Job {
     let spec = &j.spec;
     pb::Job {
-        id: spec.id.to_string(),
-        queue: spec.queue.clone(),
-        trigger: Some(trigger(&spec.trigger)),
-        payload: spec.payload.clone(),
-        labels: spec.labels.clone().into_iter().collect(),
-        max_fires: spec.max_fires,
-        end_time: spec.end_time.map(timestamp),
-        misfire_policy: misfire_policy(spec.misfire_policy).into(),
-        misfire_grace_period: Some(duration(spec.misfire_grace)),
-        ack_deadline: Some(duration(spec.ack_deadline)),
-        max_attempts: spec.max_attempts,
-        dead_letter_queue: spec.dead_letter_queue.clone().unwrap_or_default(),
+        id: spec.id().to_string(),
+        queue: spec.queue().to_string(),
+        trigger: Some(trigger(&spec.trigger())),
+        payload: spec.payload(),
+        labels: labels(spec.labels()),
+        max_fires: spec.max_fires(),
+        end_time: spec.end_time().map(timestamp),
+        misfire_policy: misfire_policy(spec.misfire_policy()).into(),
+        misfire_grace_period: Some(duration(spec.misfire_grace())),
+        ack_deadline: Some(duration(spec.ack_deadline())),
+        max_attempts: spec.max_attempts(),
+        dead_letter_queue: spec.dead_letter_queue().unwrap_or_default().to_string(),
         state: job_state(j.status.state).into(),
         next_fire_time: j.next_due().map(timestamp),
         fire_count: j.status.fire_count,
@@ -89,6 +91,10 @@ pub fn job(j: &Job, retention: Micros) -> pb::Job {
     }
 }
 
+fn labels(labels: &BTreeMap<String, String>) -> HashMap<String, String> {
+    labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 pub fn fire(d: Delivery) -> pb::Fire {
     pb::Fire {
         fire_id: d.fire.fire_id,
@@ -97,8 +103,8 @@ pub fn fire(d: Delivery) -> pb::Fire {
         scheduled_time: Some(timestamp(d.fire.scheduled_time)),
         fire_time: Some(timestamp(d.fire.fire_time)),
         attempt: d.fire.attempt,
-        payload: d.spec.payload.clone(),
-        labels: d.spec.labels.clone().into_iter().collect(),
+        payload: d.spec.payload(),
+        labels: labels(d.spec.labels()),
         traceparent: d
             .fire
             .trace

@@ -82,7 +82,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             .schedule_traced(spec, trace)
             .await
             .map_err(convert::status)?;
-        span.record("tickd.job.id", &*job.spec.id);
+        span.record("tickd.job.id", job.spec.id());
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 

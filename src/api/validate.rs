@@ -347,9 +347,9 @@ fn schedule_spec(
         id: job.id.into(),
         queue: job.queue,
         trigger,
-        // The decoded payload is a slice of the request's receive buffer; a copy of its own
-        // keeps the job from pinning that whole buffer in memory for as long as it lives.
-        payload: bytes::Bytes::copy_from_slice(&job.payload),
+        // A slice of the request's receive buffer: the job held in memory copies it into its
+        // own allocation (`PackedSpec`), so the buffer is not pinned beyond the call.
+        payload: job.payload,
         labels,
         max_fires: job.max_fires,
         end_time,

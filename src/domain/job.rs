@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::packed::PackedSpec;
 use super::time::{Micros, Timestamp};
 use super::trace::TraceContext;
 use super::trigger::{MAX_COUNTED_OCCURRENCES, Recurrence, TriggerError, TriggerSpec};
@@ -96,7 +97,8 @@ pub struct JobStatus {
 /// A job as the scheduler holds it: its spec, its resolved trigger and its status.
 #[derive(Debug, Clone)]
 pub struct Job {
-    pub spec: Arc<JobSpec>,
+    /// Packed: one allocation a job, shared with its fires and the scheduler's indexes.
+    pub spec: PackedSpec,
     /// Inline, not behind an `Arc` of its own: a one-shot or interval job's recurrence is two
     /// numbers, and an allocation per job cost 48 bytes (a cron schedule is shared inside).
     pub recurrence: Recurrence,
@@ -125,15 +127,15 @@ impl Job {
             trace: None,
         };
         Ok(Job {
-            spec: Arc::new(spec),
+            spec: PackedSpec::new(&spec),
             recurrence,
             status,
         })
     }
 
     /// A job rebuilt from its stored spec and status.
-    pub fn restore(spec: Arc<JobSpec>, status: JobStatus) -> Result<Job, TriggerError> {
-        let recurrence = Recurrence::resolve(&spec.trigger, status.create_time)?;
+    pub fn restore(spec: PackedSpec, status: JobStatus) -> Result<Job, TriggerError> {
+        let recurrence = Recurrence::resolve(&spec.trigger(), status.create_time)?;
         Ok(Job {
             spec,
             recurrence,
@@ -143,11 +145,7 @@ impl Job {
 
     /// When occurrence `o` is released: `o` plus its jitter.
     pub fn due(&self, occurrence: Timestamp) -> Timestamp {
-        occurrence.plus(jitter_for(
-            &self.spec.id,
-            occurrence,
-            self.spec.trigger.jitter(),
-        ))
+        occurrence.plus(jitter_for(self.spec.id(), occurrence, self.spec.jitter()))
     }
 
     /// When the next occurrence is released, if the job is waiting for one: its due time, or
@@ -223,7 +221,7 @@ impl Job {
             (Transition::Resume, Scheduled | Paused) => Scheduled,
             (Transition::Pause | Transition::Resume, Completed | Cancelled) => {
                 return Err(TransitionRefused {
-                    id: self.spec.id.to_string(),
+                    id: self.spec.id().to_string(),
                     state: from,
                 });
             }
@@ -296,17 +294,18 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
     }
 
     let rec = &job.recurrence;
-    let in_range = |o: Timestamp| spec.end_time.is_none_or(|end| o < end);
+    let end_time = spec.end_time();
+    let in_range = |o: Timestamp| end_time.is_none_or(|end| o < end);
     let mut fires = Vec::new();
     let mut skipped = 0;
     let mut skipped_at_least = false;
-    let misfired = now.since(due) > spec.misfire_grace;
+    let misfired = now.since(due) > spec.misfire_grace();
     let last_handled = if !misfired {
         fires.push(first);
         first
     } else {
-        let mut cutoff = now.minus(spec.misfire_grace);
-        if let Some(end) = spec.end_time {
+        let mut cutoff = now.minus(spec.misfire_grace());
+        if let Some(end) = end_time {
             cutoff = cutoff.min(end.minus(1));
         }
         let mut latest = rec
@@ -319,7 +318,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
                 .latest_at_or_before(latest.minus(1))
                 .map_or(first, |l| l.max(first));
         }
-        match spec.misfire_policy {
+        match spec.misfire_policy() {
             MisfirePolicy::FireOnce => {
                 fires.push(latest);
                 let (n, capped) = rec.count_between(first, latest, MAX_COUNTED_OCCURRENCES);
@@ -349,8 +348,9 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         latest
     };
 
-    if spec.max_fires > 0 {
-        let remaining = spec.max_fires.saturating_sub(status.fire_count);
+    let max_fires = spec.max_fires();
+    if max_fires > 0 {
+        let remaining = max_fires.saturating_sub(status.fire_count);
         fires.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
     }
     let skipped_no_room = fires.len().saturating_sub(room) as u64;
@@ -360,7 +360,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         status.last_fire_time = Some(now);
     }
     let next = rec.next_after(last_handled).filter(|o| in_range(*o));
-    let exhausted = spec.max_fires > 0 && status.fire_count >= spec.max_fires;
+    let exhausted = max_fires > 0 && status.fire_count >= max_fires;
     if exhausted || next.is_none() {
         status.state = JobState::Completed;
         status.next_occurrence = None;

@@ -5,6 +5,7 @@
 
 pub mod fire;
 pub mod job;
+pub mod packed;
 pub mod time;
 pub mod trace;
 pub mod trigger;
@@ -14,6 +15,7 @@ pub use job::{
     Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, Transition,
     TransitionRefused, advance, advance_with_room, fire_id,
 };
+pub use packed::{JobKey, PackedSpec};
 pub use time::{Micros, Timestamp};
 pub use trace::TraceContext;
 pub use trigger::{Recurrence, TriggerError, TriggerSpec};

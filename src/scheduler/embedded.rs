@@ -21,7 +21,7 @@ use super::{
     Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats,
     list_scan_budget, mark_failed, mark_store, panic_message, shutting_down, timer,
 };
-use crate::domain::{Job, JobId, Micros, Timestamp};
+use crate::domain::{Job, JobKey, Micros, Timestamp};
 use crate::store::Store;
 
 /// Shared by the handle, the timer task, the writer thread and subscriptions.
@@ -236,9 +236,8 @@ impl Embedded {
     pub fn get(&self, id: &str) -> Result<Job, SchedulerError> {
         self.inner
             .lock()
-            .jobs
-            .get(id)
-            .map(|e| e.job.clone())
+            .job(id)
+            .cloned()
             .ok_or_else(|| SchedulerError::NotFound(id.to_string()))
     }
 
@@ -254,33 +253,33 @@ impl Embedded {
     ) -> (Vec<Job>, Option<String>) {
         let state = self.inner.lock();
         let start = match after {
-            Some(a) => Bound::Excluded(a),
+            Some(a) => Bound::Excluded(a.as_bytes()),
             None => Bound::Unbounded,
         };
-        let ids: Box<dyn Iterator<Item = &JobId>> = match &filter.queue {
+        let ids: Box<dyn Iterator<Item = &JobKey>> = match &filter.queue {
             Some(q) => match state.by_queue.get(q) {
-                Some(ids) => Box::new(ids.range::<str, _>((start, Bound::Unbounded))),
+                Some(ids) => Box::new(ids.range::<[u8], _>((start, Bound::Unbounded))),
                 None => Box::new(std::iter::empty()),
             },
             None => Box::new(
                 state
                     .jobs
-                    .range::<str, _>((start, Bound::Unbounded))
+                    .range::<[u8], _>((start, Bound::Unbounded))
                     .map(|(id, _)| id),
             ),
         };
         let mut page = Vec::new();
-        let mut last_seen: Option<&JobId> = None;
+        let mut last_seen: Option<&JobKey> = None;
         let mut budget = list_scan_budget(page_size);
         for id in ids {
             if page.len() == page_size || budget == 0 {
                 // More may match after what was looked at.
-                let next = last_seen.map(|id| id.to_string());
+                let next = last_seen.map(|id| id.id().to_string());
                 return (page, next);
             }
             budget -= 1;
             last_seen = Some(id);
-            if let Some(entry) = state.jobs.get(id)
+            if let Some(entry) = state.jobs.get(id.0.id_bytes())
                 && filter.matches(&entry.job)
             {
                 page.push(entry.job.clone());

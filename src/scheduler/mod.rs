@@ -218,12 +218,12 @@ pub struct JobFilter {
 
 impl JobFilter {
     fn matches(&self, job: &Job) -> bool {
-        self.queue.as_ref().is_none_or(|q| *q == job.spec.queue)
+        self.queue.as_ref().is_none_or(|q| *q == job.spec.queue())
             && (self.states.is_empty() || self.states.contains(&job.status.state))
             && self
                 .labels
                 .iter()
-                .all(|(k, v)| job.spec.labels.get(k) == Some(v))
+                .all(|(k, v)| job.spec.labels().get(k) == Some(v))
     }
 }
 

@@ -270,14 +270,14 @@ impl Replicated {
             s.armed(job.next_due());
             return Ok(job);
         }
-        match s.store.get_job(&job.spec.id).await.map_err(unavailable)? {
+        match s.store.get_job(job.spec.id()).await.map_err(unavailable)? {
             Some(existing) if existing.spec == job.spec => Ok(existing),
             // Deleted between the insert and the read: the id is free again.
             None => Err(SchedulerError::Unavailable(format!(
                 "job {} was deleted while it was being scheduled; retry",
-                job.spec.id
+                job.spec.id()
             ))),
-            Some(_) => Err(SchedulerError::AlreadyExists(job.spec.id.to_string())),
+            Some(_) => Err(SchedulerError::AlreadyExists(job.spec.id().to_string())),
         }
     }
 
@@ -294,7 +294,7 @@ impl Replicated {
                 index,
                 error: Box::new(SchedulerError::AlreadyExists(
                     jobs.get(index)
-                        .map(|j| j.spec.id.to_string())
+                        .map(|j| j.spec.id().to_string())
                         .unwrap_or_default(),
                 )),
             }),
@@ -373,7 +373,7 @@ impl Replicated {
             .await
             .map_err(unavailable)?;
         let next = if more {
-            jobs.last().map(|j| j.spec.id.to_string())
+            jobs.last().map(|j| j.spec.id().to_string())
         } else {
             None
         };
@@ -1124,7 +1124,7 @@ fn hand_out(
 ) {
     let mut held = sub.lock();
     for lease in leases {
-        let deadline = claimed_at.plus(lease.spec.ack_deadline);
+        let deadline = claimed_at.plus(lease.spec.ack_deadline());
         held.insert(
             lease.fire.fire_id.clone(),
             Held {

@@ -17,7 +17,7 @@ use tracing::error;
 
 use super::clock::Clock;
 use super::{FastMap, FastSet};
-use crate::domain::{FireRecord, Job, JobId, JobSpec, JobState, Micros, Timestamp};
+use crate::domain::{FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp};
 use crate::store::Snapshot;
 
 /// Identifies one Subscribe stream.
@@ -27,7 +27,7 @@ pub(crate) type SubId = u64;
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub fire: FireRecord,
-    pub spec: Arc<JobSpec>,
+    pub spec: PackedSpec,
     pub ack_deadline: Timestamp,
 }
 
@@ -50,7 +50,7 @@ pub(crate) enum FireStatus {
 #[derive(Debug)]
 pub(crate) struct FireEntry {
     pub rec: FireRecord,
-    pub spec: Arc<JobSpec>,
+    pub spec: PackedSpec,
     pub status: FireStatus,
 }
 
@@ -84,11 +84,11 @@ pub(crate) struct Subscriber {
 #[derive(Debug, Default)]
 pub(crate) struct DueWork {
     /// Jobs whose next occurrence is due, with that occurrence (taken out of `timers`).
-    pub jobs: Vec<(JobId, Timestamp)>,
+    pub jobs: Vec<(JobKey, Timestamp)>,
     /// Fires whose ack deadline passed; now `Pending`, to be redelivered.
     pub expired: Vec<String>,
     /// Finished jobs whose retention ended (taken out of `expiries`), to be deleted.
-    pub retired: Vec<JobId>,
+    pub retired: Vec<JobKey>,
     /// When the loop should look again, if anything is waiting.
     pub next_wake: Option<Timestamp>,
 }
@@ -96,19 +96,21 @@ pub(crate) struct DueWork {
 #[derive(Debug)]
 pub(crate) struct State {
     pub clock: Arc<dyn Clock>,
-    /// Boxed: the tree's nodes then move 24-byte entries when they split or shift, not
-    /// 160-byte ones, and keep fewer empty slots.
-    pub jobs: BTreeMap<JobId, Box<JobEntry>>,
-    /// Job ids per queue, in id order: ListJobs on one queue scans only that queue's jobs.
-    pub by_queue: FastMap<String, BTreeSet<JobId>>,
+    /// Keyed by the job's packed spec, ordered by id (searched with the id's bytes): an
+    /// 8-byte key that is the job's own allocation, not a copy of its id. Boxed: the tree's
+    /// nodes then move 16-byte entries when they split or shift, not 160-byte ones, and keep
+    /// fewer empty slots.
+    pub jobs: BTreeMap<JobKey, Box<JobEntry>>,
+    /// Jobs per queue, in id order: ListJobs on one queue scans only that queue's jobs.
+    pub by_queue: FastMap<String, BTreeSet<JobKey>>,
     /// How many jobs are in each state; changed only through [`State::put_job`].
     pub job_counts: BTreeMap<JobState, u64>,
     /// (due time, job id) of every SCHEDULED job with a next occurrence.
-    pub timers: BTreeSet<(Timestamp, JobId)>,
+    pub timers: BTreeSet<(Timestamp, JobKey)>,
     /// How long a finished job is kept (see [`State::expiry_of`]).
     pub retention: Micros,
     /// (deletion time, job id) of every COMPLETED or CANCELLED job.
-    pub expiries: BTreeSet<(Timestamp, JobId)>,
+    pub expiries: BTreeSet<(Timestamp, JobKey)>,
     pub fires: FastMap<String, FireEntry>,
     /// Fires outstanding per job (stored and not yet acked or dropped); a job with any is not
     /// deleted by retention.
@@ -169,17 +171,18 @@ impl State {
         let mut entries = Vec::with_capacity(snapshot.jobs.len());
         let mut timers = Vec::new();
         let mut expiries = Vec::new();
-        let mut by_queue: FastMap<String, Vec<JobId>> = FastMap::default();
+        let mut by_queue: FastMap<String, Vec<JobKey>> = FastMap::default();
         for (spec, status) in snapshot.jobs {
-            let id = spec.id.clone();
-            let job = match Job::restore(Arc::new(spec), status) {
+            let id = spec.clone();
+            let job = match Job::restore(spec, status) {
                 Ok(job) => job,
                 Err(e) => {
-                    error!(job_id = %id, error = %e, "stored job cannot be loaded; it stays in the store but does not fire");
+                    error!(job_id = %id.id(), error = %e, "stored job cannot be loaded; it stays in the store but does not fire");
                     continue;
                 }
             };
             *state.job_counts.entry(job.status.state).or_default() += 1;
+            let id = JobKey(job.spec.clone());
             let timer = job.next_due();
             let expiry = state.expiry_of(&job);
             if let Some(t) = timer {
@@ -188,10 +191,10 @@ impl State {
             if let Some(t) = expiry {
                 expiries.push((t, id.clone()));
             }
-            match by_queue.get_mut(job.spec.queue.as_str()) {
+            match by_queue.get_mut(job.spec.queue()) {
                 Some(ids) => ids.push(id.clone()),
                 None => {
-                    by_queue.insert(job.spec.queue.clone(), vec![id.clone()]);
+                    by_queue.insert(job.spec.queue().to_string(), vec![id.clone()]);
                 }
             }
             entries.push((id, Box::new(JobEntry { job, timer, expiry })));
@@ -209,7 +212,7 @@ impl State {
         let mut fires = snapshot.fires;
         fires.sort_by(|a, b| (a.fire_time, &a.fire_id).cmp(&(b.fire_time, &b.fire_id)));
         for rec in fires {
-            let Some(entry) = state.jobs.get(&rec.job_id) else {
+            let Some(entry) = state.jobs.get(rec.job_id.as_bytes()) else {
                 error!(fire_id = %rec.fire_id, job_id = %rec.job_id, "stored fire has no job; it is left in the store and not delivered");
                 continue;
             };
@@ -222,12 +225,21 @@ impl State {
     /// Stores a new or changed job, keeps the counts by state, and re-arms its timer and its
     /// deletion (one lookup of the job).
     pub fn put_job(&mut self, job: Job) {
-        let id = job.spec.id.clone();
-        *self.job_counts.entry(job.status.state).or_default() += 1;
+        let id = JobKey(job.spec.clone());
         let want_timer = job.next_due();
         let want_expiry = self.expiry_of(&job);
         let entry = match self.jobs.entry(id.clone()) {
+            std::collections::btree_map::Entry::Occupied(occupied)
+                if !occupied.key().0.ptr_eq(&job.spec) =>
+            {
+                // A job's spec never changes while it is held; a new spec under a held id
+                // (there is no such path today) replaces the job, so that no index keeps the
+                // old spec alive.
+                self.remove_job(job.spec.id());
+                return self.put_job(job);
+            }
             std::collections::btree_map::Entry::Occupied(occupied) => {
+                *self.job_counts.entry(job.status.state).or_default() += 1;
                 let entry = occupied.into_mut();
                 let old = std::mem::replace(&mut entry.job, job);
                 if let Some(n) = self.job_counts.get_mut(&old.status.state) {
@@ -236,13 +248,14 @@ impl State {
                 entry
             }
             std::collections::btree_map::Entry::Vacant(vacant) => {
-                match self.by_queue.get_mut(job.spec.queue.as_str()) {
+                *self.job_counts.entry(job.status.state).or_default() += 1;
+                match self.by_queue.get_mut(job.spec.queue()) {
                     Some(ids) => {
                         ids.insert(id.clone());
                     }
                     None => {
                         self.by_queue
-                            .insert(job.spec.queue.clone(), BTreeSet::from([id.clone()]));
+                            .insert(job.spec.queue().to_string(), BTreeSet::from([id.clone()]));
                     }
                 }
                 vacant.insert(Box::new(JobEntry {
@@ -261,26 +274,31 @@ impl State {
     }
 
     /// Takes a deleted job out of memory: its entry, its timer, its expiry and its count.
-    pub fn remove_job(&mut self, id: &JobId) {
-        let Some(entry) = self.jobs.remove(id) else {
+    pub fn remove_job(&mut self, id: &str) {
+        let Some((key, entry)) = self.jobs.remove_entry(id.as_bytes()) else {
             return;
         };
-        let queue = &entry.job.spec.queue;
+        let queue = entry.job.spec.queue();
         if let Some(ids) = self.by_queue.get_mut(queue) {
-            ids.remove(id);
+            ids.remove(id.as_bytes());
             if ids.is_empty() {
                 self.by_queue.remove(queue);
             }
         }
         if let Some(t) = entry.timer {
-            self.timers.remove(&(t, id.clone()));
+            self.timers.remove(&(t, key.clone()));
         }
         if let Some(t) = entry.expiry {
-            self.expiries.remove(&(t, id.clone()));
+            self.expiries.remove(&(t, key));
         }
         if let Some(n) = self.job_counts.get_mut(&entry.job.status.state) {
             *n = n.saturating_sub(1);
         }
+    }
+
+    /// The job held under `id`.
+    pub fn job(&self, id: &str) -> Option<&Job> {
+        self.jobs.get(id.as_bytes()).map(|e| &e.job)
     }
 
     /// When a finished job is deleted: `retention` after it finished (after now for a job
@@ -295,9 +313,9 @@ impl State {
     }
 
     /// Moves a job's deletion to `at` (none: not to be deleted).
-    pub fn set_expiry(&mut self, id: &JobId, at: Option<Timestamp>) {
-        if let Some(entry) = self.jobs.get_mut(id)
-            && rekey(&mut self.expiries, &mut entry.expiry, id, at)
+    pub fn set_expiry(&mut self, id: &str, at: Option<Timestamp>) {
+        if let Some((key, entry)) = get_mut(&mut self.jobs, id)
+            && rekey(&mut self.expiries, &mut entry.expiry, key, at)
         {
             self.timer_dirty = true;
         }
@@ -337,10 +355,10 @@ impl State {
 
     /// Puts a job's timer where its status says: armed at its next due time when SCHEDULED,
     /// absent otherwise.
-    pub fn sync_timer(&mut self, id: &JobId) {
-        if let Some(entry) = self.jobs.get_mut(id) {
+    pub fn sync_timer(&mut self, id: &str) {
+        if let Some((key, entry)) = get_mut(&mut self.jobs, id) {
             let want = entry.job.next_due();
-            if rekey(&mut self.timers, &mut entry.timer, id, want) {
+            if rekey(&mut self.timers, &mut entry.timer, key, want) {
                 self.timer_dirty = true;
             }
         }
@@ -355,7 +373,7 @@ impl State {
     }
 
     /// Adds a stored fire and makes it deliverable (now, or at its `not_before`).
-    pub fn insert_fire(&mut self, rec: FireRecord, spec: Arc<JobSpec>) {
+    pub fn insert_fire(&mut self, rec: FireRecord, spec: PackedSpec) {
         let id = rec.fire_id.clone();
         let not_before = rec.not_before;
         match self.fires.get(&id) {
@@ -442,7 +460,7 @@ impl State {
                 if entry.status != FireStatus::Ready {
                     continue;
                 }
-                let deadline = self.clock.steady_now().plus(entry.spec.ack_deadline);
+                let deadline = self.clock.steady_now().plus(entry.spec.ack_deadline());
                 entry.status = FireStatus::InFlight {
                     sub: sub_id,
                     deadline,
@@ -451,7 +469,7 @@ impl State {
                 let delivery = Delivery {
                     fire: entry.rec.clone(),
                     spec: entry.spec.clone(),
-                    ack_deadline: self.clock.now().plus(entry.spec.ack_deadline),
+                    ack_deadline: self.clock.now().plus(entry.spec.ack_deadline()),
                 };
                 self.insert_deadline(deadline, fire_id);
                 return Poll::Ready(Some(delivery));
@@ -542,7 +560,7 @@ impl State {
                 break;
             }
             self.timers.pop_first();
-            if let Some(entry) = self.jobs.get_mut(&id) {
+            if let Some(entry) = self.jobs.get_mut(id.0.id_bytes()) {
                 entry.timer = None;
                 if let Some(o) = entry.job.status.next_occurrence {
                     work.jobs.push((id, o));
@@ -579,7 +597,7 @@ impl State {
                 break;
             }
             self.expiries.pop_first();
-            if let Some(entry) = self.jobs.get_mut(&id) {
+            if let Some(entry) = self.jobs.get_mut(id.0.id_bytes()) {
                 entry.expiry = None;
                 work.retired.push(id);
             }
@@ -751,9 +769,9 @@ impl State {
 /// Moves `id`'s key in `index` from `*slot` to `want` (none: out of the index). True when the
 /// new key is the earliest of the index, so the timer loop must look again.
 fn rekey(
-    index: &mut BTreeSet<(Timestamp, JobId)>,
+    index: &mut BTreeSet<(Timestamp, JobKey)>,
     slot: &mut Option<Timestamp>,
-    id: &JobId,
+    id: &JobKey,
     want: Option<Timestamp>,
 ) -> bool {
     if *slot == want {
@@ -768,6 +786,19 @@ fn rekey(
     *slot = Some(t);
     index.insert((t, id.clone()));
     index.first().is_some_and(|(first, _)| *first == t)
+}
+
+/// The entry of job `id` and its key (`BTreeMap` has no `get_key_value_mut`; the key is a
+/// cheap clone of the job's shared spec).
+fn get_mut<'a>(
+    jobs: &'a mut BTreeMap<JobKey, Box<JobEntry>>,
+    id: &str,
+) -> Option<(&'a JobKey, &'a mut Box<JobEntry>)> {
+    jobs.range_mut::<[u8], _>((
+        std::ops::Bound::Included(id.as_bytes()),
+        std::ops::Bound::Included(id.as_bytes()),
+    ))
+    .next()
 }
 
 /// Counts one fewer for `key`, forgetting it at zero.
@@ -816,7 +847,10 @@ mod tests {
         }
         let restored = State::restore(
             Snapshot {
-                jobs: jobs.clone(),
+                jobs: jobs
+                    .iter()
+                    .map(|(spec, status)| (PackedSpec::new(spec), status.clone()))
+                    .collect(),
                 fires: Vec::new(),
             },
             clock.clone(),
@@ -824,7 +858,7 @@ mod tests {
         );
         let mut put = State::new(clock, 500);
         for (spec, status) in jobs {
-            put.put_job(Job::restore(Arc::new(spec), status).expect("job"));
+            put.put_job(Job::restore(PackedSpec::new(&spec), status).expect("job"));
         }
         let view = |s: &State| {
             (
@@ -845,5 +879,32 @@ mod tests {
         assert_eq!(restored.jobs.len(), 60);
         assert_eq!(restored.timers.len(), 15);
         assert_eq!(restored.expiries.len(), 30);
+    }
+
+    /// A job put under a held id with a new spec replaces the old one everywhere: no index
+    /// keeps the old spec (its queue, its timer) once the new one is in.
+    #[test]
+    fn a_new_spec_under_a_held_id_replaces_the_job() {
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(Timestamp(1_000)));
+        let mut state = State::new(clock, 500);
+        let mut first = spec("a");
+        first.queue = "old".into();
+        let mut status = status(JobState::Scheduled);
+        status.next_occurrence = Some(Timestamp(10));
+        state.put_job(Job::restore(PackedSpec::new(&first), status.clone()).expect("job"));
+        let mut second = spec("a");
+        second.queue = "new".into();
+        status.next_occurrence = Some(Timestamp(20));
+        let second = PackedSpec::new(&second);
+        state.put_job(Job::restore(second.clone(), status).expect("job"));
+
+        assert_eq!(state.jobs.len(), 1);
+        assert!(state.job("a").is_some_and(|j| j.spec.ptr_eq(&second)));
+        assert!(!state.by_queue.contains_key("old"));
+        assert_eq!(state.by_queue["new"].len(), 1);
+        let timers: Vec<_> = state.timers.iter().map(|(t, k)| (*t, k.id())).collect();
+        assert_eq!(timers, vec![(Timestamp(20), "a")]);
+        assert!(state.timers.iter().all(|(_, k)| k.0.ptr_eq(&second)));
+        assert_eq!(state.job_counts[&JobState::Scheduled], 1);
     }
 }

@@ -23,7 +23,7 @@ use super::state::{FireStatus, State};
 use super::{FastMap, FastSet};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
-    FireRecord, Job, JobId, JobState, Micros, Timestamp, advance_with_room, fire_id,
+    FireRecord, Job, JobId, JobKey, JobState, Micros, Timestamp, advance_with_room, fire_id,
 };
 use crate::store::Write;
 
@@ -90,7 +90,7 @@ pub(crate) enum Op {
     },
     /// Jobs the timer found due, each with the occurrence it saw.
     Advance {
-        due: Vec<(JobId, Timestamp)>,
+        due: Vec<(JobKey, Timestamp)>,
         reply: Reply<()>,
     },
     /// Fires already marked acked in memory; their records are deleted.
@@ -110,7 +110,7 @@ pub(crate) enum Op {
     /// Finished jobs whose retention ended; each is deleted unless a fire of it is still
     /// outstanding (then it is looked at again later).
     Retire {
-        ids: Vec<JobId>,
+        ids: Vec<JobKey>,
     },
     /// Commit even if nothing else is to be written: while commits fail, shows whether the
     /// store works again.
@@ -196,14 +196,14 @@ impl Batch {
         if self.deleted.contains(id) {
             return None;
         }
-        inner.lock().jobs.get(id).map(|e| e.job.clone())
+        inner.lock().job(id).cloned()
     }
 
     fn put_job(&mut self, mut job: Job, spec_too: bool) {
         if job.status.state.is_final() && job.status.finish_time.is_none() {
             job.status.finish_time = Some(self.now);
         }
-        let id = job.spec.id.clone();
+        let id: JobId = job.spec.id().into();
         self.deleted.remove(&id);
         if spec_too {
             self.writes.push(Write::PutSpec(job.spec.clone()));
@@ -323,9 +323,8 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
                 (_, Err(e)) => Err(e),
                 (Err(e), Ok(_)) => Err(not_stored(e)),
                 (Ok(()), Ok(id)) => state
-                    .jobs
-                    .get(&id)
-                    .map(|e| e.job.clone())
+                    .job(&id)
+                    .cloned()
                     .ok_or_else(|| SchedulerError::Internal(format!("job {id} vanished"))),
             };
             replies.push((reply, answer));
@@ -338,7 +337,7 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
                 (Ok(()), Ok(ids)) => ids
                     .iter()
                     .map(|id| {
-                        state.jobs.get(id).map(|e| e.job.clone()).ok_or_else(|| {
+                        state.job(id).cloned().ok_or_else(|| {
                             SchedulerError::Internal(format!("job {id} vanished"))
                         })
                     })
@@ -420,7 +419,7 @@ fn apply(
             }
             Effect::Rearm(id) => state.sync_timer(&id),
             Effect::NewFire(rec) => {
-                if let Some(spec) = state.jobs.get(&rec.job_id).map(|e| e.job.spec.clone()) {
+                if let Some(spec) = state.job(&rec.job_id).map(|j| j.spec.clone()) {
                     events.push(Event::Stored(rec.clone()));
                     state.insert_fire(rec, spec);
                 }
@@ -484,11 +483,11 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
         }
         Op::Retire { ids } => {
             for id in ids {
-                decide_retire(inner, batch, id);
+                decide_retire(inner, batch, id.id().into());
             }
         }
         Op::Schedule { job, reply } => {
-            let id = job.spec.id.clone();
+            let id: JobId = job.spec.id().into();
             let outcome = match batch.job(inner, &id) {
                 Some(existing) if existing.spec == job.spec => Ok(id),
                 Some(_) => Err(SchedulerError::AlreadyExists(id.to_string())),
@@ -505,11 +504,13 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             let mut exists = Vec::with_capacity(jobs.len());
             let mut taken = None;
             for (index, job) in jobs.iter().enumerate() {
-                match batch.job(inner, &job.spec.id) {
+                match batch.job(inner, job.spec.id()) {
                     Some(existing) if existing.spec != job.spec => {
                         taken = Some(SchedulerError::InBatch {
                             index,
-                            error: Box::new(SchedulerError::AlreadyExists(job.spec.id.to_string())),
+                            error: Box::new(SchedulerError::AlreadyExists(
+                                job.spec.id().to_string(),
+                            )),
                         });
                         break;
                     }
@@ -521,7 +522,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
                 None => {
                     let mut ids = Vec::with_capacity(jobs.len());
                     for (job, exists) in jobs.into_iter().zip(exists) {
-                        let id = job.spec.id.clone();
+                        let id: JobId = job.spec.id().into();
                         if !exists {
                             batch.put_job(job, true);
                         }
@@ -542,7 +543,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
         }
         Op::Advance { due, reply } => {
             for (id, expected) in due {
-                decide_advance(inner, batch, id, expected, now);
+                decide_advance(inner, batch, id.id().into(), expected, now);
             }
             batch.unit_replies.push(reply);
         }
@@ -591,7 +592,7 @@ fn decide_transition(
     {
         batch.put_job(job.clone(), false);
     }
-    Ok(job.spec.id.clone())
+    Ok(job.spec.id().into())
 }
 
 /// Deletes a job and its outstanding fires; answers how many fires were dropped.
@@ -599,7 +600,7 @@ fn decide_delete(inner: &Inner, batch: &mut Batch, id: &str) -> Result<u32, Sche
     let Some(job) = batch.job(inner, id) else {
         return Err(SchedulerError::NotFound(id.to_string()));
     };
-    let id = job.spec.id.clone();
+    let id: JobId = job.spec.id().into();
     let fires = inner.lock().fires_of(&id);
     delete_job(batch, id, fires.clone());
     Ok(u32::try_from(fires.len()).unwrap_or(u32::MAX))
@@ -656,7 +657,7 @@ fn decide_advance(
         batch.effects.push(Effect::Rearm(id));
         return;
     }
-    let queue = job.spec.queue.clone();
+    let queue = job.spec.queue().to_string();
     // Memory's count is read once per queue and batch; fires this batch adds are counted on top.
     let outstanding = *batch
         .queue_fires
@@ -676,9 +677,9 @@ fn decide_advance(
         };
         warn!(
             job_id = %id,
-            queue = %job.spec.queue,
+            queue = %job.spec.queue(),
             skipped = plan.skipped,
-            policy = ?job.spec.misfire_policy,
+            policy = ?job.spec.misfire_policy(),
             "{at_least}{} missed occurrence(s) skipped by the misfire policy",
             plan.skipped
         );
@@ -707,7 +708,7 @@ fn decide_advance(
         let mut rec = FireRecord {
             fire_id: fire_id(&id, *occurrence),
             job_id: id.clone(),
-            queue: job.spec.queue.clone(),
+            queue: job.spec.queue().to_string(),
             scheduled_time: *occurrence,
             fire_time: now,
             attempt: 1,
@@ -753,8 +754,8 @@ fn decide_redelivery(
     match after_attempt(
         rec.attempt,
         rec.dead_lettered,
-        spec.max_attempts,
-        spec.dead_letter_queue.as_deref(),
+        spec.max_attempts(),
+        spec.dead_letter_queue(),
         delay,
     ) {
         AfterAttempt::DeadLetter { queue } => {

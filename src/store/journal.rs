@@ -79,7 +79,7 @@ pub(super) fn encode_batch(writes: &[Write], buf: &mut Vec<u8>) -> Result<(), St
     buf.extend_from_slice(&[0; FRAME_LEN]);
     for w in writes {
         match w {
-            Write::PutSpec(spec) => put(buf, Table::Specs, &spec.id, spec.as_ref())?,
+            Write::PutSpec(spec) => put(buf, Table::Specs, spec.id(), spec)?,
             Write::PutStatus(id, status) => put(buf, Table::Statuses, id, status)?,
             Write::PutFire(fire) => put(buf, Table::Fires, &fire.fire_id, fire)?,
             Write::DeleteFire(id) => delete(buf, Table::Fires, id)?,
@@ -339,12 +339,12 @@ pub(super) fn file_error(what: &str, path: &Path, e: std::io::Error) -> StoreErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::PackedSpec;
     use crate::store::contract::{fire, spec, status};
-    use std::sync::Arc;
 
     fn batch() -> Vec<Write> {
         vec![
-            Write::PutSpec(Arc::new(spec("a"))),
+            Write::PutSpec(PackedSpec::new(&spec("a"))),
             Write::PutStatus("a".into(), status(crate::domain::JobState::Scheduled)),
             Write::PutFire(fire("f")),
             Write::DeleteFire("g".into()),

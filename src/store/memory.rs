@@ -2,16 +2,15 @@
 //! It can be told to fail commits, to test how the scheduler copes with a failing disk.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Snapshot, Store, StoreError, Write};
-use crate::domain::{FireRecord, JobSpec, JobStatus};
+use crate::domain::{FireRecord, JobStatus, PackedSpec};
 
 #[derive(Debug, Default)]
 struct Tables {
-    specs: BTreeMap<String, Arc<JobSpec>>,
+    specs: BTreeMap<String, PackedSpec>,
     statuses: BTreeMap<String, JobStatus>,
     fires: BTreeMap<String, FireRecord>,
 }
@@ -46,7 +45,7 @@ impl Store for MemoryStore {
                 .specs
                 .get(id)
                 .ok_or_else(|| StoreError::MissingSpec(id.clone()))?;
-            jobs.push((JobSpec::clone(spec), status.clone()));
+            jobs.push((spec.clone(), status.clone()));
         }
         Ok(Snapshot {
             jobs,
@@ -65,7 +64,7 @@ impl Store for MemoryStore {
         for w in writes {
             match w {
                 Write::PutSpec(spec) => {
-                    t.specs.insert(spec.id.to_string(), spec.clone());
+                    t.specs.insert(spec.id().to_string(), spec.clone());
                 }
                 Write::PutStatus(id, status) => {
                     t.statuses.insert(id.to_string(), status.clone());

@@ -18,18 +18,16 @@ mod memory;
 pub mod postgres;
 mod redb_store;
 
-use std::sync::Arc;
-
 pub use memory::MemoryStore;
 pub use redb_store::{DB_FILE_NAME, RedbStore};
 
-use crate::domain::{FireRecord, JobId, JobSpec, JobStatus};
+use crate::domain::{FireRecord, JobId, JobStatus, PackedSpec};
 
 /// One change in a batch. Batches are applied in order, all or nothing.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// A new job's spec.
-    PutSpec(Arc<JobSpec>),
+    /// A new job's spec (encoded as the [`JobSpec`](crate::domain::JobSpec) it holds).
+    PutSpec(PackedSpec),
     /// A job's current status.
     PutStatus(JobId, JobStatus),
     /// A fire, new or updated.
@@ -43,7 +41,8 @@ pub enum Write {
 /// Everything a store holds, as loaded at start-up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub jobs: Vec<(JobSpec, JobStatus)>,
+    /// Packed as they are read, so that a million specs are never held twice at start-up.
+    pub jobs: Vec<(PackedSpec, JobStatus)>,
     pub fires: Vec<FireRecord>,
 }
 
@@ -157,7 +156,7 @@ pub(crate) mod contract {
     //! Tests every store must pass.
 
     use super::*;
-    use crate::domain::{JobState, MisfirePolicy, Timestamp, TriggerSpec};
+    use crate::domain::{JobSpec, JobState, MisfirePolicy, Timestamp, TriggerSpec};
     use bytes::Bytes;
     use std::collections::BTreeMap;
 
@@ -206,7 +205,7 @@ pub(crate) mod contract {
 
     /// Writes are applied in order, and a load returns exactly what was committed.
     pub fn round_trips(store: &dyn Store) {
-        let a = Arc::new(spec("a"));
+        let a = PackedSpec::new(&spec("a"));
         store
             .commit(&[
                 Write::PutSpec(a.clone()),
@@ -223,7 +222,10 @@ pub(crate) mod contract {
             ])
             .expect("commit");
         let snap = store.load().expect("load");
-        assert_eq!(snap.jobs, vec![(spec("a"), status(JobState::Paused))]);
+        assert_eq!(
+            snap.jobs,
+            vec![(PackedSpec::new(&spec("a")), status(JobState::Paused))]
+        );
         assert_eq!(snap.fires, vec![fire("f2")]);
     }
 }

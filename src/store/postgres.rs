@@ -22,8 +22,8 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use super::{StoreError, codec};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
-    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Timestamp, TraceContext, Transition,
-    TransitionRefused, advance_with_room, fire_id,
+    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, PackedSpec, Timestamp, TraceContext,
+    Transition, TransitionRefused, advance_with_room, fire_id,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -165,7 +165,7 @@ impl PgStore {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "SELECT {JOB_COLUMNS} FROM tickd_jobs WHERE id = $1 FOR SHARE"
             )))
-            .bind(&*job.spec.id)
+            .bind(job.spec.id())
             .fetch_optional(&mut *tx)
             .await
             .map_err(db)?;
@@ -231,10 +231,7 @@ impl PgStore {
             .map(|row| Ok((job_from_row(row)?, instant(row, "db_now")?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
         // Outstanding fires per queue of these jobs, counted once; this batch's are added.
-        let mut queues: Vec<&str> = jobs
-            .iter()
-            .map(|((j, _), _)| j.spec.queue.as_str())
-            .collect();
+        let mut queues: Vec<&str> = jobs.iter().map(|((j, _), _)| j.spec.queue()).collect();
         queues.sort_unstable();
         queues.dedup();
         let mut outstanding: std::collections::HashMap<String, usize> =
@@ -251,8 +248,8 @@ impl PgStore {
         let mut fires = NewFires::default();
         let mut updates = Vec::with_capacity(jobs.len());
         for ((job, version), db_now) in jobs {
-            let id = job.spec.id.to_string();
-            let held = outstanding.entry(job.spec.queue.clone()).or_default();
+            let id = job.spec.id().to_string();
+            let held = outstanding.entry(job.spec.queue().to_string()).or_default();
             // One advance takes one on-time occurrence (or settles a misfire); a job late by
             // several on-time occurrences takes several steps, at most MAX_STEPS per release
             // (the rest is still due, for the next).
@@ -260,7 +257,7 @@ impl PgStore {
             let mut occurrences = Vec::new();
             let mut skipped = Skipped {
                 job_id: id.clone(),
-                queue: job.spec.queue.clone(),
+                queue: job.spec.queue().to_string(),
                 misfire: 0,
                 misfire_at_least: false,
                 backlog_full: 0,
@@ -287,7 +284,7 @@ impl PgStore {
                 let mut rec = FireRecord {
                     fire_id: fire_id(&id, occurrence),
                     job_id: id.as_str().into(),
-                    queue: job.spec.queue.clone(),
+                    queue: job.spec.queue().to_string(),
                     scheduled_time: occurrence,
                     fire_time: db_now,
                     attempt: 1,
@@ -579,7 +576,7 @@ impl PgStore {
                 let spec = spec.ok_or_else(|| StoreError::MissingSpec(fire.job_id.to_string()))?;
                 let spec: JobSpec = codec::decode("tickd_jobs", &fire.job_id, &spec)?;
                 Ok(Lease {
-                    spec: std::sync::Arc::new(spec),
+                    spec: PackedSpec::new(&spec),
                     fire,
                     token: row.try_get("lease_token").map_err(db)?,
                     expires_at: instant(&row, "lease_expires_at")?,
@@ -816,7 +813,7 @@ impl FailedAttempt {
 pub struct Lease {
     pub fire: FireRecord,
     /// The fire's job (payload, labels, delivery options).
-    pub spec: std::sync::Arc<JobSpec>,
+    pub spec: PackedSpec,
     /// Names this lease: a nack or extend must carry it, so a stale holder changes nothing.
     pub token: uuid::Uuid,
     pub expires_at: Timestamp,
@@ -960,7 +957,7 @@ fn job_from_row(row: &sqlx::postgres::PgRow) -> Result<(Job, i64), StoreError> {
         trace: decode_trace(row, "tickd_jobs", &id)?.map(Box::new),
     };
     let version: i64 = row.try_get("version").map_err(db)?;
-    let job = Job::restore(std::sync::Arc::new(spec), status)
+    let job = Job::restore(PackedSpec::new(&spec), status)
         .map_err(|e| StoreError::Io(format!("job {id}: {e}")))?;
     Ok((job, version))
 }
@@ -975,7 +972,7 @@ async fn insert_rows<'e>(
     let mut seen = std::collections::HashSet::new();
     let mut first = Vec::with_capacity(jobs.len());
     for job in jobs {
-        first.push(seen.insert(&*job.spec.id));
+        first.push(seen.insert(job.spec.id()));
         cols.push(job)?;
     }
     let inserted: Vec<String> = sqlx::query_scalar(
@@ -1005,7 +1002,7 @@ async fn insert_rows<'e>(
     Ok(jobs
         .iter()
         .zip(first)
-        .map(|(job, first)| first && inserted.contains(&*job.spec.id))
+        .map(|(job, first)| first && inserted.contains(job.spec.id()))
         .collect())
 }
 
@@ -1029,9 +1026,9 @@ struct JobRows {
 impl JobRows {
     fn push(&mut self, job: &Job) -> Result<(), StoreError> {
         let s = &job.status;
-        self.ids.push(job.spec.id.to_string());
-        self.queues.push(job.spec.queue.clone());
-        self.specs.push(codec::encode(job.spec.as_ref())?);
+        self.ids.push(job.spec.id().to_string());
+        self.queues.push(job.spec.queue().to_string());
+        self.specs.push(codec::encode(&job.spec)?);
         self.states.push(state_name(s.state));
         self.next.push(s.next_occurrence.map(time).transpose()?);
         self.due.push(job.next_due().map(time).transpose()?);
@@ -1040,7 +1037,7 @@ impl JobRows {
         self.created.push(time(s.create_time)?);
         self.last.push(s.last_fire_time.map(time).transpose()?);
         self.finished.push(s.finish_time.map(time).transpose()?);
-        self.labels.push(labels_json(&job.spec.labels)?);
+        self.labels.push(labels_json(job.spec.labels())?);
         self.traces
             .push(s.trace.as_deref().map(codec::encode).transpose()?);
         Ok(())
@@ -1069,11 +1066,11 @@ impl NewFires {
         self.queues.push(rec.queue.clone());
         self.scheduled.push(time(rec.scheduled_time)?);
         self.fired.push(time(rec.fire_time)?);
-        self.ack_deadlines.push(job.spec.ack_deadline);
+        self.ack_deadlines.push(job.spec.ack_deadline());
         self.max_attempts
-            .push(i32::try_from(job.spec.max_attempts).unwrap_or(i32::MAX));
+            .push(i32::try_from(job.spec.max_attempts()).unwrap_or(i32::MAX));
         self.dead_letter_queues
-            .push(job.spec.dead_letter_queue.clone());
+            .push(job.spec.dead_letter_queue().map(str::to_string));
         self.traces
             .push(rec.trace.as_ref().map(codec::encode).transpose()?);
         self.records.push(rec);
@@ -1141,7 +1138,7 @@ async fn update_jobs(
     let mut nows = Vec::with_capacity(jobs.len());
     for (job, version, now) in jobs {
         let s = &job.status;
-        ids.push(job.spec.id.to_string());
+        ids.push(job.spec.id().to_string());
         versions.push(*version);
         states.push(state_name(s.state));
         next.push(s.next_occurrence.map(time).transpose()?);
@@ -1198,7 +1195,7 @@ async fn update_job(
          version = version + 1 \
          WHERE id = $1 AND version = $2",
     )
-    .bind(&*job.spec.id)
+    .bind(job.spec.id())
     .bind(version)
     .bind(state_name(s.state))
     .bind(s.next_occurrence.map(time).transpose()?)
@@ -1212,7 +1209,7 @@ async fn update_job(
     if moved.rows_affected() != 1 {
         return Err(StoreError::Io(format!(
             "job {} changed while it was being updated; nothing of this change was made",
-            job.spec.id
+            job.spec.id()
         )));
     }
     Ok(())

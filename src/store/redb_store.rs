@@ -28,7 +28,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::journal::{self, Appender, Table};
 use super::{Snapshot, Store, StoreError, Write, codec, is_full};
-use crate::domain::{FireRecord, JobSpec, JobStatus};
+use crate::domain::{FireRecord, JobSpec, JobStatus, PackedSpec};
 
 const SPECS: TableDefinition<&str, &[u8]> = TableDefinition::new("job_specs");
 const STATUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_statuses");
@@ -447,7 +447,7 @@ impl Store for RedbStore {
                 .map_err(io("read job_specs"))?
                 .ok_or_else(|| StoreError::MissingSpec(id.to_string()))?;
             let spec: JobSpec = codec::decode("job_specs", id, spec_bytes.value())?;
-            snap.jobs.push((spec, status));
+            snap.jobs.push((PackedSpec::new(&spec), status));
         }
         for entry in fires.iter().map_err(io("scan fires"))? {
             let (key, value) = entry.map_err(io("read fires"))?;
@@ -477,7 +477,7 @@ impl Store for RedbStore {
 mod tests {
     use super::*;
     use crate::domain::JobState;
-    use std::sync::Arc;
+    use crate::domain::PackedSpec;
 
     /// The redb store keeps the store contract.
     #[test]
@@ -495,7 +495,7 @@ mod tests {
             let store = RedbStore::open(dir.path()).expect("open");
             store
                 .commit(&[
-                    Write::PutSpec(Arc::new(super::super::contract::spec("a"))),
+                    Write::PutSpec(PackedSpec::new(&super::super::contract::spec("a"))),
                     Write::PutStatus(
                         "a".into(),
                         super::super::contract::status(JobState::Scheduled),

@@ -1,0 +1,546 @@
+//! A job's spec as tickd holds it in memory: one shared allocation per job.
+//!
+//! [`JobSpec`] is the spec as validation builds it and the stores read it: a struct of owned
+//! fields, five or six allocations per job. A scheduler holding a million jobs keeps each one
+//! as a [`PackedSpec`] instead: a thin pointer (8 bytes) to one reference-counted allocation
+//! holding the fixed fields and, after them, the id, queue, dead-letter queue, cron expression,
+//! time zone and payload bytes back to back. Fires, indexes and the writer share it by cloning
+//! the pointer. It never changes once built.
+//!
+//! [`JobKey`] orders a packed spec by its job id, for the scheduler's indexes; it borrows as the
+//! id's bytes so that the indexes are searched with a `&[u8]`.
+
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::fmt;
+
+use bytes::Bytes;
+use serde::{Serialize, Serializer};
+use triomphe::ThinArc;
+
+use super::job::{JobSpec, MisfirePolicy};
+use super::time::{Micros, Timestamp};
+use super::trigger::TriggerSpec;
+
+/// Which [`TriggerSpec`] variant a packed spec holds, and what its three numbers mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `[at, -, -]`
+    At,
+    /// `[after, -, -]`
+    After,
+    /// `[period, start_time, jitter]`; start_time only with `HAS_START`.
+    Every,
+    /// The expression and the time zone are in the bytes.
+    Cron,
+}
+
+const HAS_END_TIME: u8 = 1;
+const HAS_START: u8 = 2;
+const HAS_DLQ: u8 = 4;
+/// Every end offset is exact (always, unless the strings passed 4 GiB; see `Header::ends`): each
+/// string of the bytes is then known to be exactly the UTF-8 it was copied from.
+const ENDS_EXACT: u8 = 8;
+
+/// The fixed-size part. The bytes that follow it are, in order: id, queue, dead-letter queue,
+/// cron expression, time zone (each ending at the offset in `ends`), then the payload.
+#[derive(PartialEq, Eq)]
+struct Header {
+    /// Boxed: most jobs carry none, and an empty map inline would cost 24 bytes a job, not 8.
+    #[allow(clippy::box_collection)]
+    labels: Option<Box<BTreeMap<String, String>>>,
+    max_fires: u64,
+    misfire_grace: Micros,
+    ack_deadline: Micros,
+    end_time: Timestamp,
+    trigger: [i64; 3],
+    max_attempts: u32,
+    /// End offsets of id, queue, dead-letter queue, expression and time zone. Every source of a
+    /// spec bounds these strings far below 4 GiB (validation to 128 bytes for names; the stores'
+    /// records are at most 4 GiB in all), so `u32` holds them.
+    ends: [u32; 5],
+    kind: Kind,
+    flags: u8,
+    misfire_policy: MisfirePolicy,
+}
+
+/// A job's spec in one shared allocation. Cloning shares it. Compares equal to another when
+/// every field is equal (as the [`JobSpec`] each was built from would).
+#[derive(Clone)]
+pub struct PackedSpec(ThinArc<Header, u8>);
+
+impl PackedSpec {
+    pub fn new(spec: &JobSpec) -> PackedSpec {
+        let (kind, trigger, flags_from_trigger, expression, time_zone) = match &spec.trigger {
+            TriggerSpec::At { at } => (Kind::At, [at.0, 0, 0], 0, "", ""),
+            TriggerSpec::After { after } => (Kind::After, [*after, 0, 0], 0, "", ""),
+            TriggerSpec::Every {
+                period,
+                start_time,
+                jitter,
+            } => (
+                Kind::Every,
+                [*period, start_time.map_or(0, |t| t.0), *jitter],
+                if start_time.is_some() { HAS_START } else { 0 },
+                "",
+                "",
+            ),
+            TriggerSpec::Cron {
+                expression,
+                time_zone,
+            } => (
+                Kind::Cron,
+                [0, 0, 0],
+                0,
+                expression.as_str(),
+                time_zone.as_str(),
+            ),
+        };
+        let dlq = spec.dead_letter_queue.as_deref();
+        let strings = [
+            &*spec.id,
+            spec.queue.as_str(),
+            dlq.unwrap_or(""),
+            expression,
+            time_zone,
+        ];
+        let mut bytes =
+            Vec::with_capacity(strings.iter().map(|s| s.len()).sum::<usize>() + spec.payload.len());
+        let mut ends = [0u32; 5];
+        let mut exact = true;
+        for (end, s) in ends.iter_mut().zip(strings) {
+            bytes.extend_from_slice(s.as_bytes());
+            *end = u32::try_from(bytes.len()).unwrap_or_else(|_| {
+                exact = false;
+                u32::MAX
+            });
+        }
+        bytes.extend_from_slice(&spec.payload);
+        let mut flags = flags_from_trigger;
+        if exact {
+            flags |= ENDS_EXACT;
+        }
+        if spec.end_time.is_some() {
+            flags |= HAS_END_TIME;
+        }
+        if dlq.is_some() {
+            flags |= HAS_DLQ;
+        }
+        let header = Header {
+            labels: (!spec.labels.is_empty()).then(|| Box::new(spec.labels.clone())),
+            max_fires: spec.max_fires,
+            misfire_grace: spec.misfire_grace,
+            ack_deadline: spec.ack_deadline,
+            end_time: spec.end_time.unwrap_or_default(),
+            trigger,
+            max_attempts: spec.max_attempts,
+            ends,
+            kind,
+            flags,
+            misfire_policy: spec.misfire_policy,
+        };
+        PackedSpec(ThinArc::from_header_and_slice(header, &bytes))
+    }
+
+    fn header(&self) -> &Header {
+        &self.0.header.header
+    }
+
+    /// String `i` of the bytes (see [`Header`]); empty if the offsets were ever out of place.
+    /// Read on every index lookup and fire, so not validated again when the offsets are exact.
+    fn string(&self, i: usize) -> &str {
+        let h = self.header();
+        let start = if i == 0 { 0 } else { h.ends[i - 1] as usize };
+        let bytes = self.0.slice.get(start..h.ends[i] as usize).unwrap_or(&[]);
+        if h.flags & ENDS_EXACT != 0 {
+            // SAFETY: with exact offsets, `start..end` is exactly the range `new` filled by
+            // copying one `&str` (strings are copied whole, back to back, and their end
+            // offsets recorded), and neither the bytes nor the header change after `new`.
+            unsafe { std::str::from_utf8_unchecked(bytes) }
+        } else {
+            std::str::from_utf8(bytes).unwrap_or("")
+        }
+    }
+
+    /// The job id's bytes (ordering by them is ordering by the id).
+    pub fn id_bytes(&self) -> &[u8] {
+        let end = self.header().ends[0] as usize;
+        self.0.slice.get(..end).unwrap_or(&[])
+    }
+
+    pub fn id(&self) -> &str {
+        self.string(0)
+    }
+
+    pub fn queue(&self) -> &str {
+        self.string(1)
+    }
+
+    pub fn dead_letter_queue(&self) -> Option<&str> {
+        (self.header().flags & HAS_DLQ != 0).then(|| self.string(2))
+    }
+
+    pub fn payload_bytes(&self) -> &[u8] {
+        let start = self.header().ends[4] as usize;
+        self.0.slice.get(start..).unwrap_or(&[])
+    }
+
+    /// The payload as `Bytes` sharing this allocation (no copy).
+    pub fn payload(&self) -> Bytes {
+        if self.payload_bytes().is_empty() {
+            return Bytes::new();
+        }
+        Bytes::from_owner(PayloadOf(self.clone()))
+    }
+
+    pub fn labels(&self) -> &BTreeMap<String, String> {
+        static NONE: BTreeMap<String, String> = BTreeMap::new();
+        self.header().labels.as_deref().unwrap_or(&NONE)
+    }
+
+    pub fn trigger(&self) -> TriggerSpec {
+        let h = self.header();
+        let [a, b, c] = h.trigger;
+        match h.kind {
+            Kind::At => TriggerSpec::At { at: Timestamp(a) },
+            Kind::After => TriggerSpec::After { after: a },
+            Kind::Every => TriggerSpec::Every {
+                period: a,
+                start_time: (h.flags & HAS_START != 0).then_some(Timestamp(b)),
+                jitter: c,
+            },
+            Kind::Cron => TriggerSpec::Cron {
+                expression: self.string(3).to_string(),
+                time_zone: self.string(4).to_string(),
+            },
+        }
+    }
+
+    /// The most a fire of this trigger is delayed by jitter.
+    pub fn jitter(&self) -> Micros {
+        let h = self.header();
+        match h.kind {
+            Kind::Every => h.trigger[2],
+            _ => 0,
+        }
+    }
+
+    /// 0 = unbounded.
+    pub fn max_fires(&self) -> u64 {
+        self.header().max_fires
+    }
+
+    /// Exclusive.
+    pub fn end_time(&self) -> Option<Timestamp> {
+        let h = self.header();
+        (h.flags & HAS_END_TIME != 0).then_some(h.end_time)
+    }
+
+    pub fn misfire_policy(&self) -> MisfirePolicy {
+        self.header().misfire_policy
+    }
+
+    pub fn misfire_grace(&self) -> Micros {
+        self.header().misfire_grace
+    }
+
+    pub fn ack_deadline(&self) -> Micros {
+        self.header().ack_deadline
+    }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.header().max_attempts
+    }
+
+    /// The spec as a struct of owned fields (copies every string and the payload).
+    pub fn to_spec(&self) -> JobSpec {
+        JobSpec {
+            id: self.id().into(),
+            queue: self.queue().to_string(),
+            trigger: self.trigger(),
+            payload: Bytes::copy_from_slice(self.payload_bytes()),
+            labels: self.labels().clone(),
+            max_fires: self.max_fires(),
+            end_time: self.end_time(),
+            misfire_policy: self.misfire_policy(),
+            misfire_grace: self.misfire_grace(),
+            ack_deadline: self.ack_deadline(),
+            max_attempts: self.max_attempts(),
+            dead_letter_queue: self.dead_letter_queue().map(str::to_string),
+        }
+    }
+
+    /// Whether both point at the same allocation.
+    pub fn ptr_eq(&self, other: &PackedSpec) -> bool {
+        self.0.heap_ptr() == other.0.heap_ptr()
+    }
+}
+
+impl From<JobSpec> for PackedSpec {
+    fn from(spec: JobSpec) -> PackedSpec {
+        PackedSpec::new(&spec)
+    }
+}
+
+impl PartialEq for PackedSpec {
+    fn eq(&self, other: &PackedSpec) -> bool {
+        self.ptr_eq(other) || (self.header() == other.header() && self.0.slice == other.0.slice)
+    }
+}
+
+impl Eq for PackedSpec {}
+
+impl PartialEq<JobSpec> for PackedSpec {
+    fn eq(&self, other: &JobSpec) -> bool {
+        self.to_spec() == *other
+    }
+}
+
+impl fmt::Debug for PackedSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PackedSpec")
+            .field("id", &self.id())
+            .field("queue", &self.queue())
+            .field("trigger", &self.trigger())
+            .field("payload_bytes", &self.payload_bytes().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serializes exactly as the [`JobSpec`] it was built from does, without building one: the
+/// stores encode it when a job is created.
+impl Serialize for PackedSpec {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        #[serde(rename = "TriggerSpec")]
+        enum TriggerView<'a> {
+            At {
+                at: Timestamp,
+            },
+            After {
+                after: Micros,
+            },
+            Every {
+                period: Micros,
+                start_time: Option<Timestamp>,
+                jitter: Micros,
+            },
+            Cron {
+                expression: &'a str,
+                time_zone: &'a str,
+            },
+        }
+        struct Raw<'a>(&'a [u8]);
+        impl Serialize for Raw<'_> {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_bytes(self.0)
+            }
+        }
+        #[derive(Serialize)]
+        #[serde(rename = "JobSpec")]
+        struct View<'a> {
+            id: &'a str,
+            queue: &'a str,
+            trigger: TriggerView<'a>,
+            payload: Raw<'a>,
+            labels: &'a BTreeMap<String, String>,
+            max_fires: u64,
+            end_time: Option<Timestamp>,
+            misfire_policy: MisfirePolicy,
+            misfire_grace: Micros,
+            ack_deadline: Micros,
+            max_attempts: u32,
+            dead_letter_queue: Option<&'a str>,
+        }
+        let h = self.header();
+        let [a, b, c] = h.trigger;
+        let trigger = match h.kind {
+            Kind::At => TriggerView::At { at: Timestamp(a) },
+            Kind::After => TriggerView::After { after: a },
+            Kind::Every => TriggerView::Every {
+                period: a,
+                start_time: (h.flags & HAS_START != 0).then_some(Timestamp(b)),
+                jitter: c,
+            },
+            Kind::Cron => TriggerView::Cron {
+                expression: self.string(3),
+                time_zone: self.string(4),
+            },
+        };
+        View {
+            id: self.id(),
+            queue: self.queue(),
+            trigger,
+            payload: Raw(self.payload_bytes()),
+            labels: self.labels(),
+            max_fires: h.max_fires,
+            end_time: self.end_time(),
+            misfire_policy: h.misfire_policy,
+            misfire_grace: h.misfire_grace,
+            ack_deadline: h.ack_deadline,
+            max_attempts: h.max_attempts,
+            dead_letter_queue: self.dead_letter_queue(),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Owns the spec while a payload `Bytes` made from it lives.
+struct PayloadOf(PackedSpec);
+
+impl AsRef<[u8]> for PayloadOf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.payload_bytes()
+    }
+}
+
+/// A packed spec ordered, compared and hashed by its job id alone: the key of the scheduler's
+/// job indexes. Borrows as the id's bytes, so an index is searched with `id.as_bytes()`.
+#[derive(Clone, Debug)]
+pub struct JobKey(pub PackedSpec);
+
+impl JobKey {
+    pub fn id(&self) -> &str {
+        self.0.id()
+    }
+}
+
+impl PartialEq for JobKey {
+    fn eq(&self, other: &JobKey) -> bool {
+        self.0.id_bytes() == other.0.id_bytes()
+    }
+}
+
+impl Eq for JobKey {}
+
+impl PartialOrd for JobKey {
+    fn partial_cmp(&self, other: &JobKey) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for JobKey {
+    fn cmp(&self, other: &JobKey) -> Ordering {
+        self.0.id_bytes().cmp(other.0.id_bytes())
+    }
+}
+
+impl std::hash::Hash for JobKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.id_bytes().hash(state);
+    }
+}
+
+impl Borrow<[u8]> for JobKey {
+    fn borrow(&self) -> &[u8] {
+        self.0.id_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::contract::spec;
+
+    fn variants() -> Vec<JobSpec> {
+        let mut out = Vec::new();
+        for (i, trigger) in [
+            TriggerSpec::At { at: Timestamp(-5) },
+            TriggerSpec::After { after: 7 },
+            TriggerSpec::Every {
+                period: 10,
+                start_time: None,
+                jitter: 3,
+            },
+            TriggerSpec::Every {
+                period: 10,
+                start_time: Some(Timestamp(0)),
+                jitter: 0,
+            },
+            TriggerSpec::Cron {
+                expression: "*/5 * * * * *".into(),
+                time_zone: "Europe/Berlin".into(),
+            },
+            TriggerSpec::Cron {
+                expression: "@daily".into(),
+                time_zone: String::new(),
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut s = spec(&format!("jöb-{i}"));
+            s.trigger = trigger;
+            s.queue = format!("queue.{i}");
+            if i % 2 == 0 {
+                s.labels.clear();
+                s.payload = Bytes::new();
+                s.dead_letter_queue = Some(String::new());
+            } else {
+                s.payload = Bytes::from(vec![i as u8; 300]);
+                s.end_time = Some(Timestamp(i64::MIN));
+                s.dead_letter_queue = Some("dead".into());
+            }
+            s.max_fires = i as u64;
+            s.misfire_policy = [
+                MisfirePolicy::FireOnce,
+                MisfirePolicy::Skip,
+                MisfirePolicy::FireAll,
+            ][i % 3];
+            out.push(s);
+        }
+        out
+    }
+
+    /// Every field comes back as it went in, for every trigger and with or without the
+    /// optional fields (an empty dead-letter queue is not the same as none).
+    #[test]
+    fn a_packed_spec_gives_back_every_field() {
+        for s in variants() {
+            let packed = PackedSpec::new(&s);
+            assert_eq!(packed.to_spec(), s);
+            assert_eq!(packed.id(), &*s.id);
+            assert_eq!(packed.payload(), s.payload);
+            assert_eq!(packed.jitter(), s.trigger.jitter());
+            assert_eq!(packed, PackedSpec::new(&s));
+            assert_eq!(packed, s);
+        }
+        let all = variants();
+        let mut other = all[1].clone();
+        other.max_attempts += 1;
+        assert_ne!(PackedSpec::new(&all[1]), PackedSpec::new(&other));
+    }
+
+    /// The stores encode a packed spec; its record must be byte for byte the plain spec's, or
+    /// stored jobs would read back differently.
+    #[test]
+    fn a_packed_spec_encodes_as_the_spec_it_holds() {
+        for s in variants() {
+            let packed = PackedSpec::new(&s);
+            assert_eq!(
+                rmp_serde::to_vec(&packed).expect("encode"),
+                rmp_serde::to_vec(&s).expect("encode")
+            );
+            assert_eq!(
+                rmp_serde::to_vec_named(&packed).expect("encode"),
+                rmp_serde::to_vec_named(&s).expect("encode")
+            );
+        }
+    }
+
+    /// Keys order as their ids do, and an index of them is searched by the id's bytes.
+    #[test]
+    fn keys_order_and_borrow_as_their_ids() {
+        let ids = ["b", "a", "ab", "é", "Z"];
+        let keys: std::collections::BTreeSet<JobKey> = ids
+            .iter()
+            .map(|id| JobKey(PackedSpec::new(&spec(id))))
+            .collect();
+        let mut sorted = ids.to_vec();
+        sorted.sort();
+        assert_eq!(keys.iter().map(JobKey::id).collect::<Vec<_>>(), sorted);
+        assert!(keys.contains("ab".as_bytes()));
+        assert!(!keys.contains("c".as_bytes()));
+    }
+}
