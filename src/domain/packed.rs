@@ -14,14 +14,17 @@ use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use bytes::Bytes;
+use chrono_tz::Tz;
+use croner::Cron;
 use serde::{Serialize, Serializer};
 use triomphe::ThinArc;
 
 use super::job::{JobSpec, MisfirePolicy};
 use super::time::{Micros, Timestamp};
-use super::trigger::TriggerSpec;
+use super::trigger::{Recurrence, TriggerError, TriggerSpec, parse_cron, parse_time_zone};
 
 /// Which [`TriggerSpec`] variant a packed spec holds, and what its three numbers mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,10 +63,38 @@ struct Header {
     /// spec bounds these strings far below 4 GiB (validation to 128 bytes for names; the stores'
     /// records are at most 4 GiB in all), so `u32` holds them.
     ends: [u32; 5],
+    /// A cron trigger's parsed schedule (none for other triggers, or when the expression or
+    /// the time zone does not parse), and its time zone.
+    schedule: Schedule,
+    tz: ScheduleTz,
     kind: Kind,
     flags: u8,
     misfire_policy: MisfirePolicy,
 }
+
+/// A cron expression, parsed once when the spec is packed. Always equal to another: it is
+/// derived from the expression, which is compared in the bytes.
+struct Schedule(Option<Arc<Cron>>);
+
+impl PartialEq for Schedule {
+    fn eq(&self, _: &Schedule) -> bool {
+        true
+    }
+}
+
+impl Eq for Schedule {}
+
+/// The time zone of [`Schedule`] (apart from it, so that it fills the header's padding).
+/// Always equal to another, for the same reason.
+struct ScheduleTz(Tz);
+
+impl PartialEq for ScheduleTz {
+    fn eq(&self, _: &ScheduleTz) -> bool {
+        true
+    }
+}
+
+impl Eq for ScheduleTz {}
 
 /// A job's spec in one shared allocation. Cloning shares it. Compares equal to another when
 /// every field is equal (as the [`JobSpec`] each was built from would).
@@ -71,7 +102,31 @@ struct Header {
 pub struct PackedSpec(ThinArc<Header, u8>);
 
 impl PackedSpec {
+    /// Packs `spec`, parsing a cron trigger's schedule once (see [`PackedSpec::recurrence`]).
     pub fn new(spec: &JobSpec) -> PackedSpec {
+        let schedule = match &spec.trigger {
+            TriggerSpec::Cron {
+                expression,
+                time_zone,
+            } => parse_cron(expression)
+                .ok()
+                .zip(parse_time_zone(time_zone).ok())
+                .map(|(cron, tz)| (Arc::new(cron), tz)),
+            _ => None,
+        };
+        match schedule {
+            Some((cron, tz)) => PackedSpec::with_schedule(spec, Schedule(Some(cron)), tz),
+            None => PackedSpec::with_schedule(spec, Schedule(None), Tz::UTC),
+        }
+    }
+
+    /// Packs `spec` for delivering its fires only: a cron trigger's schedule is not parsed,
+    /// and [`PackedSpec::recurrence`] parses it each time it is asked.
+    pub fn for_delivery(spec: &JobSpec) -> PackedSpec {
+        PackedSpec::with_schedule(spec, Schedule(None), Tz::UTC)
+    }
+
+    fn with_schedule(spec: &JobSpec, schedule: Schedule, tz: Tz) -> PackedSpec {
         let (kind, trigger, flags_from_trigger, expression, time_zone) = match &spec.trigger {
             TriggerSpec::At { at } => (Kind::At, [at.0, 0, 0], 0, "", ""),
             TriggerSpec::After { after } => (Kind::After, [*after, 0, 0], 0, "", ""),
@@ -136,6 +191,8 @@ impl PackedSpec {
             trigger,
             max_attempts: spec.max_attempts,
             ends,
+            schedule,
+            tz: ScheduleTz(tz),
             kind,
             flags,
             misfire_policy: spec.misfire_policy,
@@ -215,6 +272,33 @@ impl PackedSpec {
                 time_zone: self.string(4).to_string(),
             },
         }
+    }
+
+    /// The trigger resolved against the job's creation time (what [`Recurrence::resolve`]
+    /// gives for [`PackedSpec::trigger`], without parsing a cron expression again).
+    pub fn recurrence(&self, created: Timestamp) -> Result<Recurrence, TriggerError> {
+        let h = self.header();
+        let [a, b, _] = h.trigger;
+        Ok(match h.kind {
+            Kind::At => Recurrence::Once(Timestamp(a)),
+            Kind::After => Recurrence::Once(created.plus(a)),
+            Kind::Every => Recurrence::Every {
+                start: if h.flags & HAS_START != 0 {
+                    Timestamp(b)
+                } else {
+                    created.plus(a)
+                },
+                // Validation refuses a period below 1 ms; this keeps the arithmetic total anyway.
+                period: a.max(1),
+            },
+            Kind::Cron => match &h.schedule.0 {
+                Some(cron) => Recurrence::Cron {
+                    cron: cron.clone(),
+                    tz: h.tz.0,
+                },
+                None => Recurrence::resolve(&self.trigger(), created)?,
+            },
+        })
     }
 
     /// The most a fire of this trigger is delayed by jitter.
@@ -510,6 +594,32 @@ mod tests {
         let mut other = all[1].clone();
         other.max_attempts += 1;
         assert_ne!(PackedSpec::new(&all[1]), PackedSpec::new(&other));
+    }
+
+    /// The recurrence a packed spec gives is the one its trigger resolves to, packed for
+    /// delivery or not; a cron trigger that does not parse gives its error.
+    #[test]
+    fn a_packed_spec_resolves_as_its_trigger_does() {
+        let created = Timestamp(1_700_000_000_000_000);
+        let later = Timestamp(1_800_000_000_000_000);
+        for s in variants() {
+            let want = Recurrence::resolve(&s.trigger, created).expect("resolves");
+            for packed in [PackedSpec::new(&s), PackedSpec::for_delivery(&s)] {
+                let got = packed.recurrence(created).expect("resolves");
+                assert_eq!(got.first(created), want.first(created));
+                assert_eq!(got.next_after(later), want.next_after(later));
+            }
+            assert_eq!(PackedSpec::new(&s), PackedSpec::for_delivery(&s));
+        }
+        let mut bad = spec("bad");
+        bad.trigger = TriggerSpec::Cron {
+            expression: "* * *".into(),
+            time_zone: "Mars/Olympus".into(),
+        };
+        assert_eq!(
+            PackedSpec::new(&bad).recurrence(created).err(),
+            Recurrence::resolve(&bad.trigger, created).err()
+        );
     }
 
     /// The stores encode a packed spec; its record must be byte for byte the plain spec's, or

@@ -57,10 +57,44 @@ pub(crate) struct FireEntry {
 #[derive(Debug)]
 pub(crate) struct JobEntry {
     pub job: Job,
-    /// The key of this job in `timers`, when it is in there.
-    pub timer: Option<Timestamp>,
-    /// The key of this job in `expiries`, when it is in there.
-    pub expiry: Option<Timestamp>,
+    pub keys: Keys,
+}
+
+/// A job's keys in `timers` and `expiries`, when it is in them. Packed (two times and two
+/// flags): as two `Option<Timestamp>`s they took 32 bytes, and a job entry 144 instead of 112.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Keys {
+    timer: Timestamp,
+    expiry: Timestamp,
+    has_timer: bool,
+    has_expiry: bool,
+}
+
+impl Keys {
+    fn new(timer: Option<Timestamp>, expiry: Option<Timestamp>) -> Keys {
+        let mut keys = Keys::default();
+        keys.set_timer(timer);
+        keys.set_expiry(expiry);
+        keys
+    }
+
+    pub fn timer(&self) -> Option<Timestamp> {
+        self.has_timer.then_some(self.timer)
+    }
+
+    pub fn expiry(&self) -> Option<Timestamp> {
+        self.has_expiry.then_some(self.expiry)
+    }
+
+    fn set_timer(&mut self, at: Option<Timestamp>) {
+        self.has_timer = at.is_some();
+        self.timer = at.unwrap_or_default();
+    }
+
+    fn set_expiry(&mut self, at: Option<Timestamp>) {
+        self.has_expiry = at.is_some();
+        self.expiry = at.unwrap_or_default();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -197,7 +231,8 @@ impl State {
                     by_queue.insert(job.spec.queue().to_string(), vec![id.clone()]);
                 }
             }
-            entries.push((id, Box::new(JobEntry { job, timer, expiry })));
+            let keys = Keys::new(timer, expiry);
+            entries.push((id, Box::new(JobEntry { job, keys })));
         }
         // Collecting into a BTreeMap or BTreeSet sorts the list (the store lists jobs in id
         // order, so it is sorted already) and builds the tree in one pass.
@@ -260,15 +295,16 @@ impl State {
                 }
                 vacant.insert(Box::new(JobEntry {
                     job,
-                    timer: None,
-                    expiry: None,
+                    keys: Keys::default(),
                 }))
             }
         };
-        if rekey(&mut self.timers, &mut entry.timer, &id, want_timer) {
+        let (old_timer, old_expiry) = (entry.keys.timer(), entry.keys.expiry());
+        entry.keys = Keys::new(want_timer, want_expiry);
+        if rekey(&mut self.timers, old_timer, &id, want_timer) {
             self.timer_dirty = true;
         }
-        if rekey(&mut self.expiries, &mut entry.expiry, &id, want_expiry) {
+        if rekey(&mut self.expiries, old_expiry, &id, want_expiry) {
             self.timer_dirty = true;
         }
     }
@@ -285,10 +321,10 @@ impl State {
                 self.by_queue.remove(queue);
             }
         }
-        if let Some(t) = entry.timer {
+        if let Some(t) = entry.keys.timer() {
             self.timers.remove(&(t, key.clone()));
         }
-        if let Some(t) = entry.expiry {
+        if let Some(t) = entry.keys.expiry() {
             self.expiries.remove(&(t, key));
         }
         if let Some(n) = self.job_counts.get_mut(&entry.job.status.state) {
@@ -314,10 +350,12 @@ impl State {
 
     /// Moves a job's deletion to `at` (none: not to be deleted).
     pub fn set_expiry(&mut self, id: &str, at: Option<Timestamp>) {
-        if let Some((key, entry)) = get_mut(&mut self.jobs, id)
-            && rekey(&mut self.expiries, &mut entry.expiry, key, at)
-        {
-            self.timer_dirty = true;
+        if let Some((key, entry)) = get_mut(&mut self.jobs, id) {
+            let old = entry.keys.expiry();
+            entry.keys.set_expiry(at);
+            if rekey(&mut self.expiries, old, key, at) {
+                self.timer_dirty = true;
+            }
         }
     }
 
@@ -358,7 +396,9 @@ impl State {
     pub fn sync_timer(&mut self, id: &str) {
         if let Some((key, entry)) = get_mut(&mut self.jobs, id) {
             let want = entry.job.next_due();
-            if rekey(&mut self.timers, &mut entry.timer, key, want) {
+            let old = entry.keys.timer();
+            entry.keys.set_timer(want);
+            if rekey(&mut self.timers, old, key, want) {
                 self.timer_dirty = true;
             }
         }
@@ -561,7 +601,7 @@ impl State {
             }
             self.timers.pop_first();
             if let Some(entry) = self.jobs.get_mut(id.0.id_bytes()) {
-                entry.timer = None;
+                entry.keys.set_timer(None);
                 if let Some(o) = entry.job.status.next_occurrence {
                     work.jobs.push((id, o));
                 }
@@ -598,7 +638,7 @@ impl State {
             }
             self.expiries.pop_first();
             if let Some(entry) = self.jobs.get_mut(id.0.id_bytes()) {
-                entry.expiry = None;
+                entry.keys.set_expiry(None);
                 work.retired.push(id);
             }
         }
@@ -766,24 +806,23 @@ impl State {
     }
 }
 
-/// Moves `id`'s key in `index` from `*slot` to `want` (none: out of the index). True when the
+/// Moves `id`'s key in `index` from `old` to `want` (none: out of the index). True when the
 /// new key is the earliest of the index, so the timer loop must look again.
 fn rekey(
     index: &mut BTreeSet<(Timestamp, JobKey)>,
-    slot: &mut Option<Timestamp>,
+    old: Option<Timestamp>,
     id: &JobKey,
     want: Option<Timestamp>,
 ) -> bool {
-    if *slot == want {
+    if old == want {
         return false;
     }
-    if let Some(old) = slot.take() {
+    if let Some(old) = old {
         index.remove(&(old, id.clone()));
     }
     let Some(t) = want else {
         return false;
     };
-    *slot = Some(t);
     index.insert((t, id.clone()));
     index.first().is_some_and(|(first, _)| *first == t)
 }
@@ -864,7 +903,7 @@ mod tests {
             (
                 s.jobs
                     .iter()
-                    .map(|(id, e)| (id.clone(), e.timer, e.expiry, e.job.status.clone()))
+                    .map(|(id, e)| (id.clone(), e.keys, e.job.status.clone()))
                     .collect::<Vec<_>>(),
                 s.timers.clone(),
                 s.expiries.clone(),

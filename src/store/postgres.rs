@@ -576,7 +576,7 @@ impl PgStore {
                 let spec = spec.ok_or_else(|| StoreError::MissingSpec(fire.job_id.to_string()))?;
                 let spec: JobSpec = codec::decode("tickd_jobs", &fire.job_id, &spec)?;
                 Ok(Lease {
-                    spec: PackedSpec::new(&spec),
+                    spec: PackedSpec::for_delivery(&spec),
                     fire,
                     token: row.try_get("lease_token").map_err(db)?,
                     expires_at: instant(&row, "lease_expires_at")?,
