@@ -5,7 +5,9 @@
 //! as a [`PackedSpec`] instead: a thin pointer (8 bytes) to one reference-counted allocation
 //! holding the fixed fields and, after them, the id, queue, dead-letter queue, cron expression,
 //! time zone and payload bytes back to back. Fires, indexes and the writer share it by cloning
-//! the pointer. It never changes once built.
+//! the pointer. The spec never changes once built. The embedded scheduler also keeps a held
+//! job's status and index keys in it (`held_status`, `hold_status`, written only under its
+//! state lock), so that a held job is this one allocation and its index entries.
 //!
 //! [`JobKey`] orders a packed spec by its job id, for the scheduler's indexes; it borrows as the
 //! id's bytes so that the indexes are searched with a `&[u8]`.
@@ -14,7 +16,8 @@ use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use chrono_tz::Tz;
@@ -22,8 +25,9 @@ use croner::Cron;
 use serde::{Serialize, Serializer};
 use triomphe::ThinArc;
 
-use super::job::{JobSpec, MisfirePolicy};
+use super::job::{JobSpec, JobState, JobStatus, MisfirePolicy};
 use super::time::{Micros, Timestamp};
+use super::trace::TraceContext;
 use super::trigger::{Recurrence, TriggerError, TriggerSpec, parse_cron, parse_time_zone};
 
 /// Which [`TriggerSpec`] variant a packed spec holds, and what its three numbers mean.
@@ -66,11 +70,63 @@ struct Header {
     /// A cron trigger's parsed schedule (none for other triggers, or when the expression or
     /// the time zone does not parse), and its time zone.
     schedule: Schedule,
+    /// The job's status and index keys while the embedded scheduler holds it (see [`Held`]).
+    held: Held,
     tz: ScheduleTz,
+    /// The held status's state ([`JobState`] as a number) and which of its optional times
+    /// are set (the `HELD_*` bits). Here rather than in [`Held`]: they fill the header's padding.
+    held_state: HeldByte,
+    held_set: HeldByte,
     kind: Kind,
     flags: u8,
     misfire_policy: MisfirePolicy,
 }
+
+/// Where the embedded scheduler keeps a held job's status (as it last applied a committed
+/// change) and its key in the retention index, so that a held job is this one allocation and
+/// nothing else. Atomics only because the spec is shared with fires on other threads: they are
+/// written and read only under the scheduler's state lock, so `Relaxed` is enough. Not part of
+/// a spec's equality. Unused (zero) in a spec that no scheduler holds.
+#[derive(Default)]
+struct Held {
+    next_occurrence: AtomicI64,
+    fire_count: AtomicU64,
+    create_time: AtomicI64,
+    last_fire_time: AtomicI64,
+    finish_time: AtomicI64,
+    /// The job's key in the retention index.
+    expiry: AtomicI64,
+    /// Set once, by the first status that carries one (a job's trace never changes).
+    trace: OnceLock<Box<TraceContext>>,
+}
+
+impl PartialEq for Held {
+    fn eq(&self, _: &Held) -> bool {
+        true
+    }
+}
+
+impl Eq for Held {}
+
+/// A byte of [`Held`] state: never part of a spec's equality.
+#[derive(Default)]
+struct HeldByte(AtomicU8);
+
+impl PartialEq for HeldByte {
+    fn eq(&self, _: &HeldByte) -> bool {
+        true
+    }
+}
+
+impl Eq for HeldByte {}
+
+const HELD_NEXT: u8 = 1;
+const HELD_LAST: u8 = 2;
+const HELD_FINISH: u8 = 4;
+/// The job is in the timer index, at its next due time.
+const HELD_TIMER: u8 = 8;
+/// The job is in the retention index, at `Held::expiry`.
+const HELD_EXPIRY: u8 = 16;
 
 /// A cron expression, parsed once when the spec is packed. Always equal to another: it is
 /// derived from the expression, which is compared in the bytes.
@@ -192,7 +248,10 @@ impl PackedSpec {
             max_attempts: spec.max_attempts,
             ends,
             schedule,
+            held: Held::default(),
             tz: ScheduleTz(tz),
+            held_state: HeldByte::default(),
+            held_set: HeldByte::default(),
             kind,
             flags,
             misfire_policy: spec.misfire_policy,
@@ -353,6 +412,97 @@ impl PackedSpec {
             max_attempts: self.max_attempts(),
             dead_letter_queue: self.dead_letter_queue().map(str::to_string),
         }
+    }
+
+    /// The status last stored with [`PackedSpec::hold_status`].
+    pub fn held_status(&self) -> JobStatus {
+        let h = self.header();
+        let set = h.held_set.0.load(Relaxed);
+        let at =
+            |bit: u8, cell: &AtomicI64| (set & bit != 0).then(|| Timestamp(cell.load(Relaxed)));
+        JobStatus {
+            state: match h.held_state.0.load(Relaxed) {
+                0 => JobState::Scheduled,
+                1 => JobState::Paused,
+                2 => JobState::Completed,
+                _ => JobState::Cancelled,
+            },
+            next_occurrence: at(HELD_NEXT, &h.held.next_occurrence),
+            fire_count: h.held.fire_count.load(Relaxed),
+            create_time: Timestamp(h.held.create_time.load(Relaxed)),
+            last_fire_time: at(HELD_LAST, &h.held.last_fire_time),
+            finish_time: at(HELD_FINISH, &h.held.finish_time),
+            trace: h.held.trace.get().cloned(),
+        }
+    }
+
+    /// Keeps `status` as this job's held status (see [`Held`]); its index keys stay.
+    pub fn hold_status(&self, status: &JobStatus) {
+        let h = self.header();
+        let put = |t: Option<Timestamp>, bit: u8, cell: &AtomicI64| {
+            cell.store(t.map_or(0, |t| t.0), Relaxed);
+            if t.is_some() { bit } else { 0 }
+        };
+        let set = put(status.next_occurrence, HELD_NEXT, &h.held.next_occurrence)
+            | put(status.last_fire_time, HELD_LAST, &h.held.last_fire_time)
+            | put(status.finish_time, HELD_FINISH, &h.held.finish_time);
+        h.held.fire_count.store(status.fire_count, Relaxed);
+        h.held.create_time.store(status.create_time.0, Relaxed);
+        h.held_state.0.store(
+            match status.state {
+                JobState::Scheduled => 0,
+                JobState::Paused => 1,
+                JobState::Completed => 2,
+                JobState::Cancelled => 3,
+            },
+            Relaxed,
+        );
+        let keys = h.held_set.0.load(Relaxed) & (HELD_TIMER | HELD_EXPIRY);
+        h.held_set.0.store(set | keys, Relaxed);
+        if let Some(trace) = &status.trace
+            && h.held.trace.get().is_none()
+        {
+            let _ = h.held.trace.set(trace.clone());
+        }
+    }
+
+    /// Whether the held job is in the timer index (at the next due time of its held status).
+    pub fn held_timer(&self) -> bool {
+        self.header().held_set.0.load(Relaxed) & HELD_TIMER != 0
+    }
+
+    pub fn set_held_timer(&self, armed: bool) {
+        let cell = &self.header().held_set.0;
+        let set = cell.load(Relaxed);
+        cell.store(
+            if armed {
+                set | HELD_TIMER
+            } else {
+                set & !HELD_TIMER
+            },
+            Relaxed,
+        );
+    }
+
+    /// The held job's key in the retention index, if it is in it.
+    pub fn held_expiry(&self) -> Option<Timestamp> {
+        let h = self.header();
+        (h.held_set.0.load(Relaxed) & HELD_EXPIRY != 0)
+            .then(|| Timestamp(h.held.expiry.load(Relaxed)))
+    }
+
+    pub fn set_held_expiry(&self, at: Option<Timestamp>) {
+        let h = self.header();
+        h.held.expiry.store(at.map_or(0, |t| t.0), Relaxed);
+        let set = h.held_set.0.load(Relaxed);
+        h.held_set.0.store(
+            if at.is_some() {
+                set | HELD_EXPIRY
+            } else {
+                set & !HELD_EXPIRY
+            },
+            Relaxed,
+        );
     }
 
     /// Whether both point at the same allocation.
@@ -620,6 +770,48 @@ mod tests {
             PackedSpec::new(&bad).recurrence(created).err(),
             Recurrence::resolve(&bad.trigger, created).err()
         );
+    }
+
+    /// A held status comes back as it was kept, with every optional time set or not, and
+    /// keeping one leaves the index keys alone; none of it is part of the spec's equality.
+    #[test]
+    fn a_held_status_comes_back_as_kept() {
+        let packed = PackedSpec::new(&spec("a"));
+        packed.set_held_timer(true);
+        packed.set_held_expiry(Some(Timestamp(-3)));
+        let trace = TraceContext {
+            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            tracestate: String::new(),
+        };
+        for (i, state) in [
+            JobState::Scheduled,
+            JobState::Paused,
+            JobState::Completed,
+            JobState::Cancelled,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let status = JobStatus {
+                state,
+                next_occurrence: (i % 2 == 0).then_some(Timestamp(i64::MIN)),
+                fire_count: u64::MAX - i as u64,
+                create_time: Timestamp(i as i64 - 2),
+                last_fire_time: (i % 2 == 1).then_some(Timestamp(0)),
+                finish_time: (i > 1).then_some(Timestamp(i64::MAX)),
+                trace: Some(Box::new(trace.clone())),
+            };
+            packed.hold_status(&status);
+            assert_eq!(packed.held_status(), status);
+            assert!(packed.held_timer());
+            assert_eq!(packed.held_expiry(), Some(Timestamp(-3)));
+        }
+        packed.set_held_timer(false);
+        packed.set_held_expiry(None);
+        assert!(!packed.held_timer());
+        assert_eq!(packed.held_expiry(), None);
+        assert_eq!(packed.held_status().state, JobState::Cancelled);
+        assert_eq!(packed, PackedSpec::new(&spec("a")));
     }
 
     /// The stores encode a packed spec; its record must be byte for byte the plain spec's, or

@@ -237,7 +237,6 @@ impl Embedded {
         self.inner
             .lock()
             .job(id)
-            .cloned()
             .ok_or_else(|| SchedulerError::NotFound(id.to_string()))
     }
 
@@ -261,12 +260,7 @@ impl Embedded {
                 Some(ids) => Box::new(ids.range::<[u8], _>((start, Bound::Unbounded))),
                 None => Box::new(std::iter::empty()),
             },
-            None => Box::new(
-                state
-                    .jobs
-                    .range::<[u8], _>((start, Bound::Unbounded))
-                    .map(|(id, _)| id),
-            ),
+            None => Box::new(state.jobs.range::<[u8], _>((start, Bound::Unbounded))),
         };
         let mut page = Vec::new();
         let mut last_seen: Option<&JobKey> = None;
@@ -279,10 +273,10 @@ impl Embedded {
             }
             budget -= 1;
             last_seen = Some(id);
-            if let Some(entry) = state.jobs.get(id.0.id_bytes())
-                && filter.matches(&entry.job)
+            if let Some(job) = state.job(id.id())
+                && filter.matches(&job)
             {
-                page.push(entry.job.clone());
+                page.push(job);
             }
         }
         (page, None)

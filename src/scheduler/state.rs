@@ -54,49 +54,6 @@ pub(crate) struct FireEntry {
     pub status: FireStatus,
 }
 
-#[derive(Debug)]
-pub(crate) struct JobEntry {
-    pub job: Job,
-    pub keys: Keys,
-}
-
-/// A job's keys in `timers` and `expiries`, when it is in them. Packed (two times and two
-/// flags): as two `Option<Timestamp>`s they took 32 bytes, and a job entry 144 instead of 112.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Keys {
-    timer: Timestamp,
-    expiry: Timestamp,
-    has_timer: bool,
-    has_expiry: bool,
-}
-
-impl Keys {
-    fn new(timer: Option<Timestamp>, expiry: Option<Timestamp>) -> Keys {
-        let mut keys = Keys::default();
-        keys.set_timer(timer);
-        keys.set_expiry(expiry);
-        keys
-    }
-
-    pub fn timer(&self) -> Option<Timestamp> {
-        self.has_timer.then_some(self.timer)
-    }
-
-    pub fn expiry(&self) -> Option<Timestamp> {
-        self.has_expiry.then_some(self.expiry)
-    }
-
-    fn set_timer(&mut self, at: Option<Timestamp>) {
-        self.has_timer = at.is_some();
-        self.timer = at.unwrap_or_default();
-    }
-
-    fn set_expiry(&mut self, at: Option<Timestamp>) {
-        self.has_expiry = at.is_some();
-        self.expiry = at.unwrap_or_default();
-    }
-}
-
 #[derive(Debug, Default)]
 pub(crate) struct QueueState {
     /// Fires waiting for a subscriber, oldest first. May hold ids whose status has moved on;
@@ -130,11 +87,10 @@ pub(crate) struct DueWork {
 #[derive(Debug)]
 pub(crate) struct State {
     pub clock: Arc<dyn Clock>,
-    /// Keyed by the job's packed spec, ordered by id (searched with the id's bytes): an
-    /// 8-byte key that is the job's own allocation, not a copy of its id. Boxed: the tree's
-    /// nodes then move 16-byte entries when they split or shift, not 160-byte ones, and keep
-    /// fewer empty slots.
-    pub jobs: BTreeMap<JobKey, Box<JobEntry>>,
+    /// Every held job, as its packed spec (ordered by id, searched with the id's bytes): an
+    /// 8-byte key that is the job's only allocation. Its status and index keys are kept in it
+    /// (`PackedSpec::held_status`); [`State::job`] gives the job.
+    pub jobs: BTreeSet<JobKey>,
     /// Jobs per queue, in id order: ListJobs on one queue scans only that queue's jobs.
     pub by_queue: FastMap<String, BTreeSet<JobKey>>,
     /// How many jobs are in each state; changed only through [`State::put_job`].
@@ -173,7 +129,7 @@ impl State {
     pub fn new(clock: Arc<dyn Clock>, retention: Micros) -> State {
         State {
             clock,
-            jobs: BTreeMap::new(),
+            jobs: BTreeSet::new(),
             by_queue: FastMap::default(),
             job_counts: BTreeMap::new(),
             timers: BTreeSet::new(),
@@ -219,6 +175,9 @@ impl State {
             let id = JobKey(job.spec.clone());
             let timer = job.next_due();
             let expiry = state.expiry_of(&job);
+            job.spec.hold_status(&job.status);
+            job.spec.set_held_timer(timer.is_some());
+            job.spec.set_held_expiry(expiry);
             if let Some(t) = timer {
                 timers.push((t, id.clone()));
             }
@@ -231,8 +190,7 @@ impl State {
                     by_queue.insert(job.spec.queue().to_string(), vec![id.clone()]);
                 }
             }
-            let keys = Keys::new(timer, expiry);
-            entries.push((id, Box::new(JobEntry { job, keys })));
+            entries.push(id);
         }
         // Collecting into a BTreeMap or BTreeSet sorts the list (the store lists jobs in id
         // order, so it is sorted already) and builds the tree in one pass.
@@ -247,11 +205,11 @@ impl State {
         let mut fires = snapshot.fires;
         fires.sort_by(|a, b| (a.fire_time, &a.fire_id).cmp(&(b.fire_time, &b.fire_id)));
         for rec in fires {
-            let Some(entry) = state.jobs.get(rec.job_id.as_bytes()) else {
+            let Some(key) = state.jobs.get(rec.job_id.as_bytes()) else {
                 error!(fire_id = %rec.fire_id, job_id = %rec.job_id, "stored fire has no job; it is left in the store and not delivered");
                 continue;
             };
-            let spec = entry.job.spec.clone();
+            let spec = key.0.clone();
             state.insert_fire(rec, spec);
         }
         state
@@ -260,47 +218,43 @@ impl State {
     /// Stores a new or changed job, keeps the counts by state, and re-arms its timer and its
     /// deletion (one lookup of the job).
     pub fn put_job(&mut self, job: Job) {
-        let id = JobKey(job.spec.clone());
         let want_timer = job.next_due();
         let want_expiry = self.expiry_of(&job);
-        let entry = match self.jobs.entry(id.clone()) {
-            std::collections::btree_map::Entry::Occupied(occupied)
-                if !occupied.key().0.ptr_eq(&job.spec) =>
-            {
+        let (old_timer, old_expiry) = match self.jobs.get(job.spec.id_bytes()) {
+            Some(held) if !held.0.ptr_eq(&job.spec) => {
                 // A job's spec never changes while it is held; a new spec under a held id
                 // (there is no such path today) replaces the job, so that no index keeps the
                 // old spec alive.
                 self.remove_job(job.spec.id());
                 return self.put_job(job);
             }
-            std::collections::btree_map::Entry::Occupied(occupied) => {
-                *self.job_counts.entry(job.status.state).or_default() += 1;
-                let entry = occupied.into_mut();
-                let old = std::mem::replace(&mut entry.job, job);
+            Some(held) => {
+                let old = held_job(held);
                 if let Some(n) = self.job_counts.get_mut(&old.status.state) {
                     *n = n.saturating_sub(1);
                 }
-                entry
+                (old_timer(&old), old.spec.held_expiry())
             }
-            std::collections::btree_map::Entry::Vacant(vacant) => {
-                *self.job_counts.entry(job.status.state).or_default() += 1;
+            None => {
+                let key = JobKey(job.spec.clone());
                 match self.by_queue.get_mut(job.spec.queue()) {
                     Some(ids) => {
-                        ids.insert(id.clone());
+                        ids.insert(key.clone());
                     }
                     None => {
                         self.by_queue
-                            .insert(job.spec.queue().to_string(), BTreeSet::from([id.clone()]));
+                            .insert(job.spec.queue().to_string(), BTreeSet::from([key.clone()]));
                     }
                 }
-                vacant.insert(Box::new(JobEntry {
-                    job,
-                    keys: Keys::default(),
-                }))
+                self.jobs.insert(key);
+                (None, None)
             }
         };
-        let (old_timer, old_expiry) = (entry.keys.timer(), entry.keys.expiry());
-        entry.keys = Keys::new(want_timer, want_expiry);
+        *self.job_counts.entry(job.status.state).or_default() += 1;
+        job.spec.hold_status(&job.status);
+        job.spec.set_held_timer(want_timer.is_some());
+        job.spec.set_held_expiry(want_expiry);
+        let id = JobKey(job.spec);
         if rekey(&mut self.timers, old_timer, &id, want_timer) {
             self.timer_dirty = true;
         }
@@ -311,30 +265,33 @@ impl State {
 
     /// Takes a deleted job out of memory: its entry, its timer, its expiry and its count.
     pub fn remove_job(&mut self, id: &str) {
-        let Some((key, entry)) = self.jobs.remove_entry(id.as_bytes()) else {
+        let Some(key) = self.jobs.take(id.as_bytes()) else {
             return;
         };
-        let queue = entry.job.spec.queue();
+        let job = held_job(&key);
+        let queue = job.spec.queue();
         if let Some(ids) = self.by_queue.get_mut(queue) {
             ids.remove(id.as_bytes());
             if ids.is_empty() {
                 self.by_queue.remove(queue);
             }
         }
-        if let Some(t) = entry.keys.timer() {
+        if let Some(t) = old_timer(&job) {
             self.timers.remove(&(t, key.clone()));
         }
-        if let Some(t) = entry.keys.expiry() {
+        if let Some(t) = job.spec.held_expiry() {
             self.expiries.remove(&(t, key));
         }
-        if let Some(n) = self.job_counts.get_mut(&entry.job.status.state) {
+        job.spec.set_held_timer(false);
+        job.spec.set_held_expiry(None);
+        if let Some(n) = self.job_counts.get_mut(&job.status.state) {
             *n = n.saturating_sub(1);
         }
     }
 
-    /// The job held under `id`.
-    pub fn job(&self, id: &str) -> Option<&Job> {
-        self.jobs.get(id.as_bytes()).map(|e| &e.job)
+    /// The job held under `id`, with its status as last applied.
+    pub fn job(&self, id: &str) -> Option<Job> {
+        self.jobs.get(id.as_bytes()).map(held_job)
     }
 
     /// When a finished job is deleted: `retention` after it finished (after now for a job
@@ -350,9 +307,9 @@ impl State {
 
     /// Moves a job's deletion to `at` (none: not to be deleted).
     pub fn set_expiry(&mut self, id: &str, at: Option<Timestamp>) {
-        if let Some((key, entry)) = get_mut(&mut self.jobs, id) {
-            let old = entry.keys.expiry();
-            entry.keys.set_expiry(at);
+        if let Some(key) = self.jobs.get(id.as_bytes()) {
+            let old = key.0.held_expiry();
+            key.0.set_held_expiry(at);
             if rekey(&mut self.expiries, old, key, at) {
                 self.timer_dirty = true;
             }
@@ -394,10 +351,11 @@ impl State {
     /// Puts a job's timer where its status says: armed at its next due time when SCHEDULED,
     /// absent otherwise.
     pub fn sync_timer(&mut self, id: &str) {
-        if let Some((key, entry)) = get_mut(&mut self.jobs, id) {
-            let want = entry.job.next_due();
-            let old = entry.keys.timer();
-            entry.keys.set_timer(want);
+        if let Some(key) = self.jobs.get(id.as_bytes()) {
+            let job = held_job(key);
+            let want = job.next_due();
+            let old = old_timer(&job);
+            job.spec.set_held_timer(want.is_some());
             if rekey(&mut self.timers, old, key, want) {
                 self.timer_dirty = true;
             }
@@ -600,9 +558,9 @@ impl State {
                 break;
             }
             self.timers.pop_first();
-            if let Some(entry) = self.jobs.get_mut(id.0.id_bytes()) {
-                entry.keys.set_timer(None);
-                if let Some(o) = entry.job.status.next_occurrence {
+            if self.jobs.contains(id.0.id_bytes()) {
+                id.0.set_held_timer(false);
+                if let Some(o) = id.0.held_status().next_occurrence {
                     work.jobs.push((id, o));
                 }
             }
@@ -637,8 +595,8 @@ impl State {
                 break;
             }
             self.expiries.pop_first();
-            if let Some(entry) = self.jobs.get_mut(id.0.id_bytes()) {
-                entry.keys.set_expiry(None);
+            if self.jobs.contains(id.0.id_bytes()) {
+                id.0.set_held_expiry(None);
                 work.retired.push(id);
             }
         }
@@ -827,17 +785,23 @@ fn rekey(
     index.first().is_some_and(|(first, _)| *first == t)
 }
 
-/// The entry of job `id` and its key (`BTreeMap` has no `get_key_value_mut`; the key is a
-/// cheap clone of the job's shared spec).
-fn get_mut<'a>(
-    jobs: &'a mut BTreeMap<JobKey, Box<JobEntry>>,
-    id: &str,
-) -> Option<(&'a JobKey, &'a mut Box<JobEntry>)> {
-    jobs.range_mut::<[u8], _>((
-        std::ops::Bound::Included(id.as_bytes()),
-        std::ops::Bound::Included(id.as_bytes()),
-    ))
-    .next()
+/// A held job: its spec and the status kept in it.
+fn held_job(key: &JobKey) -> Job {
+    Job {
+        spec: key.0.clone(),
+        status: key.0.held_status(),
+    }
+}
+
+/// A held job's key in the timer index, if it is in it: the next due time of its held status
+/// (the key is always put in at that time, with that status, and taken out before either
+/// changes).
+fn old_timer(held: &Job) -> Option<Timestamp> {
+    if held.spec.held_timer() {
+        held.next_due()
+    } else {
+        None
+    }
 }
 
 /// Counts one fewer for `key`, forgetting it at zero.
@@ -903,7 +867,14 @@ mod tests {
             (
                 s.jobs
                     .iter()
-                    .map(|(id, e)| (id.clone(), e.keys, e.job.status.clone()))
+                    .map(|k| {
+                        (
+                            k.clone(),
+                            k.0.held_timer(),
+                            k.0.held_expiry(),
+                            k.0.held_status(),
+                        )
+                    })
                     .collect::<Vec<_>>(),
                 s.timers.clone(),
                 s.expiries.clone(),
@@ -918,6 +889,77 @@ mod tests {
         assert_eq!(restored.jobs.len(), 60);
         assert_eq!(restored.timers.len(), 15);
         assert_eq!(restored.expiries.len(), 30);
+    }
+
+    /// The timer and retention indexes hold exactly one key for each job armed in them, at
+    /// the time its held status says, through every change a job goes through; a removed job
+    /// leaves no key behind (a stale key would keep its spec in memory and wake the timer).
+    #[test]
+    fn the_indexes_follow_every_change_of_a_held_job() {
+        let clock: Arc<dyn Clock> = Arc::new(ManualClock::new(Timestamp(1_000)));
+        let mut state = State::new(clock, 500);
+        let check = |state: &State| {
+            let mut timers = BTreeSet::new();
+            let mut expiries = BTreeSet::new();
+            for key in &state.jobs {
+                let job = held_job(key);
+                if key.0.held_timer() {
+                    timers.insert((job.next_due().expect("armed job is due"), key.clone()));
+                }
+                if let Some(t) = key.0.held_expiry() {
+                    expiries.insert((t, key.clone()));
+                }
+            }
+            assert_eq!(state.timers, timers);
+            assert_eq!(state.expiries, expiries);
+        };
+        let mut jobs = Vec::new();
+        for i in 0..4 {
+            let mut s = spec(&format!("job-{i}"));
+            s.trigger = crate::domain::TriggerSpec::Every {
+                period: 10,
+                start_time: None,
+                jitter: 7,
+            };
+            let job = Job::create(s, Timestamp(1_000)).expect("job");
+            state.put_job(job.clone());
+            jobs.push(job);
+            check(&state);
+        }
+        // The next occurrence moves on (as a release does), then the job pauses and resumes.
+        let mut job = jobs[0].clone();
+        job.status.next_occurrence = job.status.next_occurrence.map(|t| t.plus(10));
+        state.put_job(job.clone());
+        check(&state);
+        job.status.state = JobState::Paused;
+        state.put_job(job.clone());
+        check(&state);
+        job.status.state = JobState::Scheduled;
+        state.put_job(job.clone());
+        check(&state);
+        // Taken by the timer loop, then armed again without a change.
+        let work = state.take_due(Timestamp(5_000), Timestamp(5_000), 2);
+        assert_eq!(work.jobs.len(), 2);
+        check(&state);
+        for (key, _) in &work.jobs {
+            state.sync_timer(key.id());
+            check(&state);
+        }
+        // Finished, kept for retention, kept longer, then deleted.
+        let mut done = jobs[1].clone();
+        done.status.state = JobState::Completed;
+        done.status.next_occurrence = None;
+        done.status.finish_time = Some(Timestamp(2_000));
+        state.put_job(done);
+        check(&state);
+        state.set_expiry("job-1", Some(Timestamp(9_000)));
+        check(&state);
+        for id in ["job-1", "job-2"] {
+            state.remove_job(id);
+            check(&state);
+        }
+        assert_eq!(state.jobs.len(), 2);
+        assert!(state.timers.iter().all(|(_, k)| state.jobs.contains(k)));
     }
 
     /// A job put under a held id with a new spec replaces the old one everywhere: no index

@@ -196,7 +196,7 @@ impl Batch {
         if self.deleted.contains(id) {
             return None;
         }
-        inner.lock().job(id).cloned()
+        inner.lock().job(id)
     }
 
     fn put_job(&mut self, mut job: Job, spec_too: bool) {
@@ -324,7 +324,6 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
                 (Err(e), Ok(_)) => Err(not_stored(e)),
                 (Ok(()), Ok(id)) => state
                     .job(&id)
-                    .cloned()
                     .ok_or_else(|| SchedulerError::Internal(format!("job {id} vanished"))),
             };
             replies.push((reply, answer));
@@ -337,7 +336,7 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
                 (Ok(()), Ok(ids)) => ids
                     .iter()
                     .map(|id| {
-                        state.job(id).cloned().ok_or_else(|| {
+                        state.job(id).ok_or_else(|| {
                             SchedulerError::Internal(format!("job {id} vanished"))
                         })
                     })
