@@ -16,18 +16,18 @@ use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use chrono_tz::Tz;
 use croner::Cron;
-use serde::{Serialize, Serializer};
+use serde::de::Visitor;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use triomphe::ThinArc;
 
 use super::job::{JobSpec, JobState, JobStatus, MisfirePolicy};
 use super::time::{Micros, Timestamp};
-use super::trace::TraceContext;
 use super::trigger::{Recurrence, TriggerError, TriggerSpec, parse_cron, parse_time_zone};
 
 /// Which [`TriggerSpec`] variant a packed spec holds, and what its three numbers mean.
@@ -86,7 +86,8 @@ struct Header {
 /// change) and its key in the retention index, so that a held job is this one allocation and
 /// nothing else. Atomics only because the spec is shared with fires on other threads: they are
 /// written and read only under the scheduler's state lock, so `Relaxed` is enough. Not part of
-/// a spec's equality. Unused (zero) in a spec that no scheduler holds.
+/// a spec's equality. Unused (zero) in a spec that no scheduler holds. The status's trace
+/// context is not here: few jobs carry one, and the scheduler keeps those aside.
 #[derive(Default)]
 struct Held {
     next_occurrence: AtomicI64,
@@ -96,8 +97,6 @@ struct Held {
     finish_time: AtomicI64,
     /// The job's key in the retention index.
     expiry: AtomicI64,
-    /// Set once, by the first status that carries one (a job's trace never changes).
-    trace: OnceLock<Box<TraceContext>>,
 }
 
 impl PartialEq for Held {
@@ -160,64 +159,57 @@ pub struct PackedSpec(ThinArc<Header, u8>);
 impl PackedSpec {
     /// Packs `spec`, parsing a cron trigger's schedule once (see [`PackedSpec::recurrence`]).
     pub fn new(spec: &JobSpec) -> PackedSpec {
-        let schedule = match &spec.trigger {
-            TriggerSpec::Cron {
-                expression,
-                time_zone,
-            } => parse_cron(expression)
-                .ok()
-                .zip(parse_time_zone(time_zone).ok())
-                .map(|(cron, tz)| (Arc::new(cron), tz)),
-            _ => None,
-        };
-        match schedule {
-            Some((cron, tz)) => PackedSpec::with_schedule(spec, Schedule(Some(cron)), tz),
-            None => PackedSpec::with_schedule(spec, Schedule(None), Tz::UTC),
-        }
+        PackedSpec::pack(Fields::of(spec), true)
     }
 
     /// Packs `spec` for delivering its fires only: a cron trigger's schedule is not parsed,
     /// and [`PackedSpec::recurrence`] parses it each time it is asked.
     pub fn for_delivery(spec: &JobSpec) -> PackedSpec {
-        PackedSpec::with_schedule(spec, Schedule(None), Tz::UTC)
+        PackedSpec::pack(Fields::of(spec), false)
     }
 
-    fn with_schedule(spec: &JobSpec, schedule: Schedule, tz: Tz) -> PackedSpec {
-        let (kind, trigger, flags_from_trigger, expression, time_zone) = match &spec.trigger {
-            TriggerSpec::At { at } => (Kind::At, [at.0, 0, 0], 0, "", ""),
-            TriggerSpec::After { after } => (Kind::After, [*after, 0, 0], 0, "", ""),
-            TriggerSpec::Every {
+    fn pack(fields: Fields<'_>, parse_schedule: bool) -> PackedSpec {
+        let (kind, trigger, flags_from_trigger, expression, time_zone) = match fields.trigger {
+            TriggerFields::At { at } => (Kind::At, [at.0, 0, 0], 0, "", ""),
+            TriggerFields::After { after } => (Kind::After, [after, 0, 0], 0, "", ""),
+            TriggerFields::Every {
                 period,
                 start_time,
                 jitter,
             } => (
                 Kind::Every,
-                [*period, start_time.map_or(0, |t| t.0), *jitter],
+                [period, start_time.map_or(0, |t| t.0), jitter],
                 if start_time.is_some() { HAS_START } else { 0 },
                 "",
                 "",
             ),
-            TriggerSpec::Cron {
+            TriggerFields::Cron {
                 expression,
                 time_zone,
-            } => (
-                Kind::Cron,
-                [0, 0, 0],
-                0,
-                expression.as_str(),
-                time_zone.as_str(),
-            ),
+            } => (Kind::Cron, [0, 0, 0], 0, expression, time_zone),
         };
-        let dlq = spec.dead_letter_queue.as_deref();
+        let schedule = (parse_schedule && kind == Kind::Cron)
+            .then(|| {
+                parse_cron(expression)
+                    .ok()
+                    .zip(parse_time_zone(time_zone).ok())
+            })
+            .flatten();
+        let (schedule, tz) = match schedule {
+            Some((cron, tz)) => (Schedule(Some(Arc::new(cron))), tz),
+            None => (Schedule(None), Tz::UTC),
+        };
+        let dlq = fields.dead_letter_queue;
         let strings = [
-            &*spec.id,
-            spec.queue.as_str(),
+            fields.id,
+            fields.queue,
             dlq.unwrap_or(""),
             expression,
             time_zone,
         ];
+        let payload = fields.payload.0;
         let mut bytes =
-            Vec::with_capacity(strings.iter().map(|s| s.len()).sum::<usize>() + spec.payload.len());
+            Vec::with_capacity(strings.iter().map(|s| s.len()).sum::<usize>() + payload.len());
         let mut ends = [0u32; 5];
         let mut exact = true;
         for (end, s) in ends.iter_mut().zip(strings) {
@@ -227,25 +219,25 @@ impl PackedSpec {
                 u32::MAX
             });
         }
-        bytes.extend_from_slice(&spec.payload);
+        bytes.extend_from_slice(payload);
         let mut flags = flags_from_trigger;
         if exact {
             flags |= ENDS_EXACT;
         }
-        if spec.end_time.is_some() {
+        if fields.end_time.is_some() {
             flags |= HAS_END_TIME;
         }
         if dlq.is_some() {
             flags |= HAS_DLQ;
         }
         let header = Header {
-            labels: (!spec.labels.is_empty()).then(|| Box::new(spec.labels.clone())),
-            max_fires: spec.max_fires,
-            misfire_grace: spec.misfire_grace,
-            ack_deadline: spec.ack_deadline,
-            end_time: spec.end_time.unwrap_or_default(),
+            labels: (!fields.labels.is_empty()).then(|| Box::new(fields.labels)),
+            max_fires: fields.max_fires,
+            misfire_grace: fields.misfire_grace,
+            ack_deadline: fields.ack_deadline,
+            end_time: fields.end_time.unwrap_or_default(),
             trigger,
-            max_attempts: spec.max_attempts,
+            max_attempts: fields.max_attempts,
             ends,
             schedule,
             held: Held::default(),
@@ -254,7 +246,7 @@ impl PackedSpec {
             held_set: HeldByte::default(),
             kind,
             flags,
-            misfire_policy: spec.misfire_policy,
+            misfire_policy: fields.misfire_policy,
         };
         PackedSpec(ThinArc::from_header_and_slice(header, &bytes))
     }
@@ -414,7 +406,7 @@ impl PackedSpec {
         }
     }
 
-    /// The status last stored with [`PackedSpec::hold_status`].
+    /// The status last stored with [`PackedSpec::hold_status`], without its trace context.
     pub fn held_status(&self) -> JobStatus {
         let h = self.header();
         let set = h.held_set.0.load(Relaxed);
@@ -432,11 +424,12 @@ impl PackedSpec {
             create_time: Timestamp(h.held.create_time.load(Relaxed)),
             last_fire_time: at(HELD_LAST, &h.held.last_fire_time),
             finish_time: at(HELD_FINISH, &h.held.finish_time),
-            trace: h.held.trace.get().cloned(),
+            trace: None,
         }
     }
 
-    /// Keeps `status` as this job's held status (see [`Held`]); its index keys stay.
+    /// Keeps `status` as this job's held status (see [`Held`]), all but its trace context; its
+    /// index keys stay.
     pub fn hold_status(&self, status: &JobStatus) {
         let h = self.header();
         let put = |t: Option<Timestamp>, bit: u8, cell: &AtomicI64| {
@@ -459,11 +452,6 @@ impl PackedSpec {
         );
         let keys = h.held_set.0.load(Relaxed) & (HELD_TIMER | HELD_EXPIRY);
         h.held_set.0.store(set | keys, Relaxed);
-        if let Some(trace) = &status.trace
-            && h.held.trace.get().is_none()
-        {
-            let _ = h.held.trace.set(trace.clone());
-        }
     }
 
     /// Whether the held job is in the timer index (at the next due time of its held status).
@@ -620,6 +608,120 @@ impl Serialize for PackedSpec {
     }
 }
 
+/// A spec's fields, borrowed where they can be: what packing reads, from a [`JobSpec`] or
+/// straight from a stored record (then its strings and payload are copied once, into the
+/// packed spec, and not first into allocations of their own). Reads the same records as
+/// `JobSpec`'s `Deserialize`, arrays or maps with field names.
+#[derive(Deserialize)]
+#[serde(rename = "JobSpec")]
+struct Fields<'a> {
+    id: &'a str,
+    queue: &'a str,
+    #[serde(borrow)]
+    trigger: TriggerFields<'a>,
+    #[serde(borrow)]
+    payload: RawIn<'a>,
+    labels: BTreeMap<String, String>,
+    max_fires: u64,
+    end_time: Option<Timestamp>,
+    misfire_policy: MisfirePolicy,
+    misfire_grace: Micros,
+    ack_deadline: Micros,
+    max_attempts: u32,
+    #[serde(borrow)]
+    dead_letter_queue: Option<&'a str>,
+}
+
+impl<'a> Fields<'a> {
+    fn of(spec: &'a JobSpec) -> Fields<'a> {
+        Fields {
+            id: &spec.id,
+            queue: &spec.queue,
+            trigger: match &spec.trigger {
+                TriggerSpec::At { at } => TriggerFields::At { at: *at },
+                TriggerSpec::After { after } => TriggerFields::After { after: *after },
+                TriggerSpec::Every {
+                    period,
+                    start_time,
+                    jitter,
+                } => TriggerFields::Every {
+                    period: *period,
+                    start_time: *start_time,
+                    jitter: *jitter,
+                },
+                TriggerSpec::Cron {
+                    expression,
+                    time_zone,
+                } => TriggerFields::Cron {
+                    expression,
+                    time_zone,
+                },
+            },
+            payload: RawIn(&spec.payload),
+            labels: spec.labels.clone(),
+            max_fires: spec.max_fires,
+            end_time: spec.end_time,
+            misfire_policy: spec.misfire_policy,
+            misfire_grace: spec.misfire_grace,
+            ack_deadline: spec.ack_deadline,
+            max_attempts: spec.max_attempts,
+            dead_letter_queue: spec.dead_letter_queue.as_deref(),
+        }
+    }
+}
+
+/// [`TriggerSpec`], borrowed.
+#[derive(Deserialize)]
+#[serde(rename = "TriggerSpec")]
+enum TriggerFields<'a> {
+    At {
+        at: Timestamp,
+    },
+    After {
+        after: Micros,
+    },
+    Every {
+        period: Micros,
+        start_time: Option<Timestamp>,
+        jitter: Micros,
+    },
+    Cron {
+        expression: &'a str,
+        time_zone: &'a str,
+    },
+}
+
+/// Bytes borrowed from the record being read.
+struct RawIn<'a>(&'a [u8]);
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawIn<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Borrowed;
+        impl<'de> Visitor<'de> for Borrowed {
+            type Value = RawIn<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes borrowed from the record")
+            }
+            fn visit_borrowed_bytes<E: serde::de::Error>(
+                self,
+                v: &'de [u8],
+            ) -> Result<Self::Value, E> {
+                Ok(RawIn(v))
+            }
+        }
+        deserializer.deserialize_bytes(Borrowed)
+    }
+}
+
+/// Reads a stored spec record straight into a packed spec (see [`Fields`]). A record whose
+/// strings or payload cannot be borrowed (not read from a byte slice, or a payload stored as
+/// an array) is refused: read it as a [`JobSpec`] then.
+impl<'de> Deserialize<'de> for PackedSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(PackedSpec::pack(Fields::deserialize(deserializer)?, true))
+    }
+}
+
 /// Owns the spec while a payload `Bytes` made from it lives.
 struct PayloadOf(PackedSpec);
 
@@ -772,17 +874,14 @@ mod tests {
         );
     }
 
-    /// A held status comes back as it was kept, with every optional time set or not, and
+    /// A held status comes back as it was kept (but for its trace context, which the scheduler
+    /// keeps aside), with every optional time set or not, and
     /// keeping one leaves the index keys alone; none of it is part of the spec's equality.
     #[test]
     fn a_held_status_comes_back_as_kept() {
         let packed = PackedSpec::new(&spec("a"));
         packed.set_held_timer(true);
         packed.set_held_expiry(Some(Timestamp(-3)));
-        let trace = TraceContext {
-            traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
-            tracestate: String::new(),
-        };
         for (i, state) in [
             JobState::Scheduled,
             JobState::Paused,
@@ -799,7 +898,7 @@ mod tests {
                 create_time: Timestamp(i as i64 - 2),
                 last_fire_time: (i % 2 == 1).then_some(Timestamp(0)),
                 finish_time: (i > 1).then_some(Timestamp(i64::MAX)),
-                trace: Some(Box::new(trace.clone())),
+                trace: None,
             };
             packed.hold_status(&status);
             assert_eq!(packed.held_status(), status);
@@ -829,6 +928,53 @@ mod tests {
                 rmp_serde::to_vec_named(&s).expect("encode")
             );
         }
+    }
+
+    /// A stored record reads straight into the packed spec that packing its `JobSpec` gives,
+    /// in both record forms (arrays, and maps with field names), cron schedule included; a
+    /// payload stored as an array of numbers is refused (the store then reads a `JobSpec`).
+    #[test]
+    fn a_stored_record_reads_into_a_packed_spec() {
+        let created = Timestamp(1_700_000_000_000_000);
+        for s in variants() {
+            let want = PackedSpec::new(&s);
+            for bytes in [
+                rmp_serde::to_vec(&s).expect("encode"),
+                rmp_serde::to_vec_named(&s).expect("encode"),
+            ] {
+                let read: PackedSpec = rmp_serde::from_slice(&bytes).expect("decode");
+                assert_eq!(read, want);
+                assert_eq!(read.to_spec(), s);
+                assert_eq!(
+                    read.recurrence(created)
+                        .expect("resolves")
+                        .next_after(created),
+                    want.recurrence(created)
+                        .expect("resolves")
+                        .next_after(created)
+                );
+            }
+        }
+        let mut s = spec("a");
+        s.payload = Bytes::from_static(b"xy");
+        let as_array = rmp_serde::to_vec(&(
+            &*s.id,
+            &s.queue,
+            &s.trigger,
+            [b'x', b'y'],
+            &s.labels,
+            s.max_fires,
+            s.end_time,
+            s.misfire_policy,
+            s.misfire_grace,
+            s.ack_deadline,
+            s.max_attempts,
+            &s.dead_letter_queue,
+        ))
+        .expect("encode");
+        assert!(rmp_serde::from_slice::<PackedSpec>(&as_array).is_err());
+        let read: JobSpec = rmp_serde::from_slice(&as_array).expect("decode");
+        assert_eq!(read, s);
     }
 
     /// Keys order as their ids do, and an index of them is searched by the id's bytes.

@@ -17,7 +17,9 @@ use tracing::error;
 
 use super::clock::Clock;
 use super::{FastMap, FastSet};
-use crate::domain::{FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp};
+use crate::domain::{
+    FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp, TraceContext,
+};
 use crate::store::Snapshot;
 
 /// Identifies one Subscribe stream.
@@ -91,6 +93,9 @@ pub(crate) struct State {
     /// 8-byte key that is the job's only allocation. Its status and index keys are kept in it
     /// (`PackedSpec::held_status`); [`State::job`] gives the job.
     pub jobs: BTreeSet<JobKey>,
+    /// The trace context of each held job created in a traced call (few are): kept aside, so
+    /// that the jobs without one do not each carry room for it.
+    pub traces: FastMap<JobKey, Box<TraceContext>>,
     /// Jobs per queue, in id order: ListJobs on one queue scans only that queue's jobs.
     pub by_queue: FastMap<String, BTreeSet<JobKey>>,
     /// How many jobs are in each state; changed only through [`State::put_job`].
@@ -130,6 +135,7 @@ impl State {
         State {
             clock,
             jobs: BTreeSet::new(),
+            traces: FastMap::default(),
             by_queue: FastMap::default(),
             job_counts: BTreeMap::new(),
             timers: BTreeSet::new(),
@@ -175,6 +181,9 @@ impl State {
             let id = JobKey(job.spec.clone());
             let timer = job.next_due();
             let expiry = state.expiry_of(&job);
+            if let Some(trace) = &job.status.trace {
+                state.traces.insert(id.clone(), trace.clone());
+            }
             job.spec.hold_status(&job.status);
             job.spec.set_held_timer(timer.is_some());
             job.spec.set_held_expiry(expiry);
@@ -251,6 +260,11 @@ impl State {
             }
         };
         *self.job_counts.entry(job.status.state).or_default() += 1;
+        if let Some(trace) = &job.status.trace
+            && !self.traces.contains_key(job.spec.id_bytes())
+        {
+            self.traces.insert(JobKey(job.spec.clone()), trace.clone());
+        }
         job.spec.hold_status(&job.status);
         job.spec.set_held_timer(want_timer.is_some());
         job.spec.set_held_expiry(want_expiry);
@@ -268,6 +282,7 @@ impl State {
         let Some(key) = self.jobs.take(id.as_bytes()) else {
             return;
         };
+        self.traces.remove(id.as_bytes());
         let job = held_job(&key);
         let queue = job.spec.queue();
         if let Some(ids) = self.by_queue.get_mut(queue) {
@@ -291,7 +306,9 @@ impl State {
 
     /// The job held under `id`, with its status as last applied.
     pub fn job(&self, id: &str) -> Option<Job> {
-        self.jobs.get(id.as_bytes()).map(held_job)
+        let mut job = held_job(self.jobs.get(id.as_bytes())?);
+        job.status.trace = self.traces.get(id.as_bytes()).cloned();
+        Some(job)
     }
 
     /// When a finished job is deleted: `retention` after it finished (after now for a job
@@ -785,7 +802,8 @@ fn rekey(
     index.first().is_some_and(|(first, _)| *first == t)
 }
 
-/// A held job: its spec and the status kept in it.
+/// A held job: its spec and the status kept in it (without its trace context: see
+/// [`State::job`]).
 fn held_job(key: &JobKey) -> Job {
     Job {
         spec: key.0.clone(),
@@ -846,6 +864,12 @@ mod tests {
                 .eq(&JobState::Scheduled)
                 .then_some(Timestamp(i as i64 * 7 % 20));
             status.finish_time = status.state.is_final().then_some(Timestamp(i as i64));
+            status.trace = (i % 5 == 0).then(|| {
+                Box::new(TraceContext {
+                    traceparent: format!("trace-{i}"),
+                    tracestate: String::new(),
+                })
+            });
             jobs.push((spec, status));
         }
         let restored = State::restore(
@@ -872,10 +896,11 @@ mod tests {
                             k.clone(),
                             k.0.held_timer(),
                             k.0.held_expiry(),
-                            k.0.held_status(),
+                            s.job(k.id()).map(|j| j.status),
                         )
                     })
                     .collect::<Vec<_>>(),
+                s.traces.len(),
                 s.timers.clone(),
                 s.expiries.clone(),
                 s.by_queue
@@ -889,6 +914,18 @@ mod tests {
         assert_eq!(restored.jobs.len(), 60);
         assert_eq!(restored.timers.len(), 15);
         assert_eq!(restored.expiries.len(), 30);
+        assert_eq!(restored.traces.len(), 12);
+        assert_eq!(
+            restored.job("job-05").and_then(|j| j.status.trace),
+            Some(Box::new(TraceContext {
+                traceparent: "trace-5".into(),
+                tracestate: String::new(),
+            }))
+        );
+        for i in 0..60 {
+            put.remove_job(&format!("job-{i:02}"));
+        }
+        assert!(put.traces.is_empty() && put.jobs.is_empty());
     }
 
     /// The timer and retention indexes hold exactly one key for each job armed in them, at

@@ -446,8 +446,14 @@ impl Store for RedbStore {
                 .get(id)
                 .map_err(io("read job_specs"))?
                 .ok_or_else(|| StoreError::MissingSpec(id.to_string()))?;
-            let spec: JobSpec = codec::decode("job_specs", id, spec_bytes.value())?;
-            snap.jobs.push((PackedSpec::new(&spec), status));
+            let bytes = spec_bytes.value();
+            // Straight into the packed form (no allocation per string on the way); a record
+            // that form cannot borrow from is read as a `JobSpec` first.
+            let spec = match codec::decode::<PackedSpec>("job_specs", id, bytes) {
+                Ok(spec) => spec,
+                Err(_) => PackedSpec::new(&codec::decode::<JobSpec>("job_specs", id, bytes)?),
+            };
+            snap.jobs.push((spec, status));
         }
         for entry in fires.iter().map_err(io("scan fires"))? {
             let (key, value) = entry.map_err(io("read fires"))?;
