@@ -43,24 +43,21 @@ enum Kind {
     Cron,
 }
 
-const HAS_END_TIME: u8 = 1;
-const HAS_START: u8 = 2;
-const HAS_DLQ: u8 = 4;
+const HAS_START: u8 = 1;
+const HAS_DLQ: u8 = 2;
 /// Every end offset is exact (always, unless the strings passed 4 GiB; see `Header::ends`): each
 /// string of the bytes is then known to be exactly the UTF-8 it was copied from.
-const ENDS_EXACT: u8 = 8;
+const ENDS_EXACT: u8 = 4;
 
 /// The fixed-size part. The bytes that follow it are, in order: id, queue, dead-letter queue,
 /// cron expression, time zone (each ending at the offset in `ends`), then the payload.
 #[derive(PartialEq, Eq)]
 struct Header {
-    /// Boxed: most jobs carry none, and an empty map inline would cost 24 bytes a job, not 8.
-    #[allow(clippy::box_collection)]
-    labels: Option<Box<BTreeMap<String, String>>>,
-    max_fires: u64,
+    /// Labels, `max_fires` and `end_time`, out of line: most jobs set none of them, and
+    /// inline they would cost 24 bytes a job, not 8.
+    rare: Option<Box<Rare>>,
     misfire_grace: Micros,
     ack_deadline: Micros,
-    end_time: Timestamp,
     trigger: [i64; 3],
     max_attempts: u32,
     /// End offsets of id, queue, dead-letter queue, expression and time zone. Every source of a
@@ -126,6 +123,14 @@ const HELD_FINISH: u8 = 4;
 const HELD_TIMER: u8 = 8;
 /// The job is in the retention index, at `Held::expiry`.
 const HELD_EXPIRY: u8 = 16;
+
+/// The fields most jobs leave at their defaults.
+#[derive(PartialEq, Eq)]
+struct Rare {
+    labels: BTreeMap<String, String>,
+    max_fires: u64,
+    end_time: Option<Timestamp>,
+}
 
 /// A cron expression, parsed once when the spec is packed. Always equal to another: it is
 /// derived from the expression, which is compared in the bytes.
@@ -224,18 +229,20 @@ impl PackedSpec {
         if exact {
             flags |= ENDS_EXACT;
         }
-        if fields.end_time.is_some() {
-            flags |= HAS_END_TIME;
-        }
         if dlq.is_some() {
             flags |= HAS_DLQ;
         }
         let header = Header {
-            labels: (!fields.labels.is_empty()).then(|| Box::new(fields.labels)),
-            max_fires: fields.max_fires,
+            rare: (!fields.labels.is_empty() || fields.max_fires != 0 || fields.end_time.is_some())
+                .then(|| {
+                    Box::new(Rare {
+                        labels: fields.labels,
+                        max_fires: fields.max_fires,
+                        end_time: fields.end_time,
+                    })
+                }),
             misfire_grace: fields.misfire_grace,
             ack_deadline: fields.ack_deadline,
-            end_time: fields.end_time.unwrap_or_default(),
             trigger,
             max_attempts: fields.max_attempts,
             ends,
@@ -304,7 +311,7 @@ impl PackedSpec {
 
     pub fn labels(&self) -> &BTreeMap<String, String> {
         static NONE: BTreeMap<String, String> = BTreeMap::new();
-        self.header().labels.as_deref().unwrap_or(&NONE)
+        self.header().rare.as_ref().map_or(&NONE, |r| &r.labels)
     }
 
     pub fn trigger(&self) -> TriggerSpec {
@@ -363,13 +370,12 @@ impl PackedSpec {
 
     /// 0 = unbounded.
     pub fn max_fires(&self) -> u64 {
-        self.header().max_fires
+        self.header().rare.as_ref().map_or(0, |r| r.max_fires)
     }
 
     /// Exclusive.
     pub fn end_time(&self) -> Option<Timestamp> {
-        let h = self.header();
-        (h.flags & HAS_END_TIME != 0).then_some(h.end_time)
+        self.header().rare.as_ref().and_then(|r| r.end_time)
     }
 
     pub fn misfire_policy(&self) -> MisfirePolicy {
@@ -596,7 +602,7 @@ impl Serialize for PackedSpec {
             trigger,
             payload: Raw(self.payload_bytes()),
             labels: self.labels(),
-            max_fires: h.max_fires,
+            max_fires: self.max_fires(),
             end_time: self.end_time(),
             misfire_policy: h.misfire_policy,
             misfire_grace: h.misfire_grace,
