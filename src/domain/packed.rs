@@ -315,19 +315,43 @@ impl PackedSpec {
     }
 
     pub fn trigger(&self) -> TriggerSpec {
+        match self.trigger_fields() {
+            TriggerFields::At { at } => TriggerSpec::At { at },
+            TriggerFields::After { after } => TriggerSpec::After { after },
+            TriggerFields::Every {
+                period,
+                start_time,
+                jitter,
+            } => TriggerSpec::Every {
+                period,
+                start_time,
+                jitter,
+            },
+            TriggerFields::Cron {
+                expression,
+                time_zone,
+            } => TriggerSpec::Cron {
+                expression: expression.to_string(),
+                time_zone: time_zone.to_string(),
+            },
+        }
+    }
+
+    /// The trigger, borrowing its strings.
+    fn trigger_fields(&self) -> TriggerFields<'_> {
         let h = self.header();
         let [a, b, c] = h.trigger;
         match h.kind {
-            Kind::At => TriggerSpec::At { at: Timestamp(a) },
-            Kind::After => TriggerSpec::After { after: a },
-            Kind::Every => TriggerSpec::Every {
+            Kind::At => TriggerFields::At { at: Timestamp(a) },
+            Kind::After => TriggerFields::After { after: a },
+            Kind::Every => TriggerFields::Every {
                 period: a,
                 start_time: (h.flags & HAS_START != 0).then_some(Timestamp(b)),
                 jitter: c,
             },
-            Kind::Cron => TriggerSpec::Cron {
-                expression: self.string(3).to_string(),
-                time_zone: self.string(4).to_string(),
+            Kind::Cron => TriggerFields::Cron {
+                expression: self.string(3),
+                time_zone: self.string(4),
             },
         }
     }
@@ -541,37 +565,12 @@ impl fmt::Debug for PackedSpec {
 impl Serialize for PackedSpec {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         #[derive(Serialize)]
-        #[serde(rename = "TriggerSpec")]
-        enum TriggerView<'a> {
-            At {
-                at: Timestamp,
-            },
-            After {
-                after: Micros,
-            },
-            Every {
-                period: Micros,
-                start_time: Option<Timestamp>,
-                jitter: Micros,
-            },
-            Cron {
-                expression: &'a str,
-                time_zone: &'a str,
-            },
-        }
-        struct Raw<'a>(&'a [u8]);
-        impl Serialize for Raw<'_> {
-            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_bytes(self.0)
-            }
-        }
-        #[derive(Serialize)]
         #[serde(rename = "JobSpec")]
         struct View<'a> {
             id: &'a str,
             queue: &'a str,
-            trigger: TriggerView<'a>,
-            payload: Raw<'a>,
+            trigger: TriggerFields<'a>,
+            payload: RawIn<'a>,
             labels: &'a BTreeMap<String, String>,
             max_fires: u64,
             end_time: Option<Timestamp>,
@@ -582,25 +581,11 @@ impl Serialize for PackedSpec {
             dead_letter_queue: Option<&'a str>,
         }
         let h = self.header();
-        let [a, b, c] = h.trigger;
-        let trigger = match h.kind {
-            Kind::At => TriggerView::At { at: Timestamp(a) },
-            Kind::After => TriggerView::After { after: a },
-            Kind::Every => TriggerView::Every {
-                period: a,
-                start_time: (h.flags & HAS_START != 0).then_some(Timestamp(b)),
-                jitter: c,
-            },
-            Kind::Cron => TriggerView::Cron {
-                expression: self.string(3),
-                time_zone: self.string(4),
-            },
-        };
         View {
             id: self.id(),
             queue: self.queue(),
-            trigger,
-            payload: Raw(self.payload_bytes()),
+            trigger: self.trigger_fields(),
+            payload: RawIn(self.payload_bytes()),
             labels: self.labels(),
             max_fires: self.max_fires(),
             end_time: self.end_time(),
@@ -676,8 +661,8 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// [`TriggerSpec`], borrowed.
-#[derive(Deserialize)]
+/// [`TriggerSpec`], borrowed (read and written as it is).
+#[derive(Serialize, Deserialize)]
 #[serde(rename = "TriggerSpec")]
 enum TriggerFields<'a> {
     At {
@@ -697,8 +682,14 @@ enum TriggerFields<'a> {
     },
 }
 
-/// Bytes borrowed from the record being read.
+/// Bytes borrowed from the record being read, or written as MessagePack `bin` (as `Bytes` is).
 struct RawIn<'a>(&'a [u8]);
+
+impl Serialize for RawIn<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
 
 impl<'de: 'a, 'a> Deserialize<'de> for RawIn<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
