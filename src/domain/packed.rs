@@ -12,7 +12,7 @@
 //! [`JobKey`] orders a packed spec by its job id, for the scheduler's indexes; it borrows as the
 //! id's bytes so that the indexes are searched with a `&[u8]`.
 
-use std::borrow::Borrow;
+use std::borrow::{Borrow, Cow};
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -236,7 +236,7 @@ impl PackedSpec {
             rare: (!fields.labels.is_empty() || fields.max_fires != 0 || fields.end_time.is_some())
                 .then(|| {
                     Box::new(Rare {
-                        labels: fields.labels,
+                        labels: fields.labels.into_owned(),
                         max_fires: fields.max_fires,
                         end_time: fields.end_time,
                     })
@@ -564,29 +564,13 @@ impl fmt::Debug for PackedSpec {
 /// stores encode it when a job is created.
 impl Serialize for PackedSpec {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        #[serde(rename = "JobSpec")]
-        struct View<'a> {
-            id: &'a str,
-            queue: &'a str,
-            trigger: TriggerFields<'a>,
-            payload: RawIn<'a>,
-            labels: &'a BTreeMap<String, String>,
-            max_fires: u64,
-            end_time: Option<Timestamp>,
-            misfire_policy: MisfirePolicy,
-            misfire_grace: Micros,
-            ack_deadline: Micros,
-            max_attempts: u32,
-            dead_letter_queue: Option<&'a str>,
-        }
         let h = self.header();
-        View {
+        Fields {
             id: self.id(),
             queue: self.queue(),
             trigger: self.trigger_fields(),
             payload: RawIn(self.payload_bytes()),
-            labels: self.labels(),
+            labels: Cow::Borrowed(self.labels()),
             max_fires: self.max_fires(),
             end_time: self.end_time(),
             misfire_policy: h.misfire_policy,
@@ -602,8 +586,9 @@ impl Serialize for PackedSpec {
 /// A spec's fields, borrowed where they can be: what packing reads, from a [`JobSpec`] or
 /// straight from a stored record (then its strings and payload are copied once, into the
 /// packed spec, and not first into allocations of their own). Reads the same records as
-/// `JobSpec`'s `Deserialize`, arrays or maps with field names.
-#[derive(Deserialize)]
+/// `JobSpec`'s `Deserialize`, arrays or maps with field names, and writes what `JobSpec`'s
+/// `Serialize` writes.
+#[derive(Serialize, Deserialize)]
 #[serde(rename = "JobSpec")]
 struct Fields<'a> {
     id: &'a str,
@@ -612,7 +597,7 @@ struct Fields<'a> {
     trigger: TriggerFields<'a>,
     #[serde(borrow)]
     payload: RawIn<'a>,
-    labels: BTreeMap<String, String>,
+    labels: Cow<'a, BTreeMap<String, String>>,
     max_fires: u64,
     end_time: Option<Timestamp>,
     misfire_policy: MisfirePolicy,
@@ -649,7 +634,7 @@ impl<'a> Fields<'a> {
                 },
             },
             payload: RawIn(&spec.payload),
-            labels: spec.labels.clone(),
+            labels: Cow::Borrowed(&spec.labels),
             max_fires: spec.max_fires,
             end_time: spec.end_time,
             misfire_policy: spec.misfire_policy,
