@@ -123,6 +123,9 @@ const HELD_FINISH: u8 = 4;
 const HELD_TIMER: u8 = 8;
 /// The job is in the retention index, at `Held::expiry`.
 const HELD_EXPIRY: u8 = 16;
+/// This allocation is the job the scheduler's state holds under its id (set when it is put in,
+/// cleared when it is taken out): a held job is found from its spec without a search.
+const HELD_IN: u8 = 32;
 
 /// The fields most jobs leave at their defaults.
 #[derive(PartialEq, Eq)]
@@ -480,7 +483,7 @@ impl PackedSpec {
             },
             Relaxed,
         );
-        let keys = h.held_set.0.load(Relaxed) & (HELD_TIMER | HELD_EXPIRY);
+        let keys = h.held_set.0.load(Relaxed) & (HELD_TIMER | HELD_EXPIRY | HELD_IN);
         h.held_set.0.store(set | keys, Relaxed);
     }
 
@@ -490,16 +493,22 @@ impl PackedSpec {
     }
 
     pub fn set_held_timer(&self, armed: bool) {
+        self.set_held_flag(HELD_TIMER, armed);
+    }
+
+    /// Whether this allocation is the job the scheduler's state holds under its id.
+    pub fn is_held(&self) -> bool {
+        self.header().held_set.0.load(Relaxed) & HELD_IN != 0
+    }
+
+    pub fn set_held(&self, held: bool) {
+        self.set_held_flag(HELD_IN, held);
+    }
+
+    fn set_held_flag(&self, bit: u8, on: bool) {
         let cell = &self.header().held_set.0;
         let set = cell.load(Relaxed);
-        cell.store(
-            if armed {
-                set | HELD_TIMER
-            } else {
-                set & !HELD_TIMER
-            },
-            Relaxed,
-        );
+        cell.store(if on { set | bit } else { set & !bit }, Relaxed);
     }
 
     /// The held job's key in the retention index, if it is in it.
@@ -510,17 +519,11 @@ impl PackedSpec {
     }
 
     pub fn set_held_expiry(&self, at: Option<Timestamp>) {
-        let h = self.header();
-        h.held.expiry.store(at.map_or(0, |t| t.0), Relaxed);
-        let set = h.held_set.0.load(Relaxed);
-        h.held_set.0.store(
-            if at.is_some() {
-                set | HELD_EXPIRY
-            } else {
-                set & !HELD_EXPIRY
-            },
-            Relaxed,
-        );
+        self.header()
+            .held
+            .expiry
+            .store(at.map_or(0, |t| t.0), Relaxed);
+        self.set_held_flag(HELD_EXPIRY, at.is_some());
     }
 
     /// Whether both point at the same allocation.

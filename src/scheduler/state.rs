@@ -187,6 +187,7 @@ impl State {
             job.spec.hold_status(&job.status);
             job.spec.set_held_timer(timer.is_some());
             job.spec.set_held_expiry(expiry);
+            job.spec.set_held(true);
             if let Some(t) = timer {
                 timers.push((t, id.clone()));
             }
@@ -225,39 +226,37 @@ impl State {
     }
 
     /// Stores a new or changed job, keeps the counts by state, and re-arms its timer and its
-    /// deletion (one lookup of the job).
+    /// deletion. A change of a held job (its spec is the held allocation) needs no search of
+    /// the id index; a new job, one insert.
     pub fn put_job(&mut self, job: Job) {
         let want_timer = job.next_due();
         let want_expiry = self.expiry_of(&job);
-        let (old_timer, old_expiry) = match self.jobs.get(job.spec.id_bytes()) {
-            Some(held) if !held.0.ptr_eq(&job.spec) => {
+        let (old_timer, old_expiry) = if job.spec.is_held() {
+            let old = held_job(&job.spec);
+            if let Some(n) = self.job_counts.get_mut(&old.status.state) {
+                *n = n.saturating_sub(1);
+            }
+            (old_timer(&old), old.spec.held_expiry())
+        } else {
+            let key = JobKey(job.spec.clone());
+            if !self.jobs.insert(key.clone()) {
                 // A job's spec never changes while it is held; a new spec under a held id
                 // (there is no such path today) replaces the job, so that no index keeps the
                 // old spec alive.
                 self.remove_job(job.spec.id());
                 return self.put_job(job);
             }
-            Some(held) => {
-                let old = held_job(held);
-                if let Some(n) = self.job_counts.get_mut(&old.status.state) {
-                    *n = n.saturating_sub(1);
+            job.spec.set_held(true);
+            match self.by_queue.get_mut(job.spec.queue()) {
+                Some(ids) => {
+                    ids.insert(key);
                 }
-                (old_timer(&old), old.spec.held_expiry())
-            }
-            None => {
-                let key = JobKey(job.spec.clone());
-                match self.by_queue.get_mut(job.spec.queue()) {
-                    Some(ids) => {
-                        ids.insert(key.clone());
-                    }
-                    None => {
-                        self.by_queue
-                            .insert(job.spec.queue().to_string(), BTreeSet::from([key.clone()]));
-                    }
+                None => {
+                    self.by_queue
+                        .insert(job.spec.queue().to_string(), BTreeSet::from([key]));
                 }
-                self.jobs.insert(key);
-                (None, None)
             }
+            (None, None)
         };
         *self.job_counts.entry(job.status.state).or_default() += 1;
         if let Some(trace) = &job.status.trace
@@ -283,7 +282,7 @@ impl State {
             return;
         };
         self.traces.remove(id.as_bytes());
-        let job = held_job(&key);
+        let job = held_job(&key.0);
         let queue = job.spec.queue();
         if let Some(ids) = self.by_queue.get_mut(queue) {
             ids.remove(id.as_bytes());
@@ -299,6 +298,7 @@ impl State {
         }
         job.spec.set_held_timer(false);
         job.spec.set_held_expiry(None);
+        job.spec.set_held(false);
         if let Some(n) = self.job_counts.get_mut(&job.status.state) {
             *n = n.saturating_sub(1);
         }
@@ -306,8 +306,19 @@ impl State {
 
     /// The job held under `id`, with its status as last applied.
     pub fn job(&self, id: &str) -> Option<Job> {
-        let mut job = held_job(self.jobs.get(id.as_bytes())?);
-        job.status.trace = self.traces.get(id.as_bytes()).cloned();
+        self.held(&self.jobs.get(id.as_bytes())?.0)
+    }
+
+    /// The job `spec` belongs to, with its status as last applied, if `spec` is the one held
+    /// under its id (no search).
+    pub fn held(&self, spec: &PackedSpec) -> Option<Job> {
+        if !spec.is_held() {
+            return None;
+        }
+        let mut job = held_job(spec);
+        if !self.traces.is_empty() {
+            job.status.trace = self.traces.get(spec.id_bytes()).cloned();
+        }
         Some(job)
     }
 
@@ -369,7 +380,7 @@ impl State {
     /// absent otherwise.
     pub fn sync_timer(&mut self, id: &str) {
         if let Some(key) = self.jobs.get(id.as_bytes()) {
-            let job = held_job(key);
+            let job = held_job(&key.0);
             let want = job.next_due();
             let old = old_timer(&job);
             job.spec.set_held_timer(want.is_some());
@@ -393,8 +404,8 @@ impl State {
         let not_before = rec.not_before;
         match self.fires.get(&id) {
             None => {
-                *self.fires_per_job.entry(rec.job_id.clone()).or_default() += 1;
-                *self.fires_per_queue.entry(rec.queue.clone()).or_default() += 1;
+                count_one(&mut self.fires_per_job, &rec.job_id);
+                count_one(&mut self.fires_per_queue, rec.queue.as_str());
             }
             Some(old) if old.rec.queue != rec.queue => {
                 let from = old.rec.queue.clone();
@@ -429,12 +440,16 @@ impl State {
             }
             _ => {
                 entry.status = FireStatus::Ready;
+                let queue = entry.rec.queue.as_str();
+                match self.queues.get_mut(queue) {
+                    Some(q) => q.ready.push_back(id.to_string()),
+                    None => {
+                        let mut q = QueueState::default();
+                        q.ready.push_back(id.to_string());
+                        self.queues.insert(queue.to_string(), q);
+                    }
+                }
                 let queue = entry.rec.queue.clone();
-                self.queues
-                    .entry(queue.clone())
-                    .or_default()
-                    .ready
-                    .push_back(id.to_string());
                 self.wake_queue(&queue);
             }
         }
@@ -804,10 +819,10 @@ fn rekey(
 
 /// A held job: its spec and the status kept in it (without its trace context: see
 /// [`State::job`]).
-fn held_job(key: &JobKey) -> Job {
+fn held_job(spec: &PackedSpec) -> Job {
     Job {
-        spec: key.0.clone(),
-        status: key.0.held_status(),
+        spec: spec.clone(),
+        status: spec.held_status(),
     }
 }
 
@@ -819,6 +834,20 @@ fn old_timer(held: &Job) -> Option<Timestamp> {
         held.next_due()
     } else {
         None
+    }
+}
+
+/// Counts one more for `key` (copying it only when it is new).
+fn count_one<K, Q>(counts: &mut FastMap<K, u32>, key: &Q)
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+{
+    match counts.get_mut(key) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(key.to_owned(), 1);
+        }
     }
 }
 
@@ -894,6 +923,7 @@ mod tests {
                     .map(|k| {
                         (
                             k.clone(),
+                            k.0.is_held(),
                             k.0.held_timer(),
                             k.0.held_expiry(),
                             s.job(k.id()).map(|j| j.status),
@@ -939,7 +969,7 @@ mod tests {
             let mut timers = BTreeSet::new();
             let mut expiries = BTreeSet::new();
             for key in &state.jobs {
-                let job = held_job(key);
+                let job = held_job(&key.0);
                 if key.0.held_timer() {
                     timers.insert((job.next_due().expect("armed job is due"), key.clone()));
                 }
@@ -949,6 +979,7 @@ mod tests {
             }
             assert_eq!(state.timers, timers);
             assert_eq!(state.expiries, expiries);
+            assert!(state.jobs.iter().all(|k| k.0.is_held()));
         };
         let mut jobs = Vec::new();
         for i in 0..4 {
@@ -997,6 +1028,11 @@ mod tests {
         }
         assert_eq!(state.jobs.len(), 2);
         assert!(state.timers.iter().all(|(_, k)| state.jobs.contains(k)));
+        // A removed job's spec no longer says it is held (a change put with it is a new job).
+        let held: Vec<bool> = jobs.iter().map(|j| j.spec.is_held()).collect();
+        assert_eq!(held, vec![true, false, false, true]);
+        assert!(state.held(&jobs[1].spec).is_none());
+        assert!(state.held(&jobs[3].spec).is_some());
     }
 
     /// A job put under a held id with a new spec replaces the old one everywhere: no index
@@ -1009,7 +1045,8 @@ mod tests {
         first.queue = "old".into();
         let mut status = status(JobState::Scheduled);
         status.next_occurrence = Some(Timestamp(10));
-        state.put_job(Job::restore(PackedSpec::new(&first), status.clone()).expect("job"));
+        let first = PackedSpec::new(&first);
+        state.put_job(Job::restore(first.clone(), status.clone()).expect("job"));
         let mut second = spec("a");
         second.queue = "new".into();
         status.next_occurrence = Some(Timestamp(20));
@@ -1024,5 +1061,6 @@ mod tests {
         assert_eq!(timers, vec![(Timestamp(20), "a")]);
         assert!(state.timers.iter().all(|(_, k)| k.0.ptr_eq(&second)));
         assert_eq!(state.job_counts[&JobState::Scheduled], 1);
+        assert!(!first.is_held() && second.is_held());
     }
 }

@@ -23,7 +23,8 @@ use super::state::{FireStatus, State};
 use super::{FastMap, FastSet};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
-    FireRecord, Job, JobId, JobKey, JobState, Micros, Timestamp, advance_with_room, fire_id,
+    FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp, advance_with_room,
+    fire_id,
 };
 use crate::store::Write;
 
@@ -132,7 +133,8 @@ enum Effect {
     Job(JobId),
     /// Re-arm a job's timer from memory (an advance that found nothing to do).
     Rearm(JobId),
-    NewFire(FireRecord),
+    /// A released fire, with the spec of the held job it belongs to.
+    NewFire(FireRecord, PackedSpec),
     /// Back on its queue with the next attempt (now or after `not_before`).
     FireRedelivered(FireRecord, RedeliveryReason),
     FireDeleted(String),
@@ -199,11 +201,27 @@ impl Batch {
         inner.lock().job(id)
     }
 
-    fn put_job(&mut self, mut job: Job, spec_too: bool) {
+    /// [`Batch::job`] for a job known by its held spec (the timer's): no search of memory.
+    fn held_job(&self, inner: &Inner, spec: &PackedSpec) -> Option<Job> {
+        if let Some(job) = self.jobs.get(spec.id()) {
+            return Some(job.clone());
+        }
+        if self.deleted.contains(spec.id()) {
+            return None;
+        }
+        inner.lock().held(spec)
+    }
+
+    fn put_job(&mut self, job: Job, spec_too: bool) {
+        let id: JobId = job.spec.id().into();
+        self.put_job_as(id, job, spec_too);
+    }
+
+    /// [`Batch::put_job`] with the job's id already made.
+    fn put_job_as(&mut self, id: JobId, mut job: Job, spec_too: bool) {
         if job.status.state.is_final() && job.status.finish_time.is_none() {
             job.status.finish_time = Some(self.now);
         }
-        let id: JobId = job.spec.id().into();
         self.deleted.remove(&id);
         if spec_too {
             self.writes.push(Write::PutSpec(job.spec.clone()));
@@ -417,8 +435,9 @@ fn apply(
                 }
             }
             Effect::Rearm(id) => state.sync_timer(&id),
-            Effect::NewFire(rec) => {
-                if let Some(spec) = state.job(&rec.job_id).map(|j| j.spec.clone()) {
+            Effect::NewFire(rec, spec) => {
+                // Not if its job was deleted since (then the fire was not stored either).
+                if spec.is_held() {
                     events.push(Event::Stored(rec.clone()));
                     state.insert_fire(rec, spec);
                 }
@@ -541,8 +560,8 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             batch.job_replies.push((reply, outcome));
         }
         Op::Advance { due, reply } => {
-            for (id, expected) in due {
-                decide_advance(inner, batch, id.id().into(), expected, now);
+            for (key, expected) in due {
+                decide_advance(inner, batch, &key.0, expected, now);
             }
             batch.unit_replies.push(reply);
         }
@@ -628,7 +647,7 @@ fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<String>) {
     }
     // Fires this same batch released for the job (it fell due beside the delete) go too.
     batch.effects.retain(|effect| match effect {
-        Effect::NewFire(rec) if rec.job_id == id => {
+        Effect::NewFire(rec, _) if rec.job_id == id => {
             batch.writes.push(Write::DeleteFire(rec.fire_id.clone()));
             false
         }
@@ -644,24 +663,29 @@ fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<String>) {
 fn decide_advance(
     inner: &Inner,
     batch: &mut Batch,
-    id: JobId,
+    spec: &PackedSpec,
     expected: Timestamp,
     now: Timestamp,
 ) {
-    let Some(job) = batch.job(inner, &id) else {
+    let Some(job) = batch.held_job(inner, spec) else {
         return;
     };
+    let id: JobId = spec.id().into();
     if job.status.state != JobState::Scheduled || job.status.next_occurrence != Some(expected) {
         // Changed since the timer looked (paused, cancelled, already advanced).
         batch.effects.push(Effect::Rearm(id));
         return;
     }
-    let queue = job.spec.queue().to_string();
+    let queue = job.spec.queue();
     // Memory's count is read once per queue and batch; fires this batch adds are counted on top.
-    let outstanding = *batch
-        .queue_fires
-        .entry(queue.clone())
-        .or_insert_with(|| inner.lock().queue_fires(&queue) as usize);
+    let outstanding = match batch.queue_fires.get(queue) {
+        Some(n) => *n,
+        None => {
+            let n = inner.lock().queue_fires(queue) as usize;
+            batch.queue_fires.insert(queue.to_string(), n);
+            n
+        }
+    };
     let room = inner.config.max_queue_backlog.saturating_sub(outstanding);
     let plan = advance_with_room(&job, now, inner.config.max_catch_up_fires, room);
     if plan.status == job.status {
@@ -683,7 +707,7 @@ fn decide_advance(
             plan.skipped
         );
         batch.effects.push(Effect::Skipped {
-            queue: queue.clone(),
+            queue: queue.to_string(),
             count: plan.skipped,
             reason: SkipReason::Misfire,
         });
@@ -697,12 +721,14 @@ fn decide_advance(
             "occurrence(s) skipped: the queue holds --max-queue-backlog fires not yet acked; is anyone consuming it?"
         );
         batch.effects.push(Effect::Skipped {
-            queue: queue.clone(),
+            queue: queue.to_string(),
             count: plan.skipped_no_room,
             reason: SkipReason::BacklogFull,
         });
     }
-    *batch.queue_fires.entry(queue).or_default() += plan.fires.len();
+    if let Some(n) = batch.queue_fires.get_mut(queue) {
+        *n += plan.fires.len();
+    }
     for occurrence in &plan.fires {
         let mut rec = FireRecord {
             fire_id: fire_id(&id, *occurrence),
@@ -717,11 +743,11 @@ fn decide_advance(
         };
         rec.trace = inner.config.observer.fire_released(&rec, &job);
         batch.writes.push(Write::PutFire(rec.clone()));
-        batch.effects.push(Effect::NewFire(rec));
+        batch.effects.push(Effect::NewFire(rec, job.spec.clone()));
     }
     let mut next = job;
     next.status = plan.status;
-    batch.put_job(next, false);
+    batch.put_job_as(id, next, false);
 }
 
 /// Counts an attempt for a fire that came back, and decides where it goes: its queue again
@@ -814,7 +840,8 @@ mod tests {
         let mut batch = Batch::default();
         for rec in [released("a", 1), released("b", 1)] {
             batch.writes.push(Write::PutFire(rec.clone()));
-            batch.effects.push(Effect::NewFire(rec));
+            let spec = PackedSpec::new(&crate::store::contract::spec(&rec.job_id));
+            batch.effects.push(Effect::NewFire(rec, spec));
         }
         delete_job(&mut batch, "a".into(), Vec::new());
         let deleted: Vec<&str> = batch
@@ -830,7 +857,7 @@ mod tests {
             .effects
             .iter()
             .filter_map(|e| match e {
-                Effect::NewFire(rec) => Some(&*rec.job_id),
+                Effect::NewFire(rec, _) => Some(&*rec.job_id),
                 _ => None,
             })
             .collect();

@@ -259,10 +259,12 @@ impl Observer for FireTelemetry {
             fire,
             format_args!("send {}", fire.queue),
             SpanKind::Producer,
-            vec![
-                KeyValue::new("messaging.operation.type", "send"),
-                KeyValue::new("tickd.fire.lateness_seconds", lateness),
-            ],
+            || {
+                vec![
+                    KeyValue::new("messaging.operation.type", "send"),
+                    KeyValue::new("tickd.fire.lateness_seconds", lateness),
+                ]
+            },
         );
     }
 
@@ -271,7 +273,7 @@ impl Observer for FireTelemetry {
             fire,
             format_args!("ack {}", fire.queue),
             SpanKind::Internal,
-            vec![KeyValue::new("messaging.operation.type", "settle")],
+            || vec![KeyValue::new("messaging.operation.type", "settle")],
         );
     }
 
@@ -287,7 +289,7 @@ impl Observer for FireTelemetry {
             fire,
             format_args!("redeliver {}", fire.queue),
             SpanKind::Internal,
-            vec![KeyValue::new("tickd.redelivery.reason", reason.as_str())],
+            || vec![KeyValue::new("tickd.redelivery.reason", reason.as_str())],
         );
     }
 
@@ -299,10 +301,12 @@ impl Observer for FireTelemetry {
             fire,
             format_args!("dead_letter {from_queue}"),
             SpanKind::Internal,
-            vec![KeyValue::new(
-                "tickd.dead_letter.from_queue",
-                from_queue.to_string(),
-            )],
+            || {
+                vec![KeyValue::new(
+                    "tickd.dead_letter.from_queue",
+                    from_queue.to_string(),
+                )]
+            },
         );
     }
 
@@ -318,7 +322,7 @@ impl Observer for FireTelemetry {
             fire,
             format_args!("drop {}", fire.queue),
             SpanKind::Internal,
-            Vec::new(),
+            Vec::new,
         );
     }
 

@@ -88,12 +88,13 @@ pub(crate) fn fire_released(fire: &FireRecord, job: &Job) -> Option<TraceContext
     trace_context_of(&Context::new().with_span(span))
 }
 
-/// A finished child span of the fire's span: one step of its delivery.
+/// A finished child span of the fire's span: one step of its delivery. `extra` attributes are
+/// built only when the span is (the fire is traced and spans are exported).
 pub(crate) fn fire_step(
     fire: &FireRecord,
     name: std::fmt::Arguments<'_>,
     kind: SpanKind,
-    extra: Vec<KeyValue>,
+    extra: impl FnOnce() -> Vec<KeyValue>,
 ) {
     let Some(trace) = &fire.trace else {
         return;
@@ -104,7 +105,7 @@ pub(crate) fn fire_step(
     let parent = Context::new().with_remote_span_context(span_context_of(trace));
     let tracer = global::tracer(TRACER_NAME);
     let mut attributes = fire_attributes(fire);
-    attributes.extend(extra);
+    attributes.extend(extra());
     let _span = tracer
         .span_builder(name.to_string())
         .with_kind(kind)
