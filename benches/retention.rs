@@ -60,7 +60,7 @@ async fn main() {
     let acker = tokio::spawn(async move {
         let mut acked = 0usize;
         while let Some(d) = sub.next().await {
-            handle.ack(std::slice::from_ref(&d.fire.fire_id));
+            handle.ack(&[d.fire.fire_id.to_string()]);
             acked += 1;
         }
         acked

@@ -126,7 +126,7 @@ async fn a_week_of_berlin_cron_in_virtual_time() {
             .expect("range")
             .with_timezone(&berlin);
         local_times.push(local.format("%m-%d %H:%M").to_string());
-        sub.handle().ack(&[d.fire.fire_id]);
+        sub.handle().ack(&[d.fire.fire_id.to_string()]);
     }
     assert_eq!(
         local_times,
@@ -155,8 +155,7 @@ async fn extended_deadline_and_expiry_backoff() {
     core.schedule(s).await.expect("schedule");
     let d = next(&mut sub).await;
     assert_eq!(d.fire.attempt, 1);
-    sub.handle()
-        .extend(std::slice::from_ref(&d.fire.fire_id), 60 * S);
+    sub.handle().extend(&[d.fire.fire_id.to_string()], 60 * S);
     clock.advance(30 * S);
     settle(&core).await;
     none(&core, &mut sub).await;
@@ -165,10 +164,7 @@ async fn extended_deadline_and_expiry_backoff() {
     none(&core, &mut sub).await; // waiting out the 1 s backoff
     clock.advance(S);
     let d2 = next(&mut sub).await;
-    assert_eq!(
-        (d2.fire.fire_id.as_str(), d2.fire.attempt),
-        (d.fire.fire_id.as_str(), 2)
-    );
+    assert_eq!((&*d2.fire.fire_id, d2.fire.attempt), (&*d.fire.fire_id, 2));
     clock.advance(10 * S);
     settle(&core).await;
     clock.advance(S);
@@ -349,7 +345,7 @@ async fn jitter_delays_within_bounds() {
         let d = next(&mut sub).await;
         assert_eq!(d.fire.scheduled_time, occurrence);
         assert_eq!(d.fire.fire_time, due);
-        sub.handle().ack(&[d.fire.fire_id]);
+        sub.handle().ack(&[d.fire.fire_id.to_string()]);
         settle(&core).await;
         let armed = core.get("j").await.expect("job").next_due();
         drop(sub);
@@ -378,10 +374,10 @@ async fn expired_fire_returns_to_an_open_subscription_and_late_acks_count() {
     clock.advance(S);
     let second = next(&mut sub).await;
     assert_eq!(
-        (second.fire.fire_id.as_str(), second.fire.attempt),
-        (first.fire.fire_id.as_str(), 2)
+        (&*second.fire.fire_id, second.fire.attempt),
+        (&*first.fire.fire_id, 2)
     );
-    sub.handle().ack(std::slice::from_ref(&first.fire.fire_id));
+    sub.handle().ack(&[first.fire.fire_id.to_string()]);
     settle(&core).await;
     assert!(
         store.load().expect("load").fires.is_empty(),
@@ -399,7 +395,7 @@ async fn a_failed_ack_commit_is_retried_until_stored() {
     let store = Arc::new(MemoryStore::new());
     let (core, clock, mut sub, d) = one_fire_delivered(store.clone()).await;
     store.set_fail_commits(true);
-    let ids = [d.fire.fire_id.clone()];
+    let ids = [d.fire.fire_id.to_string()];
     assert!(core.ack("q", &ids).await.is_err(), "the disk failed");
     store.set_fail_commits(false);
     core.ack("q", &ids)
@@ -470,7 +466,7 @@ async fn redelivered_fire_deadline_is_enforced_after_an_idle_timer_pass() {
         .expect("schedule");
     let f = next(&mut a).await;
     store.delay_ms.store(300, Ordering::SeqCst);
-    a.handle().nack(std::slice::from_ref(&f.fire.fire_id), 0);
+    a.handle().nack(&[f.fire.fire_id.to_string()], 0);
     settle(&core).await;
     clock.advance(S); // a timer pass while the redelivery is being written: nothing armed
     let again = next(&mut a).await;
@@ -499,7 +495,7 @@ async fn a_shorter_deadline_wakes_the_timer() {
     short.ack_deadline = 10 * S;
     core.schedule(short).await.expect("schedule");
     settle(&core).await;
-    sub.handle().nack(std::slice::from_ref(&a.fire.fire_id), 0);
+    sub.handle().nack(&[a.fire.fire_id.to_string()], 0);
     let b = next(&mut sub).await;
     assert_eq!(&*b.fire.job_id, "short");
     clock.advance(11 * S);
@@ -642,7 +638,7 @@ async fn a_retried_ack_after_dead_lettering_waits_for_the_delete() {
     s.dead_letter_queue = Some("dead".into());
     core.schedule(s).await.expect("schedule");
     let d = next(&mut sub).await;
-    let ids = [d.fire.fire_id.clone()];
+    let ids = [d.fire.fire_id.to_string()];
     store.hold.store(true, Ordering::SeqCst);
     clock.advance(10 * S); // expiry: the dead-lettering's commit is held in the store
     store.wait_held().await;
@@ -669,8 +665,7 @@ async fn a_failed_nack_commit_keeps_the_delay() {
     let store = Arc::new(MemoryStore::new());
     let (core, clock, mut sub, d) = one_fire_delivered(store.clone()).await;
     store.set_fail_commits(true);
-    sub.handle()
-        .nack(std::slice::from_ref(&d.fire.fire_id), 3_600 * S);
+    sub.handle().nack(&[d.fire.fire_id.to_string()], 3_600 * S);
     settle(&core).await;
     none(&core, &mut sub).await;
     store.set_fail_commits(false);

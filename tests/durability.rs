@@ -46,8 +46,8 @@ both_backends! {
         };
         let again = sub.recv().await;
         assert_eq!(
-            (again.fire_id.as_str(), again.attempt),
-            (fire.fire_id.as_str(), attempt),
+            (&*again.fire_id, again.attempt),
+            (&*fire.fire_id, attempt),
             "the un-acked fire is delivered again"
         );
         sub.ack(&[&again.fire_id]).await;
@@ -141,10 +141,7 @@ async fn kill_dash_nine_keeps_every_acknowledged_change() {
     assert_eq!((first.job_id.as_str(), first.attempt), ("in-flight", 1));
     sub.nack(&[&first.fire_id], None).await;
     let second = sub.recv().await;
-    assert_eq!(
-        (second.fire_id.as_str(), second.attempt),
-        (first.fire_id.as_str(), 2)
-    );
+    assert_eq!((&*second.fire_id, second.attempt), (&*first.fire_id, 2));
 
     tickd.kill9();
     drop(sub);
@@ -196,8 +193,8 @@ async fn kill_dash_nine_keeps_every_acknowledged_change() {
     let mut sub = Sub::open(&mut client, "q", 10).await;
     let back = sub.recv().await;
     assert_eq!(
-        (back.fire_id.as_str(), back.attempt),
-        (first.fire_id.as_str(), 2),
+        (&*back.fire_id, back.attempt),
+        (&*first.fire_id, 2),
         "the fire in flight at the crash comes back with the attempt it had"
     );
 }
@@ -412,8 +409,8 @@ async fn sigterm_shuts_down_in_order_and_exits_zero() {
     let mut sub = Sub::open(&mut client, "q", 10).await;
     let again = sub.recv().await;
     assert_eq!(
-        (again.fire_id.as_str(), again.attempt),
-        (fire.fire_id.as_str(), 1),
+        (&*again.fire_id, again.attempt),
+        (&*fire.fire_id, 1),
         "handed back at shutdown without counting an attempt"
     );
 }

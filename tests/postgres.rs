@@ -204,7 +204,7 @@ async fn racing_replicas_release_each_occurrence_once() {
     for claim in claims {
         leases.extend(claim.await.expect("task"));
     }
-    let mut ids: Vec<String> = leases.iter().map(|l| l.fire.fire_id.clone()).collect();
+    let mut ids: Vec<String> = leases.iter().map(|l| l.fire.fire_id.to_string()).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(
@@ -305,10 +305,7 @@ async fn a_stale_lease_changes_nothing() {
         .await
         .expect("claim")
         .remove(0);
-    assert_eq!(
-        (b.fire.fire_id.as_str(), b.fire.attempt),
-        (a.fire.fire_id.as_str(), 2)
-    );
+    assert_eq!((&*b.fire.fire_id, b.fire.attempt), (&*a.fire.fire_id, 2));
 
     // A wakes up: its nack and extend name a lease that is gone.
     assert!(
@@ -393,11 +390,11 @@ async fn a_stale_lease_changes_nothing() {
         .remove(0);
     assert_eq!(
         (
-            dead.fire.fire_id.as_str(),
+            &*dead.fire.fire_id,
             dead.fire.attempt,
             dead.fire.dead_lettered
         ),
-        (a.fire.fire_id.as_str(), 1, true)
+        (&*a.fire.fire_id, 1, true)
     );
 }
 
@@ -608,7 +605,10 @@ async fn listing_and_retention() {
         .await
         .expect("claim")
         .remove(0);
-    store.ack("q", &[fire.fire.fire_id]).await.expect("ack");
+    store
+        .ack("q", &[fire.fire.fire_id.to_string()])
+        .await
+        .expect("ack");
     assert_eq!(
         store
             .delete_expired(t(3_601), hour, 10)

@@ -124,7 +124,7 @@ async fn receive_each_once(rx: &mut mpsc::UnboundedReceiver<Got>, n: usize) -> V
     )
     .await;
     collect_for(rx, &mut got, Duration::from_millis(500)).await;
-    let ids: HashSet<&str> = got.iter().map(|g| g.fire.fire_id.as_str()).collect();
+    let ids: HashSet<&str> = got.iter().map(|g| &*g.fire.fire_id).collect();
     assert_eq!(
         (got.len(), ids.len()),
         (n, n),
@@ -520,7 +520,7 @@ async fn a_paused_replica_cannot_act_on_a_lease_it_lost() {
     )
     .await;
     assert_eq!(
-        (got_b[0].fire.fire_id.as_str(), got_b[0].fire.attempt),
+        (&*got_b[0].fire.fire_id, got_b[0].fire.attempt),
         (fire_id.as_str(), 2)
     );
     // B holds it for long.
@@ -574,7 +574,7 @@ async fn a_paused_replica_cannot_act_on_a_lease_it_lost() {
     let mut ticks = Vec::new();
     collect_for(&mut lrx, &mut ticks, Duration::from_millis(500)).await;
     assert_one_id_per_occurrence(&ticks);
-    let ids: HashSet<&str> = ticks.iter().map(|g| g.fire.fire_id.as_str()).collect();
+    let ids: HashSet<&str> = ticks.iter().map(|g| &*g.fire.fire_id).collect();
     assert_eq!(
         ids.len(),
         ticks.len(),
@@ -636,7 +636,7 @@ async fn replicas_with_skewed_clocks_agree() {
         );
     }
     assert_one_id_per_occurrence(&got);
-    let ids: HashSet<&str> = got.iter().map(|g| g.fire.fire_id.as_str()).collect();
+    let ids: HashSet<&str> = got.iter().map(|g| &*g.fire.fire_id).collect();
     assert_eq!(ids.len(), got.len(), "delivered twice");
     assert_no_gap(&got, 200);
 
@@ -844,13 +844,10 @@ async fn a_database_restart_loses_nothing_acknowledged() {
     .await;
     // What the other worker received meanwhile is still in the channel.
     collect_for(&mut rx, &mut got, Duration::from_millis(500)).await;
-    let acked_before: HashSet<&str> = got[..before]
-        .iter()
-        .map(|g| g.fire.fire_id.as_str())
-        .collect();
+    let acked_before: HashSet<&str> = got[..before].iter().map(|g| &*g.fire.fire_id).collect();
     for g in &got[before..] {
         assert!(
-            !acked_before.contains(g.fire.fire_id.as_str()),
+            !acked_before.contains(&*g.fire.fire_id),
             "{} was acked before the restart and came back",
             g.fire.fire_id
         );

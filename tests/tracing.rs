@@ -248,7 +248,7 @@ fn a_fire_trace_links_to_schedule_and_shows_each_attempt() {
         assert_eq!(attr(&fire, "tickd.job.id").as_deref(), Some("fired"));
         assert_eq!(
             attr(&fire, "tickd.fire.id").as_deref(),
-            Some(first.fire_id.as_str())
+            Some(&*first.fire_id)
         );
         assert!(
             fire.links

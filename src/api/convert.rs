@@ -97,7 +97,7 @@ fn labels(labels: &BTreeMap<String, String>) -> HashMap<String, String> {
 
 pub fn fire(d: Delivery) -> pb::Fire {
     pb::Fire {
-        fire_id: d.fire.fire_id,
+        fire_id: d.fire.fire_id.to_string(),
         job_id: d.fire.job_id.to_string(),
         queue: d.fire.queue,
         scheduled_time: Some(timestamp(d.fire.scheduled_time)),

@@ -9,10 +9,14 @@ use super::job::JobId;
 use super::time::{Micros, Timestamp};
 use super::trace::TraceContext;
 
+/// A fire's id (`<job id>@<scheduled time>`): shared, not copied, by every index and message
+/// that names the fire.
+pub type FireId = std::sync::Arc<str>;
+
 /// A fire as stored. `attempt` is the attempt number of its next (or current) delivery.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FireRecord {
-    pub fire_id: String,
+    pub fire_id: FireId,
     pub job_id: JobId,
     /// The queue it is delivered on: the job's, or its dead-letter queue.
     pub queue: String,

@@ -160,12 +160,12 @@ impl Job {
 }
 
 /// The stable id of one occurrence of one job: `<job id>@<RFC 3339 scheduled time>`.
-pub fn fire_id(job_id: &str, scheduled: Timestamp) -> String {
+pub fn fire_id(job_id: &str, scheduled: Timestamp) -> super::FireId {
     let mut id = String::with_capacity(job_id.len() + 28);
     id.push_str(job_id);
     id.push('@');
     scheduled.push_to(&mut id);
-    id
+    id.into()
 }
 
 /// The jitter of one occurrence, in `[0, max)`: derived from the job id and the occurrence so
@@ -615,6 +615,6 @@ mod tests {
     /// Fire ids are made of the job id and the RFC 3339 scheduled time.
     #[test]
     fn fire_id_is_stable() {
-        assert_eq!(fire_id("a", Timestamp(S)), "a@1970-01-01T00:00:01Z");
+        assert_eq!(&*fire_id("a", Timestamp(S)), "a@1970-01-01T00:00:01Z");
     }
 }

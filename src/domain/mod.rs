@@ -10,7 +10,7 @@ pub mod time;
 pub mod trace;
 pub mod trigger;
 
-pub use fire::FireRecord;
+pub use fire::{FireId, FireRecord};
 pub use job::{
     Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, Transition,
     TransitionRefused, advance, advance_with_room, fire_id,

@@ -96,7 +96,7 @@ impl Inner {
         rx.await.map_err(|_| shutting_down())?
     }
 
-    pub(super) fn redeliver(&self, ids: Vec<String>, why: Redelivery) {
+    pub(super) fn redeliver(&self, ids: Vec<crate::domain::FireId>, why: Redelivery) {
         for fire_id in ids {
             // After shutdown the writer is gone; the fire stays in the store and comes back
             // on restart.

@@ -336,7 +336,7 @@ impl Replicated {
             .ok_or_else(|| SchedulerError::NotFound(id.to_string()))?;
         for fire in &dropped {
             s.config.observer.fire_dropped(fire, DropReason::JobDeleted);
-            s.forget(&fire.queue, std::slice::from_ref(&fire.fire_id));
+            s.forget(&fire.queue, &[fire.fire_id.to_string()]);
         }
         Ok(u32::try_from(dropped.len()).unwrap_or(u32::MAX))
     }
@@ -1126,7 +1126,7 @@ fn hand_out(
     for lease in leases {
         let deadline = claimed_at.plus(lease.spec.ack_deadline());
         held.insert(
-            lease.fire.fire_id.clone(),
+            lease.fire.fire_id.to_string(),
             Held {
                 token: lease.token,
                 deadline,
@@ -1291,7 +1291,7 @@ impl Stream for ReplicaSubscription {
                 .handle
                 .sub
                 .lock()
-                .get(&delivery.fire.fire_id)
+                .get(&*delivery.fire.fire_id)
                 .is_some_and(|h| h.deadline > steady);
             if !holds {
                 continue;

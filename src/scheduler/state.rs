@@ -18,7 +18,7 @@ use tracing::error;
 use super::clock::Clock;
 use super::{FastMap, FastSet};
 use crate::domain::{
-    FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp, TraceContext,
+    FireId, FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp, TraceContext,
 };
 use crate::store::Snapshot;
 
@@ -60,7 +60,7 @@ pub(crate) struct FireEntry {
 pub(crate) struct QueueState {
     /// Fires waiting for a subscriber, oldest first. May hold ids whose status has moved on;
     /// those are skipped when popped.
-    pub ready: VecDeque<String>,
+    pub ready: VecDeque<FireId>,
     pub subs: Vec<SubId>,
 }
 
@@ -68,7 +68,7 @@ pub(crate) struct QueueState {
 pub(crate) struct Subscriber {
     pub queue: String,
     pub max_in_flight: usize,
-    pub in_flight: FastSet<String>,
+    pub in_flight: FastSet<FireId>,
     /// Set while the stream waits for a fire; woken when one may be there for it.
     pub waker: Option<Waker>,
 }
@@ -79,7 +79,7 @@ pub(crate) struct DueWork {
     /// Jobs whose next occurrence is due, with that occurrence (taken out of `timers`).
     pub jobs: Vec<(JobKey, Timestamp)>,
     /// Fires whose ack deadline passed; now `Pending`, to be redelivered.
-    pub expired: Vec<String>,
+    pub expired: Vec<FireId>,
     /// Finished jobs whose retention ended (taken out of `expiries`), to be deleted.
     pub retired: Vec<JobKey>,
     /// When the loop should look again, if anything is waiting.
@@ -106,7 +106,7 @@ pub(crate) struct State {
     pub retention: Micros,
     /// (deletion time, job id) of every COMPLETED or CANCELLED job.
     pub expiries: BTreeSet<(Timestamp, JobKey)>,
-    pub fires: FastMap<String, FireEntry>,
+    pub fires: FastMap<FireId, FireEntry>,
     /// Fires outstanding per job (stored and not yet acked or dropped); a job with any is not
     /// deleted by retention.
     pub fires_per_job: FastMap<JobId, u32>,
@@ -115,7 +115,7 @@ pub(crate) struct State {
     pub fires_per_queue: FastMap<String, u32>,
     /// (steady time, fire id) of in-flight ack deadlines and delayed redeliveries: measured on
     /// the steady clock, so a wall-clock step moves none of them.
-    pub deadlines: BTreeSet<(Timestamp, String)>,
+    pub deadlines: BTreeSet<(Timestamp, FireId)>,
     pub queues: FastMap<String, QueueState>,
     pub subscribers: FastMap<SubId, Subscriber>,
     pub next_sub_id: SubId,
@@ -345,7 +345,7 @@ impl State {
     }
 
     /// Fire ids of a job still outstanding (a scan, for the rare job deleted with some).
-    pub fn fires_of(&self, job_id: &str) -> Vec<String> {
+    pub fn fires_of(&self, job_id: &str) -> Vec<FireId> {
         if self.fires_per_job.get(job_id).is_none_or(|n| *n == 0) {
             return Vec::new();
         }
@@ -390,7 +390,7 @@ impl State {
         }
     }
 
-    fn insert_deadline(&mut self, at: Timestamp, fire_id: String) {
+    fn insert_deadline(&mut self, at: Timestamp, fire_id: FireId) {
         let key = (at, fire_id);
         if self.deadlines.first().is_none_or(|first| key < *first) {
             self.timer_dirty = true;
@@ -436,16 +436,18 @@ impl State {
                 // Stored as wall time (it must survive a restart); waited for on steady time.
                 let at = self.clock.steady_now().plus(t.since(now));
                 entry.status = FireStatus::Delayed(at);
-                self.insert_deadline(at, id.to_string());
+                let id = entry.rec.fire_id.clone();
+                self.insert_deadline(at, id);
             }
             _ => {
                 entry.status = FireStatus::Ready;
                 let queue = entry.rec.queue.as_str();
+                let id = entry.rec.fire_id.clone();
                 match self.queues.get_mut(queue) {
-                    Some(q) => q.ready.push_back(id.to_string()),
+                    Some(q) => q.ready.push_back(id),
                     None => {
                         let mut q = QueueState::default();
-                        q.ready.push_back(id.to_string());
+                        q.ready.push_back(id);
                         self.queues.insert(queue.to_string(), q);
                     }
                 }
@@ -515,9 +517,10 @@ impl State {
         let Some(entry) = self.fires.get(id) else {
             return;
         };
+        let owned = entry.rec.fire_id.clone();
         match entry.status {
             FireStatus::InFlight { sub, deadline } => {
-                self.deadlines.remove(&(deadline, id.to_string()));
+                self.deadlines.remove(&(deadline, owned));
                 if let Some(s) = self.subscribers.get_mut(&sub) {
                     s.in_flight.remove(id);
                     let queue = s.queue.clone();
@@ -525,7 +528,7 @@ impl State {
                 }
             }
             FireStatus::Delayed(t) => {
-                self.deadlines.remove(&(t, id.to_string()));
+                self.deadlines.remove(&(t, owned));
             }
             FireStatus::Ready | FireStatus::Pending | FireStatus::Acked => {}
         }
@@ -534,44 +537,46 @@ impl State {
     /// Marks fires of `queue` acked in memory, wherever they are in their delivery. Returns the
     /// ids whose deletion must be written: first those newly acked, then those already acked
     /// whose deletion is still being written (a retried ack waits for that write too).
-    pub fn mark_acked(&mut self, ids: &[String], queue: &str) -> (Vec<String>, Vec<String>) {
+    pub fn mark_acked(&mut self, ids: &[String], queue: &str) -> (Vec<FireId>, Vec<FireId>) {
         let mut newly = Vec::new();
         let mut already = Vec::new();
         for id in ids {
-            let Some(entry) = self.fires.get(id) else {
+            let Some(entry) = self.fires.get(id.as_str()) else {
                 continue;
             };
+            let id = entry.rec.fire_id.clone();
             // An acked fire whose deletion is still being written counts whatever queue it is
             // on by now (a dead-lettering may have moved it meanwhile).
             if entry.status == FireStatus::Acked {
-                already.push(id.clone());
+                already.push(id);
                 continue;
             }
             if entry.rec.queue != queue {
                 continue;
             }
-            self.release(id);
-            if let Some(entry) = self.fires.get_mut(id) {
+            self.release(&id);
+            if let Some(entry) = self.fires.get_mut(&id) {
                 entry.status = FireStatus::Acked;
             }
-            newly.push(id.clone());
+            newly.push(id);
         }
         (newly, already)
     }
 
     /// Takes fires in flight on `sub` back for redelivery: they become `Pending`.
-    pub fn take_back(&mut self, ids: &[String], sub: SubId) -> Vec<String> {
+    pub fn take_back(&mut self, ids: &[String], sub: SubId) -> Vec<FireId> {
         let mut taken = Vec::new();
         for id in ids {
-            let held = self.fires.get(id).is_some_and(
-                |e| matches!(e.status, FireStatus::InFlight { sub: s, .. } if s == sub),
-            );
-            if held {
-                self.release(id);
-                if let Some(e) = self.fires.get_mut(id) {
+            let Some(entry) = self.fires.get(id.as_str()) else {
+                continue;
+            };
+            if matches!(entry.status, FireStatus::InFlight { sub: s, .. } if s == sub) {
+                let id = entry.rec.fire_id.clone();
+                self.release(&id);
+                if let Some(e) = self.fires.get_mut(&id) {
                     e.status = FireStatus::Pending;
                 }
-                taken.push(id.clone());
+                taken.push(id);
             }
         }
         taken
@@ -739,7 +744,7 @@ impl State {
 
     /// Removes a subscriber at shutdown and returns the fires it held, oldest first, now
     /// `Pending` (off the deadline index).
-    fn remove_subscriber(&mut self, id: SubId) -> Vec<String> {
+    fn remove_subscriber(&mut self, id: SubId) -> Vec<FireId> {
         let Some(sub) = self.unlink_subscriber(id) else {
             return Vec::new();
         };
@@ -779,7 +784,7 @@ impl State {
     /// Moves the deadline of fires in flight on `sub` to `deadline`.
     pub fn extend(&mut self, ids: &[String], sub: SubId, deadline: Timestamp) {
         for id in ids {
-            let Some(entry) = self.fires.get_mut(id) else {
+            let Some(entry) = self.fires.get_mut(id.as_str()) else {
                 continue;
             };
             if let FireStatus::InFlight {
@@ -789,8 +794,9 @@ impl State {
                 && s == sub
             {
                 entry.status = FireStatus::InFlight { sub, deadline };
+                let id = entry.rec.fire_id.clone();
                 self.deadlines.remove(&(old, id.clone()));
-                self.insert_deadline(deadline, id.clone());
+                self.insert_deadline(deadline, id);
             }
         }
     }

@@ -23,8 +23,8 @@ use super::state::{FireStatus, State};
 use super::{FastMap, FastSet};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::{
-    FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp, advance_with_room,
-    fire_id,
+    FireId, FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp,
+    advance_with_room, fire_id,
 };
 use crate::store::Write;
 
@@ -96,11 +96,11 @@ pub(crate) enum Op {
     },
     /// Fires already marked acked in memory; their records are deleted.
     Ack {
-        fire_ids: Vec<String>,
+        fire_ids: Vec<FireId>,
         reply: Option<Reply<()>>,
     },
     Redeliver {
-        fire_id: String,
+        fire_id: FireId,
         why: Redelivery,
     },
     /// Deletes a job at once, dropping its outstanding fires; answers how many.
@@ -137,7 +137,7 @@ enum Effect {
     NewFire(FireRecord, PackedSpec),
     /// Back on its queue with the next attempt (now or after `not_before`).
     FireRedelivered(FireRecord, RedeliveryReason),
-    FireDeleted(String),
+    FireDeleted(FireId),
     /// Moved to its job's dead-letter queue after its last attempt on `from_queue`.
     FireDeadLettered {
         rec: FireRecord,
@@ -149,7 +149,7 @@ enum Effect {
     /// The job is deleted; so are these fires of it, still outstanding.
     JobDeleted {
         id: JobId,
-        fires: Vec<String>,
+        fires: Vec<FireId>,
     },
     /// A finished job kept past its retention because a fire of it is outstanding.
     RetireLater(JobId),
@@ -183,9 +183,9 @@ struct Batch {
     unit_replies: Vec<Reply<()>>,
     /// Fires whose redelivery is in this batch, with the delay decided for them; put back in
     /// line with that delay if the commit fails.
-    redelivered: Vec<(String, Option<Timestamp>)>,
+    redelivered: Vec<(FireId, Option<Timestamp>)>,
     /// Acked fires deleted in this batch; their deletion is retried if the commit fails.
-    acked: FastSet<String>,
+    acked: FastSet<FireId>,
 }
 
 impl Batch {
@@ -566,7 +566,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             batch.unit_replies.push(reply);
         }
         Op::Ack { fire_ids, reply } => {
-            let acked: Vec<String> = {
+            let acked: Vec<FireId> = {
                 let state = inner.lock();
                 fire_ids
                     .into_iter()
@@ -641,7 +641,7 @@ fn decide_retire(inner: &Inner, batch: &mut Batch, id: JobId) {
     delete_job(batch, id, Vec::new());
 }
 
-fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<String>) {
+fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<FireId>) {
     for fire_id in &fires {
         batch.writes.push(Write::DeleteFire(fire_id.clone()));
     }
@@ -755,7 +755,7 @@ fn decide_advance(
 fn decide_redelivery(
     inner: &Inner,
     batch: &mut Batch,
-    fire_id: String,
+    fire_id: FireId,
     why: Redelivery,
     now: Timestamp,
 ) {
@@ -848,11 +848,11 @@ mod tests {
             .writes
             .iter()
             .filter_map(|w| match w {
-                Write::DeleteFire(id) => Some(id.as_str()),
+                Write::DeleteFire(id) => Some(&**id),
                 _ => None,
             })
             .collect();
-        assert_eq!(deleted, vec![fire_id("a", Timestamp(1)).as_str()]);
+        assert_eq!(deleted, vec![&*fire_id("a", Timestamp(1))]);
         let new_fires: Vec<&str> = batch
             .effects
             .iter()

@@ -70,10 +70,10 @@ impl Store for MemoryStore {
                     t.statuses.insert(id.to_string(), status.clone());
                 }
                 Write::PutFire(fire) => {
-                    t.fires.insert(fire.fire_id.clone(), fire.clone());
+                    t.fires.insert(fire.fire_id.to_string(), fire.clone());
                 }
                 Write::DeleteFire(id) => {
-                    t.fires.remove(id);
+                    t.fires.remove(&**id);
                 }
                 Write::DeleteJob(id) => {
                     t.specs.remove(&**id);

@@ -33,7 +33,7 @@ pub enum Write {
     /// A fire, new or updated.
     PutFire(FireRecord),
     /// A fire that is acked or dropped.
-    DeleteFire(String),
+    DeleteFire(crate::domain::FireId),
     /// A job (spec and status) that retention or DeleteJob removed.
     DeleteJob(JobId),
 }

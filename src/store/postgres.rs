@@ -838,7 +838,7 @@ fn fire_from_row(row: &sqlx::postgres::PgRow) -> Result<FireRecord, StoreError> 
     let job_id: String = row.try_get("job_id").map_err(db)?;
     Ok(FireRecord {
         trace: decode_trace(row, "tickd_fires", &fire_id)?,
-        fire_id,
+        fire_id: fire_id.into(),
         job_id: job_id.as_str().into(),
         queue: row.try_get("queue").map_err(db)?,
         scheduled_time: instant(row, "scheduled_time")?,
@@ -1061,7 +1061,7 @@ struct NewFires {
 
 impl NewFires {
     fn push(&mut self, job: &Job, rec: FireRecord) -> Result<(), StoreError> {
-        self.ids.push(rec.fire_id.clone());
+        self.ids.push(rec.fire_id.to_string());
         self.job_ids.push(rec.job_id.to_string());
         self.queues.push(rec.queue.clone());
         self.scheduled.push(time(rec.scheduled_time)?);
@@ -1114,7 +1114,7 @@ impl NewFires {
         Ok(self
             .records
             .into_iter()
-            .filter(|r| inserted.contains(&r.fire_id))
+            .filter(|r| inserted.contains(&*r.fire_id))
             .collect())
     }
 }

@@ -533,7 +533,7 @@ mod tests {
                 .expect("commit");
             if i % 3 == 0 {
                 store
-                    .commit(&[Write::DeleteFire(format!("f{i:03}"))])
+                    .commit(&[Write::DeleteFire(format!("f{i:03}").into())])
                     .expect("commit");
             }
             assert!(journal_files(dir.path()).len() <= MAX_SEGMENTS_WAITING + 1);
@@ -559,7 +559,7 @@ mod tests {
             .expect("load")
             .fires
             .into_iter()
-            .map(|f| f.fire_id)
+            .map(|f| f.fire_id.to_string())
             .collect();
         assert_eq!(got, expected);
     }
