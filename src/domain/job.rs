@@ -161,11 +161,7 @@ impl Job {
 
 /// The stable id of one occurrence of one job: `<job id>@<RFC 3339 scheduled time>`.
 pub fn fire_id(job_id: &str, scheduled: Timestamp) -> super::FireId {
-    let mut id = String::with_capacity(job_id.len() + 28);
-    id.push_str(job_id);
-    id.push('@');
-    scheduled.push_to(&mut id);
-    id.into()
+    scheduled.shared_with_prefix(job_id, '@')
 }
 
 /// The jitter of one occurrence, in `[0, max)`: derived from the job id and the occurrence so
@@ -616,5 +612,18 @@ mod tests {
     #[test]
     fn fire_id_is_stable() {
         assert_eq!(&*fire_id("a", Timestamp(S)), "a@1970-01-01T00:00:01Z");
+        assert_eq!(
+            &*fire_id("ü", Timestamp(S + 1_500)),
+            "ü@1970-01-01T00:00:01.001500Z"
+        );
+        // Ids too long to be joined on the stack, and instants outside the years RFC 3339
+        // writes with four digits, read the same as every other.
+        let long = "j".repeat(300);
+        assert_eq!(
+            &*fire_id(&long, Timestamp(S)),
+            format!("{long}@1970-01-01T00:00:01Z")
+        );
+        let far = Timestamp(12_000 * 365 * 86_400 * S);
+        assert_eq!(&*fire_id("a", far), format!("a@{far}"));
     }
 }

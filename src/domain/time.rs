@@ -101,6 +101,31 @@ impl Timestamp {
             }
         }
     }
+
+    /// `prefix` followed by this instant in RFC 3339, as one shared string, built without an
+    /// intermediate heap string when it is short (fire ids: one per released fire).
+    pub fn shared_with_prefix(self, prefix: &str, separator: char) -> std::sync::Arc<str> {
+        const ON_STACK: usize = 256;
+        let mut time = [0u8; 32];
+        if let Some(text) = rfc3339_utc(self.0, &mut time) {
+            let len = prefix.len() + separator.len_utf8() + text.len();
+            if len <= ON_STACK {
+                let mut buf = [0u8; ON_STACK];
+                buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+                let sep = separator.encode_utf8(&mut buf[prefix.len()..]).len();
+                buf[prefix.len() + sep..len].copy_from_slice(text.as_bytes());
+                // Whole `&str`s and a char, back to back: always UTF-8.
+                if let Ok(joined) = std::str::from_utf8(&buf[..len]) {
+                    return joined.into();
+                }
+            }
+        }
+        let mut out = String::with_capacity(prefix.len() + 28);
+        out.push_str(prefix);
+        out.push(separator);
+        self.push_to(&mut out);
+        out.into()
+    }
 }
 
 /// Writes `micros` as `YYYY-MM-DDTHH:MM:SS[.mmm|.uuuuuu]Z` into `buf` and returns it as text;

@@ -69,8 +69,9 @@ pub trait Observer: Send + Sync + Debug + 'static {
         None
     }
 
-    /// A released fire is stored (its commit succeeded).
-    fn fire_stored(&self, _fire: &FireRecord) {}
+    /// `count` released fires of `queue` are stored (their commit succeeded). Told once per
+    /// queue and commit, not per fire: a burst releases thousands in one commit.
+    fn fires_stored(&self, _queue: &str, _count: u64) {}
 
     /// A fire was handed to a subscriber at `now`.
     fn fire_delivered(&self, _fire: &FireRecord, _now: Timestamp) {}

@@ -24,7 +24,7 @@
 //! fire whose local lease ran out (this replica paused, say) is dropped, not sent, since by
 //! then another replica may hold it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -686,8 +686,8 @@ impl Shared {
 
     fn report_released(&self, released: Released) {
         let observer = &self.config.observer;
-        for fire in &released.fires {
-            observer.fire_stored(fire);
+        for (queue, count) in stored_per_queue(released.fires.iter().map(|f| f.queue.as_str())) {
+            observer.fires_stored(queue, count);
         }
         for skip in released.skipped {
             if skip.misfire > 0 {
@@ -1309,4 +1309,13 @@ impl Drop for ReplicaSubscription {
     fn drop(&mut self) {
         self.handle.close();
     }
+}
+
+/// How many of the fires released are on each queue (for `Observer::fires_stored`).
+fn stored_per_queue<'a>(queues: impl Iterator<Item = &'a str>) -> BTreeMap<&'a str, u64> {
+    let mut counts = BTreeMap::new();
+    for queue in queues {
+        *counts.entry(queue).or_default() += 1;
+    }
+    counts
 }

@@ -595,7 +595,7 @@ impl State {
                 break;
             }
             self.timers.pop_first();
-            if self.jobs.contains(id.0.id_bytes()) {
+            if id.0.is_held() {
                 id.0.set_held_timer(false);
                 if let Some(o) = id.0.held_status().next_occurrence {
                     work.jobs.push((id, o));
@@ -632,7 +632,7 @@ impl State {
                 break;
             }
             self.expiries.pop_first();
-            if self.jobs.contains(id.0.id_bytes()) {
+            if id.0.is_held() {
                 id.0.set_held_expiry(None);
                 work.retired.push(id);
             }

@@ -64,7 +64,8 @@ impl Redelivery {
 /// What the observer is told once a batch is applied.
 #[derive(Debug)]
 enum Event {
-    Stored(FireRecord),
+    /// Fires of a queue stored by the batch, in one count.
+    Stored(String, u64),
     Acked(FireRecord),
     Redelivered(FireRecord, RedeliveryReason),
     DeadLettered(FireRecord, String),
@@ -367,7 +368,7 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
     let observer = &inner.config.observer;
     for event in events {
         match event {
-            Event::Stored(rec) => observer.fire_stored(&rec),
+            Event::Stored(queue, count) => observer.fires_stored(&queue, count),
             Event::Acked(rec) => observer.fire_acked(&rec),
             Event::Redelivered(rec, reason) => observer.fire_redelivered(&rec, reason),
             Event::DeadLettered(rec, from) => observer.fire_dead_lettered(&rec, &from),
@@ -438,7 +439,10 @@ fn apply(
             Effect::NewFire(rec, spec) => {
                 // Not if its job was deleted since (then the fire was not stored either).
                 if spec.is_held() {
-                    events.push(Event::Stored(rec.clone()));
+                    match events.last_mut() {
+                        Some(Event::Stored(queue, n)) if *queue == rec.queue => *n += 1,
+                        _ => events.push(Event::Stored(rec.queue.clone(), 1)),
+                    }
                     state.insert_fire(rec, spec);
                 }
             }

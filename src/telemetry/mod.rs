@@ -246,8 +246,13 @@ fn queue_attr(fire: &FireRecord) -> [KeyValue; 1] {
 
 impl Observer for FireTelemetry {
     fn fire_released(&self, fire: &FireRecord, job: &Job) -> Option<TraceContext> {
-        self.metrics.fires.add(1, &queue_attr(fire));
         traces::fire_released(fire, job)
+    }
+
+    fn fires_stored(&self, queue: &str, count: u64) {
+        self.metrics
+            .fires
+            .add(count, &[KeyValue::new("tickd.queue", queue.to_string())]);
     }
 
     fn fire_delivered(&self, fire: &FireRecord, now: Timestamp) {
