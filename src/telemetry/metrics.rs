@@ -140,7 +140,7 @@ fn install() -> Installed {
         fires: meter
             .u64_counter("tickd.fires")
             .with_unit("{fire}")
-            .with_description("Fires released, by queue")
+            .with_description("Fires released (counted once stored), by queue")
             .build(),
         fire_lateness: meter
             .f64_histogram("tickd.fire.lateness")
