@@ -202,7 +202,8 @@ impl Batch {
         inner.lock().job(id)
     }
 
-    /// [`Batch::job`] for a job known by its held spec (the timer's): no search of memory.
+    /// [`Batch::job`] for a job known by its held spec (the timer's, for a release or a
+    /// retirement): no search of memory.
     fn held_job(&self, inner: &Inner, spec: &PackedSpec) -> Option<Job> {
         if let Some(job) = self.jobs.get(spec.id()) {
             return Some(job.clone());
@@ -505,7 +506,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
         }
         Op::Retire { ids } => {
             for id in ids {
-                decide_retire(inner, batch, id.id().into());
+                decide_retire(inner, batch, &id.0);
             }
         }
         Op::Schedule { job, reply } => {
@@ -629,10 +630,11 @@ fn decide_delete(inner: &Inner, batch: &mut Batch, id: &str) -> Result<u32, Sche
 }
 
 /// Deletes a finished job whose retention ended, unless a fire of it is still outstanding.
-fn decide_retire(inner: &Inner, batch: &mut Batch, id: JobId) {
-    let Some(job) = batch.job(inner, &id) else {
+fn decide_retire(inner: &Inner, batch: &mut Batch, spec: &PackedSpec) {
+    let Some(job) = batch.held_job(inner, spec) else {
         return;
     };
+    let id: JobId = spec.id().into();
     if !job.status.state.is_final() {
         return;
     }
