@@ -48,6 +48,8 @@ const HAS_DLQ: u8 = 2;
 /// Every end offset is exact (always, unless the strings passed 4 GiB; see `Header::ends`): each
 /// string of the bytes is then known to be exactly the UTF-8 it was copied from.
 const ENDS_EXACT: u8 = 4;
+/// The strings pass 64 KiB: their end offsets are in `Rare::long_ends`, not `Header::ends`.
+const LONG_ENDS: u8 = 8;
 
 /// The fixed-size part. The bytes that follow it are, in order: id, queue, dead-letter queue,
 /// cron expression, time zone (each ending at the offset in `ends`), then the payload.
@@ -60,10 +62,11 @@ struct Header {
     ack_deadline: Micros,
     trigger: [i64; 3],
     max_attempts: u32,
-    /// End offsets of id, queue, dead-letter queue, expression and time zone. Every source of a
-    /// spec bounds these strings far below 4 GiB (validation to 128 bytes for names; the stores'
-    /// records are at most 4 GiB in all), so `u32` holds them.
-    ends: [u32; 5],
+    /// End offsets of id, queue, dead-letter queue, expression and time zone. Validation bounds
+    /// names to 128 bytes, so only a long cron expression takes them past 64 KiB; such a spec
+    /// keeps them in `Rare::long_ends` (`LONG_ENDS`), so that every other spec's header is 128
+    /// bytes, not 136.
+    ends: [u16; 5],
     /// A cron trigger's parsed schedule (none for other triggers, or when the expression or
     /// the time zone does not parse), and its time zone.
     schedule: Schedule,
@@ -133,6 +136,9 @@ struct Rare {
     labels: BTreeMap<String, String>,
     max_fires: u64,
     end_time: Option<Timestamp>,
+    /// The end offsets, when they do not fit `Header::ends` (see `LONG_ENDS`). The stores'
+    /// records are at most 4 GiB in all, so `u32` holds them.
+    long_ends: Option<Box<[u32; 5]>>,
 }
 
 /// A cron expression, parsed once when the spec is packed. Always equal to another: it is
@@ -218,9 +224,9 @@ impl PackedSpec {
         let payload = fields.payload.0;
         let mut bytes =
             Vec::with_capacity(strings.iter().map(|s| s.len()).sum::<usize>() + payload.len());
-        let mut ends = [0u32; 5];
+        let mut long_ends = [0u32; 5];
         let mut exact = true;
-        for (end, s) in ends.iter_mut().zip(strings) {
+        for (end, s) in long_ends.iter_mut().zip(strings) {
             bytes.extend_from_slice(s.as_bytes());
             *end = u32::try_from(bytes.len()).unwrap_or_else(|_| {
                 exact = false;
@@ -235,15 +241,33 @@ impl PackedSpec {
         if dlq.is_some() {
             flags |= HAS_DLQ;
         }
+        let mut ends = [0u16; 5];
+        let long_ends = match long_ends
+            .iter()
+            .zip(&mut ends)
+            .try_for_each(|(long, short)| {
+                *short = u16::try_from(*long).ok()?;
+                Some(())
+            }) {
+            Some(()) => None,
+            None => {
+                flags |= LONG_ENDS;
+                Some(Box::new(long_ends))
+            }
+        };
         let header = Header {
-            rare: (!fields.labels.is_empty() || fields.max_fires != 0 || fields.end_time.is_some())
-                .then(|| {
-                    Box::new(Rare {
-                        labels: fields.labels.into_owned(),
-                        max_fires: fields.max_fires,
-                        end_time: fields.end_time,
-                    })
-                }),
+            rare: (!fields.labels.is_empty()
+                || fields.max_fires != 0
+                || fields.end_time.is_some()
+                || long_ends.is_some())
+            .then(|| {
+                Box::new(Rare {
+                    labels: fields.labels.into_owned(),
+                    max_fires: fields.max_fires,
+                    end_time: fields.end_time,
+                    long_ends,
+                })
+            }),
             misfire_grace: fields.misfire_grace,
             ack_deadline: fields.ack_deadline,
             trigger,
@@ -265,12 +289,25 @@ impl PackedSpec {
         &self.0.header.header
     }
 
+    /// The end offset of string `i` of the bytes (see [`Header`]).
+    fn end(&self, i: usize) -> usize {
+        let h = self.header();
+        if h.flags & LONG_ENDS == 0 {
+            h.ends[i] as usize
+        } else {
+            h.rare
+                .as_ref()
+                .and_then(|r| r.long_ends.as_deref())
+                .map_or(0, |ends| ends[i] as usize)
+        }
+    }
+
     /// String `i` of the bytes (see [`Header`]); empty if the offsets were ever out of place.
     /// Read on every index lookup and fire, so not validated again when the offsets are exact.
     fn string(&self, i: usize) -> &str {
         let h = self.header();
-        let start = if i == 0 { 0 } else { h.ends[i - 1] as usize };
-        let bytes = self.0.slice.get(start..h.ends[i] as usize).unwrap_or(&[]);
+        let start = if i == 0 { 0 } else { self.end(i - 1) };
+        let bytes = self.0.slice.get(start..self.end(i)).unwrap_or(&[]);
         if h.flags & ENDS_EXACT != 0 {
             // SAFETY: with exact offsets, `start..end` is exactly the range `new` filled by
             // copying one `&str` (strings are copied whole, back to back, and their end
@@ -283,8 +320,7 @@ impl PackedSpec {
 
     /// The job id's bytes (ordering by them is ordering by the id).
     pub fn id_bytes(&self) -> &[u8] {
-        let end = self.header().ends[0] as usize;
-        self.0.slice.get(..end).unwrap_or(&[])
+        self.0.slice.get(..self.end(0)).unwrap_or(&[])
     }
 
     pub fn id(&self) -> &str {
@@ -300,8 +336,7 @@ impl PackedSpec {
     }
 
     pub fn payload_bytes(&self) -> &[u8] {
-        let start = self.header().ends[4] as usize;
-        self.0.slice.get(start..).unwrap_or(&[])
+        self.0.slice.get(self.end(4)..).unwrap_or(&[])
     }
 
     /// The payload as `Bytes` sharing this allocation (no copy).
@@ -831,6 +866,38 @@ mod tests {
         let mut other = all[1].clone();
         other.max_attempts += 1;
         assert_ne!(PackedSpec::new(&all[1]), PackedSpec::new(&other));
+    }
+
+    /// Strings past 64 KiB in all (only a stored cron expression can be that long) keep their
+    /// offsets out of line and still come back whole; every other spec's fixed part stays 128
+    /// bytes (with a 64-byte payload and short names, 224 with its strings: one allocation
+    /// size class below 256 in jemalloc).
+    #[test]
+    fn strings_past_64_kib_come_back_whole() {
+        assert_eq!(std::mem::size_of::<Header>(), 128);
+        for (id, labels) in [("long", false), ("long-with-labels", true)] {
+            let mut s = spec(id);
+            s.trigger = TriggerSpec::Cron {
+                expression: format!("0 0 {} * * *", vec!["1"; 40_000].join(",")),
+                time_zone: "Europe/Berlin".into(),
+            };
+            s.dead_letter_queue = Some("dead".into());
+            s.payload = Bytes::from(vec![7u8; 100]);
+            if !labels {
+                s.labels.clear();
+            }
+            let packed = PackedSpec::new(&s);
+            assert_ne!(packed.header().flags & LONG_ENDS, 0);
+            assert_eq!(packed.to_spec(), s);
+            assert_eq!(packed.id_bytes(), id.as_bytes());
+            assert_eq!(packed.queue(), s.queue);
+            assert_eq!(packed.dead_letter_queue(), Some("dead"));
+            assert_eq!(packed.payload(), s.payload);
+            assert_eq!(packed, PackedSpec::new(&s));
+        }
+        let short = PackedSpec::new(&spec("short"));
+        assert_eq!(short.header().flags & LONG_ENDS, 0);
+        assert_eq!(short.to_spec(), spec("short"));
     }
 
     /// The recurrence a packed spec gives is the one its trigger resolves to, packed for
