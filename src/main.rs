@@ -11,6 +11,12 @@ use tickd::api::Listeners;
 use tickd::config::Config;
 use tickd::telemetry::{self, TelemetryOptions};
 
+/// jemalloc: its per-thread caches take back what another thread freed, where the system's
+/// malloc falls to its slow paths (a request decoded on a runtime thread is freed by the writer).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
