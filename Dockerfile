@@ -15,8 +15,7 @@ COPY proto ./proto
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && echo 'fn main() {}' > benches/throughput.rs \
- && echo 'fn main() {}' > benches/restart.rs \
+ && for bench in perf retention soak replicas; do echo 'fn main() {}' > benches/$bench.rs; done \
  && cargo build --release --locked \
  && rm -rf src
 
