@@ -870,8 +870,8 @@ mod tests {
 
     /// Strings past 64 KiB in all (only a stored cron expression can be that long) keep their
     /// offsets out of line and still come back whole; every other spec's fixed part stays 128
-    /// bytes (with a 64-byte payload and short names, 224 with its strings: one allocation
-    /// size class below 256 in jemalloc).
+    /// bytes (a job with an 11-byte id, a 4-byte queue and a 64-byte payload is then 223 bytes
+    /// with its reference count and length: jemalloc's 224-byte size class, not its 256).
     #[test]
     fn strings_past_64_kib_come_back_whole() {
         assert_eq!(std::mem::size_of::<Header>(), 128);
