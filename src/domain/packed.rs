@@ -45,8 +45,8 @@ enum Kind {
 
 const HAS_START: u8 = 1;
 const HAS_DLQ: u8 = 2;
-/// Every end offset is exact (always, unless the strings passed 4 GiB; see `Header::ends`): each
-/// string of the bytes is then known to be exactly the UTF-8 it was copied from.
+/// Every end offset is exact (always, unless the strings passed 4 GiB; see `Rare::long_ends`):
+/// each string of the bytes is then known to be exactly the UTF-8 it was copied from.
 const ENDS_EXACT: u8 = 4;
 /// The strings pass 64 KiB: their end offsets are in `Rare::long_ends`, not `Header::ends`.
 const LONG_ENDS: u8 = 8;
