@@ -106,6 +106,7 @@ async fn a_week_of_berlin_cron_in_virtual_time() {
         TriggerSpec::Cron {
             expression: "30 2 * * *".into(),
             time_zone: "Europe/Berlin".into(),
+            dst: Default::default(),
         },
     ))
     .await
@@ -720,6 +721,7 @@ async fn an_unloadable_job_does_not_stop_the_others() {
         TriggerSpec::Cron {
             expression: "0 * * * *".into(),
             time_zone: "Mars/Olympus".into(),
+            dst: Default::default(),
         },
     );
     let good = spec(

@@ -144,6 +144,10 @@ async fn every_trigger_and_job_command() {
             "0 9 * * MON-FRI",
             "--tz",
             "Europe/Berlin",
+            "--dst-gap",
+            "skip",
+            "--dst-repeat",
+            "both",
             "--ack-deadline",
             "2m",
             "--dead-letter-queue",
@@ -206,7 +210,10 @@ async fn every_trigger_and_job_command() {
     assert_eq!(stdin_job["payload"], "from stdin");
 
     let cron = json(&tickctl(&server, &["-o", "json", "get", "cron"], None).await);
-    assert_eq!(cron["trigger"], "cron \"0 9 * * MON-FRI\" in Europe/Berlin");
+    assert_eq!(
+        cron["trigger"],
+        "cron \"0 9 * * MON-FRI\" in Europe/Berlin, DST gap skip, repeat both"
+    );
     assert_eq!(cron["dead_letter_queue"], "cli.dead");
     let paused = json(&tickctl(&server, &["-o", "json", "pause", "cron"], None).await);
     assert_eq!(paused["state"], "PAUSED");

@@ -415,3 +415,129 @@ both_backends! {
         server.stop().await;
     }
 }
+
+fn utc_micros(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .expect("time")
+        .timestamp_micros()
+}
+
+fn cron_with_policy(
+    expression: &str,
+    time_zone: &str,
+    gap: pb::DstGapPolicy,
+    repeat: pb::DstRepeatPolicy,
+) -> pb::Trigger {
+    pb::Trigger {
+        kind: Some(pb::trigger::Kind::Cron(pb::Cron {
+            expression: expression.into(),
+            time_zone: time_zone.into(),
+            dst_policy: Some(pb::DstPolicy {
+                gap: gap.into(),
+                repeat: repeat.into(),
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+both_backends! {
+    /// Through the API, a job's DST policy decides its fires on both of New York's change
+    /// days: with SKIP the 02:30 of 2026-03-08 (which does not exist) has no fire, with BOTH
+    /// the 01:30 of 2026-11-01 (which happens twice) has two, an hour apart, with distinct
+    /// fire ids. The job shows its policy and the time zone database release.
+    #[tokio::test]
+    async fn dst_policy_decides_the_fires_on_change_days(backend) {
+        let start = utc_micros("2026-03-07T12:00:00Z");
+        let mut server = backend.manual_at(start, |_| {}).await;
+        let mut sub = server.subscribe("q", 10).await;
+        let mut j = job(
+            "q",
+            cron_with_policy(
+                "30 1,2 * * *",
+                "America/New_York",
+                pb::DstGapPolicy::Skip,
+                pb::DstRepeatPolicy::Both,
+            ),
+        );
+        j.id = "ny".into();
+        let job = server.schedule(j).await;
+        let Some(pb::trigger::Kind::Cron(cron)) = job.trigger.as_ref().and_then(|t| t.kind.clone())
+        else {
+            panic!("a cron trigger: {job:?}");
+        };
+        assert_eq!(
+            cron.dst_policy,
+            Some(pb::DstPolicy {
+                gap: pb::DstGapPolicy::Skip.into(),
+                repeat: pb::DstRepeatPolicy::Both.into(),
+            })
+        );
+        assert_eq!(cron.time_zone_database_version, chrono_tz::IANA_TZDB_VERSION);
+
+        let mut scheduled = Vec::new();
+        // Spring forward: 01:30 EST (06:30Z) fires, 02:30 does not exist and is skipped; the
+        // next fire is 01:30 EDT the day after (05:30Z).
+        for at in ["2026-03-08T06:30:00Z", "2026-03-09T05:30:00Z"] {
+            server.advance_to(utc_micros(at)).await;
+            let fire = sub.recv().await;
+            sub.ack(&[&fire.fire_id]).await;
+            scheduled.push(micros_of(&fire.scheduled_time));
+        }
+        assert_eq!(
+            scheduled,
+            [utc_micros("2026-03-08T06:30:00Z"), utc_micros("2026-03-09T05:30:00Z")]
+        );
+
+        // Fall back: 01:30 EDT (05:30Z), 01:30 EST (06:30Z), then 02:30 EST (07:30Z).
+        server.advance_to(utc_micros("2026-10-31T12:00:00Z")).await;
+        // The months between were missed at once: one catch-up fire for the latest of them,
+        // 02:30 EDT on 2026-10-31.
+        let catch_up = sub.recv().await;
+        assert_eq!(
+            micros_of(&catch_up.scheduled_time),
+            utc_micros("2026-10-31T06:30:00Z")
+        );
+        sub.ack(&[&catch_up.fire_id]).await;
+        let mut fall = Vec::new();
+        for at in ["2026-11-01T05:30:00Z", "2026-11-01T06:30:00Z", "2026-11-01T07:30:00Z"] {
+            server.advance_to(utc_micros(at)).await;
+            let fire = sub.recv().await;
+            sub.ack(&[&fire.fire_id]).await;
+            fall.push((micros_of(&fire.scheduled_time), fire.fire_id));
+        }
+        assert_eq!(
+            fall.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
+            [
+                utc_micros("2026-11-01T05:30:00Z"),
+                utc_micros("2026-11-01T06:30:00Z"),
+                utc_micros("2026-11-01T07:30:00Z"),
+            ]
+        );
+        assert_ne!(fall[0].1, fall[1].1, "the two 01:30s have their own fire ids");
+        server.stop().await;
+    }
+}
+
+both_backends! {
+    /// A DST policy value the server does not know is refused, naming the field, and nothing
+    /// is stored.
+    #[tokio::test]
+    async fn unknown_dst_policy_is_refused(backend) {
+        let mut server = backend.manual().await;
+        let mut j = job("q", cron_trigger("0 * * * *", "Europe/Berlin"));
+        j.id = "bad-dst".into();
+        if let Some(pb::trigger::Kind::Cron(c)) = j.trigger.as_mut().and_then(|t| t.kind.as_mut()) {
+            c.dst_policy = Some(pb::DstPolicy { gap: 9, repeat: 7 });
+        }
+        let status = expect_code(server.client.schedule(pb::ScheduleRequest { job: Some(j) }).await, Code::InvalidArgument);
+        let mut fields = bad_fields(&status);
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["job.trigger.cron.dst_policy.gap", "job.trigger.cron.dst_policy.repeat"]
+        );
+        expect_code(server.get("bad-dst").await, Code::NotFound);
+        server.stop().await;
+    }
+}

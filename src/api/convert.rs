@@ -7,7 +7,9 @@ use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
 use tonic::Status;
 
 use super::pb;
-use crate::domain::{Job, JobState, Micros, MisfirePolicy, Timestamp, TriggerSpec};
+use crate::domain::{
+    DstGap, DstPolicy, DstRepeat, Job, JobState, Micros, MisfirePolicy, Timestamp, TriggerSpec,
+};
 use crate::scheduler::{Delivery, SchedulerError};
 
 pub fn timestamp(t: Timestamp) -> PbTimestamp {
@@ -40,6 +42,24 @@ pub fn misfire_policy(p: MisfirePolicy) -> pb::MisfirePolicy {
     }
 }
 
+fn dst_policy(p: DstPolicy) -> pb::DstPolicy {
+    pb::DstPolicy {
+        gap: match p.gap {
+            DstGap::Auto => pb::DstGapPolicy::Unspecified,
+            DstGap::Shift => pb::DstGapPolicy::Shift,
+            DstGap::Skip => pb::DstGapPolicy::Skip,
+        }
+        .into(),
+        repeat: match p.repeat {
+            DstRepeat::Auto => pb::DstRepeatPolicy::Unspecified,
+            DstRepeat::First => pb::DstRepeatPolicy::First,
+            DstRepeat::Last => pb::DstRepeatPolicy::Last,
+            DstRepeat::Both => pb::DstRepeatPolicy::Both,
+        }
+        .into(),
+    }
+}
+
 fn trigger(t: &TriggerSpec) -> pb::Trigger {
     use pb::trigger::Kind;
     let kind = match t {
@@ -57,9 +77,12 @@ fn trigger(t: &TriggerSpec) -> pb::Trigger {
         TriggerSpec::Cron {
             expression,
             time_zone,
+            dst,
         } => Kind::Cron(pb::Cron {
             expression: expression.clone(),
             time_zone: time_zone.clone(),
+            dst_policy: (*dst != DstPolicy::default()).then(|| dst_policy(*dst)),
+            time_zone_database_version: chrono_tz::IANA_TZDB_VERSION.to_string(),
         }),
     };
     pb::Trigger { kind: Some(kind) }

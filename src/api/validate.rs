@@ -10,7 +10,9 @@ use tonic_types::{ErrorDetails, StatusExt};
 use super::pb;
 use crate::domain::time::{MICROS_PER_MILLI, MICROS_PER_SECOND};
 use crate::domain::trigger::{Recurrence, parse_cron, parse_time_zone};
-use crate::domain::{JobSpec, JobState, Micros, MisfirePolicy, Timestamp, TriggerSpec};
+use crate::domain::{
+    DstGap, DstPolicy, DstRepeat, JobSpec, JobState, Micros, MisfirePolicy, Timestamp, TriggerSpec,
+};
 
 pub const MAX_NAME_LEN: usize = 128;
 pub const MAX_LABELS: usize = 64;
@@ -420,12 +422,14 @@ fn trigger(v: &mut Violations, t: Option<&pb::Trigger>, now: Timestamp) -> Optio
             if let Err(e) = &tz {
                 v.add("job.trigger.cron.time_zone", e.to_string());
             }
-            let (Ok(cron), Ok(tz)) = (cron, tz) else {
+            let dst = dst_policy(v, c.dst_policy.as_ref());
+            let (Ok(cron), Ok(tz), Some(dst)) = (cron, tz, dst) else {
                 return None;
             };
             let rec = Recurrence::Cron {
                 cron: std::sync::Arc::new(cron),
                 tz,
+                dst,
             };
             if rec.next_after(now).is_none() {
                 v.add(
@@ -437,9 +441,46 @@ fn trigger(v: &mut Violations, t: Option<&pb::Trigger>, now: Timestamp) -> Optio
             Some(TriggerSpec::Cron {
                 expression: c.expression.clone(),
                 time_zone: c.time_zone.clone(),
+                dst,
             })
         }
     }
+}
+
+/// Checks a cron trigger's DST policy; absent is the default.
+fn dst_policy(v: &mut Violations, p: Option<&pb::DstPolicy>) -> Option<DstPolicy> {
+    let Some(p) = p else {
+        return Some(DstPolicy::default());
+    };
+    let gap = match pb::DstGapPolicy::try_from(p.gap) {
+        Ok(pb::DstGapPolicy::Unspecified) => Some(DstGap::Auto),
+        Ok(pb::DstGapPolicy::Shift) => Some(DstGap::Shift),
+        Ok(pb::DstGapPolicy::Skip) => Some(DstGap::Skip),
+        Err(_) => {
+            v.add(
+                "job.trigger.cron.dst_policy.gap",
+                format!("{} is not a DstGapPolicy value", p.gap),
+            );
+            None
+        }
+    };
+    let repeat = match pb::DstRepeatPolicy::try_from(p.repeat) {
+        Ok(pb::DstRepeatPolicy::Unspecified) => Some(DstRepeat::Auto),
+        Ok(pb::DstRepeatPolicy::First) => Some(DstRepeat::First),
+        Ok(pb::DstRepeatPolicy::Last) => Some(DstRepeat::Last),
+        Ok(pb::DstRepeatPolicy::Both) => Some(DstRepeat::Both),
+        Err(_) => {
+            v.add(
+                "job.trigger.cron.dst_policy.repeat",
+                format!("{} is not a DstRepeatPolicy value", p.repeat),
+            );
+            None
+        }
+    };
+    Some(DstPolicy {
+        gap: gap?,
+        repeat: repeat?,
+    })
 }
 
 /// Checks a label map: at most 64 entries, keys of `[A-Za-z0-9._/-]{1,128}`, values of at most

@@ -109,6 +109,14 @@ struct ScheduleArgs {
     /// With --cron: IANA time zone (default UTC).
     #[arg(long, requires = "cron")]
     tz: Option<String>,
+    /// With --cron: what a local time that does not exist (spring forward) does. Default:
+    /// shift for a fixed-time job such as "30 2 * * *", skip for any other.
+    #[arg(long, value_enum, requires = "cron")]
+    dst_gap: Option<DstGap>,
+    /// With --cron: what a local time that happens twice (fall back) does. Default: first
+    /// for a fixed-time job, both for any other.
+    #[arg(long, value_enum, requires = "cron")]
+    dst_repeat: Option<DstRepeat>,
     /// Payload given as a string.
     #[arg(long, conflicts_with = "payload_file")]
     payload: Option<String>,
@@ -139,6 +147,24 @@ struct ScheduleArgs {
     /// Queue for fires that used up their attempts.
     #[arg(long)]
     dead_letter_queue: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DstGap {
+    /// Fire once at the first instant after the gap.
+    Shift,
+    /// Do not fire.
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DstRepeat {
+    /// Fire at the first of the two instants.
+    First,
+    /// Fire at the second.
+    Last,
+    /// Fire at both.
+    Both,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -313,7 +339,22 @@ fn trigger_text(t: &Option<pb::Trigger>) -> String {
             } else {
                 &c.time_zone
             };
-            format!("cron {:?} in {tz}", c.expression)
+            let mut s = format!("cron {:?} in {tz}", c.expression);
+            if let Some(p) = &c.dst_policy {
+                let gap = match p.gap() {
+                    pb::DstGapPolicy::Unspecified => "default",
+                    pb::DstGapPolicy::Shift => "shift",
+                    pb::DstGapPolicy::Skip => "skip",
+                };
+                let repeat = match p.repeat() {
+                    pb::DstRepeatPolicy::Unspecified => "default",
+                    pb::DstRepeatPolicy::First => "first",
+                    pb::DstRepeatPolicy::Last => "last",
+                    pb::DstRepeatPolicy::Both => "both",
+                };
+                s.push_str(&format!(", DST gap {gap}, repeat {repeat}"));
+            }
+            s
         }
         None => String::new(),
     }
@@ -575,6 +616,24 @@ fn job_of(args: ScheduleArgs) -> Result<pb::Job, Failure> {
         Kind::Cron(pb::Cron {
             expression: cron.clone(),
             time_zone: args.tz.clone().unwrap_or_default(),
+            dst_policy: (args.dst_gap.is_some() || args.dst_repeat.is_some()).then(|| {
+                pb::DstPolicy {
+                    gap: match args.dst_gap {
+                        None => pb::DstGapPolicy::Unspecified,
+                        Some(DstGap::Shift) => pb::DstGapPolicy::Shift,
+                        Some(DstGap::Skip) => pb::DstGapPolicy::Skip,
+                    }
+                    .into(),
+                    repeat: match args.dst_repeat {
+                        None => pb::DstRepeatPolicy::Unspecified,
+                        Some(DstRepeat::First) => pb::DstRepeatPolicy::First,
+                        Some(DstRepeat::Last) => pb::DstRepeatPolicy::Last,
+                        Some(DstRepeat::Both) => pb::DstRepeatPolicy::Both,
+                    }
+                    .into(),
+                }
+            }),
+            time_zone_database_version: String::new(),
         })
     } else {
         return Err(Failure(

@@ -3,6 +3,7 @@
 //! Pure types and functions. Nothing here knows about tokio, gRPC, the store or the clock: every
 //! function that depends on time takes `now` as an argument.
 
+pub mod dst;
 pub mod fire;
 pub mod job;
 pub mod packed;
@@ -10,6 +11,7 @@ pub mod time;
 pub mod trace;
 pub mod trigger;
 
+pub use dst::{DstEffect, DstGap, DstPolicy, DstRepeat};
 pub use fire::{FireId, FireRecord};
 pub use job::{
     Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, Transition,

@@ -26,6 +26,7 @@ use serde::de::Visitor;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use triomphe::ThinArc;
 
+use super::dst::DstPolicy;
 use super::job::{JobSpec, JobState, JobStatus, MisfirePolicy};
 use super::time::{Micros, Timestamp};
 use super::trigger::{Recurrence, TriggerError, TriggerSpec, parse_cron, parse_time_zone};
@@ -39,7 +40,7 @@ enum Kind {
     After,
     /// `[period, start_time, jitter]`; start_time only with `HAS_START`.
     Every,
-    /// The expression and the time zone are in the bytes.
+    /// `[dst policy code, -, -]`; the expression and the time zone are in the bytes.
     Cron,
 }
 
@@ -200,7 +201,8 @@ impl PackedSpec {
             TriggerFields::Cron {
                 expression,
                 time_zone,
-            } => (Kind::Cron, [0, 0, 0], 0, expression, time_zone),
+                dst,
+            } => (Kind::Cron, [dst.code(), 0, 0], 0, expression, time_zone),
         };
         let schedule = (parse_schedule && kind == Kind::Cron)
             .then(|| {
@@ -368,9 +370,11 @@ impl PackedSpec {
             TriggerFields::Cron {
                 expression,
                 time_zone,
+                dst,
             } => TriggerSpec::Cron {
                 expression: expression.to_string(),
                 time_zone: time_zone.to_string(),
+                dst,
             },
         }
     }
@@ -390,6 +394,7 @@ impl PackedSpec {
             Kind::Cron => TriggerFields::Cron {
                 expression: self.string(3),
                 time_zone: self.string(4),
+                dst: DstPolicy::from_code(a),
             },
         }
     }
@@ -415,6 +420,7 @@ impl PackedSpec {
                 Some(cron) => Recurrence::Cron {
                     cron: cron.clone(),
                     tz: h.tz.0,
+                    dst: DstPolicy::from_code(a),
                 },
                 None => Recurrence::resolve(&self.trigger(), created)?,
             },
@@ -666,9 +672,11 @@ impl<'a> Fields<'a> {
                 TriggerSpec::Cron {
                     expression,
                     time_zone,
+                    dst,
                 } => TriggerFields::Cron {
                     expression,
                     time_zone,
+                    dst: *dst,
                 },
             },
             payload: RawIn(&spec.payload),
@@ -702,6 +710,8 @@ enum TriggerFields<'a> {
     Cron {
         expression: &'a str,
         time_zone: &'a str,
+        #[serde(default)]
+        dst: DstPolicy,
     },
 }
 
@@ -817,10 +827,20 @@ mod tests {
             TriggerSpec::Cron {
                 expression: "*/5 * * * * *".into(),
                 time_zone: "Europe/Berlin".into(),
+                dst: Default::default(),
             },
             TriggerSpec::Cron {
                 expression: "@daily".into(),
                 time_zone: String::new(),
+                dst: Default::default(),
+            },
+            TriggerSpec::Cron {
+                expression: "30 2 * * *".into(),
+                time_zone: "America/New_York".into(),
+                dst: DstPolicy {
+                    gap: crate::domain::DstGap::Skip,
+                    repeat: crate::domain::DstRepeat::Both,
+                },
             },
         ]
         .into_iter()
@@ -880,6 +900,7 @@ mod tests {
             s.trigger = TriggerSpec::Cron {
                 expression: format!("0 0 {} * * *", vec!["1"; 40_000].join(",")),
                 time_zone: "Europe/Berlin".into(),
+                dst: Default::default(),
             };
             s.dead_letter_queue = Some("dead".into());
             s.payload = Bytes::from(vec![7u8; 100]);
@@ -919,6 +940,7 @@ mod tests {
         bad.trigger = TriggerSpec::Cron {
             expression: "* * *".into(),
             time_zone: "Mars/Olympus".into(),
+            dst: Default::default(),
         };
         assert_eq!(
             PackedSpec::new(&bad).recurrence(created).err(),
@@ -1042,5 +1064,55 @@ mod tests {
         assert_eq!(keys.iter().map(JobKey::id).collect::<Vec<_>>(), sorted);
         assert!(keys.contains("ab".as_bytes()));
         assert!(!keys.contains("c".as_bytes()));
+    }
+
+    /// A cron trigger stored before DST policies existed (two fields) reads back with the
+    /// default policy, in both record forms and through both readers (the owned spec and the
+    /// borrowed fields a packed spec is read from).
+    #[test]
+    fn cron_records_without_a_dst_policy_read_as_the_default() {
+        #[derive(Serialize)]
+        #[serde(rename = "TriggerSpec")]
+        #[allow(dead_code)]
+        enum OldTrigger {
+            At {
+                at: Timestamp,
+            },
+            After {
+                after: Micros,
+            },
+            Every {
+                period: Micros,
+                start_time: Option<Timestamp>,
+                jitter: Micros,
+            },
+            Cron {
+                expression: String,
+                time_zone: String,
+            },
+        }
+        let old = OldTrigger::Cron {
+            expression: "30 2 * * *".into(),
+            time_zone: "Europe/Berlin".into(),
+        };
+        for bytes in [
+            rmp_serde::to_vec(&old).expect("encode"),
+            rmp_serde::to_vec_named(&old).expect("encode"),
+        ] {
+            let spec: TriggerSpec = rmp_serde::from_slice(&bytes).expect("decode");
+            assert_eq!(
+                spec,
+                TriggerSpec::Cron {
+                    expression: "30 2 * * *".into(),
+                    time_zone: "Europe/Berlin".into(),
+                    dst: DstPolicy::default(),
+                }
+            );
+            let fields: TriggerFields<'_> = rmp_serde::from_slice(&bytes).expect("decode");
+            assert!(matches!(
+                fields,
+                TriggerFields::Cron { expression: "30 2 * * *", dst, .. } if dst == DstPolicy::default()
+            ));
+        }
     }
 }

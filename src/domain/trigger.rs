@@ -4,18 +4,18 @@
 //! duration, so a repeated Schedule compares equal). A [`Recurrence`] is the spec resolved against
 //! the job's creation time; it answers "next occurrence after t" and "latest occurrence at or
 //! before t". Cron parsing and time-zone arithmetic are croner's and chrono-tz's; nothing here
-//! reads a clock.
+//! reads a clock; what DST does to a cron schedule is [`super::dst`]'s.
 
 use std::str::FromStr;
 use std::sync::Arc;
 
-use chrono::TimeZone;
 use chrono_tz::Tz;
 use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
 use serde::{Deserialize, Serialize};
 
-use super::time::{MICROS_PER_SECOND, Micros, Timestamp};
+use super::dst::{self, DstPolicy, Slot, Walk};
+use super::time::{Micros, Timestamp};
 
 /// A trigger as the client gave it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,6 +34,9 @@ pub enum TriggerSpec {
     Cron {
         expression: String,
         time_zone: String,
+        /// Absent from records written before DST policies existed: `Auto`, what those jobs did.
+        #[serde(default)]
+        dst: DstPolicy,
     },
 }
 
@@ -68,6 +71,7 @@ pub enum Recurrence {
     Cron {
         cron: Arc<Cron>,
         tz: Tz,
+        dst: DstPolicy,
     },
 }
 
@@ -112,9 +116,11 @@ impl Recurrence {
             TriggerSpec::Cron {
                 expression,
                 time_zone,
+                dst,
             } => Recurrence::Cron {
                 cron: Arc::new(parse_cron(expression)?),
                 tz: parse_time_zone(time_zone)?,
+                dst: *dst,
             },
         })
     }
@@ -144,10 +150,8 @@ impl Recurrence {
                     .and_then(|off| start.0.checked_add(off))
                     .map(Timestamp)
             }
-            Recurrence::Cron { cron, tz } => {
-                let local = tz.timestamp_micros(t.0).single()?;
-                let next = cron.find_next_occurrence(&local, false).ok()?;
-                Some(Timestamp::from_chrono(&next))
+            Recurrence::Cron { cron, tz, dst } => {
+                Walk::new(cron, *tz, *dst, t, false).next().map(|s| s.at)
             }
         }
     }
@@ -163,13 +167,7 @@ impl Recurrence {
                 let k = t.since(*start) / period;
                 Some(start.plus(k * period))
             }
-            Recurrence::Cron { cron, tz } => {
-                // Cron works in whole seconds: search from the second that contains `t`.
-                let whole = Timestamp(t.0.div_euclid(MICROS_PER_SECOND) * MICROS_PER_SECOND);
-                let local = tz.timestamp_micros(whole.0).single()?;
-                let prev = cron.find_previous_occurrence(&local, true).ok()?;
-                Some(Timestamp::from_chrono(&prev))
-            }
+            Recurrence::Cron { cron, tz, dst } => dst::latest_at_or_before(cron, *tz, *dst, t),
         }
     }
 
@@ -192,21 +190,28 @@ impl Recurrence {
                     _ => (0, false),
                 }
             }
-            Recurrence::Cron { .. } => {
+            Recurrence::Cron { cron, tz, dst } => {
                 let mut n = 0;
-                let mut cursor = self.next_after(from.minus(1));
-                while let Some(o) = cursor {
-                    if o > to {
+                for slot in Walk::new(cron, *tz, *dst, from.minus(1), false) {
+                    if slot.at > to {
                         break;
                     }
                     if n == limit {
                         return (n, true);
                     }
                     n += 1;
-                    cursor = self.next_after(o);
                 }
                 (n, false)
             }
+        }
+    }
+
+    /// The slots of a cron schedule after `t`, skipped ones included, with what DST did to each
+    /// (for previews). None for other triggers.
+    pub fn cron_slots(&self, t: Timestamp) -> Option<impl Iterator<Item = Slot> + '_> {
+        match self {
+            Recurrence::Cron { cron, tz, dst } => Some(Walk::new(cron, *tz, *dst, t, true)),
+            _ => None,
         }
     }
 }
@@ -214,7 +219,7 @@ impl Recurrence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::{NaiveDate, Utc};
+    use chrono::{NaiveDate, TimeZone, Utc};
 
     fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> Timestamp {
         let t = Utc
@@ -236,6 +241,7 @@ mod tests {
             &TriggerSpec::Cron {
                 expression: expr.into(),
                 time_zone: tz.into(),
+                dst: DstPolicy::default(),
             },
             Timestamp(0),
         )

@@ -631,6 +631,7 @@ pub fn cron_trigger(expression: &str, time_zone: &str) -> pb::Trigger {
         kind: Some(pb::trigger::Kind::Cron(pb::Cron {
             expression: expression.into(),
             time_zone: time_zone.into(),
+            ..Default::default()
         })),
     }
 }
