@@ -845,6 +845,13 @@ mod noop {
             unimplemented()
         }
 
+        async fn preview_occurrences(
+            &self,
+            _: Request<pb::PreviewOccurrencesRequest>,
+        ) -> Result<Response<pb::PreviewOccurrencesResponse>, Status> {
+            unimplemented()
+        }
+
         async fn pause_job(
             &self,
             _: Request<pb::PauseJobRequest>,

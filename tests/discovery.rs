@@ -81,6 +81,7 @@ async fn reflection_lists_the_scheduler() {
         "ListJobs",
         "PauseJob",
         "ResumeJob",
+        "PreviewOccurrences",
         "Subscribe",
         "Ack",
     ] {

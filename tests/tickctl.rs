@@ -361,3 +361,92 @@ async fn schedule_from_a_json_lines_file() {
     }
     server.stop().await;
 }
+
+/// `preview` shows a proposed cron job's DST day (the skipped slot included) and an existing
+/// job's next occurrences with the fire ids it will carry.
+#[tokio::test]
+async fn preview_proposed_and_existing_jobs() {
+    let server = TestServer::manual().await;
+    let proposed = json(
+        &tickctl(
+            &server,
+            &[
+                "-o",
+                "json",
+                "preview",
+                "--cron",
+                "30 2 * * *",
+                "--tz",
+                "Europe/Berlin",
+                "--dst-gap",
+                "skip",
+                "--from",
+                "2026-03-28T00:00:00Z",
+                "--count",
+                "3",
+            ],
+            None,
+        )
+        .await,
+    );
+    let rows: Vec<(String, bool, String)> = proposed["occurrences"]
+        .as_array()
+        .expect("occurrences")
+        .iter()
+        .map(|o| {
+            (
+                o["local_time"].as_str().unwrap_or_default().to_string(),
+                o["skipped"].as_bool().unwrap_or_default(),
+                o["dst"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("2026-03-28T02:30:00".into(), false, String::new()),
+            (
+                "2026-03-29T02:30:00".into(),
+                true,
+                "does not exist: skipped".into()
+            ),
+            ("2026-03-30T02:30:00".into(), false, String::new()),
+        ]
+    );
+    assert_eq!(proposed["more"], true);
+
+    let created = json(
+        &tickctl(
+            &server,
+            &[
+                "-o", "json", "schedule", "--queue", "cli", "--id", "tick", "--every", "1m",
+            ],
+            None,
+        )
+        .await,
+    );
+    let existing = json(
+        &tickctl(
+            &server,
+            &["-o", "json", "preview", "--job", "tick", "--count", "2"],
+            None,
+        )
+        .await,
+    );
+    assert!(created["next_fire_time"].is_string(), "{created}");
+    let first = &existing["occurrences"][0];
+    assert_eq!(first["scheduled_time"], created["next_fire_time"]);
+    assert_eq!(
+        first["fire_id"].as_str(),
+        created["next_fire_time"]
+            .as_str()
+            .map(|t| format!("tick@{t}"))
+            .as_deref()
+    );
+    let text = stdout(&tickctl(&server, &["preview", "--job", "tick", "--count", "1"], None).await);
+    assert!(text.starts_with("SCHEDULED"), "{text}");
+    assert!(text.contains("more follow"), "{text}");
+    let missing = tickctl(&server, &["preview", "--job", "nope"], None).await;
+    assert!(!missing.status.success());
+    server.stop().await;
+}

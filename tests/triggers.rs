@@ -541,3 +541,194 @@ both_backends! {
         server.stop().await;
     }
 }
+
+both_backends! {
+    /// A preview of an existing cron job lists what the job then releases, fire id for fire
+    /// id, and shows the slot its DST policy skips: Berlin's 02:30 on 2026-03-29 does not
+    /// exist, and with gap SKIP it is listed as skipped and never fires.
+    #[tokio::test]
+    async fn preview_lists_what_the_job_then_releases(backend) {
+        let mut server = backend.manual_at(utc_micros("2026-03-27T12:00:00Z"), |_| {}).await;
+        let mut sub = server.subscribe("q", 10).await;
+        let mut j = job(
+            "q",
+            cron_with_policy(
+                "30 2 * * *",
+                "Europe/Berlin",
+                pb::DstGapPolicy::Skip,
+                pb::DstRepeatPolicy::Unspecified,
+            ),
+        );
+        j.id = "berlin".into();
+        server.schedule(j).await;
+        let preview = server
+            .client
+            .preview_occurrences(pb::PreviewOccurrencesRequest {
+                subject: Some(pb::preview_occurrences_request::Subject::JobId("berlin".into())),
+                max_occurrences: 4,
+                ..Default::default()
+            })
+            .await
+            .expect("preview")
+            .into_inner();
+        assert!(preview.more);
+        assert_eq!(preview.time_zone_database_version, chrono_tz::IANA_TZDB_VERSION);
+        let rows: Vec<_> = preview
+            .occurrences
+            .iter()
+            .map(|o| (o.local_time.as_str(), o.dst_effect(), o.skipped, o.fire_id.as_str()))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("2026-03-28T02:30:00", pb::DstEffect::None, false, "berlin@2026-03-28T01:30:00Z"),
+                ("2026-03-29T02:30:00", pb::DstEffect::Nonexistent, true, ""),
+                ("2026-03-30T02:30:00", pb::DstEffect::None, false, "berlin@2026-03-30T00:30:00Z"),
+                ("2026-03-31T02:30:00", pb::DstEffect::None, false, "berlin@2026-03-31T00:30:00Z"),
+            ]
+        );
+        assert_eq!(preview.occurrences[1].release_time, None);
+        // What the job then releases, day by day.
+        let mut released = Vec::new();
+        for o in preview.occurrences.iter().filter(|o| !o.skipped) {
+            server.advance_to(micros_of(&o.release_time)).await;
+            let fire = sub.recv().await;
+            sub.ack(&[&fire.fire_id]).await;
+            assert_eq!(fire.fire_time, o.release_time);
+            released.push(fire.fire_id);
+        }
+        assert_eq!(
+            released,
+            ["berlin@2026-03-28T01:30:00Z", "berlin@2026-03-30T00:30:00Z", "berlin@2026-03-31T00:30:00Z"]
+        );
+        server.wait_in_flight("q", 0).await;
+        assert_eq!(server.counts("q"), (0, 0), "nothing fired on the skipped day");
+        server.stop().await;
+    }
+}
+
+both_backends! {
+    /// A proposed job is previewed without being stored: its release times carry the jitter
+    /// the same job gets once scheduled, and a range and a count bound the list.
+    #[tokio::test]
+    async fn preview_of_a_proposed_job_matches_its_fires(backend) {
+        let mut server = backend.manual().await;
+        let mut sub = server.subscribe("q", 10).await;
+        let start = server.ts_in(1_000);
+        let mut proposed = job("q", every_trigger(1_000, Some(start)));
+        if let Some(pb::trigger::Kind::Every(e)) =
+            proposed.trigger.as_mut().and_then(|t| t.kind.as_mut())
+        {
+            e.jitter = Some(ms(500));
+        }
+        proposed.id = "jittery".into();
+        let mut unnamed = proposed.clone();
+        unnamed.id.clear();
+        unnamed.queue.clear();
+        let ask = |job: pb::Job| pb::PreviewOccurrencesRequest {
+            subject: Some(pb::preview_occurrences_request::Subject::Job(job)),
+            max_occurrences: 3,
+            ..Default::default()
+        };
+        let named = server
+            .client
+            .preview_occurrences(ask(proposed.clone()))
+            .await
+            .expect("preview")
+            .into_inner();
+        assert_eq!(named.occurrences.len(), 3);
+        assert!(named.more);
+        let anonymous = server
+            .client
+            .preview_occurrences(ask(unnamed))
+            .await
+            .expect("preview without id or queue")
+            .into_inner();
+        for (a, n) in anonymous.occurrences.iter().zip(&named.occurrences) {
+            assert_eq!(a.scheduled_time, n.scheduled_time);
+            assert_eq!(a.release_time, None, "jitter depends on the id");
+            assert_eq!(a.fire_id, "");
+        }
+        expect_code(server.get("jittery").await, Code::NotFound);
+
+        server.schedule(proposed).await;
+        for o in &named.occurrences {
+            assert_ne!(o.release_time, o.scheduled_time, "jitter applied");
+            server.advance_to(micros_of(&o.release_time)).await;
+            let fire = sub.recv().await;
+            assert_eq!(fire.fire_id, o.fire_id);
+            assert_eq!(fire.scheduled_time, o.scheduled_time);
+            assert_eq!(fire.fire_time, o.release_time);
+            sub.ack(&[&fire.fire_id]).await;
+        }
+        // A range: [second, third) holds one occurrence.
+        let ranged = server
+            .client
+            .preview_occurrences(pb::PreviewOccurrencesRequest {
+                subject: Some(pb::preview_occurrences_request::Subject::JobId("jittery".into())),
+                start_time: named.occurrences[2].scheduled_time,
+                end_time: Some(ts_micros(micros_of(&named.occurrences[2].scheduled_time) + 1_000_000)),
+                max_occurrences: 10,
+            })
+            .await
+            .expect("preview")
+            .into_inner();
+        // The first three were released: the pending one is the fourth, past the range.
+        assert_eq!(ranged.occurrences.len(), 0);
+        assert!(!ranged.more);
+        server.stop().await;
+    }
+}
+
+both_backends! {
+    /// Bad preview requests are refused with the field named; an unknown job is NOT_FOUND.
+    #[tokio::test]
+    async fn preview_refuses_bad_requests(backend) {
+        let server = backend.manual().await;
+        let mut c = server.client.clone();
+        let status = expect_code(
+            c.preview_occurrences(pb::PreviewOccurrencesRequest::default()).await,
+            Code::InvalidArgument,
+        );
+        assert_bad_field(&status, "job_id");
+        let status = expect_code(
+            c.preview_occurrences(pb::PreviewOccurrencesRequest {
+                subject: Some(pb::preview_occurrences_request::Subject::JobId("x".into())),
+                max_occurrences: 5_000,
+                start_time: Some(ts_micros(2_000_000)),
+                end_time: Some(ts_micros(1_000_000)),
+            })
+            .await,
+            Code::InvalidArgument,
+        );
+        let mut fields = bad_fields(&status);
+        fields.sort();
+        assert_eq!(fields, ["end_time", "max_occurrences"]);
+        let status = expect_code(
+            c.preview_occurrences(pb::PreviewOccurrencesRequest {
+                subject: Some(pb::preview_occurrences_request::Subject::Job(job(
+                    "",
+                    cron_trigger("nope", "Mars/Olympus"),
+                ))),
+                ..Default::default()
+            })
+            .await,
+            Code::InvalidArgument,
+        );
+        let mut fields = bad_fields(&status);
+        fields.sort();
+        assert_eq!(
+            fields,
+            ["job.trigger.cron.expression", "job.trigger.cron.time_zone"]
+        );
+        expect_code(
+            c.preview_occurrences(pb::PreviewOccurrencesRequest {
+                subject: Some(pb::preview_occurrences_request::Subject::JobId("missing".into())),
+                ..Default::default()
+            })
+            .await,
+            Code::NotFound,
+        );
+        server.stop().await;
+    }
+}

@@ -7,8 +7,10 @@ use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
 use tonic::Status;
 
 use super::pb;
+use crate::domain::preview::Preview;
 use crate::domain::{
-    DstGap, DstPolicy, DstRepeat, Job, JobState, Micros, MisfirePolicy, Timestamp, TriggerSpec,
+    DstEffect, DstGap, DstPolicy, DstRepeat, Job, JobState, Micros, MisfirePolicy, Timestamp,
+    TriggerSpec,
 };
 use crate::scheduler::{Delivery, SchedulerError};
 
@@ -86,6 +88,38 @@ fn trigger(t: &TriggerSpec) -> pb::Trigger {
         }),
     };
     pb::Trigger { kind: Some(kind) }
+}
+
+/// A preview as the API shows it. Without the job's id (a proposal that names none), its fire
+/// ids are unknown, and so are its release times if it has jitter (both depend on the id).
+pub fn preview(p: &Preview, job: &Job, id_known: bool) -> pb::PreviewOccurrencesResponse {
+    let release_known = id_known || job.spec.jitter() == 0;
+    pb::PreviewOccurrencesResponse {
+        occurrences: p
+            .occurrences
+            .iter()
+            .map(|o| pb::PreviewedOccurrence {
+                scheduled_time: Some(timestamp(o.scheduled)),
+                release_time: o.release.filter(|_| release_known).map(timestamp),
+                fire_id: o.fire_id.clone().filter(|_| id_known).unwrap_or_default(),
+                local_time: o
+                    .local
+                    .map(|(l, _)| l.format("%Y-%m-%dT%H:%M:%S").to_string())
+                    .unwrap_or_default(),
+                dst_effect: match o.local.map(|(_, e)| e) {
+                    None => pb::DstEffect::Unspecified,
+                    Some(DstEffect::None) => pb::DstEffect::None,
+                    Some(DstEffect::Gap) => pb::DstEffect::Nonexistent,
+                    Some(DstEffect::RepeatFirst) => pb::DstEffect::RepeatedFirst,
+                    Some(DstEffect::RepeatSecond) => pb::DstEffect::RepeatedSecond,
+                }
+                .into(),
+                skipped: o.skipped,
+            })
+            .collect(),
+        more: p.more,
+        time_zone_database_version: chrono_tz::IANA_TZDB_VERSION.to_string(),
+    }
 }
 
 /// A job as the API shows it; `retention` is the server's, for `expire_time`.

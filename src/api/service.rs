@@ -13,7 +13,7 @@ use super::convert;
 use super::pb;
 use super::pb::subscribe_request::Request as SubReq;
 use super::validate::{self, Limits, Violations};
-use crate::domain::Micros;
+use crate::domain::{Job, Micros, preview};
 use crate::scheduler::{Scheduler, SubscriberHandle, Subscription};
 use crate::telemetry;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -136,6 +136,31 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.get(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job, self.core.retention())))
+    }
+
+    async fn preview_occurrences(
+        &self,
+        request: Request<pb::PreviewOccurrencesRequest>,
+    ) -> Result<Response<pb::PreviewOccurrencesResponse>, Status> {
+        let now = self.core.now();
+        let q = validate::preview_request(request.into_inner(), self.limits, now)?;
+        let (job, id_known) = match q.subject {
+            validate::PreviewSubject::Existing(id) => {
+                tracing::Span::current().record("tickd.job.id", id.as_str());
+                (self.core.get(&id).await.map_err(convert::status)?, true)
+            }
+            validate::PreviewSubject::Proposed(spec) => {
+                let id_known = !spec.id.is_empty();
+                // Validation resolved the trigger already; this cannot fail on a valid spec.
+                // As if scheduled at the range's start, so that a range in the past (last
+                // year's DST days) can be previewed too.
+                let job = Job::create(spec, q.from.unwrap_or(now))
+                    .map_err(|e| Status::invalid_argument(format!("job.trigger: {e}")))?;
+                (job, id_known)
+            }
+        };
+        let p = preview::preview(&job, q.from, q.to, q.max);
+        Ok(Response::new(convert::preview(&p, &job, id_known)))
     }
 
     async fn list_jobs(

@@ -197,7 +197,7 @@ pub fn schedule_request(
     now: Timestamp,
 ) -> Result<JobSpec, Status> {
     let mut v = Violations::default();
-    let spec = schedule_spec(&mut v, req, limits, now);
+    let spec = schedule_spec(&mut v, req, limits, now, true);
     v.into_result()?;
     spec.ok_or_else(|| Status::invalid_argument("invalid job"))
 }
@@ -242,7 +242,7 @@ pub fn batch_schedule_request(
             }
         }
         specs.push(v.nested(&format!("requests[{i}]."), |v| {
-            schedule_spec(v, r, limits, now)
+            schedule_spec(v, r, limits, now, true)
         }));
     }
     v.into_result()?;
@@ -253,19 +253,21 @@ pub fn batch_schedule_request(
 }
 
 /// Checks one ScheduleRequest into `v` (fields named from the request: `job.queue`), and
-/// converts it when nothing was wrong with it.
+/// converts it when nothing was wrong with it. A proposed job (for a preview) may leave its
+/// queue empty.
 fn schedule_spec(
     v: &mut Violations,
     req: pb::ScheduleRequest,
     limits: Limits,
     now: Timestamp,
+    queue_required: bool,
 ) -> Option<JobSpec> {
     let Some(job) = req.job else {
         v.add("job", "is required");
         return None;
     };
     check_name(v, "job.id", &job.id, false);
-    check_name(v, "job.queue", &job.queue, true);
+    check_name(v, "job.queue", &job.queue, queue_required);
     let trigger = trigger(v, job.trigger.as_ref(), now);
 
     if job.payload.len() > limits.max_payload_bytes {
@@ -541,6 +543,88 @@ pub fn fire_ids(v: &mut Violations, field: &str, ids: &[String]) {
     if ids.iter().any(|id| id.is_empty() || id.len() > 256) {
         v.add(field, "fire ids must be 1 to 256 characters");
     }
+}
+
+/// Most occurrences one PreviewOccurrences returns, and how many it returns by default.
+pub const MAX_PREVIEW_OCCURRENCES: usize = 1_000;
+pub const DEFAULT_PREVIEW_OCCURRENCES: usize = 10;
+
+/// Whose occurrences a preview lists.
+#[derive(Debug)]
+pub enum PreviewSubject {
+    Existing(String),
+    Proposed(JobSpec),
+}
+
+/// A validated PreviewOccurrences request.
+#[derive(Debug)]
+pub struct PreviewQuery {
+    pub subject: PreviewSubject,
+    pub from: Option<Timestamp>,
+    pub to: Option<Timestamp>,
+    pub max: usize,
+}
+
+pub fn preview_request(
+    req: pb::PreviewOccurrencesRequest,
+    limits: Limits,
+    now: Timestamp,
+) -> Result<PreviewQuery, Status> {
+    use pb::preview_occurrences_request::Subject;
+    let mut v = Violations::default();
+    let subject = match req.subject {
+        None => {
+            v.add(
+                "job_id",
+                "give job_id (an existing job) or job (a proposed one)",
+            );
+            None
+        }
+        Some(Subject::JobId(id)) => {
+            check_name(&mut v, "job_id", &id, true);
+            Some(PreviewSubject::Existing(id))
+        }
+        Some(Subject::Job(job)) => schedule_spec(
+            &mut v,
+            pb::ScheduleRequest { job: Some(job) },
+            limits,
+            now,
+            false,
+        )
+        .map(PreviewSubject::Proposed),
+    };
+    let from = req
+        .start_time
+        .as_ref()
+        .and_then(|t| timestamp(&mut v, "start_time", t));
+    let to = req
+        .end_time
+        .as_ref()
+        .and_then(|t| timestamp(&mut v, "end_time", t));
+    if let (Some(from), Some(to)) = (from, to)
+        && to <= from
+    {
+        v.add("end_time", "must be after start_time");
+    }
+    let max = match req.max_occurrences {
+        0 => DEFAULT_PREVIEW_OCCURRENCES,
+        n if n < 0 || n as usize > MAX_PREVIEW_OCCURRENCES => {
+            v.add(
+                "max_occurrences",
+                format!("is {n}; ask for 1 to {MAX_PREVIEW_OCCURRENCES} (0 for {DEFAULT_PREVIEW_OCCURRENCES})"),
+            );
+            0
+        }
+        n => n as usize,
+    };
+    v.into_result()?;
+    let subject = subject.ok_or_else(|| Status::invalid_argument("invalid preview request"))?;
+    Ok(PreviewQuery {
+        subject,
+        from,
+        to,
+        max,
+    })
 }
 
 /// A validated ListJobs request.

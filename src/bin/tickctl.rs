@@ -71,23 +71,46 @@ enum Command {
     Resume { id: String },
     /// Receive a queue's fires, one JSON line each, acking each after printing it.
     Subscribe(SubscribeArgs),
+    /// Show the occurrences a job would release (an existing job with --job, or a proposed
+    /// one from trigger flags), with jitter, fire ids and what DST does to each.
+    Preview(Box<PreviewArgs>),
 }
 
 #[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("trigger").args(["at", "after", "every", "cron"])))]
-struct ScheduleArgs {
-    /// Schedule every job of a JSON Lines file (- for stdin) through BatchSchedule, 1,000 per
-    /// call: one object per line whose keys are this command's flags without the dashes
-    /// ({"queue": "emails", "id": "a", "after": "30s", "label": ["team=web"]}); `labels` may
-    /// also be an object.
-    #[arg(long, conflicts_with_all = ["queue", "id", "at", "after", "every", "cron", "payload", "payload_file"])]
-    from_file: Option<String>,
-    /// Queue whose subscribers receive the fires.
-    #[arg(long, required_unless_present = "from_file")]
-    queue: Option<String>,
-    /// Job id; tickd assigns one when omitted.
+struct PreviewArgs {
+    /// An existing job's id. Without it, give a trigger (--at, --after, --every, --cron).
+    #[arg(
+        long,
+        conflicts_with_all = ["at", "after", "every", "cron", "id", "max_fires", "end"],
+        required_unless_present_any = ["at", "after", "every", "cron"]
+    )]
+    job: Option<String>,
+    #[command(flatten)]
+    trigger: TriggerArgs,
+    /// With a trigger: the proposed job's id (its jitter and fire ids depend on it).
     #[arg(long)]
     id: Option<String>,
+    /// With a trigger: the job completes after this many fires.
+    #[arg(long)]
+    max_fires: Option<u64>,
+    /// With a trigger: no occurrence at or after this RFC 3339 time fires.
+    #[arg(long, value_parser = parse_time)]
+    end: Option<DateTime<Utc>>,
+    /// Only occurrences at or after this RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    from: Option<DateTime<Utc>>,
+    /// Only occurrences before this RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    until: Option<DateTime<Utc>>,
+    /// Most occurrences to show (1 to 1000).
+    #[arg(long, default_value_t = 10)]
+    count: i32,
+}
+
+/// When a job fires: one of --at, --after, --every, --cron.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("trigger").args(["at", "after", "every", "cron"])))]
+struct TriggerArgs {
     /// Fire once at this RFC 3339 time.
     #[arg(long, value_parser = parse_time)]
     at: Option<DateTime<Utc>>,
@@ -117,6 +140,24 @@ struct ScheduleArgs {
     /// for a fixed-time job, both for any other.
     #[arg(long, value_enum, requires = "cron")]
     dst_repeat: Option<DstRepeat>,
+}
+
+#[derive(Debug, Args)]
+struct ScheduleArgs {
+    /// Schedule every job of a JSON Lines file (- for stdin) through BatchSchedule, 1,000 per
+    /// call: one object per line whose keys are this command's flags without the dashes
+    /// ({"queue": "emails", "id": "a", "after": "30s", "label": ["team=web"]}); `labels` may
+    /// also be an object.
+    #[arg(long, conflicts_with_all = ["queue", "id", "at", "after", "every", "cron", "payload", "payload_file"])]
+    from_file: Option<String>,
+    /// Queue whose subscribers receive the fires.
+    #[arg(long, required_unless_present = "from_file")]
+    queue: Option<String>,
+    /// Job id; tickd assigns one when omitted.
+    #[arg(long)]
+    id: Option<String>,
+    #[command(flatten)]
+    trigger: TriggerArgs,
     /// Payload given as a string.
     #[arg(long, conflicts_with = "payload_file")]
     payload: Option<String>,
@@ -599,8 +640,8 @@ fn line_args(line: &str) -> Result<ScheduleArgs, String> {
     })
 }
 
-/// The job the schedule flags describe.
-fn job_of(args: ScheduleArgs) -> Result<pb::Job, Failure> {
+/// The trigger the flags describe.
+fn trigger_of(args: &TriggerArgs) -> Result<pb::Trigger, Failure> {
     use pb::trigger::Kind;
     let kind = if let Some(at) = args.at {
         Kind::At(pb_time(at))
@@ -641,6 +682,12 @@ fn job_of(args: ScheduleArgs) -> Result<pb::Job, Failure> {
             2,
         ));
     };
+    Ok(pb::Trigger { kind: Some(kind) })
+}
+
+/// The job the schedule flags describe.
+fn job_of(args: ScheduleArgs) -> Result<pb::Job, Failure> {
+    let trigger = trigger_of(&args.trigger)?;
     let payload = read_payload(&args)?;
     let misfire_policy = match args.misfire {
         None => pb::MisfirePolicy::Unspecified,
@@ -651,7 +698,7 @@ fn job_of(args: ScheduleArgs) -> Result<pb::Job, Failure> {
     Ok(pb::Job {
         id: args.id.unwrap_or_default(),
         queue: args.queue.unwrap_or_default(),
-        trigger: Some(pb::Trigger { kind: Some(kind) }),
+        trigger: Some(trigger),
         payload: payload.into(),
         labels: args.labels.into_iter().collect(),
         max_fires: args.max_fires.unwrap_or(0),
@@ -843,7 +890,98 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::List(args) => list(&mut client, args, output).await,
         Command::Subscribe(args) => subscribe(&mut client, args).await,
+        Command::Preview(args) => preview(&mut client, *args, output).await,
     }
+}
+
+async fn preview(client: &mut Client, args: PreviewArgs, output: Output) -> Result<(), Failure> {
+    use pb::preview_occurrences_request::Subject;
+    let subject = match args.job {
+        Some(id) => Subject::JobId(id),
+        None => Subject::Job(pb::Job {
+            id: args.id.unwrap_or_default(),
+            trigger: Some(trigger_of(&args.trigger)?),
+            max_fires: args.max_fires.unwrap_or(0),
+            end_time: args.end.map(pb_time),
+            ..Default::default()
+        }),
+    };
+    let p = client
+        .preview_occurrences(pb::PreviewOccurrencesRequest {
+            subject: Some(subject),
+            start_time: args.from.map(pb_time),
+            end_time: args.until.map(pb_time),
+            max_occurrences: args.count,
+        })
+        .await?
+        .into_inner();
+    let dst = |o: &pb::PreviewedOccurrence| match (o.dst_effect(), o.skipped) {
+        (pb::DstEffect::Unspecified | pb::DstEffect::None, _) => "",
+        (pb::DstEffect::Nonexistent, false) => "does not exist: shifted to the end of the gap",
+        (pb::DstEffect::Nonexistent, true) => "does not exist: skipped",
+        (pb::DstEffect::RepeatedFirst, false) => "happens twice: the first",
+        (pb::DstEffect::RepeatedFirst, true) => "happens twice: the first, skipped",
+        (pb::DstEffect::RepeatedSecond, false) => "happens twice: the second",
+        (pb::DstEffect::RepeatedSecond, true) => "happens twice: the second, skipped",
+    };
+    match output {
+        Output::Json => {
+            let occurrences: Vec<Value> = p
+                .occurrences
+                .iter()
+                .map(|o| {
+                    json!({
+                        "scheduled_time": time_str(&o.scheduled_time),
+                        "release_time": time_str(&o.release_time),
+                        "fire_id": (!o.fire_id.is_empty()).then_some(&o.fire_id),
+                        "local_time": (!o.local_time.is_empty()).then_some(&o.local_time),
+                        "dst": (!dst(o).is_empty()).then(|| dst(o)),
+                        "skipped": o.skipped,
+                    })
+                })
+                .collect();
+            emit(json!({
+                "occurrences": occurrences,
+                "more": p.more,
+                "time_zone_database_version": p.time_zone_database_version,
+            }));
+        }
+        Output::Table => {
+            let dash = || "-".to_string();
+            emit_fmt!(
+                "{:<28}  {:<28}  {:<19}  DST",
+                "SCHEDULED",
+                "RELEASED",
+                "LOCAL TIME"
+            );
+            for o in &p.occurrences {
+                let released = if o.skipped {
+                    "skipped".to_string()
+                } else {
+                    time_str(&o.release_time).unwrap_or_else(|| "(depends on --id)".into())
+                };
+                emit_fmt!(
+                    "{:<28}  {:<28}  {:<19}  {}",
+                    time_str(&o.scheduled_time).unwrap_or_else(dash),
+                    released,
+                    if o.local_time.is_empty() {
+                        "-"
+                    } else {
+                        &o.local_time
+                    },
+                    dst(o)
+                );
+            }
+            if p.occurrences.is_empty() {
+                emit("no occurrences (the job will not fire again, or none fall in the range)");
+            }
+            if p.more {
+                emit("more follow: raise --count, or narrow --from and --until");
+            }
+            emit_fmt!("time zone database {}", p.time_zone_database_version);
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main]

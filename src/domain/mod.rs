@@ -7,6 +7,7 @@ pub mod dst;
 pub mod fire;
 pub mod job;
 pub mod packed;
+pub mod preview;
 pub mod time;
 pub mod trace;
 pub mod trigger;
