@@ -396,6 +396,7 @@ async fn schedule_for(
                 client
                     .schedule(pb::ScheduleRequest {
                         job: Some(job(format!("s{run}-{c}-{i}"), "pending", due)),
+                        ..Default::default()
                     })
                     .await
                     .expect("schedule");
@@ -446,6 +447,7 @@ fn batches(prefix: &str, n: usize, due: impl Fn(usize) -> i64) -> Vec<pb::BatchS
             requests: (first..(first + PER_BATCH).min(n))
                 .map(|i| pb::ScheduleRequest {
                     job: Some(job(format!("{prefix}-{i}"), prefix, due(i))),
+                    ..Default::default()
                 })
                 .collect(),
         })

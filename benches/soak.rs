@@ -186,9 +186,12 @@ async fn main() {
             }),
         );
         j.id = format!("every-{i:03}");
-        c.schedule(pb::ScheduleRequest { job: Some(j) })
-            .await
-            .expect("schedule a recurring job");
+        c.schedule(pb::ScheduleRequest {
+            job: Some(j),
+            ..Default::default()
+        })
+        .await
+        .expect("schedule a recurring job");
     }
     let scheduled = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -213,7 +216,13 @@ async fn main() {
                     let scheduled = scheduled.clone();
                     let failed = failed.clone();
                     tokio::spawn(async move {
-                        match c.schedule(pb::ScheduleRequest { job: Some(j) }).await {
+                        match c
+                            .schedule(pb::ScheduleRequest {
+                                job: Some(j),
+                                ..Default::default()
+                            })
+                            .await
+                        {
                             Ok(_) => scheduled.fetch_add(1, Ordering::Relaxed),
                             Err(_) => failed.fetch_add(1, Ordering::Relaxed),
                         };

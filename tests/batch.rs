@@ -11,7 +11,10 @@ fn batch(jobs: Vec<pb::Job>) -> pb::BatchScheduleRequest {
     pb::BatchScheduleRequest {
         requests: jobs
             .into_iter()
-            .map(|j| pb::ScheduleRequest { job: Some(j) })
+            .map(|j| pb::ScheduleRequest {
+                job: Some(j),
+                ..Default::default()
+            })
             .collect(),
     }
 }
@@ -142,6 +145,138 @@ both_backends! {
             .into_inner();
         assert_eq!(first.jobs, again.jobs);
         assert_eq!(server.core.job_count().await, 3);
+        server.stop().await;
+    }
+}
+
+fn with_request_id(job: pb::Job, request_id: &str) -> pb::ScheduleRequest {
+    pb::ScheduleRequest {
+        job: Some(job),
+        request_id: request_id.into(),
+    }
+}
+
+both_backends! {
+    /// A Schedule without an id but with a request_id can be retried, also after a restart:
+    /// the retry returns the job the first call created and stores nothing new. The same
+    /// request_id with another job is ALREADY_EXISTS; another request_id is another job; an
+    /// explicit id wins over the request_id.
+    #[tokio::test]
+    async fn schedule_with_a_request_id_is_safe_to_retry(backend) {
+        let mut server = backend.manual().await;
+        let proposed = job("idem", after_trigger(60_000));
+        let first = server
+            .client
+            .schedule(with_request_id(proposed.clone(), "2f9a1c3e-0d4b-4e5f-8a6b-7c8d9e0f1a2b"))
+            .await
+            .expect("schedule")
+            .into_inner();
+        assert_eq!(first.id.len(), 36, "a UUID: {}", first.id);
+        server.advance(10).await;
+        let retry = server
+            .client
+            .schedule(with_request_id(proposed.clone(), "2f9a1c3e-0d4b-4e5f-8a6b-7c8d9e0f1a2b"))
+            .await
+            .expect("retry")
+            .into_inner();
+        assert_eq!(retry, first, "the same job, created once");
+
+        let mut different = proposed.clone();
+        different.payload = b"other".to_vec().into();
+        expect_code(
+            server
+                .client
+                .schedule(with_request_id(different, "2f9a1c3e-0d4b-4e5f-8a6b-7c8d9e0f1a2b"))
+                .await,
+            Code::AlreadyExists,
+        );
+        let other = server
+            .client
+            .schedule(with_request_id(proposed.clone(), "another-request"))
+            .await
+            .expect("schedule")
+            .into_inner();
+        assert_ne!(other.id, first.id);
+        let mut explicit = proposed.clone();
+        explicit.id = "explicit".into();
+        let named = server
+            .client
+            .schedule(with_request_id(explicit, "third-request"))
+            .await
+            .expect("schedule")
+            .into_inner();
+        assert_eq!(named.id, "explicit");
+        let status = expect_code(
+            server
+                .client
+                .schedule(with_request_id(proposed.clone(), "no spaces allowed"))
+                .await,
+            Code::InvalidArgument,
+        );
+        assert_bad_field(&status, "request_id");
+
+        let mut server = server.restart().await;
+        let after_restart = server
+            .client
+            .schedule(with_request_id(proposed, "2f9a1c3e-0d4b-4e5f-8a6b-7c8d9e0f1a2b"))
+            .await
+            .expect("retry after restart")
+            .into_inner();
+        assert_eq!(after_restart.id, first.id);
+        assert_eq!(after_restart.create_time, first.create_time);
+        let listed = server
+            .client
+            .list_jobs(pb::ListJobsRequest {
+                queue: "idem".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(listed.jobs.len(), 3, "first, other and explicit: nothing twice");
+        server.stop().await;
+    }
+}
+
+both_backends! {
+    /// In a batch, request ids make a retried batch create nothing twice, and two requests
+    /// with one request id are refused, naming the second.
+    #[tokio::test]
+    async fn a_batch_with_request_ids_is_safe_to_retry(backend) {
+        let mut server = backend.manual().await;
+        let request = pb::BatchScheduleRequest {
+            requests: vec![
+                with_request_id(job("idem", after_trigger(1_000)), "r-1"),
+                with_request_id(job("idem", after_trigger(2_000)), "r-2"),
+            ],
+        };
+        let first = server
+            .client
+            .batch_schedule(request.clone())
+            .await
+            .expect("batch")
+            .into_inner();
+        let again = server
+            .client
+            .batch_schedule(request)
+            .await
+            .expect("retried batch")
+            .into_inner();
+        assert_eq!(first.jobs, again.jobs);
+        assert_ne!(first.jobs[0].id, first.jobs[1].id);
+        let status = expect_code(
+            server
+                .client
+                .batch_schedule(pb::BatchScheduleRequest {
+                    requests: vec![
+                        with_request_id(job("idem", after_trigger(1_000)), "r-3"),
+                        with_request_id(job("idem", after_trigger(2_000)), "r-3"),
+                    ],
+                })
+                .await,
+            Code::InvalidArgument,
+        );
+        assert_bad_field(&status, "requests[1].request_id");
         server.stop().await;
     }
 }

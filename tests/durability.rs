@@ -480,7 +480,12 @@ async fn calls_cancelled_mid_commit_leave_the_change_whole() {
             (
                 "Schedule",
                 Box::pin(async move {
-                    let _ = a.schedule(pb::ScheduleRequest { job: Some(created) }).await;
+                    let _ = a
+                        .schedule(pb::ScheduleRequest {
+                            job: Some(created),
+                            ..Default::default()
+                        })
+                        .await;
                     Ok(())
                 }),
             ),

@@ -98,6 +98,7 @@ async fn a_full_disk_is_reported_and_recovered_from_without_a_restart() {
             .client
             .schedule(pb::ScheduleRequest {
                 job: Some(payload_job(&format!("big-{i}"), 200_000)),
+                ..Default::default()
             })
             .await
         {
@@ -175,6 +176,7 @@ async fn a_dead_writer_ends_the_server_with_an_error() {
         .client
         .schedule(pb::ScheduleRequest {
             job: Some(job("w", after_trigger(3_600_000))),
+            ..Default::default()
         })
         .await
         .expect_err("the writer died");

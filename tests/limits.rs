@@ -288,7 +288,7 @@ both_backends! {
         j.labels.insert(huge.clone(), "v".into());
         let refused = server
             .client
-            .schedule(pb::ScheduleRequest { job: Some(j) })
+            .schedule(pb::ScheduleRequest { job: Some(j), ..Default::default() })
             .await
             .expect_err("refused");
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);

@@ -816,6 +816,7 @@ async fn a_database_restart_loses_nothing_acknowledged() {
         Duration::from_secs(10),
         ca.schedule(pb::ScheduleRequest {
             job: Some(job("restart", after_trigger(1_000))),
+            ..Default::default()
         }),
     )
     .await

@@ -450,3 +450,25 @@ async fn preview_proposed_and_existing_jobs() {
     assert!(!missing.status.success());
     server.stop().await;
 }
+
+/// `schedule --request-id` run twice creates one job: the retry prints the same job.
+#[tokio::test]
+async fn schedule_with_a_request_id_twice_creates_one_job() {
+    let server = TestServer::manual().await;
+    let args = [
+        "-o",
+        "json",
+        "schedule",
+        "--queue",
+        "cli",
+        "--after",
+        "1h",
+        "--request-id",
+        "deploy-2026-11-30",
+    ];
+    let first = json(&tickctl(&server, &args, None).await);
+    let again = json(&tickctl(&server, &args, None).await);
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(first["create_time"], again["create_time"]);
+    server.stop().await;
+}

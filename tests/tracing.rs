@@ -140,7 +140,10 @@ fn ids(traceparent: &str) -> (String, String) {
 
 /// A Schedule request carrying the caller's traceparent.
 fn traced_schedule(job: pb::Job, traceparent: &str) -> tonic::Request<pb::ScheduleRequest> {
-    let mut request = tonic::Request::new(pb::ScheduleRequest { job: Some(job) });
+    let mut request = tonic::Request::new(pb::ScheduleRequest {
+        job: Some(job),
+        ..Default::default()
+    });
     request
         .metadata_mut()
         .insert("traceparent", traceparent.parse().expect("ascii"));

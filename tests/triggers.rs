@@ -276,7 +276,7 @@ both_backends! {
         j.payload = b"different".to_vec().into();
         let err = server
             .client
-            .schedule(pb::ScheduleRequest { job: Some(j) })
+            .schedule(pb::ScheduleRequest { job: Some(j), ..Default::default() })
             .await
             .expect_err("different spec");
         assert_eq!(err.code(), Code::AlreadyExists);
@@ -530,7 +530,7 @@ both_backends! {
         if let Some(pb::trigger::Kind::Cron(c)) = j.trigger.as_mut().and_then(|t| t.kind.as_mut()) {
             c.dst_policy = Some(pb::DstPolicy { gap: 9, repeat: 7 });
         }
-        let status = expect_code(server.client.schedule(pb::ScheduleRequest { job: Some(j) }).await, Code::InvalidArgument);
+        let status = expect_code(server.client.schedule(pb::ScheduleRequest { job: Some(j), ..Default::default() }).await, Code::InvalidArgument);
         let mut fields = bad_fields(&status);
         fields.sort();
         assert_eq!(

@@ -208,7 +208,7 @@ both_backends! {
         for case in cases(256 * 1024) {
             match server
                 .client
-                .schedule(pb::ScheduleRequest { job: case.job })
+                .schedule(pb::ScheduleRequest { job: case.job, ..Default::default() })
                 .await
             {
                 Ok(_) => failures.push(format!("{}: accepted", case.name)),
@@ -255,6 +255,7 @@ both_backends! {
             .client
             .schedule(pb::ScheduleRequest {
                 job: Some(j.clone()),
+                ..Default::default()
             })
             .await
             .expect_err("over the limit");

@@ -251,7 +251,10 @@ pub async fn schedule_all(
                     ..Default::default()
                 };
                 client
-                    .schedule(pb::ScheduleRequest { job: Some(job) })
+                    .schedule(pb::ScheduleRequest {
+                        job: Some(job),
+                        ..Default::default()
+                    })
                     .await
                     .expect("schedule");
             }

@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use super::pb;
+use crate::domain::job::job_id_for_request;
 use crate::domain::time::{MICROS_PER_MILLI, MICROS_PER_SECOND};
 use crate::domain::trigger::{Recurrence, parse_cron, parse_time_zone};
 use crate::domain::{
@@ -222,23 +223,28 @@ pub fn batch_schedule_request(
         return Err(v.into_status());
     }
     let mut specs = Vec::with_capacity(n);
-    let mut first_with_id: HashMap<String, usize> = HashMap::new();
+    let mut first_with_id: HashMap<String, (usize, &str)> = HashMap::new();
     for (i, r) in req.requests.into_iter().enumerate() {
-        if let Some(id) = r
-            .job
-            .as_ref()
-            .map(|j| j.id.clone())
-            .filter(|id| !id.is_empty())
-        {
-            if let Some(first) = first_with_id.get(&id) {
+        // An explicit id, or the one a request id gives a job without one.
+        let explicit = r.job.as_ref().map(|j| j.id.clone()).unwrap_or_default();
+        let (id, field) = if !explicit.is_empty() {
+            (explicit, "job.id")
+        } else if !r.request_id.is_empty() {
+            (job_id_for_request(&r.request_id), "request_id")
+        } else {
+            (String::new(), "")
+        };
+        if !id.is_empty() {
+            if let Some((first, first_field)) = first_with_id.get(&id) {
                 v.add(
-                    format!("requests[{i}].job.id"),
+                    format!("requests[{i}].{field}"),
                     format!(
-                        "repeats requests[{first}].job.id; each job of a batch needs its own id"
+                        "gives the same job id as requests[{first}].{first_field}; each job of \
+                         a batch needs its own id"
                     ),
                 );
             } else {
-                first_with_id.insert(id, i);
+                first_with_id.insert(id, (i, field));
             }
         }
         specs.push(v.nested(&format!("requests[{i}]."), |v| {
@@ -267,6 +273,7 @@ fn schedule_spec(
         return None;
     };
     check_name(v, "job.id", &job.id, false);
+    check_name(v, "request_id", &req.request_id, false);
     check_name(v, "job.queue", &job.queue, queue_required);
     let trigger = trigger(v, job.trigger.as_ref(), now);
 
@@ -347,8 +354,14 @@ fn schedule_spec(
     else {
         return None;
     };
+    // A retried request without an id finds the job its first attempt created.
+    let id = if job.id.is_empty() && !req.request_id.is_empty() {
+        job_id_for_request(&req.request_id)
+    } else {
+        job.id
+    };
     Some(JobSpec {
-        id: job.id.into(),
+        id: id.into(),
         queue: job.queue,
         trigger,
         // A slice of the request's receive buffer: the job held in memory copies it into its
@@ -586,7 +599,10 @@ pub fn preview_request(
         }
         Some(Subject::Job(job)) => schedule_spec(
             &mut v,
-            pb::ScheduleRequest { job: Some(job) },
+            pb::ScheduleRequest {
+                job: Some(job),
+                ..Default::default()
+            },
             limits,
             now,
             false,

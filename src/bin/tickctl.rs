@@ -148,7 +148,7 @@ struct ScheduleArgs {
     /// call: one object per line whose keys are this command's flags without the dashes
     /// ({"queue": "emails", "id": "a", "after": "30s", "label": ["team=web"]}); `labels` may
     /// also be an object.
-    #[arg(long, conflicts_with_all = ["queue", "id", "at", "after", "every", "cron", "payload", "payload_file"])]
+    #[arg(long, conflicts_with_all = ["queue", "id", "request_id", "at", "after", "every", "cron", "payload", "payload_file"])]
     from_file: Option<String>,
     /// Queue whose subscribers receive the fires.
     #[arg(long, required_unless_present = "from_file")]
@@ -156,6 +156,10 @@ struct ScheduleArgs {
     /// Job id; tickd assigns one when omitted.
     #[arg(long)]
     id: Option<String>,
+    /// Without --id: makes the command safe to retry; a retry with the same request id
+    /// returns the job the first run created (its id is derived from the request id).
+    #[arg(long)]
+    request_id: Option<String>,
     #[command(flatten)]
     trigger: TriggerArgs,
     /// Payload given as a string.
@@ -515,11 +519,7 @@ async fn schedule(client: &mut Client, args: ScheduleArgs, output: Output) -> Re
     if let Some(file) = &args.from_file {
         return schedule_from_file(client, file, output).await;
     }
-    let job = job_of(args)?;
-    let job = client
-        .schedule(pb::ScheduleRequest { job: Some(job) })
-        .await?
-        .into_inner();
+    let job = client.schedule(request_of(args)?).await?.into_inner();
     print_job(&job, output);
     Ok(())
 }
@@ -550,7 +550,7 @@ async fn schedule_from_file(
             continue;
         }
         let at = |e: String| Failure(format!("error: {file} line {}: {e}", n + 1), 2);
-        jobs.push(job_of(line_args(line).map_err(at)?).map_err(|e| at(e.0))?);
+        jobs.push(request_of(line_args(line).map_err(at)?).map_err(|e| at(e.0))?);
     }
     if jobs.is_empty() {
         return Err(Failure(format!("error: {file} holds no job"), 2));
@@ -558,12 +558,7 @@ async fn schedule_from_file(
     let mut done = 0;
     for (call, chunk) in jobs.chunks(BATCH).enumerate() {
         let request = pb::BatchScheduleRequest {
-            requests: chunk
-                .iter()
-                .map(|j| pb::ScheduleRequest {
-                    job: Some(j.clone()),
-                })
-                .collect(),
+            requests: chunk.to_vec(),
         };
         let created = match client.batch_schedule(request).await {
             Ok(r) => r.into_inner().jobs,
@@ -683,6 +678,15 @@ fn trigger_of(args: &TriggerArgs) -> Result<pb::Trigger, Failure> {
         ));
     };
     Ok(pb::Trigger { kind: Some(kind) })
+}
+
+/// The Schedule request the schedule flags describe.
+fn request_of(args: ScheduleArgs) -> Result<pb::ScheduleRequest, Failure> {
+    let request_id = args.request_id.clone().unwrap_or_default();
+    Ok(pb::ScheduleRequest {
+        job: Some(job_of(args)?),
+        request_id,
+    })
 }
 
 /// The job the schedule flags describe.

@@ -159,6 +159,16 @@ impl Job {
     }
 }
 
+/// Namespace of the job ids derived from Schedule request ids (a random UUID, fixed forever:
+/// changing it would give a retried request a new job).
+const REQUEST_ID_NAMESPACE: uuid::Uuid = uuid::uuid!("6f1c2d3e-8a4b-4c5d-9e6f-7a8b9c0d1e2f");
+
+/// The id of the job a Schedule without an id but with `request_id` creates: the same for
+/// every retry of the request, on every replica.
+pub fn job_id_for_request(request_id: &str) -> String {
+    uuid::Uuid::new_v5(&REQUEST_ID_NAMESPACE, request_id.as_bytes()).to_string()
+}
+
 /// The stable id of one occurrence of one job: `<job id>@<RFC 3339 scheduled time>`.
 pub fn fire_id(job_id: &str, scheduled: Timestamp) -> super::FireId {
     scheduled.shared_with_prefix(job_id, '@')
@@ -554,6 +564,27 @@ mod tests {
     }
 
     /// Jitter stays within [0, max), is stable, and differs between occurrences.
+    #[test]
+    fn request_ids_give_stable_distinct_job_ids() {
+        let a = job_id_for_request("0b9c6c4e-1f55-4a57-9a59-3c2f3e1b2a10");
+        assert_eq!(
+            a,
+            job_id_for_request("0b9c6c4e-1f55-4a57-9a59-3c2f3e1b2a10")
+        );
+        assert_ne!(
+            a,
+            job_id_for_request("0b9c6c4e-1f55-4a57-9a59-3c2f3e1b2a11")
+        );
+        // Pinned (Python's uuid.uuid5 gives the same): a retry after an upgrade must find
+        // the job the first call created.
+        assert_eq!(
+            job_id_for_request("r1"),
+            "f6e294c8-ef47-5581-8538-07c8b5ea1b1d"
+        );
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "5", "a UUIDv5");
+    }
+
     #[test]
     fn jitter_is_bounded_and_stable() {
         let values: Vec<_> = (0..1_000)

@@ -647,7 +647,10 @@ pub fn job(queue: &str, trigger: pb::Trigger) -> pb::Job {
 
 pub async fn schedule(client: &mut Client, job: pb::Job) -> pb::Job {
     client
-        .schedule(pb::ScheduleRequest { job: Some(job) })
+        .schedule(pb::ScheduleRequest {
+            job: Some(job),
+            ..Default::default()
+        })
         .await
         .expect("schedule")
         .into_inner()
