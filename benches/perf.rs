@@ -840,6 +840,13 @@ mod noop {
             unimplemented()
         }
 
+        async fn update_job(
+            &self,
+            _: Request<pb::UpdateJobRequest>,
+        ) -> Result<Response<pb::Job>, Status> {
+            unimplemented()
+        }
+
         async fn list_jobs(
             &self,
             _: Request<pb::ListJobsRequest>,

@@ -472,3 +472,69 @@ async fn schedule_with_a_request_id_twice_creates_one_job() {
     assert_eq!(first["create_time"], again["create_time"]);
     server.stop().await;
 }
+
+/// `update` changes only what its flags give; a stale `--etag` is refused; no flag is an error.
+#[tokio::test]
+async fn update_changes_what_its_flags_give() {
+    let server = TestServer::manual().await;
+    let created = json(
+        &tickctl(
+            &server,
+            &[
+                "-o",
+                "json",
+                "schedule",
+                "--queue",
+                "cli",
+                "--id",
+                "u",
+                "--every",
+                "1m",
+                "--payload",
+                "old",
+                "--max-attempts",
+                "4",
+            ],
+            None,
+        )
+        .await,
+    );
+    let etag = created["etag"].as_str().expect("etag").to_string();
+    let updated = json(
+        &tickctl(
+            &server,
+            &[
+                "-o",
+                "json",
+                "update",
+                "u",
+                "--etag",
+                &etag,
+                "--payload",
+                "new",
+                "--cron",
+                "0 9 * * *",
+            ],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(updated["payload"], "new");
+    assert_eq!(updated["trigger"], "cron \"0 9 * * *\" in UTC");
+    assert_eq!(updated["max_attempts"], 4, "not given, not changed");
+    assert_ne!(updated["etag"], created["etag"]);
+    let stale = tickctl(
+        &server,
+        &["update", "u", "--etag", &etag, "--payload", "x"],
+        None,
+    )
+    .await;
+    assert_eq!(stale.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&stale.stderr).contains("Aborted"),
+        "{stale:?}"
+    );
+    let nothing = tickctl(&server, &["update", "u"], None).await;
+    assert_eq!(nothing.status.code(), Some(2));
+    server.stop().await;
+}

@@ -7,6 +7,7 @@ use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
 use tonic::Status;
 
 use super::pb;
+use crate::domain::job::etag;
 use crate::domain::preview::Preview;
 use crate::domain::{
     DstEffect, DstGap, DstPolicy, DstRepeat, Job, JobState, Micros, MisfirePolicy, Timestamp,
@@ -126,6 +127,7 @@ pub fn preview(p: &Preview, job: &Job, id_known: bool) -> pb::PreviewOccurrences
 pub fn job(j: &Job, retention: Micros) -> pb::Job {
     let spec = &j.spec;
     pb::Job {
+        etag: etag(spec),
         id: spec.id().to_string(),
         queue: spec.queue().to_string(),
         trigger: Some(trigger(&spec.trigger())),
@@ -187,6 +189,7 @@ pub fn status(e: SchedulerError) -> Status {
             "{e}; use another id, or cancel the existing job and schedule under a new id"
         )),
         SchedulerError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+        SchedulerError::Aborted(_) => Status::aborted(e.to_string()),
         SchedulerError::InvalidTrigger(_) => Status::invalid_argument(super::validate::clip(
             e.to_string(),
             super::validate::MAX_ECHO_CHARS + 200,

@@ -13,8 +13,9 @@ use super::convert;
 use super::pb;
 use super::pb::subscribe_request::Request as SubReq;
 use super::validate::{self, Limits, Violations};
+use crate::domain::job::etag;
 use crate::domain::{Job, Micros, preview};
-use crate::scheduler::{Scheduler, SubscriberHandle, Subscription};
+use crate::scheduler::{Scheduler, SchedulerError, SubscriberHandle, Subscription};
 use crate::telemetry;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -136,6 +137,48 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.get(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job, self.core.retention())))
+    }
+
+    async fn update_job(
+        &self,
+        request: Request<pb::UpdateJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        let req = request.into_inner();
+        let target = validate::update_target(&req)?;
+        tracing::Span::current().record("tickd.job.id", target.id.as_str());
+        let asked = req.job.unwrap_or_default();
+        let retention = self.core.retention();
+        // Read, merge, write if unchanged since read. Without an etag of the caller's, a
+        // change that slipped in between is merged with and retried a few times.
+        let mut attempt = 0;
+        loop {
+            let current = self.core.get(&target.id).await.map_err(convert::status)?;
+            let read = etag(&current.spec);
+            if target.etag.as_ref().is_some_and(|e| *e != read) {
+                return Err(Status::aborted(format!(
+                    "job {} changed since it was read (etag {} is not the job's {read}); read \
+                     it again and retry",
+                    target.id,
+                    validate::clip(target.etag.clone().unwrap_or_default(), 64)
+                )));
+            }
+            let spec = validate::updated_spec(
+                convert::job(&current, retention),
+                &asked,
+                &target.paths,
+                self.limits,
+                self.core.now(),
+            )?;
+            match self.core.update(spec, read).await {
+                Err(SchedulerError::Aborted(_)) if target.etag.is_none() && attempt < 3 => {
+                    attempt += 1;
+                }
+                result => {
+                    let job = result.map_err(convert::status)?;
+                    return Ok(Response::new(convert::job(&job, retention)));
+                }
+            }
+        }
     }
 
     async fn preview_occurrences(

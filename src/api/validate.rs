@@ -558,6 +558,135 @@ pub fn fire_ids(v: &mut Violations, field: &str, ids: &[String]) {
     }
 }
 
+/// The fields UpdateJob can change, as update_mask names them.
+const UPDATABLE: [&str; 10] = [
+    "trigger",
+    "payload",
+    "labels",
+    "max_fires",
+    "end_time",
+    "misfire_policy",
+    "misfire_grace_period",
+    "ack_deadline",
+    "max_attempts",
+    "dead_letter_queue",
+];
+
+/// What an UpdateJob names: the job, the fields to change, and the etag it was read with.
+#[derive(Debug)]
+pub struct UpdateTarget {
+    pub id: String,
+    pub paths: Vec<&'static str>,
+    pub etag: Option<String>,
+}
+
+/// Checks an UpdateJob's job id and update_mask.
+pub fn update_target(req: &pb::UpdateJobRequest) -> Result<UpdateTarget, Status> {
+    let mut v = Violations::default();
+    let id = req.job.as_ref().map(|j| j.id.clone()).unwrap_or_default();
+    if req.job.is_none() {
+        v.add("job", "is required");
+    } else {
+        check_name(&mut v, "job.id", &id, true);
+    }
+    let mut paths = Vec::new();
+    match &req.update_mask {
+        None => v.add(
+            "update_mask",
+            format!(
+                "is required: name the fields to change ({}), or *",
+                UPDATABLE.join(", ")
+            ),
+        ),
+        Some(mask) if mask.paths.is_empty() => v.add(
+            "update_mask",
+            format!(
+                "names no field: name the fields to change ({}), or *",
+                UPDATABLE.join(", ")
+            ),
+        ),
+        Some(mask) => {
+            for path in &mask.paths {
+                match path.as_str() {
+                    "*" => paths.extend(UPDATABLE),
+                    "id" | "queue" => v.add(
+                        "update_mask",
+                        format!("{path} cannot change; schedule a new job instead"),
+                    ),
+                    p => match UPDATABLE.iter().find(|u| **u == p) {
+                        Some(u) => paths.push(*u),
+                        None => v.add(
+                            "update_mask",
+                            format!(
+                                "{:?} is not a field UpdateJob can change ({})",
+                                clip(p.to_string(), MAX_ECHO_CHARS),
+                                UPDATABLE.join(", ")
+                            ),
+                        ),
+                    },
+                }
+            }
+        }
+    }
+    v.into_result()?;
+    paths.sort_unstable();
+    paths.dedup();
+    let etag = req
+        .job
+        .as_ref()
+        .map(|j| j.etag.clone())
+        .filter(|e| !e.is_empty());
+    Ok(UpdateTarget { id, paths, etag })
+}
+
+/// The spec an UpdateJob asks for: `current` (the job as read, in API form) with the named
+/// fields taken from `new`, checked as Schedule checks a job (violations name `job.<field>`).
+pub fn updated_spec(
+    mut current: pb::Job,
+    new: &pb::Job,
+    paths: &[&str],
+    limits: Limits,
+    now: Timestamp,
+) -> Result<JobSpec, Status> {
+    for path in paths {
+        match *path {
+            "trigger" => current.trigger = new.trigger.clone(),
+            "payload" => current.payload = new.payload.clone(),
+            "labels" => current.labels = new.labels.clone(),
+            "max_fires" => current.max_fires = new.max_fires,
+            "end_time" => current.end_time = new.end_time,
+            "misfire_policy" => current.misfire_policy = new.misfire_policy,
+            "misfire_grace_period" => current.misfire_grace_period = new.misfire_grace_period,
+            "ack_deadline" => current.ack_deadline = new.ack_deadline,
+            "max_attempts" => current.max_attempts = new.max_attempts,
+            "dead_letter_queue" => current.dead_letter_queue = new.dead_letter_queue.clone(),
+            _ => {}
+        }
+    }
+    // An end_time the update does not name is the job's own; a paused job's may have passed
+    // (it completes when resumed), which must not refuse an update of its payload.
+    let kept_end = (!paths.contains(&"end_time")).then(|| current.end_time.take());
+    let mut v = Violations::default();
+    let spec = schedule_spec(
+        &mut v,
+        pb::ScheduleRequest {
+            job: Some(current),
+            ..Default::default()
+        },
+        limits,
+        now,
+        true,
+    );
+    v.into_result()?;
+    let mut spec = spec.ok_or_else(|| Status::invalid_argument("invalid job"))?;
+    if let Some(end) = kept_end {
+        let mut v = Violations::default();
+        spec.end_time = end.and_then(|t| timestamp(&mut v, "job.end_time", &t));
+        v.into_result()?;
+    }
+    Ok(spec)
+}
+
 /// Most occurrences one PreviewOccurrences returns, and how many it returns by default.
 pub const MAX_PREVIEW_OCCURRENCES: usize = 1_000;
 pub const DEFAULT_PREVIEW_OCCURRENCES: usize = 10;

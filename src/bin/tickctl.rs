@@ -65,6 +65,9 @@ enum Command {
     Get { id: String },
     /// List jobs (every page).
     List(ListArgs),
+    /// Change a job: only what the flags give (a trigger, --payload, --label (replaces all
+    /// labels), --max-fires, --end, ...); its id and queue stay.
+    Update(Box<UpdateArgs>),
     /// Pause a job.
     Pause { id: String },
     /// Resume a paused job.
@@ -162,6 +165,13 @@ struct ScheduleArgs {
     request_id: Option<String>,
     #[command(flatten)]
     trigger: TriggerArgs,
+    #[command(flatten)]
+    options: JobOptions,
+}
+
+/// A job's payload, labels and delivery options, for `schedule` and `update`.
+#[derive(Debug, Args)]
+struct JobOptions {
     /// Payload given as a string.
     #[arg(long, conflicts_with = "payload_file")]
     payload: Option<String>,
@@ -192,6 +202,19 @@ struct ScheduleArgs {
     /// Queue for fires that used up their attempts.
     #[arg(long)]
     dead_letter_queue: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct UpdateArgs {
+    /// The job to change.
+    id: String,
+    /// Change the job only if it is still as it was read with this etag (`get -o json`).
+    #[arg(long)]
+    etag: Option<String>,
+    #[command(flatten)]
+    trigger: TriggerArgs,
+    #[command(flatten)]
+    options: JobOptions,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -438,6 +461,7 @@ fn job_json(job: &pb::Job) -> Value {
         "ack_deadline": duration_str(&job.ack_deadline),
         "max_attempts": job.max_attempts,
         "dead_letter_queue": job.dead_letter_queue,
+        "etag": job.etag,
     })
 }
 
@@ -498,7 +522,7 @@ fn print_job(job: &pb::Job, output: Output) {
     }
 }
 
-fn read_payload(args: &ScheduleArgs) -> Result<Vec<u8>, Failure> {
+fn read_payload(args: &JobOptions) -> Result<Vec<u8>, Failure> {
     if let Some(p) = &args.payload {
         return Ok(p.clone().into_bytes());
     }
@@ -692,28 +716,91 @@ fn request_of(args: ScheduleArgs) -> Result<pb::ScheduleRequest, Failure> {
 /// The job the schedule flags describe.
 fn job_of(args: ScheduleArgs) -> Result<pb::Job, Failure> {
     let trigger = trigger_of(&args.trigger)?;
-    let payload = read_payload(&args)?;
-    let misfire_policy = match args.misfire {
-        None => pb::MisfirePolicy::Unspecified,
-        Some(Misfire::Once) => pb::MisfirePolicy::FireOnce,
-        Some(Misfire::Skip) => pb::MisfirePolicy::Skip,
-        Some(Misfire::All) => pb::MisfirePolicy::FireAll,
-    };
+    let payload = read_payload(&args.options)?;
     Ok(pb::Job {
         id: args.id.unwrap_or_default(),
         queue: args.queue.unwrap_or_default(),
         trigger: Some(trigger),
         payload: payload.into(),
-        labels: args.labels.into_iter().collect(),
-        max_fires: args.max_fires.unwrap_or(0),
-        end_time: args.end.map(pb_time),
-        misfire_policy: misfire_policy.into(),
-        misfire_grace_period: args.misfire_grace.map(pb_duration),
-        ack_deadline: args.ack_deadline.map(pb_duration),
-        max_attempts: args.max_attempts.unwrap_or(0),
-        dead_letter_queue: args.dead_letter_queue.unwrap_or_default(),
-        ..Default::default()
+        ..options_job(args.options)
     })
+}
+
+/// The payload-less part of a job the option flags describe.
+fn options_job(o: JobOptions) -> pb::Job {
+    let misfire_policy = match o.misfire {
+        None => pb::MisfirePolicy::Unspecified,
+        Some(Misfire::Once) => pb::MisfirePolicy::FireOnce,
+        Some(Misfire::Skip) => pb::MisfirePolicy::Skip,
+        Some(Misfire::All) => pb::MisfirePolicy::FireAll,
+    };
+    pb::Job {
+        labels: o.labels.into_iter().collect(),
+        max_fires: o.max_fires.unwrap_or(0),
+        end_time: o.end.map(pb_time),
+        misfire_policy: misfire_policy.into(),
+        misfire_grace_period: o.misfire_grace.map(pb_duration),
+        ack_deadline: o.ack_deadline.map(pb_duration),
+        max_attempts: o.max_attempts.unwrap_or(0),
+        dead_letter_queue: o.dead_letter_queue.unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// `update`: the fields given on the command line, and only those, are changed.
+async fn update(client: &mut Client, args: UpdateArgs, output: Output) -> Result<(), Failure> {
+    let t = &args.trigger;
+    let o = &args.options;
+    let given = [
+        (
+            "trigger",
+            t.at.is_some() || t.after.is_some() || t.every.is_some() || t.cron.is_some(),
+        ),
+        ("payload", o.payload.is_some() || o.payload_file.is_some()),
+        ("labels", !o.labels.is_empty()),
+        ("max_fires", o.max_fires.is_some()),
+        ("end_time", o.end.is_some()),
+        ("misfire_policy", o.misfire.is_some()),
+        ("misfire_grace_period", o.misfire_grace.is_some()),
+        ("ack_deadline", o.ack_deadline.is_some()),
+        ("max_attempts", o.max_attempts.is_some()),
+        ("dead_letter_queue", o.dead_letter_queue.is_some()),
+    ];
+    let paths: Vec<String> = given
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(p, _)| p.to_string())
+        .collect();
+    if paths.is_empty() {
+        return Err(Failure(
+            "error: nothing to change: give a trigger (--at, --after, --every, --cron) or an \
+             option such as --payload, --label, --max-attempts"
+                .into(),
+            2,
+        ));
+    }
+    let trigger = if paths.iter().any(|p| p == "trigger") {
+        Some(trigger_of(&args.trigger)?)
+    } else {
+        None
+    };
+    let payload = read_payload(&args.options)?;
+    let job = pb::Job {
+        id: args.id,
+        etag: args.etag.unwrap_or_default(),
+        trigger,
+        payload: payload.into(),
+        ..options_job(args.options)
+    };
+    let job = client
+        .update_job(pb::UpdateJobRequest {
+            job: Some(job),
+            update_mask: Some(prost_types::FieldMask { paths }),
+        })
+        .await?
+        .into_inner();
+    print_job(&job, output);
+    Ok(())
 }
 
 async fn list(client: &mut Client, args: ListArgs, output: Output) -> Result<(), Failure> {
@@ -895,6 +982,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::List(args) => list(&mut client, args, output).await,
         Command::Subscribe(args) => subscribe(&mut client, args).await,
         Command::Preview(args) => preview(&mut client, *args, output).await,
+        Command::Update(args) => update(&mut client, *args, output).await,
     }
 }
 

@@ -241,6 +241,70 @@ impl Job {
     }
 }
 
+/// Why a job cannot be updated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpdateRefused {
+    #[error("job {id} is {}; only scheduled or paused jobs can be updated", .state.as_str())]
+    Finished { id: String, state: JobState },
+    #[error("{0}")]
+    Trigger(#[from] TriggerError),
+}
+
+impl Job {
+    /// The job with `spec` in place of its own (same id and queue), its next occurrence
+    /// recomputed when the trigger changed. No occurrence fires twice and none owed is lost at
+    /// the switch: an occurrence already due under the old trigger (the timer may be releasing
+    /// it) stays the next one; otherwise the next is the new trigger's first after `now` (a
+    /// one-shot trigger's time, even if past: it fires at once, as on Schedule). Released fires
+    /// are not touched. A new `end_time` or `max_fires` the job has reached completes it.
+    pub fn updated(&self, spec: &JobSpec, now: Timestamp) -> Result<Job, UpdateRefused> {
+        if self.status.state.is_final() {
+            return Err(UpdateRefused::Finished {
+                id: self.spec.id().to_string(),
+                state: self.status.state,
+            });
+        }
+        let packed = PackedSpec::new(spec);
+        let rec = packed.recurrence(self.status.create_time)?;
+        let mut status = self.status.clone();
+        if packed.trigger() != self.spec.trigger() {
+            status.next_occurrence = match (status.state, status.next_occurrence) {
+                (JobState::Scheduled, Some(o)) if self.due(o) <= now => Some(o),
+                _ => match rec {
+                    Recurrence::Once(at) => Some(at),
+                    _ => rec.next_after(now),
+                },
+            };
+        }
+        let ended = match status.next_occurrence {
+            None => true,
+            Some(o) => {
+                packed.end_time().is_some_and(|end| o >= end)
+                    || (packed.max_fires() > 0 && status.fire_count >= packed.max_fires())
+            }
+        };
+        if ended {
+            status.state = JobState::Completed;
+            status.next_occurrence = None;
+            status.finish_time = Some(now);
+        }
+        Ok(Job {
+            spec: packed,
+            status,
+        })
+    }
+}
+
+/// The etag of a job's spec (AIP-154): the same for the same spec on every replica and
+/// build, different (but for a 2^-32 chance) after any change to it.
+pub fn etag(spec: &PackedSpec) -> String {
+    match rmp_serde::to_vec(spec) {
+        Ok(bytes) => format!("{:08x}{:08x}", crc32fast::hash(&bytes), bytes.len()),
+        // A spec always encodes; were it not to, no etag could ever match, which is safe.
+        Err(_) => String::new(),
+    }
+}
+
 /// What [`advance`] decided for a job that fell due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Advance {
@@ -564,6 +628,62 @@ mod tests {
     }
 
     /// Jitter stays within [0, max), is stable, and differs between occurrences.
+    /// A new trigger: an occurrence already due under the old one is kept (the timer may be
+    /// releasing it); otherwise the new trigger's first after now; a paused job's pending
+    /// occurrence is recomputed; a one-shot moves even into the past (it fires at once).
+    #[test]
+    fn an_update_recomputes_the_next_occurrence() {
+        let from_ten = TriggerSpec::Every {
+            period: 10 * S,
+            start_time: Some(Timestamp(10 * S)),
+            jitter: 0,
+        };
+        let mut s = spec(from_ten.clone());
+        let job = Job::create(s.clone(), Timestamp(0)).expect("valid");
+        assert_eq!(job.status.next_occurrence, Some(Timestamp(10 * S)));
+        s.trigger = every(7 * S);
+        // Not due yet at 5 s: the new trigger's first after now (7 s).
+        let moved = job.updated(&s, Timestamp(5 * S)).expect("update");
+        assert_eq!(moved.status.next_occurrence, Some(Timestamp(7 * S)));
+        // Due at 10 s (not yet released): still released, the new trigger after it.
+        let kept = job.updated(&s, Timestamp(10 * S)).expect("update");
+        assert_eq!(kept.status.next_occurrence, Some(Timestamp(10 * S)));
+        let mut paused = job.clone();
+        paused.status.state = JobState::Paused;
+        let recomputed = paused.updated(&s, Timestamp(12 * S)).expect("update");
+        assert_eq!(recomputed.status.next_occurrence, Some(Timestamp(14 * S)));
+        assert_eq!(recomputed.status.state, JobState::Paused);
+        s.trigger = TriggerSpec::At { at: Timestamp(S) };
+        let once = job.updated(&s, Timestamp(5 * S)).expect("update");
+        assert_eq!(once.status.next_occurrence, Some(Timestamp(S)));
+        // The same trigger leaves the next occurrence alone; an end before it completes the job.
+        let mut same = spec(from_ten);
+        same.end_time = Some(Timestamp(10 * S));
+        let ended = job.updated(&same, Timestamp(5 * S)).expect("update");
+        assert_eq!(ended.status.state, JobState::Completed);
+        assert_eq!(ended.status.next_occurrence, None);
+        assert_eq!(ended.status.finish_time, Some(Timestamp(5 * S)));
+        let mut done = job.clone();
+        done.status.state = JobState::Cancelled;
+        assert!(matches!(
+            done.updated(&same, Timestamp(5 * S)),
+            Err(UpdateRefused::Finished { .. })
+        ));
+    }
+
+    /// The etag follows the spec, not the status.
+    #[test]
+    fn etag_follows_the_spec() {
+        let a = Job::create(spec(every(10 * S)), Timestamp(0)).expect("valid");
+        let mut b = a.clone();
+        b.status.fire_count = 9;
+        assert_eq!(etag(&a.spec), etag(&b.spec));
+        let mut other = spec(every(10 * S));
+        other.payload = Bytes::from_static(b"other");
+        assert_ne!(etag(&a.spec), etag(&PackedSpec::new(&other)));
+        assert_eq!(etag(&a.spec).len(), 16);
+    }
+
     #[test]
     fn request_ids_give_stable_distinct_job_ids() {
         let a = job_id_for_request("0b9c6c4e-1f55-4a57-9a59-3c2f3e1b2a10");

@@ -21,7 +21,7 @@ use super::{
     Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats,
     list_scan_budget, mark_failed, mark_store, panic_message, shutting_down, timer,
 };
-use crate::domain::{Job, JobKey, Micros, Timestamp};
+use crate::domain::{Job, JobKey, JobSpec, Micros, Timestamp};
 use crate::store::Store;
 
 /// Shared by the handle, the timer task, the writer thread and subscriptions.
@@ -215,6 +215,17 @@ impl Embedded {
             .call(|reply| Op::Transition {
                 id,
                 transition,
+                reply,
+            })
+            .await
+    }
+
+    /// Puts `spec` in place of its job's spec if that still has `etag` (see [`Job::updated`]).
+    pub async fn update(&self, spec: JobSpec, etag: String) -> Result<Job, SchedulerError> {
+        self.inner
+            .call(|reply| Op::Update {
+                spec: Box::new(spec),
+                etag,
                 reply,
             })
             .await

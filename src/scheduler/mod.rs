@@ -57,6 +57,7 @@ pub use state::Delivery;
 pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
+use crate::domain::job::UpdateRefused;
 use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
 use crate::store::{Store, StoreError};
 use embedded::{Embedded, EmbeddedHandle, EmbeddedSubscription};
@@ -114,6 +115,9 @@ pub enum SchedulerError {
     AlreadyExists(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// A conditional change found the job changed since it was read.
+    #[error("{0}")]
+    Aborted(String),
     #[error("{0}")]
     InvalidTrigger(#[from] TriggerError),
     #[error("{0}")]
@@ -129,6 +133,15 @@ pub enum SchedulerError {
         index: usize,
         error: Box<SchedulerError>,
     },
+}
+
+impl From<UpdateRefused> for SchedulerError {
+    fn from(e: UpdateRefused) -> Self {
+        match e {
+            UpdateRefused::Finished { .. } => SchedulerError::FailedPrecondition(e.to_string()),
+            UpdateRefused::Trigger(t) => SchedulerError::InvalidTrigger(t),
+        }
+    }
 }
 
 fn shutting_down() -> SchedulerError {
@@ -356,6 +369,13 @@ impl Scheduler {
     /// Resumes a paused job; what it missed follows its misfire policy.
     pub async fn resume(&self, id: &str) -> Result<Job, SchedulerError> {
         on_engine!(self, e => e.transition(id, Transition::Resume).await)
+    }
+
+    /// Puts `spec` in place of the spec of the job with its id, if that spec still has `etag`
+    /// (else [`SchedulerError::Aborted`]); see [`Job::updated`] for the job's next occurrence.
+    /// Answers once the change is durable.
+    pub async fn update(&self, spec: JobSpec, etag: String) -> Result<Job, SchedulerError> {
+        on_engine!(self, e => e.update(spec, etag).await)
     }
 
     /// Deletes a job at once, in any state; its outstanding fires are dropped (counted, and a

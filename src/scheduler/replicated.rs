@@ -45,9 +45,11 @@ use super::{
 };
 use crate::domain::fire::AfterAttempt;
 use crate::domain::time::micros_duration;
-use crate::domain::{FireRecord, Job, Micros, Timestamp, Transition};
+use crate::domain::{FireRecord, Job, JobSpec, Micros, Timestamp, Transition};
 use crate::store::StoreError;
-use crate::store::postgres::{Attempted, Lease, PgStore, ReleaseLimits, Released, Wakeup, Wakeups};
+use crate::store::postgres::{
+    Attempted, Lease, PgStore, ReleaseLimits, Released, UpdateFailed, Wakeup, Wakeups,
+};
 
 /// Default for [`ReplicaSettings::poll_interval`].
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -320,6 +322,28 @@ impl Replicated {
                 if transition == Transition::Resume {
                     s.armed(job.next_due());
                 }
+                Ok(job)
+            }
+        }
+    }
+
+    pub async fn update(&self, spec: JobSpec, etag: String) -> Result<Job, SchedulerError> {
+        let s = &self.shared;
+        s.accepting()?;
+        let id = spec.id.to_string();
+        match s
+            .store
+            .update(&spec, &etag, s.at())
+            .await
+            .map_err(unavailable)?
+        {
+            None => Err(SchedulerError::NotFound(id)),
+            Some(Err(UpdateFailed::Changed)) => Err(SchedulerError::Aborted(format!(
+                "job {id} changed since it was read; read it again and retry"
+            ))),
+            Some(Err(UpdateFailed::Refused(e))) => Err(e.into()),
+            Some(Ok(job)) => {
+                s.armed(job.next_due());
                 Ok(job)
             }
         }

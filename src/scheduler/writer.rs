@@ -22,8 +22,9 @@ use super::observe::{DropReason, RedeliveryReason, SkipReason};
 use super::state::{FireStatus, State};
 use super::{FastMap, FastSet};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
+use crate::domain::job::etag;
 use crate::domain::{
-    FireId, FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp,
+    FireId, FireRecord, Job, JobId, JobKey, JobSpec, JobState, Micros, PackedSpec, Timestamp,
     advance_with_room, fire_id,
 };
 use crate::store::Write;
@@ -88,6 +89,12 @@ pub(crate) enum Op {
     Transition {
         id: String,
         transition: Transition,
+        reply: Reply<Job>,
+    },
+    /// Puts a new spec in place of a job's, if the job's spec still has `etag`.
+    Update {
+        spec: Box<JobSpec>,
+        etag: String,
         reply: Reply<Job>,
     },
     /// Jobs the timer found due, each with the occurrence it saw.
@@ -564,6 +571,10 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             let outcome = decide_transition(inner, batch, &id, transition);
             batch.job_replies.push((reply, outcome));
         }
+        Op::Update { spec, etag, reply } => {
+            let outcome = decide_update(inner, batch, &spec, &etag, now);
+            batch.job_replies.push((reply, outcome));
+        }
         Op::Advance { due, reply } => {
             for (key, expected) in due {
                 decide_advance(inner, batch, &key.0, expected, now);
@@ -616,6 +627,28 @@ fn decide_transition(
         batch.put_job(job.clone(), false);
     }
     Ok(job.spec.id().into())
+}
+
+/// Replaces a job's spec (see [`Job::updated`]) if it still has the spec the caller read.
+fn decide_update(
+    inner: &Inner,
+    batch: &mut Batch,
+    spec: &JobSpec,
+    expected: &str,
+    now: Timestamp,
+) -> Result<JobId, SchedulerError> {
+    let id = &*spec.id;
+    let Some(job) = batch.job(inner, id) else {
+        return Err(SchedulerError::NotFound(id.to_string()));
+    };
+    if etag(&job.spec) != expected {
+        return Err(SchedulerError::Aborted(format!(
+            "job {id} changed since it was read; read it again and retry"
+        )));
+    }
+    let updated = job.updated(spec, now)?;
+    batch.put_job(updated, true);
+    Ok(id.into())
 }
 
 /// Deletes a job and its outstanding fires; answers how many fires were dropped.

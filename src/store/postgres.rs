@@ -21,10 +21,19 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 
 use super::{StoreError, codec};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
+use crate::domain::job::{UpdateRefused, etag};
 use crate::domain::{
     FireRecord, Job, JobSpec, JobState, JobStatus, Micros, PackedSpec, Timestamp, TraceContext,
     Transition, TransitionRefused, advance_with_room, fire_id,
 };
+
+/// Why [`PgStore::update`] changed nothing.
+#[derive(Debug)]
+pub enum UpdateFailed {
+    /// The job's spec is not the one the caller read.
+    Changed,
+    Refused(UpdateRefused),
+}
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -448,6 +457,52 @@ impl PgStore {
         }
         tx.commit().await.map_err(db)?;
         Ok(Some(Ok(job)))
+    }
+
+    /// Puts `spec` in place of its job's spec if that still has `etag` (see
+    /// [`Job::updated`]); `None` when there is no such job. `now` overrides the database's
+    /// clock (tests).
+    pub async fn update(
+        &self,
+        spec: &JobSpec,
+        expected: &str,
+        now: Option<Timestamp>,
+    ) -> Result<Option<Result<Job, UpdateFailed>>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS}, coalesce($2, now()) AS db_now FROM tickd_jobs \
+             WHERE id = $1 FOR UPDATE"
+        )))
+        .bind(&*spec.id)
+        .bind(now.map(time).transpose()?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let (job, version) = job_from_row(&row)?;
+        if etag(&job.spec) != expected {
+            return Ok(Some(Err(UpdateFailed::Changed)));
+        }
+        let now = instant(&row, "db_now")?;
+        let mut updated = match job.updated(spec, now) {
+            Ok(j) => j,
+            Err(e) => return Ok(Some(Err(UpdateFailed::Refused(e)))),
+        };
+        sqlx::query("UPDATE tickd_jobs SET spec = $2, labels = $3::jsonb WHERE id = $1")
+            .bind(&*spec.id)
+            .bind(codec::encode(spec)?)
+            .bind(labels_json(&spec.labels)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        update_job(&mut tx, &updated, version, now).await?;
+        if updated.status.state.is_final() {
+            updated.status.finish_time.get_or_insert(now);
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Some(Ok(updated)))
     }
 
     /// Deletes a job and its outstanding fires at once; `None` when there is no such job, else
