@@ -847,6 +847,13 @@ mod noop {
             unimplemented()
         }
 
+        async fn trigger_job(
+            &self,
+            _: Request<pb::TriggerJobRequest>,
+        ) -> Result<Response<pb::TriggerJobResponse>, Status> {
+            unimplemented()
+        }
+
         async fn list_jobs(
             &self,
             _: Request<pb::ListJobsRequest>,

@@ -82,6 +82,8 @@ async fn reflection_lists_the_scheduler() {
         "PauseJob",
         "ResumeJob",
         "PreviewOccurrences",
+        "UpdateJob",
+        "TriggerJob",
         "Subscribe",
         "Ack",
     ] {

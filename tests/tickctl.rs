@@ -538,3 +538,27 @@ async fn update_changes_what_its_flags_give() {
     assert_eq!(nothing.status.code(), Some(2));
     server.stop().await;
 }
+
+/// `trigger` releases one extra fire and prints its id.
+#[tokio::test]
+async fn trigger_prints_the_fire_id() {
+    let server = TestServer::manual().await;
+    json(
+        &tickctl(
+            &server,
+            &[
+                "-o", "json", "schedule", "--queue", "cli", "--id", "t", "--every", "1h",
+            ],
+            None,
+        )
+        .await,
+    );
+    let fired = json(&tickctl(&server, &["-o", "json", "trigger", "t"], None).await);
+    let id = fired["fire_id"].as_str().expect("fire_id");
+    assert!(id.starts_with("t@") && id.ends_with("#trigger"), "{fired}");
+    server.settle().await;
+    assert_eq!(server.counts("cli"), (1, 0));
+    let text = stdout(&tickctl(&server, &["trigger", "nope"], None).await);
+    assert!(text.is_empty(), "errors go to stderr: {text}");
+    server.stop().await;
+}

@@ -139,6 +139,21 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
+    async fn trigger_job(
+        &self,
+        request: Request<pb::TriggerJobRequest>,
+    ) -> Result<Response<pb::TriggerJobResponse>, Status> {
+        let id = request.into_inner().id;
+        validate::job_id(&id)?;
+        tracing::Span::current().record("tickd.job.id", id.as_str());
+        let fire = self.core.trigger(&id).await.map_err(convert::status)?;
+        tracing::info!(job_id = %id, fire_id = %fire.fire_id, "job triggered");
+        Ok(Response::new(pb::TriggerJobResponse {
+            fire_id: fire.fire_id.to_string(),
+            scheduled_time: Some(convert::timestamp(fire.scheduled_time)),
+        }))
+    }
+
     async fn update_job(
         &self,
         request: Request<pb::UpdateJobRequest>,

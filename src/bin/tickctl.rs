@@ -68,6 +68,8 @@ enum Command {
     /// Change a job: only what the flags give (a trigger, --payload, --label (replaces all
     /// labels), --max-fires, --end, ...); its id and queue stay.
     Update(Box<UpdateArgs>),
+    /// Release one extra fire of a job now (its schedule untouched); prints the fire id.
+    Trigger { id: String },
     /// Pause a job.
     Pause { id: String },
     /// Resume a paused job.
@@ -983,6 +985,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Subscribe(args) => subscribe(&mut client, args).await,
         Command::Preview(args) => preview(&mut client, *args, output).await,
         Command::Update(args) => update(&mut client, *args, output).await,
+        Command::Trigger { id } => {
+            let fired = client
+                .trigger_job(pb::TriggerJobRequest { id })
+                .await?
+                .into_inner();
+            match output {
+                Output::Json => emit(json!({
+                    "fire_id": fired.fire_id,
+                    "scheduled_time": time_str(&fired.scheduled_time),
+                })),
+                Output::Table => emit_fmt!("released {}", fired.fire_id),
+            }
+            Ok(())
+        }
     }
 }
 

@@ -174,6 +174,12 @@ pub fn fire_id(job_id: &str, scheduled: Timestamp) -> super::FireId {
     scheduled.shared_with_prefix(job_id, '@')
 }
 
+/// The fire id of the extra occurrence TriggerJob releases at `at`: a scheduled occurrence's
+/// id with `#trigger` after it, so that it is never one the schedule releases.
+pub fn triggered_fire_id(job_id: &str, at: Timestamp) -> super::FireId {
+    format!("{}#trigger", fire_id(job_id, at)).into()
+}
+
 /// The jitter of one occurrence, in `[0, max)`: derived from the job id and the occurrence so
 /// that it is the same after a restart and on every replica.
 pub fn jitter_for(job_id: &str, occurrence: Timestamp, max: Micros) -> Micros {

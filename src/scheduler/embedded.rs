@@ -21,7 +21,8 @@ use super::{
     Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats,
     list_scan_budget, mark_failed, mark_store, panic_message, shutting_down, timer,
 };
-use crate::domain::{Job, JobKey, JobSpec, Micros, Timestamp};
+use crate::domain::job::triggered_fire_id;
+use crate::domain::{FireRecord, Job, JobKey, JobSpec, Micros, Timestamp};
 use crate::store::Store;
 
 /// Shared by the handle, the timer task, the writer thread and subscriptions.
@@ -218,6 +219,31 @@ impl Embedded {
                 reply,
             })
             .await
+    }
+
+    /// Releases one extra fire of a job now; answers it once it is stored.
+    pub async fn trigger(&self, id: &str) -> Result<FireRecord, SchedulerError> {
+        let at = self.now();
+        let job = self
+            .inner
+            .call(|reply| Op::Trigger {
+                id: id.to_string(),
+                at,
+                reply,
+            })
+            .await?;
+        let fire_id = triggered_fire_id(job.spec.id(), at);
+        Ok(FireRecord {
+            fire_id,
+            job_id: job.spec.id().into(),
+            queue: job.spec.queue().to_string(),
+            scheduled_time: at,
+            fire_time: at,
+            attempt: 1,
+            not_before: None,
+            dead_lettered: false,
+            trace: None,
+        })
     }
 
     /// Puts `spec` in place of its job's spec if that still has `etag` (see [`Job::updated`]).

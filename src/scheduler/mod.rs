@@ -58,7 +58,9 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use crate::domain::job::UpdateRefused;
-use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
+use crate::domain::{
+    FireRecord, Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError,
+};
 use crate::store::{Store, StoreError};
 use embedded::{Embedded, EmbeddedHandle, EmbeddedSubscription};
 use replicated::{ReplicaHandle, ReplicaSubscription, Replicated};
@@ -369,6 +371,13 @@ impl Scheduler {
     /// Resumes a paused job; what it missed follows its misfire policy.
     pub async fn resume(&self, id: &str) -> Result<Job, SchedulerError> {
         on_engine!(self, e => e.transition(id, Transition::Resume).await)
+    }
+
+    /// Releases one extra fire of a scheduled or paused job now (TriggerJob): its fire id is
+    /// the occurrence's with `#trigger` after it; the job's schedule is untouched. Answers the
+    /// fire once it is stored.
+    pub async fn trigger(&self, id: &str) -> Result<FireRecord, SchedulerError> {
+        on_engine!(self, e => e.trigger(id).await)
     }
 
     /// Puts `spec` in place of the spec of the job with its id, if that spec still has `etag`

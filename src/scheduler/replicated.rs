@@ -48,7 +48,8 @@ use crate::domain::time::micros_duration;
 use crate::domain::{FireRecord, Job, JobSpec, Micros, Timestamp, Transition};
 use crate::store::StoreError;
 use crate::store::postgres::{
-    Attempted, Lease, PgStore, ReleaseLimits, Released, UpdateFailed, Wakeup, Wakeups,
+    Attempted, Lease, PgStore, ReleaseLimits, Released, TriggerFailed, UpdateFailed, Wakeup,
+    Wakeups,
 };
 
 /// Default for [`ReplicaSettings::poll_interval`].
@@ -323,6 +324,36 @@ impl Replicated {
                     s.armed(job.next_due());
                 }
                 Ok(job)
+            }
+        }
+    }
+
+    pub async fn trigger(&self, id: &str) -> Result<FireRecord, SchedulerError> {
+        let s = &self.shared;
+        s.accepting()?;
+        let observer = &s.config.observer;
+        match s
+            .store
+            .trigger(id, s.at(), s.config.max_queue_backlog, &|fire, job| {
+                observer.fire_released(fire, job)
+            })
+            .await
+            .map_err(unavailable)?
+        {
+            None => Err(SchedulerError::NotFound(id.to_string())),
+            Some(Err(TriggerFailed::Finished(state))) => {
+                Err(SchedulerError::FailedPrecondition(format!(
+                    "job {id} is {}; only a scheduled or paused job can be triggered",
+                    state.as_str()
+                )))
+            }
+            Some(Err(TriggerFailed::Full(n))) => Err(SchedulerError::ResourceExhausted(format!(
+                "queue holds {n} fires not yet acked (--max-queue-backlog); nothing was triggered"
+            ))),
+            Some(Ok(fire)) => {
+                observer.fires_stored(&fire.queue, 1);
+                s.wake_queue(&fire.queue);
+                Ok(fire)
             }
         }
     }

@@ -22,7 +22,7 @@ use super::observe::{DropReason, RedeliveryReason, SkipReason};
 use super::state::{FireStatus, State};
 use super::{FastMap, FastSet};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
-use crate::domain::job::etag;
+use crate::domain::job::{etag, triggered_fire_id};
 use crate::domain::{
     FireId, FireRecord, Job, JobId, JobKey, JobSpec, JobState, Micros, PackedSpec, Timestamp,
     advance_with_room, fire_id,
@@ -89,6 +89,12 @@ pub(crate) enum Op {
     Transition {
         id: String,
         transition: Transition,
+        reply: Reply<Job>,
+    },
+    /// Releases an extra occurrence of a job at `at` (TriggerJob).
+    Trigger {
+        id: String,
+        at: Timestamp,
         reply: Reply<Job>,
     },
     /// Puts a new spec in place of a job's, if the job's spec still has `etag`.
@@ -194,6 +200,8 @@ struct Batch {
     redelivered: Vec<(FireId, Option<Timestamp>)>,
     /// Acked fires deleted in this batch; their deletion is retried if the commit fails.
     acked: FastSet<FireId>,
+    /// Fires TriggerJob released in this batch.
+    triggered: FastSet<FireId>,
 }
 
 impl Batch {
@@ -571,6 +579,10 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             let outcome = decide_transition(inner, batch, &id, transition);
             batch.job_replies.push((reply, outcome));
         }
+        Op::Trigger { id, at, reply } => {
+            let outcome = decide_trigger(inner, batch, &id, at);
+            batch.job_replies.push((reply, outcome));
+        }
         Op::Update { spec, etag, reply } => {
             let outcome = decide_update(inner, batch, &spec, &etag, now);
             batch.job_replies.push((reply, outcome));
@@ -627,6 +639,58 @@ fn decide_transition(
         batch.put_job(job.clone(), false);
     }
     Ok(job.spec.id().into())
+}
+
+/// Releases one extra fire of a scheduled or paused job, its schedule untouched. The same
+/// job triggered twice at one instant releases one fire.
+fn decide_trigger(
+    inner: &Inner,
+    batch: &mut Batch,
+    id: &str,
+    at: Timestamp,
+) -> Result<JobId, SchedulerError> {
+    let Some(job) = batch.job(inner, id) else {
+        return Err(SchedulerError::NotFound(id.to_string()));
+    };
+    if job.status.state.is_final() {
+        return Err(SchedulerError::FailedPrecondition(format!(
+            "job {id} is {}; only a scheduled or paused job can be triggered",
+            job.status.state.as_str()
+        )));
+    }
+    let id: JobId = job.spec.id().into();
+    let fire_id = triggered_fire_id(&id, at);
+    if inner.lock().fires.contains_key(&fire_id) || batch.triggered.contains(&fire_id) {
+        return Ok(id);
+    }
+    let queue = job.spec.queue();
+    let outstanding = match batch.queue_fires.get(queue) {
+        Some(n) => *n,
+        None => inner.lock().queue_fires(queue) as usize,
+    };
+    if outstanding >= inner.config.max_queue_backlog {
+        return Err(SchedulerError::ResourceExhausted(format!(
+            "queue {queue} holds {outstanding} fires not yet acked (--max-queue-backlog); \
+             nothing was triggered"
+        )));
+    }
+    batch.queue_fires.insert(queue.to_string(), outstanding + 1);
+    let mut rec = FireRecord {
+        fire_id: fire_id.clone(),
+        job_id: id.clone(),
+        queue: queue.to_string(),
+        scheduled_time: at,
+        fire_time: at,
+        attempt: 1,
+        not_before: None,
+        dead_lettered: false,
+        trace: None,
+    };
+    rec.trace = inner.config.observer.fire_released(&rec, &job);
+    batch.triggered.insert(fire_id);
+    batch.writes.push(Write::PutFire(rec.clone()));
+    batch.effects.push(Effect::NewFire(rec, job.spec.clone()));
+    Ok(id)
 }
 
 /// Replaces a job's spec (see [`Job::updated`]) if it still has the spec the caller read.

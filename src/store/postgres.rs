@@ -21,11 +21,19 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 
 use super::{StoreError, codec};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
-use crate::domain::job::{UpdateRefused, etag};
+use crate::domain::job::{UpdateRefused, etag, triggered_fire_id};
 use crate::domain::{
     FireRecord, Job, JobSpec, JobState, JobStatus, Micros, PackedSpec, Timestamp, TraceContext,
     Transition, TransitionRefused, advance_with_room, fire_id,
 };
+
+/// Why [`PgStore::trigger`] released nothing.
+#[derive(Debug)]
+pub enum TriggerFailed {
+    Finished(JobState),
+    /// The queue holds this many fires, at least the backlog limit.
+    Full(usize),
+}
 
 /// Why [`PgStore::update`] changed nothing.
 #[derive(Debug)]
@@ -457,6 +465,65 @@ impl PgStore {
         }
         tx.commit().await.map_err(db)?;
         Ok(Some(Ok(job)))
+    }
+
+    /// Releases one extra fire of a scheduled or paused job now (TriggerJob), its schedule
+    /// untouched; `None` when there is no such job. A queue holding `max_backlog` fires takes
+    /// none. The same job triggered twice at one instant releases one fire.
+    pub async fn trigger(
+        &self,
+        id: &str,
+        now: Option<Timestamp>,
+        max_backlog: usize,
+        trace_for: &(dyn Fn(&FireRecord, &Job) -> Option<TraceContext> + Sync),
+    ) -> Result<Option<Result<FireRecord, TriggerFailed>>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {JOB_COLUMNS}, coalesce($2, now()) AS db_now FROM tickd_jobs \
+             WHERE id = $1 FOR SHARE"
+        )))
+        .bind(id)
+        .bind(now.map(time).transpose()?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let (job, _) = job_from_row(&row)?;
+        if job.status.state.is_final() {
+            return Ok(Some(Err(TriggerFailed::Finished(job.status.state))));
+        }
+        let queue = job.spec.queue().to_string();
+        let outstanding: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM tickd_fires WHERE queue = $1")
+                .bind(&queue)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+        let outstanding = usize::try_from(outstanding).unwrap_or(usize::MAX);
+        if outstanding >= max_backlog {
+            return Ok(Some(Err(TriggerFailed::Full(outstanding))));
+        }
+        let at = instant(&row, "db_now")?;
+        let mut rec = FireRecord {
+            fire_id: triggered_fire_id(job.spec.id(), at),
+            job_id: job.spec.id().into(),
+            queue: queue.clone(),
+            scheduled_time: at,
+            fire_time: at,
+            attempt: 1,
+            not_before: None,
+            dead_lettered: false,
+            trace: None,
+        };
+        rec.trace = trace_for(&rec, &job);
+        let mut fires = NewFires::default();
+        fires.push(&job, rec.clone())?;
+        fires.insert(&mut tx).await?;
+        notify(&mut tx, vec![queue]).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Some(Ok(rec)))
     }
 
     /// Puts `spec` in place of its job's spec if that still has `etag` (see
