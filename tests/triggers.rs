@@ -482,6 +482,8 @@ both_backends! {
             server.advance_to(utc_micros(at)).await;
             let fire = sub.recv().await;
             sub.ack(&[&fire.fire_id]).await;
+            // Acked before the clock moves past its ack deadline.
+            server.wait_in_flight("q", 0).await;
             scheduled.push(micros_of(&fire.scheduled_time));
         }
         assert_eq!(
@@ -499,11 +501,13 @@ both_backends! {
             utc_micros("2026-10-31T06:30:00Z")
         );
         sub.ack(&[&catch_up.fire_id]).await;
+        server.wait_in_flight("q", 0).await;
         let mut fall = Vec::new();
         for at in ["2026-11-01T05:30:00Z", "2026-11-01T06:30:00Z", "2026-11-01T07:30:00Z"] {
             server.advance_to(utc_micros(at)).await;
             let fire = sub.recv().await;
             sub.ack(&[&fire.fire_id]).await;
+            server.wait_in_flight("q", 0).await;
             fall.push((micros_of(&fire.scheduled_time), fire.fire_id));
         }
         assert_eq!(
@@ -594,6 +598,7 @@ both_backends! {
             server.advance_to(micros_of(&o.release_time)).await;
             let fire = sub.recv().await;
             sub.ack(&[&fire.fire_id]).await;
+            server.wait_in_flight("q", 0).await;
             assert_eq!(fire.fire_time, o.release_time);
             released.push(fire.fire_id);
         }

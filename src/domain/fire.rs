@@ -31,6 +31,30 @@ pub struct FireRecord {
     pub trace: Option<TraceContext>,
 }
 
+impl FireRecord {
+    /// A fire for its first delivery: occurrence `scheduled_time` of job `job_id`, released on
+    /// `queue` at `fire_time`, without a trace (the caller gives it one).
+    pub fn released(
+        fire_id: FireId,
+        job_id: JobId,
+        queue: String,
+        scheduled_time: Timestamp,
+        fire_time: Timestamp,
+    ) -> FireRecord {
+        FireRecord {
+            fire_id,
+            job_id,
+            queue,
+            scheduled_time,
+            fire_time,
+            attempt: 1,
+            not_before: None,
+            dead_lettered: false,
+            trace: None,
+        }
+    }
+}
+
 /// What happens to a fire whose delivery attempt failed (nacked, or its ack deadline passed).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterAttempt {

@@ -232,18 +232,13 @@ impl Embedded {
                 reply,
             })
             .await?;
-        let fire_id = triggered_fire_id(job.spec.id(), at);
-        Ok(FireRecord {
-            fire_id,
-            job_id: job.spec.id().into(),
-            queue: job.spec.queue().to_string(),
-            scheduled_time: at,
-            fire_time: at,
-            attempt: 1,
-            not_before: None,
-            dead_lettered: false,
-            trace: None,
-        })
+        Ok(FireRecord::released(
+            triggered_fire_id(job.spec.id(), at),
+            job.spec.id().into(),
+            job.spec.queue().to_string(),
+            at,
+            at,
+        ))
     }
 
     /// Puts `spec` in place of its job's spec if that still has `etag` (see [`Job::updated`]).

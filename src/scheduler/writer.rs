@@ -675,17 +675,7 @@ fn decide_trigger(
         )));
     }
     batch.queue_fires.insert(queue.to_string(), outstanding + 1);
-    let mut rec = FireRecord {
-        fire_id: fire_id.clone(),
-        job_id: id.clone(),
-        queue: queue.to_string(),
-        scheduled_time: at,
-        fire_time: at,
-        attempt: 1,
-        not_before: None,
-        dead_lettered: false,
-        trace: None,
-    };
+    let mut rec = FireRecord::released(fire_id.clone(), id.clone(), queue.to_string(), at, at);
     rec.trace = inner.config.observer.fire_released(&rec, &job);
     batch.triggered.insert(fire_id);
     batch.writes.push(Write::PutFire(rec.clone()));
@@ -833,17 +823,13 @@ fn decide_advance(
         *n += plan.fires.len();
     }
     for occurrence in &plan.fires {
-        let mut rec = FireRecord {
-            fire_id: fire_id(&id, *occurrence),
-            job_id: id.clone(),
-            queue: job.spec.queue().to_string(),
-            scheduled_time: *occurrence,
-            fire_time: now,
-            attempt: 1,
-            not_before: None,
-            dead_lettered: false,
-            trace: None,
-        };
+        let mut rec = FireRecord::released(
+            fire_id(&id, *occurrence),
+            id.clone(),
+            job.spec.queue().to_string(),
+            *occurrence,
+            now,
+        );
         rec.trace = inner.config.observer.fire_released(&rec, &job);
         batch.writes.push(Write::PutFire(rec.clone()));
         batch.effects.push(Effect::NewFire(rec, job.spec.clone()));

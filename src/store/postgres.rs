@@ -298,17 +298,13 @@ impl PgStore {
                 released.skipped.push(skipped);
             }
             for occurrence in occurrences {
-                let mut rec = FireRecord {
-                    fire_id: fire_id(&id, occurrence),
-                    job_id: id.as_str().into(),
-                    queue: job.spec.queue().to_string(),
-                    scheduled_time: occurrence,
-                    fire_time: db_now,
-                    attempt: 1,
-                    not_before: None,
-                    dead_lettered: false,
-                    trace: None,
-                };
+                let mut rec = FireRecord::released(
+                    fire_id(&id, occurrence),
+                    id.as_str().into(),
+                    job.spec.queue().to_string(),
+                    occurrence,
+                    db_now,
+                );
                 rec.trace = trace_for(&rec, &job);
                 *held += 1;
                 fires.push(&job, rec)?;
@@ -439,27 +435,16 @@ impl PgStore {
         now: Option<Timestamp>,
     ) -> Result<Option<Result<Job, TransitionRefused>>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS}, coalesce($2, now()) AS db_now FROM tickd_jobs \
-             WHERE id = $1 FOR UPDATE"
-        )))
-        .bind(id)
-        .bind(now.map(time).transpose()?)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let Some(row) = row else {
+        let Some((mut job, version, db_now)) = locked_job(&mut tx, id, now, "UPDATE").await? else {
             return Ok(None);
         };
-        let (mut job, version) = job_from_row(&row)?;
         match job.apply(transition) {
             Err(refused) => return Ok(Some(Err(refused))),
             Ok(false) => {}
             Ok(true) => {
-                let now = instant(&row, "db_now")?;
-                update_job(&mut tx, &job, version, now).await?;
+                update_job(&mut tx, &job, version, db_now).await?;
                 if job.status.state.is_final() {
-                    job.status.finish_time.get_or_insert(now);
+                    job.status.finish_time.get_or_insert(db_now);
                 }
             }
         }
@@ -478,19 +463,9 @@ impl PgStore {
         trace_for: &(dyn Fn(&FireRecord, &Job) -> Option<TraceContext> + Sync),
     ) -> Result<Option<Result<FireRecord, TriggerFailed>>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS}, coalesce($2, now()) AS db_now FROM tickd_jobs \
-             WHERE id = $1 FOR SHARE"
-        )))
-        .bind(id)
-        .bind(now.map(time).transpose()?)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let Some(row) = row else {
+        let Some((job, _, at)) = locked_job(&mut tx, id, now, "SHARE").await? else {
             return Ok(None);
         };
-        let (job, _) = job_from_row(&row)?;
         if job.status.state.is_final() {
             return Ok(Some(Err(TriggerFailed::Finished(job.status.state))));
         }
@@ -505,18 +480,13 @@ impl PgStore {
         if outstanding >= max_backlog {
             return Ok(Some(Err(TriggerFailed::Full(outstanding))));
         }
-        let at = instant(&row, "db_now")?;
-        let mut rec = FireRecord {
-            fire_id: triggered_fire_id(job.spec.id(), at),
-            job_id: job.spec.id().into(),
-            queue: queue.clone(),
-            scheduled_time: at,
-            fire_time: at,
-            attempt: 1,
-            not_before: None,
-            dead_lettered: false,
-            trace: None,
-        };
+        let mut rec = FireRecord::released(
+            triggered_fire_id(job.spec.id(), at),
+            job.spec.id().into(),
+            queue.clone(),
+            at,
+            at,
+        );
         rec.trace = trace_for(&rec, &job);
         let mut fires = NewFires::default();
         fires.push(&job, rec.clone())?;
@@ -536,23 +506,12 @@ impl PgStore {
         now: Option<Timestamp>,
     ) -> Result<Option<Result<Job, UpdateFailed>>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {JOB_COLUMNS}, coalesce($2, now()) AS db_now FROM tickd_jobs \
-             WHERE id = $1 FOR UPDATE"
-        )))
-        .bind(&*spec.id)
-        .bind(now.map(time).transpose()?)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
-        let Some(row) = row else {
+        let Some((job, version, now)) = locked_job(&mut tx, &spec.id, now, "UPDATE").await? else {
             return Ok(None);
         };
-        let (job, version) = job_from_row(&row)?;
         if etag(&job.spec) != expected {
             return Ok(Some(Err(UpdateFailed::Changed)));
         }
-        let now = instant(&row, "db_now")?;
         let mut updated = match job.updated(spec, now) {
             Ok(j) => j,
             Err(e) => return Ok(Some(Err(UpdateFailed::Refused(e)))),
@@ -979,6 +938,30 @@ fn decode_trace(
 ) -> Result<Option<TraceContext>, StoreError> {
     let bytes: Option<Vec<u8>> = row.try_get("trace").map_err(db)?;
     bytes.map(|b| codec::decode(table, key, &b)).transpose()
+}
+
+/// One job, locked `FOR UPDATE` (to change it) or `FOR SHARE` (to act on it unchanged) for the
+/// rest of `tx`, with its version and the database's now (or `now`).
+async fn locked_job(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: &str,
+    now: Option<Timestamp>,
+    lock: &'static str,
+) -> Result<Option<(Job, i64, Timestamp)>, StoreError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {JOB_COLUMNS}, coalesce($2, now()) AS db_now FROM tickd_jobs \
+         WHERE id = $1 FOR {lock}"
+    )))
+    .bind(id)
+    .bind(now.map(time).transpose()?)
+    .fetch_optional(&mut **tx)
+    .await
+    .map_err(db)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let (job, version) = job_from_row(&row)?;
+    Ok(Some((job, version, instant(&row, "db_now")?)))
 }
 
 /// Wakes, when the transaction commits, the replicas serving these queues.
