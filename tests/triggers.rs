@@ -450,9 +450,11 @@ both_backends! {
     async fn dst_policy_decides_the_fires_on_change_days(backend) {
         let start = utc_micros("2026-03-07T12:00:00Z");
         let mut server = backend.manual_at(start, |_| {}).await;
-        let mut sub = server.subscribe("q", 10).await;
+        // Metrics are per process, and both stores' tests share one: a queue per store.
+        let q = format!("dst-{}", backend.name());
+        let mut sub = server.subscribe(&q, 10).await;
         let mut j = job(
-            "q",
+            &q,
             cron_with_policy(
                 "30 1,2 * * *",
                 "America/New_York",
@@ -483,13 +485,17 @@ both_backends! {
             let fire = sub.recv().await;
             sub.ack(&[&fire.fire_id]).await;
             // Acked before the clock moves past its ack deadline.
-            server.wait_in_flight("q", 0).await;
+            server.wait_in_flight(&q, 0).await;
             scheduled.push(micros_of(&fire.scheduled_time));
         }
         assert_eq!(
             scheduled,
             [utc_micros("2026-03-08T06:30:00Z"), utc_micros("2026-03-09T05:30:00Z")]
         );
+        // The skipped 02:30 is counted, not silent.
+        let text = scrape(server.metrics_addr).await;
+        assert_eq!(skipped_occurrences(&text, &q, "dst_gap"), Some(1.0));
+        assert_eq!(skipped_occurrences(&text, &q, "dst_repeat"), None);
 
         // Fall back: 01:30 EDT (05:30Z), 01:30 EST (06:30Z), then 02:30 EST (07:30Z).
         server.advance_to(utc_micros("2026-10-31T12:00:00Z")).await;
@@ -501,13 +507,13 @@ both_backends! {
             utc_micros("2026-10-31T06:30:00Z")
         );
         sub.ack(&[&catch_up.fire_id]).await;
-        server.wait_in_flight("q", 0).await;
+        server.wait_in_flight(&q, 0).await;
         let mut fall = Vec::new();
         for at in ["2026-11-01T05:30:00Z", "2026-11-01T06:30:00Z", "2026-11-01T07:30:00Z"] {
             server.advance_to(utc_micros(at)).await;
             let fire = sub.recv().await;
             sub.ack(&[&fire.fire_id]).await;
-            server.wait_in_flight("q", 0).await;
+            server.wait_in_flight(&q, 0).await;
             fall.push((micros_of(&fire.scheduled_time), fire.fire_id));
         }
         assert_eq!(

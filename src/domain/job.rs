@@ -324,6 +324,9 @@ pub struct Advance {
     pub misfired: bool,
     /// Occurrences passed over because their queue had no room (see [`advance_with_room`]).
     pub skipped_no_room: u64,
+    /// Cron slots the job's DST policy passed over on the way to its next occurrence: local
+    /// times that did not exist, and instants of repeated local times.
+    pub skipped_dst: (u64, u64),
     /// The job's status after these fires.
     pub status: JobStatus,
 }
@@ -352,6 +355,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         skipped_at_least: false,
         misfired: false,
         skipped_no_room: 0,
+        skipped_dst: (0, 0),
         status,
     };
     let Some(first) = status.next_occurrence else {
@@ -436,7 +440,8 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
     if !fires.is_empty() {
         status.last_fire_time = Some(now);
     }
-    let next = rec.next_after(last_handled).filter(|o| in_range(*o));
+    let (next, skipped_dst) = rec.next_after_counting_dst_skips(last_handled);
+    let next = next.filter(|o| in_range(*o));
     let exhausted = max_fires > 0 && status.fire_count >= max_fires;
     if exhausted || next.is_none() {
         status.state = JobState::Completed;
@@ -450,6 +455,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         skipped_at_least,
         misfired,
         skipped_no_room,
+        skipped_dst,
         status,
     }
 }
@@ -675,6 +681,59 @@ mod tests {
             done.updated(&same, Timestamp(5 * S)),
             Err(UpdateRefused::Finished { .. })
         ));
+    }
+
+    /// Stepping over a cron slot the DST policy skips says so: Berlin's 02:30 of 2026-03-29
+    /// with gap SKIP, New York's second 01:30 of 2026-11-01 with repeat FIRST.
+    #[test]
+    fn advance_counts_the_slots_a_dst_policy_skips() {
+        use crate::domain::dst::{DstGap, DstPolicy, DstRepeat};
+        let at = |rfc: &str| {
+            Timestamp(
+                chrono::DateTime::parse_from_rfc3339(rfc)
+                    .expect("time")
+                    .timestamp_micros(),
+            )
+        };
+        for (zone, expr, dst, created, due, next, skipped) in [
+            (
+                "Europe/Berlin",
+                "30 2 * * *",
+                DstPolicy {
+                    gap: DstGap::Skip,
+                    repeat: DstRepeat::Auto,
+                },
+                "2026-03-27T12:00:00Z",
+                "2026-03-28T01:30:00Z",
+                "2026-03-30T00:30:00Z",
+                (1, 0),
+            ),
+            (
+                "America/New_York",
+                "30 1 * * *",
+                DstPolicy {
+                    gap: DstGap::Auto,
+                    repeat: DstRepeat::First,
+                },
+                "2026-10-31T12:00:00Z",
+                "2026-11-01T05:30:00Z",
+                "2026-11-02T06:30:00Z",
+                (0, 1),
+            ),
+        ] {
+            let mut s = spec(TriggerSpec::Cron {
+                expression: expr.into(),
+                time_zone: zone.into(),
+                dst,
+            });
+            s.misfire_grace = S;
+            let job = Job::create(s, at(created)).expect("valid");
+            assert_eq!(job.status.next_occurrence, Some(at(due)));
+            let plan = advance(&job, at(due), 10);
+            assert_eq!(plan.fires, [at(due)]);
+            assert_eq!(plan.status.next_occurrence, Some(at(next)), "{zone}");
+            assert_eq!(plan.skipped_dst, skipped, "{zone}");
+        }
     }
 
     /// The etag follows the spec, not the status.

@@ -14,7 +14,7 @@ use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
 use serde::{Deserialize, Serialize};
 
-use super::dst::{self, DstPolicy, Slot, Walk};
+use super::dst::{self, DstEffect, DstPolicy, Slot, Walk};
 use super::time::{Micros, Timestamp};
 
 /// A trigger as the client gave it.
@@ -204,6 +204,25 @@ impl Recurrence {
                 (n, false)
             }
         }
+    }
+
+    /// [`Recurrence::next_after`], and how many slots the job's DST policy skipped on the way
+    /// there: `(local times that did not exist, second or first instants of repeated ones)`.
+    pub fn next_after_counting_dst_skips(&self, t: Timestamp) -> (Option<Timestamp>, (u64, u64)) {
+        let Recurrence::Cron { cron, tz, dst } = self else {
+            return (self.next_after(t), (0, 0));
+        };
+        let mut skipped = (0, 0);
+        for slot in Walk::new(cron, *tz, *dst, t, true) {
+            if slot.released {
+                return (Some(slot.at), skipped);
+            }
+            match slot.effect {
+                DstEffect::Gap => skipped.0 += 1,
+                _ => skipped.1 += 1,
+            }
+        }
+        (None, skipped)
     }
 
     /// The slots of a cron schedule after `t`, skipped ones included, with what DST did to each

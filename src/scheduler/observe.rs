@@ -50,6 +50,34 @@ pub enum SkipReason {
     Misfire,
     /// Their queue held `--max-queue-backlog` fires not yet acked.
     BacklogFull,
+    /// A cron job's local time did not exist, and its DST policy skips such times.
+    DstGap,
+    /// A cron job's local time happened twice, and its DST policy fires only one of the two.
+    DstRepeat,
+}
+
+/// Logs the cron slots a job's DST policy skipped (at INFO: the job asked for it) and gives
+/// the counts to report, by reason.
+pub(crate) fn dst_skipped(
+    job_id: &str,
+    queue: &str,
+    (gap, repeat): (u64, u64),
+) -> impl Iterator<Item = (SkipReason, u64)> {
+    [
+        (SkipReason::DstGap, gap, "a local time that does not exist"),
+        (SkipReason::DstRepeat, repeat, "a repeated local time"),
+    ]
+    .into_iter()
+    .filter(|(_, n, _)| *n > 0)
+    .map(move |(reason, n, what)| {
+        tracing::info!(
+            job_id,
+            queue,
+            skipped = n,
+            "{n} occurrence(s) at {what} skipped by the job's DST policy"
+        );
+        (reason, n)
+    })
 }
 
 impl SkipReason {
@@ -57,6 +85,8 @@ impl SkipReason {
         match self {
             SkipReason::Misfire => "misfire",
             SkipReason::BacklogFull => "backlog_full",
+            SkipReason::DstGap => "dst_gap",
+            SkipReason::DstRepeat => "dst_repeat",
         }
     }
 }

@@ -37,7 +37,7 @@ use tokio_stream::Stream;
 use tracing::{debug, info, warn};
 
 use super::clock::Clock;
-use super::observe::{DropReason, RedeliveryReason, SkipReason};
+use super::observe::{DropReason, RedeliveryReason, SkipReason, dst_skipped};
 use super::state::Delivery;
 use super::{
     Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats, mark_failed,
@@ -773,6 +773,9 @@ impl Shared {
                     skip.backlog_full,
                     SkipReason::BacklogFull,
                 );
+            }
+            for (reason, count) in dst_skipped(&skip.job_id, &skip.queue, skip.dst) {
+                observer.occurrences_skipped(&skip.queue, count, reason);
             }
         }
     }

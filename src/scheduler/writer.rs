@@ -18,7 +18,7 @@ use tracing::{debug, error, warn};
 
 use super::SchedulerError;
 use super::embedded::Inner;
-use super::observe::{DropReason, RedeliveryReason, SkipReason};
+use super::observe::{DropReason, RedeliveryReason, SkipReason, dst_skipped};
 use super::state::{FireStatus, State};
 use super::{FastMap, FastSet};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
@@ -817,6 +817,13 @@ fn decide_advance(
             queue: queue.to_string(),
             count: plan.skipped_no_room,
             reason: SkipReason::BacklogFull,
+        });
+    }
+    for (reason, count) in dst_skipped(&id, queue, plan.skipped_dst) {
+        batch.effects.push(Effect::Skipped {
+            queue: queue.to_string(),
+            count,
+            reason,
         });
     }
     if let Some(n) = batch.queue_fires.get_mut(queue) {

@@ -278,6 +278,7 @@ impl PgStore {
                 misfire: 0,
                 misfire_at_least: false,
                 backlog_full: 0,
+                dst: (0, 0),
             };
             for _ in 0..MAX_STEPS {
                 let room = limits.max_backlog.saturating_sub(*held + occurrences.len());
@@ -288,13 +289,15 @@ impl PgStore {
                 skipped.misfire += plan.skipped;
                 skipped.misfire_at_least |= plan.skipped_at_least;
                 skipped.backlog_full += plan.skipped_no_room;
+                skipped.dst.0 += plan.skipped_dst.0;
+                skipped.dst.1 += plan.skipped_dst.1;
                 occurrences.extend(plan.fires);
                 next.status = plan.status;
                 if next.next_due().is_none_or(|due| due > db_now) {
                     break;
                 }
             }
-            if skipped.misfire > 0 || skipped.backlog_full > 0 {
+            if skipped.misfire > 0 || skipped.backlog_full > 0 || skipped.dst != (0, 0) {
                 released.skipped.push(skipped);
             }
             for occurrence in occurrences {
@@ -1019,6 +1022,8 @@ pub struct Skipped {
     pub misfire_at_least: bool,
     /// Because the queue held its most fires.
     pub backlog_full: u64,
+    /// By the job's DST policy: local times that did not exist, and repeated ones.
+    pub dst: (u64, u64),
 }
 
 /// Counts for gauges (see [`PgStore::counts`]).
