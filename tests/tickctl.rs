@@ -534,6 +534,12 @@ async fn update_changes_what_its_flags_give() {
         String::from_utf8_lossy(&stale.stderr).contains("Aborted"),
         "{stale:?}"
     );
+    let shown = stdout(&tickctl(&server, &["get", "u"], None).await);
+    let etag_line = format!(
+        "etag:           {}",
+        updated["etag"].as_str().unwrap_or_default()
+    );
+    assert!(shown.contains(&etag_line), "{shown}");
     let nothing = tickctl(&server, &["update", "u"], None).await;
     assert_eq!(nothing.status.code(), Some(2));
     server.stop().await;

@@ -510,6 +510,7 @@ fn print_job(job: &pb::Job, output: Output) {
                 time_str(&job.next_fire_time).unwrap_or_else(dash)
             );
             emit_fmt!("fires:          {}", job.fire_count);
+            emit_fmt!("etag:           {}", job.etag);
             emit_fmt!(
                 "created:        {}",
                 time_str(&job.create_time).unwrap_or_else(dash)
