@@ -856,3 +856,60 @@ async fn a_database_restart_loses_nothing_acknowledged() {
     assert_one_id_per_occurrence(&got);
     assert_no_gap(&got, 300);
 }
+
+/// Two replicas update one job at once, each with the etag it read: exactly one update is
+/// made, the other is ABORTED; the job is the winner's on every replica.
+#[tokio::test]
+async fn concurrent_updates_on_two_replicas_one_wins() {
+    let db = TestDatabase::create().await;
+    let a = TickdProcess::replica(&db.url, FAST);
+    let b = TickdProcess::replica(&db.url, FAST);
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let mut j = job("upd", every_trigger(3_600_000, None));
+    j.id = "shared".into();
+    let created = schedule(&mut ca, j).await;
+    let request = |payload: &str| {
+        let mut job = created.clone();
+        job.payload = payload.as_bytes().to_vec().into();
+        pb::UpdateJobRequest {
+            job: Some(job),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["payload".into()],
+            }),
+        }
+    };
+    for round in 0..5 {
+        let (ra, rb) = tokio::join!(
+            ca.update_job(request(&format!("a{round}"))),
+            cb.update_job(request(&format!("b{round}")))
+        );
+        let winners: Vec<pb::Job> = [ra, rb]
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(j) => Some(j.into_inner()),
+                Err(s) => {
+                    assert_eq!(s.code(), Code::Aborted, "{s:?}");
+                    None
+                }
+            })
+            .collect();
+        if round == 0 {
+            assert_eq!(winners.len(), 1, "one update of the two was made");
+            let seen = cb
+                .get_job(pb::GetJobRequest {
+                    id: "shared".into(),
+                })
+                .await
+                .expect("get")
+                .into_inner();
+            assert_eq!(seen.payload, winners[0].payload);
+            assert_eq!(seen.etag, winners[0].etag);
+        } else {
+            // Every later round carries the first read's etag: stale, refused on both.
+            assert!(
+                winners.is_empty(),
+                "a stale etag changed the job: {winners:?}"
+            );
+        }
+    }
+}
