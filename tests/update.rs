@@ -73,6 +73,46 @@ both_backends! {
 }
 
 both_backends! {
+    /// A new trigger counts from the update, not from the job's creation: an `at` moved into
+    /// the past fires at once even under misfire SKIP (it was not missed), and `after` is
+    /// stored as the `at` it resolves to from the update.
+    #[tokio::test]
+    async fn a_new_trigger_counts_from_the_update(backend) {
+        let mut server = backend.manual().await;
+        let t0 = server.now();
+        let mut sub = server.subscribe("q", 10).await;
+        for id in ["past", "later"] {
+            let mut j = named(id, at_trigger(ts_micros(t0 + 3_600_000_000)));
+            j.misfire_policy = pb::MisfirePolicy::Skip.into();
+            j.misfire_grace_period = Some(ms(1_000));
+            server.schedule(j).await;
+        }
+        server.advance_to(t0 + 60_000_000).await;
+        let past = server
+            .client
+            .update_job(update(named("past", at_trigger(ts_micros(t0 + 5_000_000))), &["trigger"]))
+            .await
+            .expect("update")
+            .into_inner();
+        assert_eq!(past.trigger, Some(at_trigger(ts_micros(t0 + 60_000_000))));
+        let fire = sub.recv().await;
+        assert_eq!(fire.fire_id, format!("past@{}", tickd::domain::Timestamp(t0 + 60_000_000)));
+        sub.ack(&[&fire.fire_id]).await;
+        server.wait_in_flight("q", 0).await;
+        assert_eq!(server.job("past").await.state(), pb::JobState::Completed);
+        let later = server
+            .client
+            .update_job(update(named("later", after_trigger(10_000)), &["trigger"]))
+            .await
+            .expect("update")
+            .into_inner();
+        assert_eq!(later.trigger, Some(at_trigger(ts_micros(t0 + 70_000_000))));
+        assert_eq!(micros_of(&later.next_fire_time), t0 + 70_000_000);
+        server.stop().await;
+    }
+}
+
+both_backends! {
     /// The etag changes with the spec; an update carrying a stale one is ABORTED and changes
     /// nothing; the fields not named stay as they were, and the next fire carries the new
     /// payload and labels.

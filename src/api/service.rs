@@ -14,7 +14,7 @@ use super::pb;
 use super::pb::subscribe_request::Request as SubReq;
 use super::validate::{self, Limits, Violations};
 use crate::domain::job::etag;
-use crate::domain::{Job, Micros, preview};
+use crate::domain::{Micros, preview};
 use crate::scheduler::{Scheduler, SchedulerError, SubscriberHandle, Subscription};
 use crate::telemetry;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -212,7 +212,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
                 // Validation resolved the trigger already; this cannot fail on a valid spec.
                 // As if scheduled at the range's start, so that a range in the past (last
                 // year's DST days) can be previewed too.
-                let job = Job::create(spec, q.from.unwrap_or(now))
+                let job = preview::proposed(spec, q.from.unwrap_or(now))
                     .map_err(|e| Status::invalid_argument(format!("job.trigger: {e}")))?;
                 (job, id_known)
             }

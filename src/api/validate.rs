@@ -714,6 +714,10 @@ pub fn preview_request(
 ) -> Result<PreviewQuery, Status> {
     use pb::preview_occurrences_request::Subject;
     let mut v = Violations::default();
+    let from = req
+        .start_time
+        .as_ref()
+        .and_then(|t| timestamp(&mut v, "start_time", t));
     let subject = match req.subject {
         None => {
             v.add(
@@ -733,15 +737,13 @@ pub fn preview_request(
                 ..Default::default()
             },
             limits,
-            now,
+            // As if scheduled at the range's start: an end_time before now is fine for a
+            // range in the past.
+            from.unwrap_or(now),
             false,
         )
         .map(PreviewSubject::Proposed),
     };
-    let from = req
-        .start_time
-        .as_ref()
-        .and_then(|t| timestamp(&mut v, "start_time", t));
     let to = req
         .end_time
         .as_ref()
@@ -895,6 +897,44 @@ mod tests {
         check_name(&mut v, "job.queue", &"x".repeat(129), true);
         assert_eq!(v.0.len(), 3);
         assert!(v.0.iter().all(|(f, _)| f == "job.queue"));
+    }
+
+    /// A proposed job is checked as if scheduled at the preview's start: an end_time already
+    /// past is fine for a range that lies before it, and refused for a range from now.
+    #[test]
+    fn a_proposed_job_is_checked_at_the_preview_start() {
+        use prost_types::Timestamp as PbTimestamp;
+        let now = Timestamp(2_000_000_000_000_000);
+        let at = |s: i64| PbTimestamp {
+            seconds: s,
+            nanos: 0,
+        };
+        let request = |start: Option<PbTimestamp>| pb::PreviewOccurrencesRequest {
+            subject: Some(pb::preview_occurrences_request::Subject::Job(pb::Job {
+                trigger: Some(pb::Trigger {
+                    kind: Some(pb::trigger::Kind::Cron(pb::Cron {
+                        expression: "0 * * * *".into(),
+                        ..Default::default()
+                    })),
+                }),
+                end_time: Some(at(1_000_000)),
+                ..Default::default()
+            })),
+            start_time: start,
+            ..Default::default()
+        };
+        let limits = Limits {
+            max_payload_bytes: 1024,
+            subscribe_open_timeout: std::time::Duration::from_secs(1),
+            max_list_response_bytes: 1 << 20,
+        };
+        assert!(preview_request(request(Some(at(900_000))), limits, now).is_ok());
+        let refused = preview_request(request(None), limits, now).expect_err("end in the past");
+        assert!(
+            refused.message().contains("job.end_time"),
+            "{}",
+            refused.message()
+        );
     }
 
     /// Durations out of range or malformed are refused; defaults are in range.

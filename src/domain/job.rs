@@ -258,11 +258,15 @@ pub enum UpdateRefused {
 
 impl Job {
     /// The job with `spec` in place of its own (same id and queue), its next occurrence
-    /// recomputed when the trigger changed. No occurrence fires twice and none owed is lost at
-    /// the switch: an occurrence already due under the old trigger (the timer may be releasing
-    /// it) stays the next one; otherwise the next is the new trigger's first after `now` (a
-    /// one-shot trigger's time, even if past: it fires at once, as on Schedule). Released fires
-    /// are not touched. A new `end_time` or `max_fires` the job has reached completes it.
+    /// recomputed when the trigger changed. A new trigger counts from the update, as a new
+    /// job's counts from its creation: `after` becomes the `at` it resolves to, an `every`
+    /// without `start_time` starts one period after `now`, and an `at` already past becomes
+    /// `now` (it fires at once, as on Schedule; left in the past it would count as missed
+    /// since the job's creation). No occurrence fires twice and none owed is lost at the
+    /// switch: an occurrence whose time has come under the old trigger (the timer may be
+    /// releasing it) stays the next one; otherwise the next is the new trigger's first after
+    /// `now`. Released fires are not touched. A new `end_time` or `max_fires` the job has
+    /// reached completes it.
     pub fn updated(&self, spec: &JobSpec, now: Timestamp) -> Result<Job, UpdateRefused> {
         if self.status.state.is_final() {
             return Err(UpdateRefused::Finished {
@@ -270,12 +274,19 @@ impl Job {
                 state: self.status.state,
             });
         }
-        let packed = PackedSpec::new(spec);
+        let changed = spec.trigger != self.spec.trigger();
+        let packed = if changed {
+            let mut anchored = spec.clone();
+            anchored.trigger = anchor(&spec.trigger, now);
+            PackedSpec::new(&anchored)
+        } else {
+            PackedSpec::new(spec)
+        };
         let rec = packed.recurrence(self.status.create_time)?;
         let mut status = self.status.clone();
-        if packed.trigger() != self.spec.trigger() {
+        if changed {
             status.next_occurrence = match (status.state, status.next_occurrence) {
-                (JobState::Scheduled, Some(o)) if self.due(o) <= now => Some(o),
+                (JobState::Scheduled, Some(o)) if o <= now => Some(o),
                 _ => match rec {
                     Recurrence::Once(at) => Some(at),
                     _ => rec.next_after(now),
@@ -298,6 +309,27 @@ impl Job {
             spec: packed,
             status,
         })
+    }
+}
+
+/// A trigger set by an update at `now`, with what it would resolve against the job's creation
+/// resolved against `now` instead (see [`Job::updated`]).
+fn anchor(trigger: &TriggerSpec, now: Timestamp) -> TriggerSpec {
+    match trigger {
+        TriggerSpec::At { at } => TriggerSpec::At { at: (*at).max(now) },
+        TriggerSpec::After { after } => TriggerSpec::At {
+            at: now.plus(*after),
+        },
+        TriggerSpec::Every {
+            period,
+            start_time: None,
+            jitter,
+        } => TriggerSpec::Every {
+            period: *period,
+            start_time: Some(now.plus(*period)),
+            jitter: *jitter,
+        },
+        other => other.clone(),
     }
 }
 
@@ -665,9 +697,46 @@ mod tests {
         let recomputed = paused.updated(&s, Timestamp(12 * S)).expect("update");
         assert_eq!(recomputed.status.next_occurrence, Some(Timestamp(14 * S)));
         assert_eq!(recomputed.status.state, JobState::Paused);
+        // A new trigger counts from the update: an `at` already past is now (it fires at
+        // once), `after` resolves to the `at` it means, `every` starts a period after now.
         s.trigger = TriggerSpec::At { at: Timestamp(S) };
         let once = job.updated(&s, Timestamp(5 * S)).expect("update");
-        assert_eq!(once.status.next_occurrence, Some(Timestamp(S)));
+        assert_eq!(once.status.next_occurrence, Some(Timestamp(5 * S)));
+        assert_eq!(once.next_due(), Some(Timestamp(5 * S)));
+        assert_eq!(
+            once.spec.trigger(),
+            TriggerSpec::At {
+                at: Timestamp(5 * S)
+            }
+        );
+        s.trigger = TriggerSpec::After { after: 3 * S };
+        let after = job.updated(&s, Timestamp(5 * S)).expect("update");
+        assert_eq!(after.status.next_occurrence, Some(Timestamp(8 * S)));
+        assert_eq!(
+            after.spec.trigger(),
+            TriggerSpec::At {
+                at: Timestamp(8 * S)
+            }
+        );
+        s.trigger = TriggerSpec::Every {
+            period: 4 * S,
+            start_time: None,
+            jitter: 0,
+        };
+        let periodic = job.updated(&s, Timestamp(5 * S)).expect("update");
+        assert_eq!(periodic.status.next_occurrence, Some(Timestamp(9 * S)));
+        // An occurrence whose time has come is owed even while its jitter holds it back.
+        let mut jittered = spec(TriggerSpec::Every {
+            period: 10 * S,
+            start_time: Some(Timestamp(10 * S)),
+            jitter: 5 * S,
+        });
+        let held = Job::create(jittered.clone(), Timestamp(0)).expect("valid");
+        let due = held.due(Timestamp(10 * S));
+        assert!(due > Timestamp(10 * S), "this id's jitter is not zero");
+        jittered.trigger = every(7 * S);
+        let owed = held.updated(&jittered, Timestamp(10 * S)).expect("update");
+        assert_eq!(owed.status.next_occurrence, Some(Timestamp(10 * S)));
         // The same trigger leaves the next occurrence alone; an end before it completes the job.
         let mut same = spec(from_ten);
         same.end_time = Some(Timestamp(10 * S));

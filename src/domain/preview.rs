@@ -5,8 +5,9 @@
 use chrono::NaiveDateTime;
 
 use super::dst::{DstEffect, Slot};
-use super::job::{Job, JobState, fire_id};
+use super::job::{Job, JobSpec, JobState, fire_id};
 use super::time::Timestamp;
+use super::trigger::{Recurrence, TriggerError};
 
 /// One previewed occurrence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +48,12 @@ pub fn preview(job: &Job, from: Option<Timestamp>, to: Option<Timestamp>, max: u
         0 => u64::MAX,
         n => n.saturating_sub(job.status.fire_count),
     };
+    if start > next && left < u64::MAX {
+        // Occurrences from the pending one up to the range's start fire first and use up
+        // `max_fires` before the range begins.
+        let (before, _) = rec.count_between(next, start.minus(1), left);
+        left -= before;
+    }
     // Cron slots (skipped ones included), or the other triggers' occurrences, from `start` on.
     let mut cron = rec.cron_slots(start.minus(1));
     let is_cron = cron.is_some();
@@ -105,6 +112,21 @@ pub fn preview(job: &Job, from: Option<Timestamp>, to: Option<Timestamp>, max: u
         });
     }
     out
+}
+
+/// A proposed job (not scheduled) as if created at `at`, the start of the range previewed: a
+/// cron job's slot exactly at `at` is its first occurrence (a range includes its start), where
+/// a job created at `at` would begin strictly after it.
+pub fn proposed(spec: JobSpec, at: Timestamp) -> Result<Job, TriggerError> {
+    let mut job = Job::create(spec, at)?;
+    if let (Some(rec @ Recurrence::Cron { .. }), Some(next)) =
+        (job.recurrence(), job.status.next_occurrence)
+        && let Some(first) = rec.next_after(at.minus(1))
+        && first < next
+    {
+        job.status.next_occurrence = Some(first);
+    }
+    Ok(job)
 }
 
 #[cfg(test)]
@@ -187,6 +209,28 @@ mod tests {
         assert!(p.more, "the schedule goes on past three");
     }
 
+    /// A proposed cron job previewed from an instant one of its slots falls on lists that slot
+    /// first (a range includes its start); from just after it, the next.
+    #[test]
+    fn a_proposed_job_includes_a_slot_at_the_range_start() {
+        let mut s = spec("p");
+        s.trigger = TriggerSpec::Cron {
+            expression: "0 * * * *".into(),
+            time_zone: String::new(),
+            dst: DstPolicy::default(),
+        };
+        let at = t("2026-05-01T10:00:00Z");
+        let job = proposed(s.clone(), at).expect("valid");
+        let p = preview(&job, Some(at), None, 2);
+        let scheduled: Vec<Timestamp> = p.occurrences.iter().map(|o| o.scheduled).collect();
+        assert_eq!(scheduled, [at, t("2026-05-01T11:00:00Z")]);
+        let after = proposed(s, at.plus(1)).expect("valid");
+        assert_eq!(
+            after.status.next_occurrence,
+            Some(t("2026-05-01T11:00:00Z"))
+        );
+    }
+
     /// An interval with jitter: release times are the occurrence plus the job's own stable
     /// jitter; `to` and `max_fires` end the list, and a range past the job's end is empty.
     #[test]
@@ -224,6 +268,15 @@ mod tests {
             .map(|o| o.scheduled.0 / S)
             .collect();
         assert_eq!(scheduled, [110, 120]);
+        // The occurrences before the range use up max_fires first: 100..130 are all four.
+        let late = preview(&job, Some(Timestamp(125 * S)), None, 100);
+        let scheduled: Vec<i64> = late.occurrences.iter().map(|o| o.scheduled.0 / S).collect();
+        assert_eq!(scheduled, [130], "100, 110 and 120 fire before the range");
+        assert!(
+            preview(&job, Some(Timestamp(131 * S)), None, 100)
+                .occurrences
+                .is_empty()
+        );
         let capped = preview(&job, None, None, 2);
         assert_eq!(capped.occurrences.len(), 2);
         assert!(capped.more);

@@ -519,10 +519,12 @@ impl PgStore {
             Ok(j) => j,
             Err(e) => return Ok(Some(Err(UpdateFailed::Refused(e)))),
         };
+        // The spec as updated: a relative trigger was resolved against now (`Job::updated`).
+        let stored = updated.spec.to_spec();
         sqlx::query("UPDATE tickd_jobs SET spec = $2, labels = $3::jsonb WHERE id = $1")
             .bind(&*spec.id)
-            .bind(codec::encode(spec)?)
-            .bind(labels_json(&spec.labels)?)
+            .bind(codec::encode(&stored)?)
+            .bind(labels_json(&stored.labels)?)
             .execute(&mut *tx)
             .await
             .map_err(db)?;
