@@ -868,6 +868,13 @@ mod noop {
             unimplemented()
         }
 
+        async fn list_occurrences(
+            &self,
+            _: Request<pb::ListOccurrencesRequest>,
+        ) -> Result<Response<pb::ListOccurrencesResponse>, Status> {
+            unimplemented()
+        }
+
         async fn pause_job(
             &self,
             _: Request<pb::PauseJobRequest>,

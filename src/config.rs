@@ -96,6 +96,16 @@ pub struct Config {
     #[arg(long, env = "TICKD_RETENTION", default_value = "7d", value_parser = parse_retention)]
     pub retention: Duration,
 
+    /// How long a job's ledger (ListOccurrences) keeps the record of an occurrence after its
+    /// fate was sealed (delivered, dead-lettered, dropped, skipped).
+    #[arg(long, env = "TICKD_LEDGER_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    pub ledger_retention: Duration,
+
+    /// Most ledger records kept per job; the oldest occurrences go first. `0` keeps no ledger.
+    #[arg(long, env = "TICKD_LEDGER_MAX_PER_JOB", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub ledger_max_per_job: u32,
+
     /// How long shutdown (SIGTERM, SIGINT) may take before tickd exits anyway. Keep it below
     /// the pod's termination grace period.
     #[arg(long, env = "TICKD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_grace)]
@@ -195,6 +205,8 @@ impl Config {
             max_catch_up_fires: 100,
             max_redelivery_backoff: Duration::from_secs(60),
             retention: Duration::from_secs(7 * 24 * 3_600),
+            ledger_retention: Duration::from_secs(7 * 24 * 3_600),
+            ledger_max_per_job: 1_000,
             max_queue_backlog: 100_000,
             max_subscribers: 10_000,
             subscribe_open_timeout: Duration::from_secs(10),
@@ -231,6 +243,8 @@ mod tests {
         assert_eq!(parsed.max_redelivery_backoff, d.max_redelivery_backoff);
         assert_eq!(parsed.shutdown_grace, d.shutdown_grace);
         assert_eq!(parsed.retention, d.retention);
+        assert_eq!(parsed.ledger_retention, d.ledger_retention);
+        assert_eq!(parsed.ledger_max_per_job, d.ledger_max_per_job);
         assert_eq!(parsed.max_queue_backlog, d.max_queue_backlog);
         assert_eq!(parsed.max_subscribers, d.max_subscribers);
         assert_eq!(parsed.subscribe_open_timeout, d.subscribe_open_timeout);
@@ -244,6 +258,7 @@ mod tests {
     fn durations_out_of_range_are_refused_naming_the_flag() {
         for (flag, too_small, too_big, edges) in [
             ("--retention", None, "3661d", ["0s", "3660d"]),
+            ("--ledger-retention", None, "3661d", ["0s", "3660d"]),
             (
                 "--database-poll-interval",
                 Some("9ms"),

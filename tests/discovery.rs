@@ -82,6 +82,7 @@ async fn reflection_lists_the_scheduler() {
         "PauseJob",
         "ResumeJob",
         "PreviewOccurrences",
+        "ListOccurrences",
         "UpdateJob",
         "TriggerJob",
         "Subscribe",

@@ -229,8 +229,8 @@ async fn racing_replicas_release_each_occurrence_once() {
     assert_eq!(tokens.len(), 100, "a token per lease");
 
     // Any replica acks, by id; a second ack finds nothing.
-    assert_eq!(first.ack("q", &ids).await.expect("ack").len(), 100);
-    assert_eq!(first.ack("q", &ids).await.expect("ack").len(), 0);
+    assert_eq!(first.ack("q", &ids, None).await.expect("ack").len(), 100);
+    assert_eq!(first.ack("q", &ids, None).await.expect("ack").len(), 0);
     assert!(
         first
             .claim("q", 10, "late", Some(now))
@@ -422,11 +422,13 @@ async fn job_changes_from_any_replica() {
         "id taken"
     );
 
-    let state =
-        |r: Option<Result<tickd::domain::Job, _>>| r.expect("found").expect("allowed").status.state;
+    let none = |_: &_, _: &_| None;
+    let state = |r: Option<Result<(tickd::domain::Job, _), _>>| {
+        r.expect("found").expect("allowed").0.status.state
+    };
     assert_eq!(
         state(
-            b.transition("j", Transition::Pause, t(0))
+            b.transition("j", Transition::Pause, t(0), &limits(10, 100), &none)
                 .await
                 .expect("pause")
         ),
@@ -440,15 +442,15 @@ async fn job_changes_from_any_replica() {
             .is_empty(),
         "paused"
     );
-    assert_eq!(
-        state(
-            b.transition("j", Transition::Resume, t(3))
-                .await
-                .expect("resume")
-        ),
-        JobState::Scheduled
-    );
-    let mut released = 0;
+    // The resume releases what fell due while paused, as a release would.
+    let (resumed, on_resume) = b
+        .transition("j", Transition::Resume, t(3), &limits(10, 100), &none)
+        .await
+        .expect("resume")
+        .expect("found")
+        .expect("allowed");
+    assert_eq!(resumed.status.state, JobState::Scheduled);
+    let mut released = on_resume.fires.len();
     loop {
         let n = a
             .release_due(t(3), limits(10, 100), &|_, _| None)
@@ -466,8 +468,8 @@ async fn job_changes_from_any_replica() {
         "the occurrences of 1, 2 and 3 s, late but within the grace"
     );
 
-    let cancelled = a
-        .transition("j", Transition::Cancel, t(4))
+    let (cancelled, _) = a
+        .transition("j", Transition::Cancel, t(4), &limits(10, 100), &none)
         .await
         .expect("cancel")
         .expect("found")
@@ -480,13 +482,13 @@ async fn job_changes_from_any_replica() {
         (JobState::Cancelled, t(4))
     );
     let refused = b
-        .transition("j", Transition::Pause, t(5))
+        .transition("j", Transition::Pause, t(5), &limits(10, 100), &none)
         .await
         .expect("pause")
         .expect("found");
     assert!(refused.is_err(), "a cancelled job cannot be paused");
     assert!(
-        a.transition("nope", Transition::Cancel, t(5))
+        a.transition("nope", Transition::Cancel, t(5), &limits(10, 100), &none)
             .await
             .expect("cancel")
             .is_none()
@@ -569,7 +571,7 @@ async fn listing_and_retention() {
     assert_eq!(&*released[0].job_id, "j0");
     for id in ["j0", "j1"] {
         store
-            .transition(id, Transition::Cancel, t(1))
+            .transition(id, Transition::Cancel, t(1), &limits(10, 100), &|_, _| None)
             .await
             .expect("cancel");
     }
@@ -606,7 +608,7 @@ async fn listing_and_retention() {
         .expect("claim")
         .remove(0);
     store
-        .ack("q", &[fire.fire.fire_id.to_string()])
+        .ack("q", &[fire.fire.fire_id.to_string()], None)
         .await
         .expect("ack");
     assert_eq!(

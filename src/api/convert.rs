@@ -10,8 +10,8 @@ use super::pb;
 use crate::domain::job::etag;
 use crate::domain::preview::Preview;
 use crate::domain::{
-    DstEffect, DstGap, DstPolicy, DstRepeat, Job, JobState, Micros, MisfirePolicy, Timestamp,
-    TriggerSpec,
+    DstEffect, DstGap, DstPolicy, DstRepeat, Job, JobState, Micros, MisfirePolicy, Occurrence,
+    Outcome, SkipReason, Timestamp, TriggerSpec, fire_id,
 };
 use crate::scheduler::{Delivery, SchedulerError};
 
@@ -120,6 +120,42 @@ pub fn preview(p: &Preview, job: &Job, id_known: bool) -> pb::PreviewOccurrences
             .collect(),
         more: p.more,
         time_zone_database_version: chrono_tz::IANA_TZDB_VERSION.to_string(),
+    }
+}
+
+/// A ledger entry of job `job_id` as the API shows it.
+pub fn occurrence(job_id: &str, o: &Occurrence) -> pb::Occurrence {
+    let (outcome, reason) = match o.outcome {
+        Outcome::Delivered => (pb::OccurrenceOutcome::Delivered, None),
+        Outcome::DeadLettered => (pb::OccurrenceOutcome::DeadLettered, None),
+        Outcome::Dropped => (pb::OccurrenceOutcome::Dropped, None),
+        Outcome::Skipped(r) => (pb::OccurrenceOutcome::Skipped, Some(r)),
+    };
+    let fire_id = match (reason, o.triggered) {
+        (Some(_), _) => String::new(),
+        (None, false) => fire_id(job_id, o.scheduled).to_string(),
+        (None, true) => crate::domain::job::triggered_fire_id(job_id, o.scheduled).to_string(),
+    };
+    pb::Occurrence {
+        scheduled_time: Some(timestamp(o.scheduled)),
+        last_scheduled_time: Some(timestamp(o.last)),
+        count: o.count,
+        fire_id,
+        outcome: outcome.into(),
+        skip_reason: match reason {
+            None => pb::SkipReason::Unspecified,
+            Some(SkipReason::Misfire) => pb::SkipReason::Misfire,
+            Some(SkipReason::Paused) => pb::SkipReason::Paused,
+            Some(SkipReason::Overlap) => pb::SkipReason::Overlap,
+            Some(SkipReason::BacklogFull) => pb::SkipReason::BacklogFull,
+            Some(SkipReason::DstGap) => pb::SkipReason::DstGap,
+            Some(SkipReason::DstRepeat) => pb::SkipReason::DstRepeat,
+            Some(SkipReason::Ended) => pb::SkipReason::Ended,
+        }
+        .into(),
+        attempts: o.attempts,
+        record_time: Some(timestamp(o.time)),
+        triggered: o.triggered,
     }
 }
 

@@ -143,6 +143,10 @@ fn core_config(config: &Config) -> SchedulerConfig {
         max_queue_backlog: config.max_queue_backlog as usize,
         max_subscribers: config.max_subscribers as usize,
         observer: Arc::new(FireTelemetry::default()),
+        ledger: crate::domain::ledger::Bounds {
+            per_job: config.ledger_max_per_job as usize,
+            retention: duration_micros(config.ledger_retention),
+        },
     }
 }
 

@@ -221,6 +221,30 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         Ok(Response::new(convert::preview(&p, &job, id_known)))
     }
 
+    async fn list_occurrences(
+        &self,
+        request: Request<pb::ListOccurrencesRequest>,
+    ) -> Result<Response<pb::ListOccurrencesResponse>, Status> {
+        let q = validate::occurrences_request(request.into_inner())?;
+        tracing::Span::current().record("tickd.job.id", q.job_id.as_str());
+        let (records, more) = self
+            .core
+            .occurrences(&q.job_id, q.after, q.page_size)
+            .await
+            .map_err(convert::status)?;
+        let next_page_token = match records.last() {
+            Some(last) if more => validate::encode_occurrence_token(last.key()),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListOccurrencesResponse {
+            occurrences: records
+                .iter()
+                .map(|o| convert::occurrence(&q.job_id, o))
+                .collect(),
+            next_page_token,
+        }))
+    }
+
     async fn list_jobs(
         &self,
         request: Request<pb::ListJobsRequest>,

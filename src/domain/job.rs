@@ -11,6 +11,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use super::ledger::{SkipReason, Skipped};
 use super::packed::PackedSpec;
 use super::time::{Micros, Timestamp};
 use super::trace::TraceContext;
@@ -174,6 +175,11 @@ pub fn fire_id(job_id: &str, scheduled: Timestamp) -> super::FireId {
     scheduled.shared_with_prefix(job_id, '@')
 }
 
+/// Whether a fire id is one TriggerJob released (see [`triggered_fire_id`]).
+pub fn is_triggered(fire_id: &str) -> bool {
+    fire_id.ends_with("#trigger")
+}
+
 /// The fire id of the extra occurrence TriggerJob releases at `at`: a scheduled occurrence's
 /// id with `#trigger` after it, so that it is never one the schedule releases.
 pub fn triggered_fire_id(job_id: &str, at: Timestamp) -> super::FireId {
@@ -312,6 +318,27 @@ impl Job {
     }
 }
 
+impl Job {
+    /// The occurrences this job owes at `now` (due, not released: from its next occurrence
+    /// up to `now`), as a run skipped for the reason they would be if withdrawn now: PAUSED
+    /// for a paused job, else ENDED. `None` when it owes none.
+    pub fn owed(&self, now: Timestamp) -> Option<Skipped> {
+        let first = self.status.next_occurrence.filter(|o| *o <= now)?;
+        let rec = self.recurrence()?;
+        let last = rec.latest_at_or_before(now).map_or(first, |l| l.max(first));
+        let (count, _) = rec.count_between(first, last, MAX_COUNTED_OCCURRENCES);
+        Some(Skipped {
+            first,
+            last,
+            count: count.max(1),
+            reason: match self.status.state {
+                JobState::Paused => SkipReason::Paused,
+                _ => SkipReason::Ended,
+            },
+        })
+    }
+}
+
 /// A trigger set by an update at `now`, with what it would resolve against the job's creation
 /// resolved against `now` instead (see [`Job::updated`]).
 fn anchor(trigger: &TriggerSpec, now: Timestamp) -> TriggerSpec {
@@ -359,6 +386,9 @@ pub struct Advance {
     /// Cron slots the job's DST policy passed over on the way to its next occurrence: local
     /// times that did not exist, and instants of repeated local times.
     pub skipped_dst: (u64, u64),
+    /// Every occurrence passed over, as runs by reason, oldest first (for the ledger). A
+    /// misfire run's reason is [`SkipReason::Misfire`]; the caller knows if a pause caused it.
+    pub passed_over: Vec<Skipped>,
     /// The job's status after these fires.
     pub status: JobStatus,
 }
@@ -388,6 +418,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         misfired: false,
         skipped_no_room: 0,
         skipped_dst: (0, 0),
+        passed_over: Vec::new(),
         status,
     };
     let Some(first) = status.next_occurrence else {
@@ -412,6 +443,17 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
     let mut fires = Vec::new();
     let mut skipped = 0;
     let mut skipped_at_least = false;
+    let mut passed_over = Vec::new();
+    let mut missed = |first: Timestamp, last: Option<Timestamp>, count: u64| {
+        if let Some(last) = last.filter(|_| count > 0) {
+            passed_over.push(Skipped {
+                first,
+                last,
+                count,
+                reason: SkipReason::Misfire,
+            });
+        }
+    };
     let misfired = now.since(due) > spec.misfire_grace();
     let last_handled = if !misfired {
         fires.push(first);
@@ -437,12 +479,14 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
                 let (n, capped) = rec.count_between(first, latest, MAX_COUNTED_OCCURRENCES);
                 skipped = n.saturating_sub(1);
                 skipped_at_least = capped;
+                missed(first, rec.latest_at_or_before(latest.minus(1)), skipped);
             }
             MisfirePolicy::Skip => {
                 let (n, capped) = rec.count_between(first, latest, MAX_COUNTED_OCCURRENCES);
                 // `first` is known to be pending even if a cron walk could not re-find it.
                 skipped = n.max(1);
                 skipped_at_least = capped;
+                missed(first, Some(latest), skipped);
             }
             MisfirePolicy::FireAll => {
                 let mut cursor = Some(first);
@@ -451,6 +495,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
                         let (n, capped) = rec.count_between(o, latest, MAX_COUNTED_OCCURRENCES);
                         skipped = n;
                         skipped_at_least = capped;
+                        missed(o, Some(latest), skipped);
                         break;
                     }
                     fires.push(o);
@@ -461,19 +506,42 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         latest
     };
 
+    // Fires cut off, oldest first, go in the ledger as one run (they are consecutive).
+    let mut cut = |fires: &mut Vec<Timestamp>, keep: usize, reason: SkipReason| {
+        if fires.len() > keep {
+            passed_over.push(Skipped {
+                first: fires[keep],
+                last: fires[fires.len() - 1],
+                count: (fires.len() - keep) as u64,
+                reason,
+            });
+            fires.truncate(keep);
+        }
+    };
     let max_fires = spec.max_fires();
     if max_fires > 0 {
         let remaining = max_fires.saturating_sub(status.fire_count);
-        fires.truncate(usize::try_from(remaining).unwrap_or(usize::MAX));
+        cut(
+            &mut fires,
+            usize::try_from(remaining).unwrap_or(usize::MAX),
+            SkipReason::Ended,
+        );
     }
     let skipped_no_room = fires.len().saturating_sub(room) as u64;
-    fires.truncate(room);
+    cut(&mut fires, room, SkipReason::BacklogFull);
     status.fire_count += fires.len() as u64;
     if !fires.is_empty() {
         status.last_fire_time = Some(now);
     }
-    let (next, skipped_dst) = rec.next_after_counting_dst_skips(last_handled);
+    let (next, dst_runs) = rec.next_after_with_dst_skips(last_handled, end_time);
     let next = next.filter(|o| in_range(*o));
+    let skipped_dst = dst_runs
+        .iter()
+        .fold((0, 0), |(gap, repeat), run| match run.reason {
+            SkipReason::DstGap => (gap + run.count, repeat),
+            _ => (gap, repeat + run.count),
+        });
+    passed_over.extend(dst_runs);
     let exhausted = max_fires > 0 && status.fire_count >= max_fires;
     if exhausted || next.is_none() {
         status.state = JobState::Completed;
@@ -488,6 +556,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         misfired,
         skipped_no_room,
         skipped_dst,
+        passed_over,
         status,
     }
 }

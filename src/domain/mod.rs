@@ -6,6 +6,7 @@
 pub mod dst;
 pub mod fire;
 pub mod job;
+pub mod ledger;
 pub mod packed;
 pub mod preview;
 pub mod time;
@@ -18,6 +19,7 @@ pub use job::{
     Advance, Job, JobId, JobSpec, JobState, JobStatus, MisfirePolicy, Transition,
     TransitionRefused, advance, advance_with_room, fire_id,
 };
+pub use ledger::{Occurrence, Outcome, SkipReason};
 pub use packed::{JobKey, PackedSpec};
 pub use time::{Micros, Timestamp};
 pub use trace::TraceContext;

@@ -15,6 +15,7 @@ use croner::parser::{CronParser, Seconds, Year};
 use serde::{Deserialize, Serialize};
 
 use super::dst::{self, DstEffect, DstPolicy, Slot, Walk};
+use super::ledger::{SkipReason, Skipped};
 use super::time::{Micros, Timestamp};
 
 /// A trigger as the client gave it.
@@ -206,21 +207,30 @@ impl Recurrence {
         }
     }
 
-    /// [`Recurrence::next_after`], and how many slots the job's DST policy skipped on the way
-    /// there: `(local times that did not exist, second or first instants of repeated ones)`.
-    pub fn next_after_counting_dst_skips(&self, t: Timestamp) -> (Option<Timestamp>, (u64, u64)) {
+    /// [`Recurrence::next_after`], and the slots the job's DST policy skipped on the way there
+    /// (local times that did not exist, second or first instants of repeated ones), as runs;
+    /// only those before `end` (exclusive), where the job ends.
+    pub fn next_after_with_dst_skips(
+        &self,
+        t: Timestamp,
+        end: Option<Timestamp>,
+    ) -> (Option<Timestamp>, Vec<Skipped>) {
         let Recurrence::Cron { cron, tz, dst } = self else {
-            return (self.next_after(t), (0, 0));
+            return (self.next_after(t), Vec::new());
         };
-        let mut skipped = (0, 0);
+        let mut skipped = Vec::new();
         for slot in Walk::new(cron, *tz, *dst, t, true) {
             if slot.released {
                 return (Some(slot.at), skipped);
             }
-            match slot.effect {
-                DstEffect::Gap => skipped.0 += 1,
-                _ => skipped.1 += 1,
+            if end.is_some_and(|e| slot.at >= e) {
+                return (None, skipped);
             }
+            let reason = match slot.effect {
+                DstEffect::Gap => SkipReason::DstGap,
+                _ => SkipReason::DstRepeat,
+            };
+            Skipped::push(&mut skipped, slot.at, reason);
         }
         (None, skipped)
     }

@@ -22,7 +22,8 @@ use super::{
     list_scan_budget, mark_failed, mark_store, panic_message, shutting_down, timer,
 };
 use crate::domain::job::triggered_fire_id;
-use crate::domain::{FireRecord, Job, JobKey, JobSpec, Micros, Timestamp};
+use crate::domain::ledger::OccurrenceKey;
+use crate::domain::{FireRecord, Job, JobKey, JobSpec, Micros, Occurrence, Timestamp};
 use crate::store::Store;
 
 /// Shared by the handle, the timer task, the writer thread and subscriptions.
@@ -132,7 +133,7 @@ impl Embedded {
             .await
             .map_err(|e| StartError::Load(format!("loader task failed: {e}")))??;
         let (jobs, fires) = (snapshot.jobs.len(), snapshot.fires.len());
-        let state = State::restore(snapshot, clock.clone(), config.retention);
+        let state = State::restore(snapshot, clock.clone(), config.retention, config.ledger);
         info!(jobs, fires, "state restored from the store");
 
         let (ops, rx) = mpsc::unbounded_channel();
@@ -270,6 +271,24 @@ impl Embedded {
             .lock()
             .job(id)
             .ok_or_else(|| SchedulerError::NotFound(id.to_string()))
+    }
+
+    /// Up to `n` ledger records of a job, newest first, after `after`; and whether more follow.
+    pub fn occurrences(
+        &self,
+        id: &str,
+        after: Option<OccurrenceKey>,
+        n: usize,
+    ) -> Result<(Vec<Occurrence>, bool), SchedulerError> {
+        let state = self.inner.lock();
+        if !state.jobs.contains(id.as_bytes()) {
+            return Err(SchedulerError::NotFound(id.to_string()));
+        }
+        let now = state.clock.now();
+        Ok(match state.ledgers.get(id) {
+            Some(l) => l.page(after, n, state.ledger_bounds, now),
+            None => (Vec::new(), false),
+        })
     }
 
     /// Up to `page_size` matching jobs in id order after `after`, and the id to continue after

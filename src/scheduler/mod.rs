@@ -32,6 +32,8 @@
 
 pub mod clock;
 mod embedded;
+#[cfg(test)]
+mod ledger_tests;
 pub mod observe;
 pub mod replicated;
 mod state;
@@ -58,6 +60,7 @@ pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::
 pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use crate::domain::job::UpdateRefused;
+use crate::domain::ledger;
 use crate::domain::{
     FireRecord, Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError,
 };
@@ -82,6 +85,8 @@ pub struct SchedulerConfig {
     pub max_queue_backlog: usize,
     /// Most subscriptions open at once.
     pub max_subscribers: usize,
+    /// How many ledger records are kept per job, and for how long.
+    pub ledger: ledger::Bounds,
 }
 
 /// Default for [`SchedulerConfig::max_catch_up_fires`].
@@ -104,6 +109,7 @@ impl Default for SchedulerConfig {
             retention: DEFAULT_RETENTION_MICROS,
             max_queue_backlog: DEFAULT_MAX_QUEUE_BACKLOG,
             max_subscribers: DEFAULT_MAX_SUBSCRIBERS,
+            ledger: ledger::Bounds::default(),
         }
     }
 }
@@ -403,6 +409,20 @@ impl Scheduler {
         match &self.engine {
             Engine::Embedded(e) => e.get(id),
             Engine::Replicated(e) => e.get(id).await,
+        }
+    }
+
+    /// Up to `n` records of a job's ledger, newest occurrence first, after the record `after`
+    /// (where a previous page ended); and whether more follow. NOT_FOUND for an unknown job.
+    pub async fn occurrences(
+        &self,
+        id: &str,
+        after: Option<ledger::OccurrenceKey>,
+        n: usize,
+    ) -> Result<(Vec<crate::domain::Occurrence>, bool), SchedulerError> {
+        match &self.engine {
+            Engine::Embedded(e) => e.occurrences(id, after, n),
+            Engine::Replicated(e) => e.occurrences(id, after, n).await,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
-use crate::domain::{FireRecord, Job, Timestamp, TraceContext};
+use crate::domain::{FireRecord, Job, Occurrence, Timestamp, TraceContext};
 
 /// Why a fire went back for redelivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,18 +43,7 @@ impl DropReason {
     }
 }
 
-/// Why occurrences were passed over without a fire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SkipReason {
-    /// Missed while tickd was down or the job paused; the misfire policy passed them over.
-    Misfire,
-    /// Their queue held `--max-queue-backlog` fires not yet acked.
-    BacklogFull,
-    /// A cron job's local time did not exist, and its DST policy skips such times.
-    DstGap,
-    /// A cron job's local time happened twice, and its DST policy fires only one of the two.
-    DstRepeat,
-}
+pub use crate::domain::SkipReason;
 
 /// Logs the cron slots a job's DST policy skipped (at INFO: the job asked for it) and gives
 /// the counts to report, by reason.
@@ -78,17 +67,6 @@ pub(crate) fn dst_skipped(
         );
         (reason, n)
     })
-}
-
-impl SkipReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SkipReason::Misfire => "misfire",
-            SkipReason::BacklogFull => "backlog_full",
-            SkipReason::DstGap => "dst_gap",
-            SkipReason::DstRepeat => "dst_repeat",
-        }
-    }
 }
 
 /// Receives the core's events. Every method has a no-op default.
@@ -120,6 +98,10 @@ pub trait Observer: Send + Sync + Debug + 'static {
 
     /// `count` occurrences of a job on `queue` were passed over without a fire (stored).
     fn occurrences_skipped(&self, _queue: &str, _count: u64, _reason: SkipReason) {}
+
+    /// A ledger record is stored: what became of `record.count` occurrences of a job on
+    /// `queue`.
+    fn occurrence_recorded(&self, _queue: &str, _record: &Occurrence) {}
 
     /// A store commit of `writes` writes finished (or failed) after `elapsed`.
     fn store_committed(&self, _writes: usize, _elapsed: Duration, _ok: bool) {}

@@ -44,8 +44,10 @@ use super::{
     mark_store, panic_message, shutting_down,
 };
 use crate::domain::fire::AfterAttempt;
+use crate::domain::job::is_triggered;
+use crate::domain::ledger::OccurrenceKey;
 use crate::domain::time::micros_duration;
-use crate::domain::{FireRecord, Job, JobSpec, Micros, Timestamp, Transition};
+use crate::domain::{FireRecord, Job, JobSpec, Micros, Occurrence, Outcome, Timestamp, Transition};
 use crate::store::StoreError;
 use crate::store::postgres::{
     Attempted, Lease, PgStore, ReleaseLimits, Released, TriggerFailed, UpdateFailed, Wakeup,
@@ -205,7 +207,9 @@ impl Replicated {
         clock: Arc<dyn Clock>,
         config: SchedulerConfig,
     ) -> Result<Replicated, StartError> {
-        let store = PgStore::connect(&settings.database_url, settings.max_connections).await?;
+        let store = PgStore::connect(&settings.database_url, settings.max_connections)
+            .await?
+            .with_ledger(config.ledger.per_job > 0);
         let (acks, ack_rx) = mpsc::unbounded_channel();
         let (inserts, insert_rx) = mpsc::unbounded_channel();
         let name = format!(
@@ -311,15 +315,19 @@ impl Replicated {
     ) -> Result<Job, SchedulerError> {
         let s = &self.shared;
         s.accepting()?;
+        let observer = &s.config.observer;
         match s
             .store
-            .transition(id, transition, s.at())
+            .transition(id, transition, s.at(), &s.release_limits(), &|fire, job| {
+                observer.fire_released(fire, job)
+            })
             .await
             .map_err(unavailable)?
         {
             None => Err(SchedulerError::NotFound(id.to_string())),
             Some(Err(refused)) => Err(SchedulerError::FailedPrecondition(refused.to_string())),
-            Some(Ok(job)) => {
+            Some(Ok((job, released))) => {
+                s.report_released(released);
                 if transition == Transition::Resume {
                     s.armed(job.next_due());
                 }
@@ -400,6 +408,20 @@ impl Replicated {
         self.shared.config.retention
     }
 
+    pub async fn occurrences(
+        &self,
+        id: &str,
+        after: Option<OccurrenceKey>,
+        n: usize,
+    ) -> Result<(Vec<Occurrence>, bool), SchedulerError> {
+        let s = &self.shared;
+        s.store
+            .occurrences(id, after, n, s.config.ledger.retention, s.at())
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| SchedulerError::NotFound(id.to_string()))
+    }
+
     pub async fn get(&self, id: &str) -> Result<Job, SchedulerError> {
         self.shared
             .store
@@ -478,11 +500,13 @@ impl Replicated {
 
     pub async fn ack(&self, queue: &str, fire_ids: &[String]) -> Result<u32, SchedulerError> {
         let s = &self.shared;
-        let done = s.store.ack(queue, fire_ids).await.map_err(unavailable)?;
+        let done = s
+            .store
+            .ack(queue, fire_ids, s.at())
+            .await
+            .map_err(unavailable)?;
         s.forget(queue, fire_ids);
-        for fire in &done {
-            s.config.observer.fire_acked(fire);
-        }
+        s.report_acked(&done);
         Ok(u32::try_from(done.len()).unwrap_or(u32::MAX))
     }
 
@@ -674,11 +698,7 @@ impl Shared {
         let at = self.at();
         loop {
             let started = std::time::Instant::now();
-            let limits = ReleaseLimits {
-                batch: BATCH,
-                catch_up_cap: self.config.max_catch_up_fires,
-                max_backlog: self.config.max_queue_backlog,
-            };
+            let limits = self.release_limits();
             let observer = &self.config.observer;
             let released = self
                 .store
@@ -735,6 +755,19 @@ impl Shared {
                     break;
                 }
             }
+            let ledger = self.config.ledger;
+            if ledger.per_job > 0 {
+                let n = self
+                    .store
+                    .prune_ledger(at, ledger.retention, ledger.per_job, BATCH * 10)
+                    .await?;
+                if n > 0 {
+                    debug!(
+                        records = n,
+                        "ledger records past their retention or cap deleted"
+                    );
+                }
+            }
         }
         Ok(())
     }
@@ -758,7 +791,7 @@ impl Shared {
                     "{at_least}{} missed occurrence(s) skipped by the misfire policy",
                     skip.misfire
                 );
-                observer.occurrences_skipped(&skip.queue, skip.misfire, SkipReason::Misfire);
+                observer.occurrences_skipped(&skip.queue, skip.misfire, skip.missed);
             }
             if skip.backlog_full > 0 {
                 warn!(
@@ -778,11 +811,46 @@ impl Shared {
                 observer.occurrences_skipped(&skip.queue, count, reason);
             }
         }
+        for (queue, record) in &released.recorded {
+            observer.occurrence_recorded(queue, record);
+        }
+    }
+
+    /// Reports acked fires, and their occurrences as delivered (the ack wrote their ledger
+    /// records; a dead-lettered fire's was written when it was dead-lettered).
+    fn report_acked(&self, fires: &[FireRecord]) {
+        let observer = &self.config.observer;
+        let now = self.now();
+        for fire in fires {
+            observer.fire_acked(fire);
+            if self.config.ledger.per_job > 0 && !fire.dead_lettered {
+                let record = Occurrence::released(
+                    fire.scheduled_time,
+                    is_triggered(&fire.fire_id),
+                    Outcome::Delivered,
+                    fire.attempt,
+                    now,
+                );
+                observer.occurrence_recorded(&fire.queue, &record);
+            }
+        }
+    }
+
+    /// The limits of a release by this replica.
+    fn release_limits(&self) -> ReleaseLimits {
+        ReleaseLimits {
+            batch: BATCH,
+            catch_up_cap: self.config.max_catch_up_fires,
+            max_backlog: self.config.max_queue_backlog,
+        }
     }
 
     /// Reports what became of a fire whose attempt failed.
     fn report_attempt(&self, attempted: &Attempted, why: RedeliveryReason) {
         let observer = &self.config.observer;
+        if let Some(record) = &attempted.record {
+            observer.occurrence_recorded(&attempted.fire.queue, record);
+        }
         let mut fire = attempted.fire.clone();
         match &attempted.after {
             AfterAttempt::Again { attempt, .. } => {
@@ -1018,17 +1086,13 @@ async fn commit_acks(shared: &Shared, ops: Vec<AckOp>) {
     }
     if !acks.is_empty() {
         let started = std::time::Instant::now();
-        let done = shared.store.ack_each(&acks).await;
+        let done = shared.store.ack_each(&acks, shared.at()).await;
         shared
             .config
             .observer
             .store_committed(acks.len(), started.elapsed(), done.is_ok());
         match done {
-            Ok(fires) => {
-                for fire in &fires {
-                    shared.config.observer.fire_acked(fire);
-                }
-            }
+            Ok(fires) => shared.report_acked(&fires),
             // The fires stay leased and go out again after their deadlines: at least once.
             Err(e) => {
                 warn!(error = %e, acks = acks.len(), "acks could not be stored; those fires will be redelivered")

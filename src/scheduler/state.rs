@@ -17,8 +17,10 @@ use tracing::error;
 
 use super::clock::Clock;
 use super::{FastMap, FastSet};
+use crate::domain::ledger::{self, Bounds, JobLedger};
 use crate::domain::{
-    FireId, FireRecord, Job, JobId, JobKey, JobState, Micros, PackedSpec, Timestamp, TraceContext,
+    FireId, FireRecord, Job, JobId, JobKey, JobState, Micros, Occurrence, PackedSpec, Timestamp,
+    TraceContext,
 };
 use crate::store::Snapshot;
 
@@ -128,6 +130,12 @@ pub(crate) struct State {
     /// Set while the timer loop holds work it took from the indexes and has not finished
     /// handing to the writer (see `Scheduler::settle`).
     pub timer_busy: bool,
+    /// The ledger of each job that has records (most pending jobs have none).
+    pub ledgers: FastMap<JobId, JobLedger>,
+    pub ledger_bounds: Bounds,
+    /// Store keys of ledger records memory no longer keeps (out of bounds, or their job was
+    /// deleted): the writer deletes them from the store with its next batch.
+    pub ledger_gone: Vec<String>,
 }
 
 impl State {
@@ -152,6 +160,9 @@ impl State {
             timer_dirty: false,
             wakers: Vec::new(),
             timer_busy: false,
+            ledgers: FastMap::default(),
+            ledger_bounds: Bounds::default(),
+            ledger_gone: Vec::new(),
         }
     }
 
@@ -162,8 +173,14 @@ impl State {
     ///
     /// The indexes are built in bulk from sorted lists (a million jobs inserted one by one
     /// spent most of a restart comparing ids while rebalancing the trees).
-    pub fn restore(snapshot: Snapshot, clock: Arc<dyn Clock>, retention: Micros) -> State {
+    pub fn restore(
+        snapshot: Snapshot,
+        clock: Arc<dyn Clock>,
+        retention: Micros,
+        ledger_bounds: Bounds,
+    ) -> State {
         let mut state = State::new(clock, retention);
+        state.ledger_bounds = ledger_bounds;
         let mut entries = Vec::with_capacity(snapshot.jobs.len());
         let mut timers = Vec::new();
         let mut expiries = Vec::new();
@@ -222,7 +239,42 @@ impl State {
             let spec = key.0.clone();
             state.insert_fire(rec, spec);
         }
+        // Records of jobs no longer held (deleted before their records were) go from the
+        // store; so do records beyond the bounds (they may have changed since).
+        for (key, record) in snapshot.occurrences {
+            match ledger::job_of_store_key(&key).filter(|job| state.jobs.contains(job.as_bytes())) {
+                Some(job) => {
+                    let job: JobId = job.into();
+                    state.record_occurrence(&job, record);
+                }
+                None => state.ledger_gone.push(key),
+            }
+        }
         state
+    }
+
+    /// Adds a ledger record of a held job; records that no longer fit the bounds are queued
+    /// for deletion from the store.
+    pub fn record_occurrence(&mut self, job: &JobId, record: Occurrence) {
+        if !self.jobs.contains(job.as_bytes()) {
+            self.ledger_gone.push(record.store_key(job));
+            return;
+        }
+        let now = self.clock.now();
+        let bounds = self.ledger_bounds;
+        let gone = match self.ledgers.get_mut(job) {
+            Some(l) => l.insert(record, bounds, now),
+            None => {
+                let mut l = JobLedger::default();
+                let gone = l.insert(record, bounds, now);
+                if !l.is_empty() {
+                    self.ledgers.insert(job.clone(), l);
+                }
+                gone
+            }
+        };
+        self.ledger_gone
+            .extend(gone.into_iter().map(|k| ledger::store_key(job, k)));
     }
 
     /// Stores a new or changed job, keeps the counts by state, and re-arms its timer and its
@@ -281,6 +333,10 @@ impl State {
         let Some(key) = self.jobs.take(id.as_bytes()) else {
             return;
         };
+        if let Some(l) = self.ledgers.remove(id) {
+            self.ledger_gone
+                .extend(l.records().iter().map(|r| ledger::store_key(id, r.key())));
+        }
         self.traces.remove(id.as_bytes());
         let job = held_job(&key.0);
         let queue = job.spec.queue();
@@ -914,9 +970,11 @@ mod tests {
                     .map(|(spec, status)| (PackedSpec::new(spec), status.clone()))
                     .collect(),
                 fires: Vec::new(),
+                occurrences: Vec::new(),
             },
             clock.clone(),
             500,
+            Bounds::default(),
         );
         let mut put = State::new(clock, 500);
         for (spec, status) in jobs {

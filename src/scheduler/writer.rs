@@ -22,10 +22,10 @@ use super::observe::{DropReason, RedeliveryReason, SkipReason, dst_skipped};
 use super::state::{FireStatus, State};
 use super::{FastMap, FastSet};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
-use crate::domain::job::{etag, triggered_fire_id};
+use crate::domain::job::{etag, is_triggered, triggered_fire_id};
 use crate::domain::{
-    FireId, FireRecord, Job, JobId, JobKey, JobSpec, JobState, Micros, PackedSpec, Timestamp,
-    advance_with_room, fire_id,
+    FireId, FireRecord, Job, JobId, JobKey, JobSpec, JobState, Micros, Occurrence, Outcome,
+    PackedSpec, Timestamp, advance_with_room, fire_id,
 };
 use crate::store::Write;
 
@@ -72,6 +72,8 @@ enum Event {
     DeadLettered(FireRecord, String),
     Dropped(FireRecord, DropReason),
     Skipped(String, u64, SkipReason),
+    /// A ledger record of a job on a queue.
+    Recorded(String, Occurrence),
 }
 
 /// A change for the writer.
@@ -172,6 +174,12 @@ enum Effect {
         queue: String,
         count: u64,
         reason: SkipReason,
+    },
+    /// A ledger record of a job on `queue`.
+    Recorded {
+        job: JobId,
+        queue: String,
+        record: Occurrence,
     },
 }
 
@@ -317,6 +325,12 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
         now,
         ..Batch::default()
     };
+    // Ledger records memory let go of leave the store first (before any record this batch
+    // puts under a key one of them had).
+    let gone = std::mem::take(&mut inner.lock().ledger_gone);
+    batch
+        .writes
+        .extend(gone.iter().cloned().map(Write::DeleteOccurrence));
     for op in ops {
         decide(inner, &mut batch, op, now);
     }
@@ -349,6 +363,7 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
                 for (id, not_before) in &batch.redelivered {
                     state.requeue_unwritten(id, *not_before);
                 }
+                state.ledger_gone.extend(gone);
             }
         }
         // Job replies read the job from memory after apply, so they show the committed state.
@@ -392,6 +407,7 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
             Event::Skipped(queue, count, reason) => {
                 observer.occurrences_skipped(&queue, count, reason)
             }
+            Event::Recorded(queue, record) => observer.occurrence_recorded(&queue, &record),
         }
     }
     for (reply, answer) in batch_answers {
@@ -487,6 +503,10 @@ fn apply(
                 count,
                 reason,
             } => events.push(Event::Skipped(queue, count, reason)),
+            Effect::Recorded { job, queue, record } => {
+                state.record_occurrence(&job, record.clone());
+                events.push(Event::Recorded(queue, record));
+            }
             Effect::RetireLater(id) => {
                 let later = state.clock.now().plus(RETIRE_RECHECK_MICROS);
                 state.set_expiry(&id, Some(later));
@@ -589,27 +609,44 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
         }
         Op::Advance { due, reply } => {
             for (key, expected) in due {
-                decide_advance(inner, batch, &key.0, expected, now);
+                decide_advance(inner, batch, &key.0, expected, now, false);
             }
             batch.unit_replies.push(reply);
         }
         Op::Ack { fire_ids, reply } => {
-            let acked: Vec<FireId> = {
+            // Per acked fire: (job, its queue, occurrence, attempts) for its ledger record.
+            type Seal = Option<(JobId, String, Timestamp, u32)>;
+            let acked: Vec<(FireId, Seal)> = {
                 let state = inner.lock();
                 fire_ids
                     .into_iter()
-                    .filter(|id| {
-                        state
-                            .fires
-                            .get(id)
-                            .is_some_and(|f| f.status == FireStatus::Acked)
+                    .filter_map(|id| {
+                        let f = state.fires.get(&id)?;
+                        // A dead-lettered fire's occurrence is in the ledger as such already.
+                        let seal = (!f.rec.dead_lettered).then(|| {
+                            let r = &f.rec;
+                            let queue = f.spec.queue().to_string();
+                            (r.job_id.clone(), queue, r.scheduled_time, r.attempt)
+                        });
+                        (f.status == FireStatus::Acked).then_some((id, seal))
                     })
                     .collect()
             };
-            for id in acked {
+            for (id, seal) in acked {
                 // The same id may come from a stream ack, a unary ack and a retry at once.
                 if batch.acked.insert(id.clone()) {
                     batch.writes.push(Write::DeleteFire(id.clone()));
+                    if let Some((job, queue, scheduled, attempts)) = seal {
+                        let triggered = is_triggered(&id);
+                        let record = Occurrence::released(
+                            scheduled,
+                            triggered,
+                            Outcome::Delivered,
+                            attempts,
+                            now,
+                        );
+                        record_occurrence(inner, batch, job, queue, record);
+                    }
                     batch.effects.push(Effect::FireDeleted(id));
                 }
             }
@@ -632,11 +669,25 @@ fn decide_transition(
     let Some(mut job) = batch.job(inner, id) else {
         return Err(SchedulerError::NotFound(id.to_string()));
     };
+    let owed = job.owed(batch.now);
     if job
         .apply(transition)
         .map_err(|e| SchedulerError::FailedPrecondition(e.to_string()))?
     {
         batch.put_job(job.clone(), false);
+        let id: JobId = job.spec.id().into();
+        match (transition, owed) {
+            // What fell due while paused is decided now, by the misfire policy.
+            (Transition::Resume, Some(run)) => {
+                decide_advance(inner, batch, &job.spec, run.first, batch.now, true);
+            }
+            // Occurrences owed and never to be released go in the ledger.
+            (Transition::Cancel, Some(run)) => {
+                let queue = job.spec.queue().to_string();
+                record_occurrence(inner, batch, id, queue, Occurrence::skipped(run, batch.now));
+            }
+            _ => {}
+        }
     }
     Ok(job.spec.id().into())
 }
@@ -752,6 +803,23 @@ fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<FireId>) {
     batch.effects.push(Effect::JobDeleted { id, fires });
 }
 
+/// Puts a ledger record in the batch (unless the ledger keeps none).
+fn record_occurrence(
+    inner: &Inner,
+    batch: &mut Batch,
+    job: JobId,
+    queue: String,
+    record: Occurrence,
+) {
+    if inner.config.ledger.per_job == 0 {
+        return;
+    }
+    batch
+        .writes
+        .push(Write::PutOccurrence(job.clone(), record.clone()));
+    batch.effects.push(Effect::Recorded { job, queue, record });
+}
+
 /// Advances one due job: the job's new status and a record per fire go into the same batch.
 fn decide_advance(
     inner: &Inner,
@@ -759,6 +827,7 @@ fn decide_advance(
     spec: &PackedSpec,
     expected: Timestamp,
     now: Timestamp,
+    resumed: bool,
 ) {
     let Some(job) = batch.held_job(inner, spec) else {
         return;
@@ -785,6 +854,12 @@ fn decide_advance(
         batch.effects.push(Effect::Rearm(id));
         return;
     }
+    // Missed while paused, not while tickd was down: the ledger and the counter say so.
+    let missed = if resumed {
+        SkipReason::Paused
+    } else {
+        SkipReason::Misfire
+    };
     if plan.skipped > 0 {
         let at_least = if plan.skipped_at_least {
             "at least "
@@ -802,7 +877,7 @@ fn decide_advance(
         batch.effects.push(Effect::Skipped {
             queue: queue.to_string(),
             count: plan.skipped,
-            reason: SkipReason::Misfire,
+            reason: missed,
         });
     }
     if plan.skipped_no_room > 0 {
@@ -825,6 +900,14 @@ fn decide_advance(
             count,
             reason,
         });
+    }
+    for run in &plan.passed_over {
+        let mut run = *run;
+        if run.reason == SkipReason::Misfire {
+            run.reason = missed;
+        }
+        let record = Occurrence::skipped(run, now);
+        record_occurrence(inner, batch, id.clone(), queue.to_string(), record);
     }
     if let Some(n) = batch.queue_fires.get_mut(queue) {
         *n += plan.fires.len();
@@ -881,6 +964,20 @@ fn decide_redelivery(
     ) {
         AfterAttempt::DeadLetter { queue } => {
             batch.redelivered.push((fire_id.clone(), None));
+            let record = Occurrence::released(
+                rec.scheduled_time,
+                is_triggered(&fire_id),
+                Outcome::DeadLettered,
+                delivered_attempt,
+                now,
+            );
+            record_occurrence(
+                inner,
+                batch,
+                rec.job_id.clone(),
+                spec.queue().to_string(),
+                record,
+            );
             let from_queue = std::mem::replace(&mut rec.queue, queue);
             rec.attempt = 1;
             rec.not_before = None;
@@ -895,6 +992,14 @@ fn decide_redelivery(
         }
         AfterAttempt::Drop => {
             batch.redelivered.push((fire_id.clone(), None));
+            let record = Occurrence::released(
+                rec.scheduled_time,
+                is_triggered(&fire_id),
+                Outcome::Dropped,
+                delivered_attempt,
+                now,
+            );
+            record_occurrence(inner, batch, rec.job_id.clone(), rec.queue.clone(), record);
             batch.writes.push(Write::DeleteFire(fire_id));
             batch.effects.push(Effect::FireDropped(rec));
             return;

@@ -31,6 +31,7 @@ pub(super) enum Table {
     Specs = 0,
     Statuses = 1,
     Fires = 2,
+    Occurrences = 3,
 }
 
 const PUT: u8 = 0;
@@ -87,6 +88,10 @@ pub(super) fn encode_batch(writes: &[Write], buf: &mut Vec<u8>) -> Result<(), St
                 delete(buf, Table::Specs, id)?;
                 delete(buf, Table::Statuses, id)?;
             }
+            Write::PutOccurrence(job, record) => {
+                put(buf, Table::Occurrences, &record.store_key(job), record)?
+            }
+            Write::DeleteOccurrence(key) => delete(buf, Table::Occurrences, key)?,
         }
     }
     let payload = &buf[start + FRAME_LEN..];
@@ -216,6 +221,7 @@ pub(super) fn ops(payload: &[u8]) -> Result<Vec<LoggedOp<'_>>, String> {
             0 => Table::Specs,
             1 => Table::Statuses,
             2 => Table::Fires,
+            3 => Table::Occurrences,
             t => return Err(format!("unknown table {t}")),
         };
         let kind = head[1];

@@ -6,13 +6,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{Snapshot, Store, StoreError, Write};
-use crate::domain::{FireRecord, JobStatus, PackedSpec};
+use crate::domain::{FireRecord, JobStatus, Occurrence, PackedSpec};
 
 #[derive(Debug, Default)]
 struct Tables {
     specs: BTreeMap<String, PackedSpec>,
     statuses: BTreeMap<String, JobStatus>,
     fires: BTreeMap<String, FireRecord>,
+    occurrences: BTreeMap<String, Occurrence>,
 }
 
 /// Keeps everything in maps behind a mutex.
@@ -50,6 +51,11 @@ impl Store for MemoryStore {
         Ok(Snapshot {
             jobs,
             fires: t.fires.values().cloned().collect(),
+            occurrences: t
+                .occurrences
+                .iter()
+                .map(|(k, o)| (k.clone(), o.clone()))
+                .collect(),
         })
     }
 
@@ -74,6 +80,12 @@ impl Store for MemoryStore {
                 }
                 Write::DeleteFire(id) => {
                     t.fires.remove(&**id);
+                }
+                Write::PutOccurrence(job, record) => {
+                    t.occurrences.insert(record.store_key(job), record.clone());
+                }
+                Write::DeleteOccurrence(key) => {
+                    t.occurrences.remove(key);
                 }
                 Write::DeleteJob(id) => {
                     t.specs.remove(&**id);

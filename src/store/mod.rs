@@ -1,9 +1,11 @@
 //! Storage: what tickd keeps on disk, behind a small trait.
 //!
-//! The layout is three tables: job specs (written once, when a job is scheduled), job statuses
-//! (small, rewritten whenever a job fires, pauses or completes) and fires (written when a fire
-//! is released or redelivered, deleted when it is acked). Splitting spec from status keeps a
-//! large payload from being rewritten on every fire.
+//! The layout is four tables: job specs (written once, when a job is scheduled), job statuses
+//! (small, rewritten whenever a job fires, pauses or completes), fires (written when a fire
+//! is released or redelivered, deleted when it is acked) and the ledger of occurrences
+//! (written once per occurrence, when its fate is sealed; deleted when it falls out of the
+//! ledger's bounds). Splitting spec from status keeps a large payload from being rewritten on
+//! every fire.
 //!
 //! A store only applies ordered batches of writes atomically and durably, and loads everything
 //! back. It makes no decisions: the scheduler decides, then commits. It must not assume it is the
@@ -21,7 +23,7 @@ mod redb_store;
 pub use memory::MemoryStore;
 pub use redb_store::{DB_FILE_NAME, RedbStore};
 
-use crate::domain::{FireRecord, JobId, JobStatus, PackedSpec};
+use crate::domain::{FireRecord, JobId, JobStatus, Occurrence, PackedSpec};
 
 /// One change in a batch. Batches are applied in order, all or nothing.
 #[derive(Debug, Clone)]
@@ -34,8 +36,14 @@ pub enum Write {
     PutFire(FireRecord),
     /// A fire that is acked or dropped.
     DeleteFire(crate::domain::FireId),
-    /// A job (spec and status) that retention or DeleteJob removed.
+    /// A job (spec and status) that retention or DeleteJob removed. Its ledger records go
+    /// with their own deletes.
     DeleteJob(JobId),
+    /// A ledger record of a job: what became of an occurrence.
+    PutOccurrence(JobId, Occurrence),
+    /// A ledger record that is no longer kept, by its store key
+    /// ([`Occurrence::store_key`](crate::domain::Occurrence::store_key)).
+    DeleteOccurrence(String),
 }
 
 /// Everything a store holds, as loaded at start-up.
@@ -44,6 +52,8 @@ pub struct Snapshot {
     /// Packed as they are read, so that a million specs are never held twice at start-up.
     pub jobs: Vec<(PackedSpec, JobStatus)>,
     pub fires: Vec<FireRecord>,
+    /// Ledger records, by store key.
+    pub occurrences: Vec<(String, Occurrence)>,
 }
 
 /// Why a store operation failed.

@@ -21,10 +21,12 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 
 use super::{StoreError, codec};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
+use crate::domain::job::is_triggered;
 use crate::domain::job::{UpdateRefused, etag, triggered_fire_id};
+use crate::domain::ledger::OccurrenceKey;
 use crate::domain::{
-    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, PackedSpec, Timestamp, TraceContext,
-    Transition, TransitionRefused, advance_with_room, fire_id,
+    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Occurrence, Outcome, PackedSpec,
+    SkipReason, Timestamp, TraceContext, Transition, TransitionRefused, advance_with_room, fire_id,
 };
 
 /// Why [`PgStore::trigger`] released nothing.
@@ -133,6 +135,8 @@ fn state_of(name: &str) -> Result<JobState, StoreError> {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Whether occurrences' fates are written to the ledger (`--ledger-max-per-job` > 0).
+    ledger: bool,
 }
 
 impl PgStore {
@@ -153,7 +157,13 @@ impl PgStore {
             .connect(url)
             .await
             .map_err(db)?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, ledger: true })
+    }
+
+    /// The store writing occurrences' fates to the ledger (`true`, the default) or not.
+    pub fn with_ledger(mut self, on: bool) -> PgStore {
+        self.ledger = on;
+        self
     }
 
     /// Closes the pool, waiting for connections in use to come back.
@@ -262,61 +272,27 @@ impl PgStore {
             .into_iter()
             .map(|(q, n)| (q, usize::try_from(n).unwrap_or(usize::MAX)))
             .collect();
-        let mut fires = NewFires::default();
+        let mut staged = Staged::default();
         let mut updates = Vec::with_capacity(jobs.len());
         for ((job, version), db_now) in jobs {
-            let id = job.spec.id().to_string();
             let held = outstanding.entry(job.spec.queue().to_string()).or_default();
-            // One advance takes one on-time occurrence (or settles a misfire); a job late by
-            // several on-time occurrences takes several steps, at most MAX_STEPS per release
-            // (the rest is still due, for the next).
-            let mut next = job.clone();
-            let mut occurrences = Vec::new();
-            let mut skipped = Skipped {
-                job_id: id.clone(),
-                queue: job.spec.queue().to_string(),
-                misfire: 0,
-                misfire_at_least: false,
-                backlog_full: 0,
-                dst: (0, 0),
-            };
-            for _ in 0..MAX_STEPS {
-                let room = limits.max_backlog.saturating_sub(*held + occurrences.len());
-                let plan = advance_with_room(&next, db_now, limits.catch_up_cap, room);
-                if plan.status == next.status {
-                    break;
-                }
-                skipped.misfire += plan.skipped;
-                skipped.misfire_at_least |= plan.skipped_at_least;
-                skipped.backlog_full += plan.skipped_no_room;
-                skipped.dst.0 += plan.skipped_dst.0;
-                skipped.dst.1 += plan.skipped_dst.1;
-                occurrences.extend(plan.fires);
-                next.status = plan.status;
-                if next.next_due().is_none_or(|due| due > db_now) {
-                    break;
-                }
-            }
-            if skipped.misfire > 0 || skipped.backlog_full > 0 || skipped.dst != (0, 0) {
-                released.skipped.push(skipped);
-            }
-            for occurrence in occurrences {
-                let mut rec = FireRecord::released(
-                    fire_id(&id, occurrence),
-                    id.as_str().into(),
-                    job.spec.queue().to_string(),
-                    occurrence,
-                    db_now,
-                );
-                rec.trace = trace_for(&rec, &job);
-                *held += 1;
-                fires.push(&job, rec)?;
-            }
+            let next = staged.release(
+                &job,
+                db_now,
+                &limits,
+                held,
+                SkipReason::Misfire,
+                trace_for,
+                self.ledger,
+            )?;
             updates.push((next, version, db_now));
         }
         // One statement for every fire, one for every job: the transaction's round trips do
         // not grow with the batch.
-        released.fires = fires.insert(&mut tx).await?;
+        released.skipped = std::mem::take(&mut staged.skipped);
+        released.recorded = std::mem::take(&mut staged.recorded);
+        staged.ledger.insert(&mut tx).await?;
+        released.fires = staged.fires.insert(&mut tx).await?;
         update_jobs(&mut tx, &updates).await?;
         // Replicas with subscribers on these queues wake up when this commits.
         let queues: Vec<String> = released.fires.iter().map(|f| f.queue.clone()).collect();
@@ -431,28 +407,160 @@ impl PgStore {
 
     /// Cancels, pauses or resumes a job (see [`Job::apply`]), on whichever replica: the row is
     /// locked while it changes. `Ok(None)` when there is no such job.
+    ///
+    /// A resumed job's occurrences that fell due while it was paused are released (or passed
+    /// over as PAUSED, by the misfire policy) in the same transaction, as `release_due` would;
+    /// a cancelled job's owed occurrences go in the ledger.
     pub async fn transition(
         &self,
         id: &str,
         transition: Transition,
         now: Option<Timestamp>,
-    ) -> Result<Option<Result<Job, TransitionRefused>>, StoreError> {
+        limits: &ReleaseLimits,
+        trace_for: &(dyn Fn(&FireRecord, &Job) -> Option<TraceContext> + Sync),
+    ) -> Result<Option<Result<(Job, Released), TransitionRefused>>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let Some((mut job, version, db_now)) = locked_job(&mut tx, id, now, "UPDATE").await? else {
             return Ok(None);
         };
+        let owed = job.owed(db_now);
+        let mut released = Released::default();
         match job.apply(transition) {
             Err(refused) => return Ok(Some(Err(refused))),
             Ok(false) => {}
             Ok(true) => {
+                let mut staged = Staged::default();
+                match (transition, owed) {
+                    (Transition::Resume, Some(_)) => {
+                        let queue = job.spec.queue().to_string();
+                        let mut held = queue_fires(&mut tx, &queue).await?;
+                        job = staged.release(
+                            &job,
+                            db_now,
+                            limits,
+                            &mut held,
+                            SkipReason::Paused,
+                            trace_for,
+                            self.ledger,
+                        )?;
+                    }
+                    (Transition::Cancel, Some(run)) if self.ledger => {
+                        let record = Occurrence::skipped(run, db_now);
+                        staged.ledger.push(id, &record)?;
+                        staged.recorded.push((job.spec.queue().to_string(), record));
+                    }
+                    _ => {}
+                }
                 update_job(&mut tx, &job, version, db_now).await?;
+                staged.ledger.insert(&mut tx).await?;
+                released.fires = staged.fires.insert(&mut tx).await?;
+                released.skipped = staged.skipped;
+                released.recorded = staged.recorded;
+                notify(
+                    &mut tx,
+                    released.fires.iter().map(|f| f.queue.clone()).collect(),
+                )
+                .await?;
                 if job.status.state.is_final() {
                     job.status.finish_time.get_or_insert(db_now);
                 }
             }
         }
         tx.commit().await.map_err(db)?;
-        Ok(Some(Ok(job)))
+        Ok(Some(Ok((job, released))))
+    }
+
+    /// Up to `n` ledger records of a job, newest occurrence first, after `after`, none sealed
+    /// longer than `retention` before the database's now (or `now`); and whether more follow.
+    /// `None` when there is no such job.
+    pub async fn occurrences(
+        &self,
+        id: &str,
+        after: Option<OccurrenceKey>,
+        n: usize,
+        retention: Micros,
+        now: Option<Timestamp>,
+    ) -> Result<Option<(Vec<Occurrence>, bool)>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let exists: Option<i32> = sqlx::query_scalar("SELECT 1 FROM tickd_jobs WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let (after_time, after_triggered) = match after {
+            Some((t, triggered)) => (Some(time(t)?), triggered),
+            None => (None, false),
+        };
+        let rows = sqlx::query(
+            "SELECT job_id, scheduled_time, triggered, last_time, count, outcome, attempts, \
+                 record_time FROM tickd_occurrences \
+             WHERE job_id = $1 \
+               AND ($2::timestamptz IS NULL OR (scheduled_time, triggered) < ($2, $3)) \
+               AND record_time >= coalesce($5, now()) - $6 * interval '1 microsecond' \
+             ORDER BY scheduled_time DESC, triggered DESC LIMIT $4",
+        )
+        .bind(id)
+        .bind(after_time)
+        .bind(after_triggered)
+        .bind(i64::try_from(n.saturating_add(1)).unwrap_or(i64::MAX))
+        .bind(now.map(time).transpose()?)
+        .bind(retention)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        let mut records = rows
+            .iter()
+            .map(occurrence_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let more = records.len() > n;
+        records.truncate(n);
+        Ok(Some((records, more)))
+    }
+
+    /// Deletes up to `limit` ledger records sealed longer than `retention` before the
+    /// database's now (or `now`), then those beyond the newest `per_job` of each job; returns
+    /// how many went.
+    pub async fn prune_ledger(
+        &self,
+        now: Option<Timestamp>,
+        retention: Micros,
+        per_job: usize,
+        limit: i64,
+    ) -> Result<u64, StoreError> {
+        let old = sqlx::query(
+            "DELETE FROM tickd_occurrences WHERE ctid IN ( \
+                 SELECT ctid FROM tickd_occurrences \
+                 WHERE record_time < coalesce($1, now()) - $2 * interval '1 microsecond' \
+                 LIMIT $3)",
+        )
+        .bind(now.map(time).transpose()?)
+        .bind(retention)
+        .bind(limit)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        // Jobs over the cap, a few at a time; each keeps its newest `per_job`.
+        let over = sqlx::query(
+            "DELETE FROM tickd_occurrences o USING ( \
+                 SELECT job_id, scheduled_time, triggered FROM ( \
+                     SELECT job_id, scheduled_time, triggered, row_number() OVER ( \
+                         PARTITION BY job_id ORDER BY scheduled_time DESC, triggered DESC) AS n \
+                     FROM tickd_occurrences WHERE job_id IN ( \
+                         SELECT job_id FROM tickd_occurrences GROUP BY job_id \
+                         HAVING count(*) > $1 LIMIT 100)) ranked \
+                 WHERE n > $1) gone \
+             WHERE o.job_id = gone.job_id AND o.scheduled_time = gone.scheduled_time \
+               AND o.triggered = gone.triggered",
+        )
+        .bind(i64::try_from(per_job).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(old.rows_affected() + over.rows_affected())
     }
 
     /// Releases one extra fire of a scheduled or paused job now (TriggerJob), its schedule
@@ -473,13 +581,7 @@ impl PgStore {
             return Ok(Some(Err(TriggerFailed::Finished(job.status.state))));
         }
         let queue = job.spec.queue().to_string();
-        let outstanding: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM tickd_fires WHERE queue = $1")
-                .bind(&queue)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
-        let outstanding = usize::try_from(outstanding).unwrap_or(usize::MAX);
+        let outstanding = queue_fires(&mut tx, &queue).await?;
         if outstanding >= max_backlog {
             return Ok(Some(Err(TriggerFailed::Full(outstanding))));
         }
@@ -673,17 +775,24 @@ impl PgStore {
 
     /// Acks fires of `queue` by id, from any replica and whatever their lease: returns the
     /// ones that were outstanding (and are now gone).
+    /// Each one's occurrence goes in the ledger as delivered, at the database's now (or `now`),
+    /// in the same statement.
     pub async fn ack(
         &self,
         queue: &str,
         fire_ids: &[String],
+        now: Option<Timestamp>,
     ) -> Result<Vec<FireRecord>, StoreError> {
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM tickd_fires WHERE queue = $1 AND fire_id = ANY($2) \
-             RETURNING {FIRE_COLUMNS}"
+            "WITH done AS (DELETE FROM tickd_fires WHERE queue = $1 AND fire_id = ANY($2) \
+                 RETURNING {FIRE_COLUMNS}), \
+             sealed AS ({SEAL_DELIVERED}) \
+             SELECT * FROM done"
         )))
         .bind(queue)
         .bind(fire_ids)
+        .bind(now.map(time).transpose()?)
+        .bind(self.ledger)
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
@@ -692,16 +801,24 @@ impl PgStore {
 
     /// Acks many fires, each of its own queue (`(queue, fire_id)` pairs), in one commit: the
     /// acks that several streams sent meanwhile. Returns the ones that were outstanding.
-    pub async fn ack_each(&self, acks: &[(String, String)]) -> Result<Vec<FireRecord>, StoreError> {
+    pub async fn ack_each(
+        &self,
+        acks: &[(String, String)],
+        now: Option<Timestamp>,
+    ) -> Result<Vec<FireRecord>, StoreError> {
         let (queues, ids): (Vec<&str>, Vec<&str>) =
             acks.iter().map(|(q, id)| (q.as_str(), id.as_str())).unzip();
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM tickd_fires WHERE (queue, fire_id) IN \
+            "WITH done AS (DELETE FROM tickd_fires WHERE (queue, fire_id) IN \
                  (SELECT * FROM unnest($1::text[], $2::text[])) \
-             RETURNING {FIRE_COLUMNS}"
+                 RETURNING {FIRE_COLUMNS}), \
+             sealed AS ({SEAL_DELIVERED}) \
+             SELECT * FROM done"
         )))
         .bind(&queues)
         .bind(&ids)
+        .bind(now.map(time).transpose()?)
+        .bind(self.ledger)
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
@@ -758,7 +875,7 @@ impl PgStore {
             return Ok(None);
         };
         let failed = FailedAttempt::read(&row)?;
-        let outcome = failed.settle(&mut tx, |_| delay).await?;
+        let outcome = failed.settle(&mut tx, |_| delay, self.ledger).await?;
         notify(&mut tx, outcome.queue().into_iter().collect()).await?;
         tx.commit().await.map_err(db)?;
         Ok(Some(outcome))
@@ -794,7 +911,11 @@ impl PgStore {
             let failed = FailedAttempt::read(&row)?;
             outcomes.push(
                 failed
-                    .settle(&mut tx, |attempt| expiry_backoff(attempt, max_backoff))
+                    .settle(
+                        &mut tx,
+                        |attempt| expiry_backoff(attempt, max_backoff),
+                        self.ledger,
+                    )
                     .await?,
             );
         }
@@ -826,6 +947,8 @@ const FAILED_ATTEMPT_COLUMNS: &str = "fire_id, job_id, queue, scheduled_time, fi
 pub struct Attempted {
     pub fire: FireRecord,
     pub after: AfterAttempt,
+    /// The occurrence's ledger record, when the fire's fate is sealed.
+    pub record: Option<Occurrence>,
 }
 
 impl Attempted {
@@ -851,10 +974,12 @@ impl FailedAttempt {
     }
 
     /// Writes what [`after_attempt`] decides; `delay_for(attempt)` is the wait before the next.
+    /// A dead-lettered or dropped fire's occurrence goes in the ledger (when `ledger`).
     async fn settle(
         self,
         tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
         delay_for: impl Fn(u32) -> Micros,
+        ledger: bool,
     ) -> Result<Attempted, StoreError> {
         let delay = delay_for(self.fire.attempt);
         let id = &self.fire.fire_id;
@@ -887,9 +1012,25 @@ impl FailedAttempt {
             }
         };
         query.execute(&mut **tx).await.map_err(db)?;
+        let record = match after {
+            AfterAttempt::Again { .. } => None,
+            AfterAttempt::DeadLetter { .. } => Some(Outcome::DeadLettered),
+            AfterAttempt::Drop => Some(Outcome::Dropped),
+        }
+        .map(|outcome| {
+            let f = &self.fire;
+            let triggered = is_triggered(&f.fire_id);
+            Occurrence::released(f.scheduled_time, triggered, outcome, f.attempt, self.now)
+        });
+        if let Some(record) = record.as_ref().filter(|_| ledger) {
+            let mut new = NewOccurrences::default();
+            new.push(&self.fire.job_id, record)?;
+            new.insert(tx).await?;
+        }
         Ok(Attempted {
             fire: self.fire,
             after,
+            record,
         })
     }
 }
@@ -913,6 +1054,16 @@ fn labels_json(labels: &std::collections::BTreeMap<String, String>) -> Result<St
 /// The columns [`job_from_row`] reads.
 const JOB_COLUMNS: &str = "id, spec, state, next_occurrence, fire_count, create_time, \
      last_fire_time, finish_time, trace, version";
+
+/// The ledger records of the fires a `done` CTE deleted by ack ($3: now or null for the
+/// database's, $4: whether the ledger is kept). A dead-lettered fire's occurrence is in the
+/// ledger as such already.
+const SEAL_DELIVERED: &str = "INSERT INTO tickd_occurrences (job_id, scheduled_time, \
+     triggered, last_time, count, outcome, attempts, record_time) \
+     SELECT job_id, scheduled_time, right(fire_id, 8) = '#trigger', scheduled_time, 1, 1, \
+         attempt, coalesce($3::timestamptz, now()) \
+     FROM done WHERE NOT dead_lettered AND $4::bool \
+     ON CONFLICT (job_id, scheduled_time, triggered) DO NOTHING";
 
 /// The columns [`fire_from_row`] reads.
 const FIRE_COLUMNS: &str =
@@ -1002,6 +1153,91 @@ pub struct ReleaseLimits {
     pub max_backlog: usize,
 }
 
+/// Due jobs' releases being gathered for one transaction.
+#[derive(Default)]
+struct Staged {
+    fires: NewFires,
+    ledger: NewOccurrences,
+    skipped: Vec<Skipped>,
+    recorded: Vec<(String, Occurrence)>,
+}
+
+impl Staged {
+    /// Advances a due job as far as `db_now` (at most MAX_STEPS on-time occurrences; the rest
+    /// stays due for the next release): its fires and ledger records are staged, `held` (its
+    /// queue's outstanding fires) grows with its fires, and the job as it will be is returned.
+    /// Occurrences its misfire policy passes over are skipped for `missed` (MISFIRE, or
+    /// PAUSED on resume).
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &mut self,
+        job: &Job,
+        db_now: Timestamp,
+        limits: &ReleaseLimits,
+        held: &mut usize,
+        missed: SkipReason,
+        trace_for: &(dyn Fn(&FireRecord, &Job) -> Option<TraceContext> + Sync),
+        ledger: bool,
+    ) -> Result<Job, StoreError> {
+        let id = job.spec.id().to_string();
+        let queue = job.spec.queue().to_string();
+        let mut next = job.clone();
+        let mut occurrences = Vec::new();
+        let mut skipped = Skipped {
+            job_id: id.clone(),
+            queue: queue.clone(),
+            missed,
+            misfire: 0,
+            misfire_at_least: false,
+            backlog_full: 0,
+            dst: (0, 0),
+        };
+        for _ in 0..MAX_STEPS {
+            let room = limits.max_backlog.saturating_sub(*held + occurrences.len());
+            let plan = advance_with_room(&next, db_now, limits.catch_up_cap, room);
+            if plan.status == next.status {
+                break;
+            }
+            skipped.misfire += plan.skipped;
+            skipped.misfire_at_least |= plan.skipped_at_least;
+            skipped.backlog_full += plan.skipped_no_room;
+            skipped.dst.0 += plan.skipped_dst.0;
+            skipped.dst.1 += plan.skipped_dst.1;
+            for mut run in plan.passed_over {
+                if run.reason == SkipReason::Misfire {
+                    run.reason = missed;
+                }
+                let record = Occurrence::skipped(run, db_now);
+                if ledger {
+                    self.ledger.push(&id, &record)?;
+                    self.recorded.push((queue.clone(), record));
+                }
+            }
+            occurrences.extend(plan.fires);
+            next.status = plan.status;
+            if next.next_due().is_none_or(|due| due > db_now) {
+                break;
+            }
+        }
+        if skipped.misfire > 0 || skipped.backlog_full > 0 || skipped.dst != (0, 0) {
+            self.skipped.push(skipped);
+        }
+        for occurrence in occurrences {
+            let mut rec = FireRecord::released(
+                fire_id(&id, occurrence),
+                id.as_str().into(),
+                queue.clone(),
+                occurrence,
+                db_now,
+            );
+            rec.trace = trace_for(&rec, job);
+            *held += 1;
+            self.fires.push(job, rec)?;
+        }
+        Ok(next)
+    }
+}
+
 /// What one [`PgStore::release_due`] did.
 #[derive(Debug, Default)]
 pub struct Released {
@@ -1011,6 +1247,8 @@ pub struct Released {
     pub fires: Vec<FireRecord>,
     /// Jobs that passed occurrences over.
     pub skipped: Vec<Skipped>,
+    /// Ledger records written, with their job's queue.
+    pub recorded: Vec<(String, Occurrence)>,
 }
 
 /// Occurrences of one job passed over without a fire.
@@ -1018,6 +1256,8 @@ pub struct Released {
 pub struct Skipped {
     pub job_id: String,
     pub queue: String,
+    /// Why `misfire` were missed: MISFIRE, or PAUSED for a job resumed.
+    pub missed: SkipReason,
     /// By the misfire policy.
     pub misfire: u64,
     /// `misfire` stopped counting at its cap.
@@ -1229,6 +1469,95 @@ impl NewFires {
             .filter(|r| inserted.contains(&*r.fire_id))
             .collect())
     }
+}
+
+/// Ledger records to write in one statement.
+#[derive(Debug, Default)]
+struct NewOccurrences {
+    job_ids: Vec<String>,
+    scheduled: Vec<DateTime<Utc>>,
+    triggered: Vec<bool>,
+    last: Vec<DateTime<Utc>>,
+    counts: Vec<i64>,
+    outcomes: Vec<i16>,
+    attempts: Vec<i32>,
+    times: Vec<DateTime<Utc>>,
+}
+
+impl NewOccurrences {
+    fn push(&mut self, job_id: &str, r: &Occurrence) -> Result<(), StoreError> {
+        self.job_ids.push(job_id.to_string());
+        self.scheduled.push(time(r.scheduled)?);
+        self.triggered.push(r.triggered);
+        self.last.push(time(r.last)?);
+        self.counts.push(i64::try_from(r.count).unwrap_or(i64::MAX));
+        self.outcomes.push(i16::from(u8::from(r.outcome)));
+        self.attempts
+            .push(i32::try_from(r.attempts).unwrap_or(i32::MAX));
+        self.times.push(time(r.time)?);
+        Ok(())
+    }
+
+    /// Writes them all; a record under a key already there replaces it (a dead-lettered
+    /// occurrence later dropped from the dead-letter queue).
+    async fn insert(
+        self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    ) -> Result<(), StoreError> {
+        if self.job_ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO tickd_occurrences (job_id, scheduled_time, triggered, last_time,                  count, outcome, attempts, record_time)              SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bool[],                  $4::timestamptz[], $5::bigint[], $6::smallint[], $7::int[],                  $8::timestamptz[])              ON CONFLICT (job_id, scheduled_time, triggered) DO UPDATE SET                  last_time = excluded.last_time, count = excluded.count,                  outcome = excluded.outcome, attempts = excluded.attempts,                  record_time = excluded.record_time",
+        )
+        .bind(&self.job_ids)
+        .bind(&self.scheduled)
+        .bind(&self.triggered)
+        .bind(&self.last)
+        .bind(&self.counts)
+        .bind(&self.outcomes)
+        .bind(&self.attempts)
+        .bind(&self.times)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+}
+
+/// A ledger record from a `tickd_occurrences` row.
+fn occurrence_from_row(row: &sqlx::postgres::PgRow) -> Result<Occurrence, StoreError> {
+    let code: i16 = row.try_get("outcome").map_err(db)?;
+    let outcome = u8::try_from(code)
+        .map_err(|_| format!("unknown occurrence outcome {code}"))
+        .and_then(Outcome::try_from)
+        .map_err(|reason| StoreError::Corrupt {
+            table: "tickd_occurrences",
+            key: row.try_get::<String, _>("job_id").unwrap_or_default(),
+            reason,
+        })?;
+    Ok(Occurrence {
+        scheduled: instant(row, "scheduled_time")?,
+        last: instant(row, "last_time")?,
+        count: u64::try_from(row.try_get::<i64, _>("count").map_err(db)?).unwrap_or(0),
+        triggered: row.try_get("triggered").map_err(db)?,
+        outcome,
+        attempts: u32::try_from(row.try_get::<i32, _>("attempts").map_err(db)?).unwrap_or(0),
+        time: instant(row, "record_time")?,
+    })
+}
+
+/// Fires outstanding on `queue`.
+async fn queue_fires(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    queue: &str,
+) -> Result<usize, StoreError> {
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM tickd_fires WHERE queue = $1")
+        .bind(queue)
+        .fetch_one(&mut **tx)
+        .await
+        .map_err(db)?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// [`update_job`] for many jobs in one statement; fails (and the caller's transaction must

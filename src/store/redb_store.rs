@@ -28,11 +28,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::journal::{self, Appender, Table};
 use super::{Snapshot, Store, StoreError, Write, codec, is_full};
-use crate::domain::{FireRecord, JobSpec, JobStatus, PackedSpec};
+use crate::domain::{FireRecord, JobSpec, JobStatus, Occurrence, PackedSpec};
 
 const SPECS: TableDefinition<&str, &[u8]> = TableDefinition::new("job_specs");
 const STATUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_statuses");
 const FIRES: TableDefinition<&str, &[u8]> = TableDefinition::new("fires");
+const OCCURRENCES: TableDefinition<&str, &[u8]> = TableDefinition::new("occurrences");
 /// `journal_folded`: the newest journal segment whose writes are in redb.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const FOLDED: &str = "journal_folded";
@@ -364,16 +365,21 @@ fn last_writes<'a>(
     segment: &'a journal::Segment,
     corrupt: impl Fn(String) -> StoreError,
 ) -> Result<Vec<LastWrite<'a>>, StoreError> {
-    let mut by_table: [Vec<TableWrite<'_>>; 3] = Default::default();
+    let mut by_table: [Vec<TableWrite<'_>>; 4] = Default::default();
     for range in &segment.records {
         for op in journal::ops(&segment.bytes[range.clone()]).map_err(&corrupt)? {
             by_table[op.table as usize].push((op.key, op.value));
         }
     }
     let mut last = Vec::with_capacity(by_table.iter().map(Vec::len).sum());
-    for (table, mut writes) in [Table::Specs, Table::Statuses, Table::Fires]
-        .into_iter()
-        .zip(by_table)
+    for (table, mut writes) in [
+        Table::Specs,
+        Table::Statuses,
+        Table::Fires,
+        Table::Occurrences,
+    ]
+    .into_iter()
+    .zip(by_table)
     {
         writes.sort_by(|a, b| a.0.cmp(b.0));
         // `dedup_by` keeps the first of a run; it takes the value of each later one.
@@ -396,12 +402,16 @@ fn fold_into(db: &Database, n: u64, last: &[LastWrite<'_>]) -> Result<(), StoreE
         let mut specs = txn.open_table(SPECS).map_err(io("open job_specs"))?;
         let mut statuses = txn.open_table(STATUSES).map_err(io("open job_statuses"))?;
         let mut fires = txn.open_table(FIRES).map_err(io("open fires"))?;
+        let mut occurrences = txn
+            .open_table(OCCURRENCES)
+            .map_err(io("open occurrences"))?;
         let mut meta = txn.open_table(META).map_err(io("open meta"))?;
         for &((table, key), value) in last {
             let table = match table {
                 Table::Specs => &mut specs,
                 Table::Statuses => &mut statuses,
                 Table::Fires => &mut fires,
+                Table::Occurrences => &mut occurrences,
             };
             match value {
                 Some(value) => {
@@ -438,7 +448,7 @@ fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError
         })?;
     // Create the tables up front so that a read of a fresh store finds them.
     let txn = db.begin_write().map_err(io("begin write"))?;
-    for table in [SPECS, STATUSES, FIRES] {
+    for table in [SPECS, STATUSES, FIRES, OCCURRENCES] {
         txn.open_table(table).map_err(io("open table"))?;
     }
     txn.open_table(META).map_err(io("open table"))?;
@@ -487,6 +497,15 @@ impl Store for RedbStore {
             let (key, value) = entry.map_err(io("read fires"))?;
             let fire: FireRecord = codec::decode("fires", key.value(), value.value())?;
             snap.fires.push(fire);
+        }
+        let occurrences = txn
+            .open_table(OCCURRENCES)
+            .map_err(io("open occurrences"))?;
+        for entry in occurrences.iter().map_err(io("scan occurrences"))? {
+            let (key, value) = entry.map_err(io("read occurrences"))?;
+            let key = key.value();
+            let record: Occurrence = codec::decode("occurrences", key, value.value())?;
+            snap.occurrences.push((key.to_string(), record));
         }
         Ok(snap)
     }

@@ -35,6 +35,7 @@ pub struct Instruments {
     pub dead_letters: Counter<u64>,
     pub dropped: Counter<u64>,
     pub skipped: Counter<u64>,
+    pub occurrences: Counter<u64>,
     pub rpc_duration: Histogram<f64>,
     pub commit_duration: Histogram<f64>,
     pub commit_writes: Histogram<u64>,
@@ -167,7 +168,14 @@ fn install() -> Installed {
             .u64_counter("tickd.occurrences.skipped")
             .with_unit("{occurrence}")
             .with_description(
-                "Occurrences passed over without a fire, by queue and reason (misfire, backlog_full)",
+                "Occurrences passed over without a fire, by queue and reason (misfire, paused, backlog_full, dst_gap, dst_repeat, ended)",
+            )
+            .build(),
+        occurrences: meter
+            .u64_counter("tickd.occurrences")
+            .with_unit("{occurrence}")
+            .with_description(
+                "Occurrences whose fate the ledger recorded, by queue, outcome (delivered, dead_lettered, dropped, skipped) and reason (the skip reason, else none)",
             )
             .build(),
         rpc_duration: meter

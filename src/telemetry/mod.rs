@@ -33,7 +33,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 pub use traces::{span_context_of, trace_context_of};
 
-use crate::domain::{FireRecord, Job, Timestamp, TraceContext};
+use crate::domain::{FireRecord, Job, Occurrence, Outcome, Timestamp, TraceContext};
 use crate::scheduler::{DropReason, Observer, RedeliveryReason, SkipReason};
 
 /// Set once a trace exporter is installed; until then no fire span is built at all.
@@ -337,6 +337,21 @@ impl Observer for FireTelemetry {
             &[
                 KeyValue::new("tickd.queue", queue.to_string()),
                 KeyValue::new("tickd.skip.reason", reason.as_str()),
+            ],
+        );
+    }
+
+    fn occurrence_recorded(&self, queue: &str, record: &Occurrence) {
+        let reason = match record.outcome {
+            Outcome::Skipped(r) => r.as_str(),
+            _ => "none",
+        };
+        self.metrics.occurrences.add(
+            record.count,
+            &[
+                KeyValue::new("tickd.queue", queue.to_string()),
+                KeyValue::new("tickd.outcome", record.outcome.as_str()),
+                KeyValue::new("tickd.reason", reason),
             ],
         );
     }
