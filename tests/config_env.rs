@@ -27,6 +27,8 @@ fn every_tickd_variable_reaches_its_flag() {
         ("TICKD_MAX_REDELIVERY_BACKOFF", "3s"),
         ("TICKD_SHUTDOWN_GRACE", "4s"),
         ("TICKD_RETENTION", "12h"),
+        ("TICKD_LEDGER_RETENTION", "2d"),
+        ("TICKD_LEDGER_MAX_PER_JOB", "50"),
         ("TICKD_MAX_QUEUE_BACKLOG", "77"),
         ("TICKD_MAX_SUBSCRIBERS", "55"),
         ("TICKD_SUBSCRIBE_OPEN_TIMEOUT", "3s"),
@@ -71,6 +73,8 @@ fn every_tickd_variable_reaches_its_flag() {
     assert_eq!(c.max_redelivery_backoff, Duration::from_secs(3));
     assert_eq!(c.shutdown_grace, Duration::from_secs(4));
     assert_eq!(c.retention, Duration::from_secs(12 * 3_600));
+    assert_eq!(c.ledger_retention, Duration::from_secs(2 * 24 * 3_600));
+    assert_eq!(c.ledger_max_per_job, 50);
     assert_eq!(c.max_queue_backlog, 77);
     assert_eq!(c.max_subscribers, 55);
     assert_eq!(c.subscribe_open_timeout, Duration::from_secs(3));

@@ -37,7 +37,7 @@ async fn tables(url: &str) -> Vec<String> {
 }
 
 /// Three replicas starting at once on a fresh database: every one succeeds, the schema is
-/// there once, and the migration is recorded once.
+/// there once, and each migration is recorded once.
 #[tokio::test]
 async fn replicas_starting_at_once_migrate_once() {
     let db = TestDatabase::create().await;
@@ -52,7 +52,12 @@ async fn replicas_starting_at_once_migrate_once() {
     }
     assert_eq!(
         tables(&db.url).await,
-        vec!["_sqlx_migrations", "tickd_fires", "tickd_jobs"]
+        vec![
+            "_sqlx_migrations",
+            "tickd_fires",
+            "tickd_jobs",
+            "tickd_occurrences"
+        ]
     );
     let mut conn = PgConnection::connect(&db.url).await.expect("connect");
     let applied: Vec<(i64, bool)> =
@@ -60,17 +65,15 @@ async fn replicas_starting_at_once_migrate_once() {
             .fetch_all(&mut conn)
             .await
             .expect("read migrations");
-    assert_eq!(
-        applied,
-        vec![(tickd::store::postgres::schema_version(), true)]
-    );
+    assert_eq!(applied, vec![(1, true), (2, true)]);
+    assert_eq!(tickd::store::postgres::schema_version(), 2);
     let _ = conn.close().await;
 
     // Once more (a restart): nothing to do, nothing changed.
     tickd::store::postgres::migrate(&db.url)
         .await
         .expect("migrate again");
-    assert_eq!(tables(&db.url).await.len(), 3);
+    assert_eq!(tables(&db.url).await.len(), 4);
 }
 
 /// A database that cannot be reached is a clear error, not a hang or a panic.

@@ -568,3 +568,37 @@ async fn trigger_prints_the_fire_id() {
     assert!(text.is_empty(), "errors go to stderr: {text}");
     server.stop().await;
 }
+
+/// `occurrences` (alias `ledger`) shows a job's ledger: a triggered fire acked, newest first.
+#[tokio::test]
+async fn occurrences_show_the_ledger() {
+    let mut server = TestServer::manual().await;
+    json(
+        &tickctl(
+            &server,
+            &[
+                "-o", "json", "schedule", "--queue", "cli", "--id", "l", "--every", "1h",
+            ],
+            None,
+        )
+        .await,
+    );
+    let empty = stdout(&tickctl(&server, &["occurrences", "l"], None).await);
+    assert!(empty.contains("no occurrence"), "{empty}");
+    let fired = json(&tickctl(&server, &["-o", "json", "trigger", "l"], None).await);
+    let id = fired["fire_id"].as_str().expect("fire_id");
+    server.settle().await;
+    assert_eq!(server.ack("cli", &[id]).await, 1);
+    let listed = json(&tickctl(&server, &["-o", "json", "ledger", "l"], None).await);
+    let first = &listed["occurrences"][0];
+    assert_eq!(first["fire_id"].as_str(), Some(id), "{listed}");
+    assert_eq!(first["outcome"], "OCCURRENCE_OUTCOME_DELIVERED");
+    assert_eq!(first["triggered"], true);
+    assert_eq!(listed["more"], false);
+    let text = stdout(&tickctl(&server, &["occurrences", "l"], None).await);
+    assert!(text.starts_with("SCHEDULED"), "{text}");
+    assert!(text.contains("delivered (triggered)"), "{text}");
+    let missing = tickctl(&server, &["occurrences", "nope"], None).await;
+    assert!(!missing.status.success());
+    server.stop().await;
+}

@@ -79,6 +79,15 @@ enum Command {
     /// Show the occurrences a job would release (an existing job with --job, or a proposed
     /// one from trigger flags), with jitter, fire ids and what DST does to each.
     Preview(Box<PreviewArgs>),
+    /// Show what became of a job's occurrences (its ledger), newest first: delivered,
+    /// dead-lettered, dropped, or skipped and why.
+    #[command(alias = "ledger")]
+    Occurrences {
+        id: String,
+        /// Most entries to show.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -985,6 +994,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::List(args) => list(&mut client, args, output).await,
         Command::Subscribe(args) => subscribe(&mut client, args).await,
         Command::Preview(args) => preview(&mut client, *args, output).await,
+        Command::Occurrences { id, count } => occurrences(&mut client, id, count, output).await,
         Command::Update(args) => update(&mut client, *args, output).await,
         Command::Trigger { id } => {
             let fired = client
@@ -1088,6 +1098,110 @@ async fn preview(client: &mut Client, args: PreviewArgs, output: Output) -> Resu
                 emit("more follow: raise --count, or narrow --from and --until");
             }
             emit_fmt!("time zone database {}", p.time_zone_database_version);
+        }
+    }
+    Ok(())
+}
+
+async fn occurrences(
+    client: &mut Client,
+    id: String,
+    count: usize,
+    output: Output,
+) -> Result<(), Failure> {
+    let mut entries = Vec::new();
+    let mut page_token = String::new();
+    let mut more = false;
+    while entries.len() < count {
+        let page = client
+            .list_occurrences(pb::ListOccurrencesRequest {
+                job_id: id.clone(),
+                page_size: i32::try_from(count - entries.len()).unwrap_or(1_000),
+                page_token,
+            })
+            .await?
+            .into_inner();
+        entries.extend(page.occurrences);
+        more = !page.next_page_token.is_empty();
+        if !more {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    entries.truncate(count);
+    let outcome = |o: &pb::Occurrence| match o.outcome() {
+        pb::OccurrenceOutcome::Delivered => "delivered".to_string(),
+        pb::OccurrenceOutcome::DeadLettered => "dead-lettered".to_string(),
+        pb::OccurrenceOutcome::Dropped => "dropped".to_string(),
+        pb::OccurrenceOutcome::Skipped => format!(
+            "skipped: {}",
+            match o.skip_reason() {
+                pb::SkipReason::Misfire => "missed (misfire policy)",
+                pb::SkipReason::Paused => "job paused",
+                pb::SkipReason::Overlap => "previous fire still running",
+                pb::SkipReason::BacklogFull => "queue backlog full",
+                pb::SkipReason::DstGap => "local time did not exist (DST)",
+                pb::SkipReason::DstRepeat => "local time repeated (DST)",
+                pb::SkipReason::Ended => "job ended",
+                pb::SkipReason::Unspecified => "unknown",
+            }
+        ),
+        pb::OccurrenceOutcome::Unspecified => "unknown".to_string(),
+    };
+    match output {
+        Output::Json => {
+            let list: Vec<Value> = entries
+                .iter()
+                .map(|o| {
+                    json!({
+                        "scheduled_time": time_str(&o.scheduled_time),
+                        "last_scheduled_time": time_str(&o.last_scheduled_time),
+                        "count": o.count,
+                        "fire_id": (!o.fire_id.is_empty()).then_some(&o.fire_id),
+                        "outcome": o.outcome().as_str_name(),
+                        "skip_reason": (o.skip_reason() != pb::SkipReason::Unspecified)
+                            .then(|| o.skip_reason().as_str_name()),
+                        "attempts": o.attempts,
+                        "record_time": time_str(&o.record_time),
+                        "triggered": o.triggered,
+                    })
+                })
+                .collect();
+            emit(json!({ "occurrences": list, "more": more }));
+        }
+        Output::Table => {
+            let dash = || "-".to_string();
+            emit_fmt!(
+                "{:<28}  {:>5}  {:<8}  {:<28}  OUTCOME",
+                "SCHEDULED",
+                "COUNT",
+                "ATTEMPTS",
+                "SEALED"
+            );
+            for o in &entries {
+                let scheduled = match o.count {
+                    1 => time_str(&o.scheduled_time).unwrap_or_else(dash),
+                    _ => format!("{} ..", time_str(&o.scheduled_time).unwrap_or_else(dash)),
+                };
+                let triggered = if o.triggered { " (triggered)" } else { "" };
+                emit_fmt!(
+                    "{:<28}  {:>5}  {:<8}  {:<28}  {}{}",
+                    scheduled,
+                    o.count,
+                    o.attempts,
+                    time_str(&o.record_time).unwrap_or_else(dash),
+                    outcome(o),
+                    triggered
+                );
+            }
+            if entries.is_empty() {
+                emit(
+                    "no occurrence of this job has been delivered or skipped yet (or its records passed --ledger-retention)",
+                );
+            }
+            if more {
+                emit("older entries follow: raise --count");
+            }
         }
     }
     Ok(())

@@ -77,6 +77,10 @@ template:
             value: {{ .Values.tickd.subscribeOpenTimeout | quote }}
           - name: TICKD_RETENTION
             value: {{ .Values.tickd.retention | quote }}
+          - name: TICKD_LEDGER_RETENTION
+            value: {{ .Values.tickd.ledgerRetention | quote }}
+          - name: TICKD_LEDGER_MAX_PER_JOB
+            value: {{ .Values.tickd.ledgerMaxPerJob | int64 | quote }}
           - name: TICKD_SHUTDOWN_GRACE
             value: {{ .Values.tickd.shutdownGrace | quote }}
           - name: TICKD_REQUEST_TIMEOUT
