@@ -8,9 +8,11 @@ CREATE TABLE tickd_occurrences (
     scheduled_time timestamptz NOT NULL,
     -- Released by TriggerJob rather than by the schedule.
     triggered      boolean NOT NULL,
-    -- The last occurrence of a run, and how many it holds (1 unless a skipped run).
+    -- The last occurrence of a run, and how many it holds (1 unless a skipped run); a
+    -- count that stopped at its cap (a cron run is counted by walking it) is a lower bound.
     last_time      timestamptz NOT NULL,
     count          bigint NOT NULL,
+    count_at_least boolean NOT NULL DEFAULT false,
     -- 1 delivered, 2 dead-lettered, 3 dropped, 16 + reason skipped (tickd's Outcome codes).
     outcome        smallint NOT NULL,
     attempts       integer NOT NULL,

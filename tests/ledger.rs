@@ -169,3 +169,181 @@ both_backends! {
         server.stop().await;
     }
 }
+
+const STEP: i64 = 5_000_000;
+const DAY: i64 = 86_400_000_000;
+
+fn utc_micros(rfc3339: &str) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .expect("time")
+        .timestamp_micros()
+}
+
+/// The next `n` occurrences of job `tick` fire on time and are acked, one by one.
+async fn fire_next(server: &mut TestServer, sub: &mut Sub, q: &str, n: usize) {
+    for _ in 0..n {
+        let next = micros_of(&server.job("tick").await.next_fire_time);
+        server.advance_to(next).await;
+        took(server, sub, q, next).await;
+    }
+}
+
+/// Takes the one fire released for `at`, acks it, and waits until the ack is stored.
+async fn took(server: &mut TestServer, sub: &mut Sub, q: &str, at: i64) {
+    let fire = sub.recv().await;
+    assert_eq!(micros_of(&fire.scheduled_time), at, "{}", fire.fire_id);
+    sub.ack(&[&fire.fire_id]).await;
+    server.wait_in_flight(q, 0).await;
+}
+
+both_backends! {
+    /// A month of a `*/5 * * * * *` job in Berlin (518,400 slots), across a clock jump while
+    /// up, two outages, two pauses and the night the clocks go back (repeat FIRST: the second
+    /// pass of 02:00–02:59:55 is skipped): the ledger and the pending occurrence cover every
+    /// 5-second instant of the month exactly once. The instants are computed here, not by
+    /// tickd: Berlin's offset is whole hours, so every UTC instant on the 5-second grid is a
+    /// slot.
+    #[tokio::test]
+    async fn a_month_of_slots_each_accounted_for_once(backend) {
+        let q = &format!("month-{}", backend.name());
+        let t0 = utc_micros("2026-10-10T00:00:00Z");
+        let mut server = backend
+            .manual_at(t0, |c| {
+                c.ledger_max_per_job = 100_000;
+                c.ledger_retention = std::time::Duration::from_secs(60 * 86_400);
+            })
+            .await;
+        let mut sub = server.subscribe(q, 10).await;
+        let mut j = job(
+            q,
+            pb::Trigger {
+                kind: Some(pb::trigger::Kind::Cron(pb::Cron {
+                    expression: "*/5 * * * * *".into(),
+                    time_zone: "Europe/Berlin".into(),
+                    dst_policy: Some(pb::DstPolicy {
+                        gap: pb::DstGapPolicy::Unspecified.into(),
+                        repeat: pb::DstRepeatPolicy::First.into(),
+                    }),
+                    ..Default::default()
+                })),
+            },
+        );
+        j.id = "tick".into();
+        j.misfire_policy = pb::MisfirePolicy::Skip.into();
+        j.misfire_grace_period = Some(ms(1_000));
+        server.schedule(j).await;
+
+        fire_next(&mut server, &mut sub, q, 6).await;
+        // The clock jumps two days while tickd runs: MISFIRE.
+        let at = server.now() + 2 * DAY;
+        server.advance_to(at).await;
+        took(&mut server, &mut sub, q, at).await;
+        fire_next(&mut server, &mut sub, q, 3).await;
+        // Down three days: MISFIRE.
+        drop(sub);
+        let at = server.now() + 3 * DAY;
+        let mut server = server.restart_after(3 * DAY / 1_000).await;
+        let mut sub = server.subscribe(q, 10).await;
+        server.settle().await;
+        took(&mut server, &mut sub, q, at).await;
+        fire_next(&mut server, &mut sub, q, 3).await;
+        // Paused four days: PAUSED.
+        server.pause("tick").await.expect("pause");
+        server.settle().await;
+        let at = server.now() + 4 * DAY;
+        server.advance_to(at).await;
+        server.resume("tick").await.expect("resume");
+        server.settle().await;
+        took(&mut server, &mut sub, q, at).await;
+        fire_next(&mut server, &mut sub, q, 3).await;
+        // Up to just before the clocks go back, then through the night: 02:59:55 CEST is
+        // followed by 03:00:00 CET, an hour later; the hour between is DST_REPEAT.
+        let at = utc_micros("2026-10-25T00:59:30Z");
+        server.advance_to(at).await;
+        took(&mut server, &mut sub, q, at).await;
+        fire_next(&mut server, &mut sub, q, 6).await;
+        assert_eq!(server.now(), utc_micros("2026-10-25T02:00:00Z"));
+        // Down five days, then paused until the month is over.
+        drop(sub);
+        let at = server.now() + 5 * DAY;
+        let mut server = server.restart_after(5 * DAY / 1_000).await;
+        let mut sub = server.subscribe(q, 10).await;
+        server.settle().await;
+        took(&mut server, &mut sub, q, at).await;
+        fire_next(&mut server, &mut sub, q, 2).await;
+        server.pause("tick").await.expect("pause");
+        server.settle().await;
+        let at = t0 + 30 * DAY;
+        server.advance_to(at).await;
+        server.resume("tick").await.expect("resume");
+        server.settle().await;
+        took(&mut server, &mut sub, q, at).await;
+        fire_next(&mut server, &mut sub, q, 2).await;
+
+        // Every entry, oldest last.
+        let mut entries = Vec::new();
+        let mut token = String::new();
+        loop {
+            let p = page(&mut server, "tick", 1_000, token).await.expect("page");
+            entries.extend(p.occurrences);
+            if p.next_page_token.is_empty() {
+                break;
+            }
+            token = p.next_page_token;
+        }
+        let pending = micros_of(&server.job("tick").await.next_fire_time);
+        let first = t0 + STEP;
+        let slots = ((pending - first) / STEP) as usize;
+        assert!(slots > 30 * 86_400 / 5, "a month: {slots} slots");
+        // Each entry covers first..=last on the grid; its count is exact, or a lower bound
+        // (10,000: the cron walk's cap) when it says so.
+        let mut seen = vec![0u8; slots];
+        for e in &entries {
+            let (from, to) = (micros_of(&e.scheduled_time), micros_of(&e.last_scheduled_time));
+            assert_eq!((from - first) % STEP, 0, "on the grid: {e:?}");
+            let len = ((to - from) / STEP + 1) as u64;
+            if e.count_at_least {
+                assert!(e.count == 10_000 && len > e.count, "{e:?}");
+            } else {
+                assert_eq!(len, e.count, "a run is contiguous: {e:?}");
+            }
+            for k in 0..len as i64 {
+                let i = ((from - first) / STEP + k) as usize;
+                assert!(i < slots, "before the pending occurrence: {e:?}");
+                seen[i] += 1;
+            }
+        }
+        let missing = seen.iter().filter(|n| **n == 0).count();
+        let twice = seen.iter().filter(|n| **n > 1).count();
+        assert_eq!((missing, twice), (0, 0), "every slot once");
+
+        use pb::SkipReason::*;
+        let total = |reason: pb::SkipReason| -> u64 {
+            entries
+                .iter()
+                .filter(|e| e.skip_reason() == reason)
+                .map(|e| {
+                    (micros_of(&e.last_scheduled_time) - micros_of(&e.scheduled_time)) / STEP + 1
+                })
+                .sum::<i64>() as u64
+        };
+        let delivered = entries
+            .iter()
+            .filter(|e| e.outcome() == pb::OccurrenceOutcome::Delivered)
+            .count();
+        assert_eq!(delivered, 6 + 1 + 3 + 1 + 3 + 1 + 3 + 1 + 6 + 1 + 2 + 1 + 2);
+        assert_eq!(total(DstRepeat), 720);
+        let dst = entries
+            .iter()
+            .find(|e| e.skip_reason() == DstRepeat)
+            .expect("the repeated hour");
+        assert_eq!(micros_of(&dst.scheduled_time), utc_micros("2026-10-25T01:00:00Z"));
+        assert!(total(Misfire) > 5 * 86_400 / 5 && total(Paused) > 4 * 86_400 / 5);
+        assert!(entries.iter().any(|e| e.count_at_least), "days of a cron run: at least 10,000");
+        assert_eq!(
+            total(Misfire) + total(Paused) + total(DstRepeat) + delivered as u64,
+            slots as u64
+        );
+        server.stop().await;
+    }
+}

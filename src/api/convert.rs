@@ -156,6 +156,7 @@ pub fn occurrence(job_id: &str, o: &Occurrence) -> pb::Occurrence {
         attempts: o.attempts,
         record_time: Some(timestamp(o.time)),
         triggered: o.triggered,
+        count_at_least: o.count_at_least,
     }
 }
 

@@ -326,11 +326,12 @@ impl Job {
         let first = self.status.next_occurrence.filter(|o| *o <= now)?;
         let rec = self.recurrence()?;
         let last = rec.latest_at_or_before(now).map_or(first, |l| l.max(first));
-        let (count, _) = rec.count_between(first, last, MAX_COUNTED_OCCURRENCES);
+        let (count, at_least) = rec.count_between(first, last, MAX_COUNTED_OCCURRENCES);
         Some(Skipped {
             first,
             last,
             count: count.max(1),
+            at_least,
             reason: match self.status.state {
                 JobState::Paused => SkipReason::Paused,
                 _ => SkipReason::Ended,
@@ -444,12 +445,13 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
     let mut skipped = 0;
     let mut skipped_at_least = false;
     let mut passed_over = Vec::new();
-    let mut missed = |first: Timestamp, last: Option<Timestamp>, count: u64| {
+    let mut missed = |first: Timestamp, last: Option<Timestamp>, count: u64, at_least: bool| {
         if let Some(last) = last.filter(|_| count > 0) {
             passed_over.push(Skipped {
                 first,
                 last,
                 count,
+                at_least,
                 reason: SkipReason::Misfire,
             });
         }
@@ -479,14 +481,19 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
                 let (n, capped) = rec.count_between(first, latest, MAX_COUNTED_OCCURRENCES);
                 skipped = n.saturating_sub(1);
                 skipped_at_least = capped;
-                missed(first, rec.latest_at_or_before(latest.minus(1)), skipped);
+                missed(
+                    first,
+                    rec.latest_at_or_before(latest.minus(1)),
+                    skipped,
+                    capped,
+                );
             }
             MisfirePolicy::Skip => {
                 let (n, capped) = rec.count_between(first, latest, MAX_COUNTED_OCCURRENCES);
                 // `first` is known to be pending even if a cron walk could not re-find it.
                 skipped = n.max(1);
                 skipped_at_least = capped;
-                missed(first, Some(latest), skipped);
+                missed(first, Some(latest), skipped, capped);
             }
             MisfirePolicy::FireAll => {
                 let mut cursor = Some(first);
@@ -495,7 +502,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
                         let (n, capped) = rec.count_between(o, latest, MAX_COUNTED_OCCURRENCES);
                         skipped = n;
                         skipped_at_least = capped;
-                        missed(o, Some(latest), skipped);
+                        missed(o, Some(latest), skipped, capped);
                         break;
                     }
                     fires.push(o);
@@ -513,6 +520,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
                 first: fires[keep],
                 last: fires[fires.len() - 1],
                 count: (fires.len() - keep) as u64,
+                at_least: false,
                 reason,
             });
             fires.truncate(keep);

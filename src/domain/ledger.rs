@@ -51,6 +51,9 @@ pub struct Skipped {
     pub first: Timestamp,
     pub last: Timestamp,
     pub count: u64,
+    /// `count` stopped at its cap (a cron run is counted by walking it, 10,000 steps at
+    /// most): the run holds at least that many; `first` and `last` are exact.
+    pub at_least: bool,
     pub reason: SkipReason,
 }
 
@@ -66,6 +69,7 @@ impl Skipped {
                 first: at,
                 last: at,
                 count: 1,
+                at_least: false,
                 reason,
             }),
         }
@@ -161,6 +165,9 @@ pub struct Occurrence {
     pub attempts: u32,
     /// When its fate was sealed: the ack, the dead-lettering, the drop or the skip.
     pub time: Timestamp,
+    /// `count` is a lower bound (see [`Skipped::at_least`]).
+    #[serde(default)]
+    pub count_at_least: bool,
 }
 
 /// Where a record sits in its job's ledger: by occurrence, then scheduled before triggered.
@@ -183,6 +190,7 @@ impl Occurrence {
             outcome,
             attempts,
             time,
+            count_at_least: false,
         }
     }
 
@@ -196,6 +204,7 @@ impl Occurrence {
             outcome: Outcome::Skipped(run.reason),
             attempts: 0,
             time,
+            count_at_least: run.at_least,
         }
     }
 
@@ -357,6 +366,7 @@ mod tests {
             first: Timestamp(1),
             last: Timestamp(9),
             count: 5,
+            at_least: true,
             reason: DstGap,
         };
         let r = Occurrence::skipped(run, Timestamp(10));

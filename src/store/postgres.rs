@@ -495,8 +495,8 @@ impl PgStore {
             None => (None, false),
         };
         let rows = sqlx::query(
-            "SELECT job_id, scheduled_time, triggered, last_time, count, outcome, attempts, \
-                 record_time FROM tickd_occurrences \
+            "SELECT job_id, scheduled_time, triggered, last_time, count, count_at_least, \
+                 outcome, attempts, record_time FROM tickd_occurrences \
              WHERE job_id = $1 \
                AND ($2::timestamptz IS NULL OR (scheduled_time, triggered) < ($2, $3)) \
                AND record_time >= coalesce($5, now()) - $6 * interval '1 microsecond' \
@@ -1479,6 +1479,7 @@ struct NewOccurrences {
     triggered: Vec<bool>,
     last: Vec<DateTime<Utc>>,
     counts: Vec<i64>,
+    at_least: Vec<bool>,
     outcomes: Vec<i16>,
     attempts: Vec<i32>,
     times: Vec<DateTime<Utc>>,
@@ -1491,6 +1492,7 @@ impl NewOccurrences {
         self.triggered.push(r.triggered);
         self.last.push(time(r.last)?);
         self.counts.push(i64::try_from(r.count).unwrap_or(i64::MAX));
+        self.at_least.push(r.count_at_least);
         self.outcomes.push(i16::from(u8::from(r.outcome)));
         self.attempts
             .push(i32::try_from(r.attempts).unwrap_or(i32::MAX));
@@ -1508,7 +1510,16 @@ impl NewOccurrences {
             return Ok(());
         }
         sqlx::query(
-            "INSERT INTO tickd_occurrences (job_id, scheduled_time, triggered, last_time,                  count, outcome, attempts, record_time)              SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bool[],                  $4::timestamptz[], $5::bigint[], $6::smallint[], $7::int[],                  $8::timestamptz[])              ON CONFLICT (job_id, scheduled_time, triggered) DO UPDATE SET                  last_time = excluded.last_time, count = excluded.count,                  outcome = excluded.outcome, attempts = excluded.attempts,                  record_time = excluded.record_time",
+            "INSERT INTO tickd_occurrences (job_id, scheduled_time, triggered, last_time, \
+                 count, outcome, attempts, record_time, count_at_least) \
+             SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::bool[], \
+                 $4::timestamptz[], $5::bigint[], $6::smallint[], $7::int[], \
+                 $8::timestamptz[], $9::bool[]) \
+             ON CONFLICT (job_id, scheduled_time, triggered) DO UPDATE SET \
+                 last_time = excluded.last_time, count = excluded.count, \
+                 outcome = excluded.outcome, attempts = excluded.attempts, \
+                 record_time = excluded.record_time, \
+                 count_at_least = excluded.count_at_least",
         )
         .bind(&self.job_ids)
         .bind(&self.scheduled)
@@ -1518,6 +1529,7 @@ impl NewOccurrences {
         .bind(&self.outcomes)
         .bind(&self.attempts)
         .bind(&self.times)
+        .bind(&self.at_least)
         .execute(&mut **tx)
         .await
         .map_err(db)?;
@@ -1544,6 +1556,7 @@ fn occurrence_from_row(row: &sqlx::postgres::PgRow) -> Result<Occurrence, StoreE
         outcome,
         attempts: u32::try_from(row.try_get::<i32, _>("attempts").map_err(db)?).unwrap_or(0),
         time: instant(row, "record_time")?,
+        count_at_least: row.try_get("count_at_least").map_err(db)?,
     })
 }
 
