@@ -170,6 +170,53 @@ both_backends! {
     }
 }
 
+both_backends! {
+    /// An update that ends a job (here: a max_fires it reached) while it owes occurrences (it
+    /// was paused over two) puts them in the ledger.
+    #[tokio::test]
+    async fn an_update_that_ends_a_job_records_what_it_owed(backend) {
+        let mut server = backend.manual().await;
+        let t0 = server.now();
+        let mut sub = server.subscribe("q", 10).await;
+        let mut j = job("q", every_trigger(1_000, Some(ts_micros(t0 + 1_000_000))));
+        j.id = "ended".into();
+        server.schedule(j.clone()).await;
+        server.advance_to(t0 + 1_000_000).await;
+        let fire = sub.recv().await;
+        sub.ack(&[&fire.fire_id]).await;
+        server.wait_in_flight("q", 0).await;
+        server.pause("ended").await.expect("pause");
+        server.settle().await;
+        server.advance_to(t0 + 3_500_000).await;
+        let limit = |max_fires: u64| {
+            let mut job = j.clone();
+            job.max_fires = max_fires;
+            pb::UpdateJobRequest {
+                job: Some(job),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["max_fires".into()],
+                }),
+            }
+        };
+        // Not reached (1 fire of 2): the job stays, owing 2 s and 3 s.
+        let kept = server.client.update_job(limit(2)).await.expect("update").into_inner();
+        assert_eq!(kept.state(), pb::JobState::Paused);
+        // Reached: the job completes, and what it owed is in the ledger.
+        let ended = server.client.update_job(limit(1)).await.expect("update").into_inner();
+        assert_eq!(ended.state(), pb::JobState::Completed);
+        let entries = page(&mut server, "ended", 0, String::new()).await.expect("page").occurrences;
+        use pb::OccurrenceOutcome::*;
+        assert_eq!(
+            rows(t0, &entries),
+            [
+                (2, 2, Skipped, pb::SkipReason::Paused, 0, String::new()),
+                (1, 1, Delivered, pb::SkipReason::Unspecified, 1, "ended".into()),
+            ]
+        );
+        server.stop().await;
+    }
+}
+
 const STEP: i64 = 5_000_000;
 const DAY: i64 = 86_400_000_000;
 

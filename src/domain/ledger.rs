@@ -27,7 +27,7 @@ pub enum SkipReason {
     /// A cron job's local time happened twice, and its DST policy fires only one of the two.
     DstRepeat,
     /// The job ended first: `max_fires` was reached within a catch-up, or the job was
-    /// cancelled (or completed by an update) while they were owed.
+    /// cancelled (or ended by an update) while they were owed.
     Ended,
 }
 

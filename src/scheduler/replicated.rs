@@ -381,7 +381,12 @@ impl Replicated {
                 "job {id} changed since it was read; read it again and retry"
             ))),
             Some(Err(UpdateFailed::Refused(e))) => Err(e.into()),
-            Some(Ok(job)) => {
+            Some(Ok((job, withdrawn))) => {
+                if let Some(record) = &withdrawn {
+                    s.config
+                        .observer
+                        .occurrence_recorded(job.spec.queue(), record);
+                }
                 s.armed(job.next_due());
                 Ok(job)
             }

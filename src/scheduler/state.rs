@@ -253,6 +253,15 @@ impl State {
         state
     }
 
+    /// Drops a deleted job's ledger; its records are queued for deletion from the store.
+    /// (Not part of [`State::remove_job`]: an updated job is removed and put back.)
+    pub fn forget_ledger(&mut self, id: &str) {
+        if let Some(l) = self.ledgers.remove(id) {
+            self.ledger_gone
+                .extend(l.records().iter().map(|r| ledger::store_key(id, r.key())));
+        }
+    }
+
     /// Adds a ledger record of a held job; records that no longer fit the bounds are queued
     /// for deletion from the store.
     pub fn record_occurrence(&mut self, job: &JobId, record: Occurrence) {
@@ -333,10 +342,6 @@ impl State {
         let Some(key) = self.jobs.take(id.as_bytes()) else {
             return;
         };
-        if let Some(l) = self.ledgers.remove(id) {
-            self.ledger_gone
-                .extend(l.records().iter().map(|r| ledger::store_key(id, r.key())));
-        }
         self.traces.remove(id.as_bytes());
         let job = held_job(&key.0);
         let queue = job.spec.queue();

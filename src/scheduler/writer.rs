@@ -497,6 +497,7 @@ fn apply(
                     }
                 }
                 state.remove_job(&id);
+                state.forget_ledger(&id);
             }
             Effect::Skipped {
                 queue,
@@ -752,7 +753,25 @@ fn decide_update(
         )));
     }
     let updated = job.updated(spec, now)?;
+    // An update that ends the job (a new end_time or max_fires it reached) withdraws what it
+    // owed.
+    let withdrawn = updated
+        .status
+        .state
+        .is_final()
+        .then(|| job.owed(now))
+        .flatten();
+    let queue = job.spec.queue().to_string();
     batch.put_job(updated, true);
+    if let Some(run) = withdrawn {
+        record_occurrence(
+            inner,
+            batch,
+            id.into(),
+            queue,
+            Occurrence::skipped(run, now),
+        );
+    }
     Ok(id.into())
 }
 

@@ -603,13 +603,14 @@ impl PgStore {
 
     /// Puts `spec` in place of its job's spec if that still has `etag` (see
     /// [`Job::updated`]); `None` when there is no such job. `now` overrides the database's
-    /// clock (tests).
+    /// clock (tests). With the job, the ledger record of the occurrences it owed, when the
+    /// update ended it.
     pub async fn update(
         &self,
         spec: &JobSpec,
         expected: &str,
         now: Option<Timestamp>,
-    ) -> Result<Option<Result<Job, UpdateFailed>>, StoreError> {
+    ) -> Result<Option<Result<(Job, Option<Occurrence>), UpdateFailed>>, StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         let Some((job, version, now)) = locked_job(&mut tx, &spec.id, now, "UPDATE").await? else {
             return Ok(None);
@@ -631,11 +632,26 @@ impl PgStore {
             .await
             .map_err(db)?;
         update_job(&mut tx, &updated, version, now).await?;
+        // An update that ends the job (a new end_time or max_fires it reached) withdraws
+        // what it owed.
+        let withdrawn = updated
+            .status
+            .state
+            .is_final()
+            .then(|| job.owed(now))
+            .flatten()
+            .filter(|_| self.ledger)
+            .map(|run| Occurrence::skipped(run, now));
+        if let Some(record) = &withdrawn {
+            let mut ledger = NewOccurrences::default();
+            ledger.push(&spec.id, record)?;
+            ledger.insert(&mut tx).await?;
+        }
         if updated.status.state.is_final() {
             updated.status.finish_time.get_or_insert(now);
         }
         tx.commit().await.map_err(db)?;
-        Ok(Some(Ok(updated)))
+        Ok(Some(Ok((updated, withdrawn))))
     }
 
     /// Deletes a job and its outstanding fires at once; `None` when there is no such job, else
