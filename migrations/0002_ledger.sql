@@ -1,9 +1,11 @@
 -- The ledger: what became of each occurrence of a job (ListOccurrences). One row per
 -- occurrence whose fate is sealed, or per run of occurrences skipped at once for one reason.
--- Rows go with their job, and after --ledger-retention or beyond --ledger-max-per-job.
+-- Rows go with their job (deleted by tickd in the job's deleting transaction: a foreign key
+-- would make every ack lock its job row), and after --ledger-retention or beyond
+-- --ledger-max-per-job.
 
 CREATE TABLE tickd_occurrences (
-    job_id         text NOT NULL REFERENCES tickd_jobs (id) ON DELETE CASCADE,
+    job_id         text NOT NULL,
     -- The occurrence (before jitter); the first of a run.
     scheduled_time timestamptz NOT NULL,
     -- Released by TriggerJob rather than by the schedule.

@@ -172,7 +172,8 @@ both_backends! {
 
 both_backends! {
     /// An update that ends a job (here: a max_fires it reached) while it owes occurrences (it
-    /// was paused over two) puts them in the ledger.
+    /// was paused over two), or moves a paused job to a new trigger, puts what it owed in the
+    /// ledger.
     #[tokio::test]
     async fn an_update_that_ends_a_job_records_what_it_owed(backend) {
         let mut server = backend.manual().await;
@@ -181,6 +182,11 @@ both_backends! {
         let mut j = job("q", every_trigger(1_000, Some(ts_micros(t0 + 1_000_000))));
         j.id = "ended".into();
         server.schedule(j.clone()).await;
+        let mut moved = j.clone();
+        moved.id = "moved".into();
+        server.schedule(moved.clone()).await;
+        server.pause("moved").await.expect("pause");
+        server.settle().await;
         server.advance_to(t0 + 1_000_000).await;
         let fire = sub.recv().await;
         sub.ack(&[&fire.fire_id]).await;
@@ -198,7 +204,19 @@ both_backends! {
                 }),
             }
         };
-        // Not reached (1 fire of 2): the job stays, owing 2 s and 3 s.
+        // A paused job given a new trigger: 1, 2 and 3 s, owed to the old one, are withdrawn.
+        moved.trigger = Some(every_trigger(10_000, Some(ts_micros(t0 + 10_000_000))));
+        let update = pb::UpdateJobRequest {
+            job: Some(moved),
+            update_mask: Some(prost_types::FieldMask { paths: vec!["trigger".into()] }),
+        };
+        server.client.update_job(update).await.expect("update");
+        let entries = page(&mut server, "moved", 0, String::new()).await.expect("page").occurrences;
+        assert_eq!(
+            rows(t0, &entries),
+            [(1, 3, pb::OccurrenceOutcome::Skipped, pb::SkipReason::Paused, 0, String::new())]
+        );
+        // Not reached (1 fire of 2): the job stays, owing 2 s (3 s is past its max_fires).
         let kept = server.client.update_job(limit(2)).await.expect("update").into_inner();
         assert_eq!(kept.state(), pb::JobState::Paused);
         // Reached: the job completes, and what it owed is in the ledger.
@@ -209,10 +227,103 @@ both_backends! {
         assert_eq!(
             rows(t0, &entries),
             [
-                (2, 2, Skipped, pb::SkipReason::Paused, 0, String::new()),
+                (2, 1, Skipped, pb::SkipReason::Paused, 0, String::new()),
                 (1, 1, Delivered, pb::SkipReason::Unspecified, 1, "ended".into()),
             ]
         );
+        server.stop().await;
+    }
+}
+
+both_backends! {
+    /// A fire whose last attempt fails goes to the dead-letter queue: DEAD_LETTERED, with the
+    /// attempts made; when it fails there too and is dropped, the entry stays as it was (the
+    /// occurrence is counted once).
+    #[tokio::test]
+    async fn a_dead_lettered_occurrence_is_recorded_once(backend) {
+        let q = &format!("dl-{}", backend.name());
+        let dlq = &format!("dlq-{}", backend.name());
+        let mut server = backend.manual().await;
+        let t0 = server.now();
+        let mut sub = server.subscribe(q, 10).await;
+        let mut dead = server.subscribe(dlq, 10).await;
+        let mut j = job(q, at_trigger(ts_micros(t0 + 1_000_000)));
+        j.id = "doomed".into();
+        j.max_attempts = 2;
+        j.dead_letter_queue = dlq.clone();
+        server.schedule(j).await;
+        server.advance_to(t0 + 1_000_000).await;
+        for _ in 0..2 {
+            let fire = sub.recv().await;
+            sub.nack(&[&fire.fire_id], None).await;
+            server.settle().await;
+        }
+        for _ in 0..2 {
+            let fire = dead.recv().await;
+            dead.nack(&[&fire.fire_id], None).await;
+            server.settle().await;
+        }
+        server.wait_in_flight(dlq, 0).await;
+        let entries = page(&mut server, "doomed", 0, String::new()).await.expect("page").occurrences;
+        assert_eq!(
+            rows(t0, &entries),
+            [(1, 1, pb::OccurrenceOutcome::DeadLettered, pb::SkipReason::Unspecified, 2, "doomed".into())]
+        );
+        let metrics = scrape(server.metrics_addr).await;
+        let count = |queue: &str, outcome: &str| {
+            sample(
+                &metrics,
+                "tickd_occurrences_total",
+                &[&format!("tickd_queue=\"{queue}\""), &format!("tickd_outcome=\"{outcome}\"")],
+            )
+        };
+        assert_eq!(count(q, "dead_lettered"), Some(1.0));
+        assert_eq!(count(dlq, "dropped"), None);
+        server.stop().await;
+    }
+}
+
+both_backends! {
+    /// --ledger-max-per-job keeps the newest entries (on PostgreSQL after the retention pass a
+    /// settle runs); --ledger-retention hides and then deletes entries sealed too long ago.
+    #[tokio::test]
+    async fn the_ledger_keeps_its_bounds(backend) {
+        let q = &format!("bounds-{}", backend.name());
+        let mut server = backend
+            .manual_with(|c| {
+                c.ledger_max_per_job = 3;
+                c.ledger_retention = std::time::Duration::from_secs(60);
+            })
+            .await;
+        let t0 = server.now();
+        let mut sub = server.subscribe(q, 10).await;
+        let mut j = job(q, every_trigger(1_000, Some(ts_micros(t0 + 1_000_000))));
+        j.id = "capped".into();
+        server.schedule(j).await;
+        for k in 1..=5 {
+            server.advance_to(t0 + k * 1_000_000).await;
+            let fire = sub.recv().await;
+            sub.ack(&[&fire.fire_id]).await;
+            server.wait_in_flight(q, 0).await;
+        }
+        server.settle().await;
+        server.settle().await;
+        let at = |entries: &[pb::Occurrence]| -> Vec<i64> {
+            entries
+                .iter()
+                .map(|e| (micros_of(&e.scheduled_time) - t0) / 1_000_000)
+                .collect()
+        };
+        let entries = page(&mut server, "capped", 10, String::new()).await.expect("page").occurrences;
+        assert_eq!(at(&entries), [5, 4, 3]);
+        // 61 s after the last ack: past the retention. The job is paused so that nothing new
+        // is sealed; its entries are no longer listed.
+        server.pause("capped").await.expect("pause");
+        server.settle().await;
+        server.advance_to(t0 + 66_000_000).await;
+        server.settle().await;
+        let entries = page(&mut server, "capped", 10, String::new()).await.expect("page").occurrences;
+        assert!(entries.is_empty(), "{entries:?}");
         server.stop().await;
     }
 }

@@ -1157,6 +1157,7 @@ async fn occurrences(
                         "scheduled_time": time_str(&o.scheduled_time),
                         "last_scheduled_time": time_str(&o.last_scheduled_time),
                         "count": o.count,
+                        "count_at_least": o.count_at_least,
                         "fire_id": (!o.fire_id.is_empty()).then_some(&o.fire_id),
                         "outcome": o.outcome().as_str_name(),
                         "skip_reason": (o.skip_reason() != pb::SkipReason::Unspecified)
@@ -1172,7 +1173,7 @@ async fn occurrences(
         Output::Table => {
             let dash = || "-".to_string();
             emit_fmt!(
-                "{:<28}  {:>5}  {:<8}  {:<28}  OUTCOME",
+                "{:<28}  {:>6}  {:<8}  {:<28}  OUTCOME",
                 "SCHEDULED",
                 "COUNT",
                 "ATTEMPTS",
@@ -1184,10 +1185,15 @@ async fn occurrences(
                     _ => format!("{} ..", time_str(&o.scheduled_time).unwrap_or_else(dash)),
                 };
                 let triggered = if o.triggered { " (triggered)" } else { "" };
+                let count = if o.count_at_least {
+                    format!("≥{}", o.count)
+                } else {
+                    o.count.to_string()
+                };
                 emit_fmt!(
-                    "{:<28}  {:>5}  {:<8}  {:<28}  {}{}",
+                    "{:<28}  {:>6}  {:<8}  {:<28}  {}{}",
                     scheduled,
-                    o.count,
+                    count,
                     o.attempts,
                     time_str(&o.record_time).unwrap_or_else(dash),
                     outcome(o),

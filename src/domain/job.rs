@@ -325,17 +325,76 @@ impl Job {
     pub fn owed(&self, now: Timestamp) -> Option<Skipped> {
         let first = self.status.next_occurrence.filter(|o| *o <= now)?;
         let rec = self.recurrence()?;
-        let last = rec.latest_at_or_before(now).map_or(first, |l| l.max(first));
-        let (count, at_least) = rec.count_between(first, last, MAX_COUNTED_OCCURRENCES);
+        // Not past the job's end: its end_time, and the fires max_fires leaves it.
+        let mut until = now;
+        if let Some(end) = self.spec.end_time() {
+            if first >= end {
+                return None;
+            }
+            until = until.min(end.minus(1));
+        }
+        let mut last = rec
+            .latest_at_or_before(until)
+            .map_or(first, |l| l.max(first));
+        let (mut count, mut at_least) = rec.count_between(first, last, MAX_COUNTED_OCCURRENCES);
+        count = count.max(1);
+        let max = self.spec.max_fires();
+        if max > 0 {
+            let left = max.saturating_sub(self.status.fire_count);
+            if left == 0 {
+                return None;
+            }
+            if left <= count {
+                let mut o = first;
+                for _ in 1..left {
+                    match rec.next_after(o) {
+                        Some(n) if n <= last => o = n,
+                        _ => break,
+                    }
+                }
+                last = o;
+                count = left;
+                at_least = false;
+            }
+        }
         Some(Skipped {
             first,
             last,
-            count: count.max(1),
+            count,
             at_least,
             reason: match self.status.state {
                 JobState::Paused => SkipReason::Paused,
                 _ => SkipReason::Ended,
             },
+        })
+    }
+}
+
+impl Job {
+    /// What `updated` (this job after an update at `now`) withdraws of the occurrences this
+    /// job owed: all of them when the update ended the job or moved a paused job to a new
+    /// trigger; those after the first when the first is kept (a scheduled job whose trigger
+    /// changed: the first is still released, the new trigger takes over after it); none when
+    /// the trigger stayed.
+    pub fn withdrawn_by(&self, updated: &Job, now: Timestamp) -> Option<Skipped> {
+        let run = self.owed(now)?;
+        if updated.status.state.is_final() {
+            return Some(run);
+        }
+        if updated.spec.trigger() == self.spec.trigger() {
+            return None;
+        }
+        if updated.status.next_occurrence != Some(run.first) {
+            return Some(run);
+        }
+        let second = self
+            .recurrence()?
+            .next_after(run.first)
+            .filter(|n| *n <= run.last)?;
+        Some(Skipped {
+            first: second,
+            count: run.count.saturating_sub(1).max(1),
+            ..run
         })
     }
 }
@@ -827,6 +886,39 @@ mod tests {
             done.updated(&same, Timestamp(5 * S)),
             Err(UpdateRefused::Finished { .. })
         ));
+    }
+
+    /// What a job owes stops where the job would: at its end_time, and after the fires its
+    /// max_fires leaves it; nothing when it owes none.
+    #[test]
+    fn owed_stops_where_the_job_would() {
+        let mut s = spec(TriggerSpec::Every {
+            period: 10 * S,
+            start_time: Some(Timestamp(10 * S)),
+            jitter: 0,
+        });
+        let job = Job::create(s.clone(), Timestamp(0)).expect("valid");
+        assert_eq!(job.owed(Timestamp(5 * S)), None);
+        let all = job.owed(Timestamp(1_000 * S)).expect("owed");
+        assert_eq!(
+            (all.first, all.last, all.count),
+            (Timestamp(10 * S), Timestamp(1_000 * S), 100)
+        );
+        s.end_time = Some(Timestamp(35 * S));
+        let ended = Job::create(s.clone(), Timestamp(0)).expect("valid");
+        let run = ended.owed(Timestamp(1_000 * S)).expect("owed");
+        assert_eq!((run.last, run.count), (Timestamp(30 * S), 3));
+        s.end_time = None;
+        s.max_fires = 2;
+        let mut capped = Job::create(s, Timestamp(0)).expect("valid");
+        capped.status.fire_count = 1;
+        let run = capped.owed(Timestamp(1_000 * S)).expect("owed");
+        assert_eq!(
+            (run.first, run.last, run.count),
+            (Timestamp(10 * S), Timestamp(10 * S), 1)
+        );
+        capped.status.fire_count = 2;
+        assert_eq!(capped.owed(Timestamp(1_000 * S)), None);
     }
 
     /// Stepping over a cron slot the DST policy skips says so: Berlin's 02:30 of 2026-03-29

@@ -7,6 +7,8 @@
 //! than the retention; this module decides which records go. Where records are held and
 //! stored is the scheduler's and the store's business.
 
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
 
 use super::time::{Micros, Timestamp};
@@ -252,21 +254,46 @@ pub const DEFAULT_PER_JOB: usize = 1_000;
 /// Default for [`Bounds::retention`]: 7 days.
 pub const DEFAULT_RETENTION: Micros = 7 * 24 * 3_600 * 1_000_000;
 
-/// One job's ledger, oldest occurrence first.
+/// One job's ledger, oldest occurrence first. Records mostly arrive in occurrence order, so
+/// an insert is a push at the back and the cap a pop at the front; the retention is looked at
+/// only when the oldest seal in the ledger has passed it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct JobLedger(Vec<Occurrence>);
+pub struct JobLedger {
+    records: VecDeque<Occurrence>,
+    /// The earliest `time` among the records (when one was sealed the longest ago).
+    oldest: Option<Timestamp>,
+}
 
 impl JobLedger {
+    /// A ledger of `records` (any order; of two with one key the later wins), trimmed to
+    /// `bounds` at `now`; and the keys of the records left out.
+    pub fn from_records(
+        mut records: Vec<Occurrence>,
+        bounds: Bounds,
+        now: Timestamp,
+    ) -> (JobLedger, Vec<OccurrenceKey>) {
+        records.reverse();
+        // Stable: of equal keys, the one given last (now first) stays.
+        records.sort_by_key(Occurrence::key);
+        records.dedup_by_key(|r| r.key());
+        let mut l = JobLedger {
+            oldest: records.iter().map(|r| r.time).min(),
+            records: records.into(),
+        };
+        let gone = l.trim(bounds, now);
+        (l, gone)
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.records.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.records.len()
     }
 
-    pub fn records(&self) -> &[Occurrence] {
-        &self.0
+    pub fn records(&self) -> impl DoubleEndedIterator<Item = &Occurrence> {
+        self.records.iter()
     }
 
     /// Adds `record` (replacing one with the same key, which a store replay may bring) and
@@ -277,27 +304,38 @@ impl JobLedger {
         bounds: Bounds,
         now: Timestamp,
     ) -> Vec<OccurrenceKey> {
-        match self.0.binary_search_by_key(&record.key(), Occurrence::key) {
-            Ok(i) => self.0[i] = record,
-            Err(i) => self.0.insert(i, record),
+        self.oldest = Some(self.oldest.map_or(record.time, |o| o.min(record.time)));
+        let key = record.key();
+        if self.records.back().is_none_or(|last| last.key() < key) {
+            self.records.push_back(record);
+        } else {
+            match self.records.binary_search_by_key(&key, Occurrence::key) {
+                Ok(i) => self.records[i] = record,
+                Err(i) => self.records.insert(i, record),
+            }
         }
         self.trim(bounds, now)
     }
 
     /// Removes the records that do not fit `bounds` at `now`; returns their keys.
     pub fn trim(&mut self, bounds: Bounds, now: Timestamp) -> Vec<OccurrenceKey> {
-        let horizon = now.minus(bounds.retention);
-        let excess = self.0.len().saturating_sub(bounds.per_job);
         let mut gone = Vec::new();
-        let mut index = 0;
-        self.0.retain(|r| {
-            let keep = index >= excess && r.time >= horizon;
-            index += 1;
-            if !keep {
+        while self.records.len() > bounds.per_job {
+            if let Some(r) = self.records.pop_front() {
                 gone.push(r.key());
             }
-            keep
-        });
+        }
+        let horizon = now.minus(bounds.retention);
+        if self.oldest.is_some_and(|o| o < horizon) {
+            self.records.retain(|r| {
+                let keep = r.time >= horizon;
+                if !keep {
+                    gone.push(r.key());
+                }
+                keep
+            });
+            self.oldest = self.records.iter().map(|r| r.time).min();
+        }
         gone
     }
 
@@ -312,12 +350,16 @@ impl JobLedger {
     ) -> (Vec<Occurrence>, bool) {
         let horizon = now.minus(bounds.retention);
         let end = match after {
-            Some(key) => match self.0.binary_search_by_key(&key, Occurrence::key) {
+            Some(key) => match self.records.binary_search_by_key(&key, Occurrence::key) {
                 Ok(i) | Err(i) => i,
             },
-            None => self.0.len(),
+            None => self.records.len(),
         };
-        let mut shown = self.0[..end].iter().rev().filter(|r| r.time >= horizon);
+        let mut shown = self
+            .records
+            .range(..end)
+            .rev()
+            .filter(|r| r.time >= horizon);
         let page: Vec<Occurrence> = shown.by_ref().take(n).cloned().collect();
         let more = shown.next().is_some();
         (page, more)
@@ -399,7 +441,7 @@ mod tests {
             l.insert(delivered(30, 31), bounds, Timestamp(31 * S))
                 .is_empty()
         );
-        let at: Vec<i64> = l.records().iter().map(|r| r.scheduled.0 / S).collect();
+        let at: Vec<i64> = l.records().map(|r| r.scheduled.0 / S).collect();
         assert_eq!(at, [10, 20, 30]);
         // A fourth pushes the oldest occurrence out.
         let gone = l.insert(delivered(40, 41), bounds, Timestamp(41 * S));
@@ -414,6 +456,31 @@ mod tests {
         let gone = l.trim(bounds, Timestamp(122 * S));
         assert_eq!(gone, [(Timestamp(20 * S), false)]);
         assert_eq!(l.len(), 2);
+    }
+
+    /// A ledger built from records in any order, with a duplicate key, is the one inserted in
+    /// order: sorted, the later duplicate kept, trimmed once.
+    #[test]
+    fn from_records_sorts_dedups_and_trims() {
+        let bounds = Bounds {
+            per_job: 2,
+            retention: 100 * S,
+        };
+        let mut late = delivered(20, 25);
+        late.attempts = 3;
+        let (l, gone) = JobLedger::from_records(
+            vec![
+                delivered(30, 31),
+                delivered(10, 11),
+                delivered(20, 21),
+                late.clone(),
+            ],
+            bounds,
+            Timestamp(40 * S),
+        );
+        assert_eq!(gone, [(Timestamp(10 * S), false)]);
+        let kept: Vec<&Occurrence> = l.records().collect();
+        assert_eq!(kept, [&late, &delivered(30, 31)]);
     }
 
     /// Pages run newest first and continue after the key a page ended with; records past the

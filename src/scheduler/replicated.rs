@@ -135,6 +135,9 @@ struct Shared {
     db_offset: AtomicI64,
     stats: Mutex<Stats>,
     dropped: AtomicU64,
+    /// Jobs this replica wrote ledger records for since its last retention pass: their
+    /// ledgers are trimmed to `--ledger-max-per-job` then.
+    ledger_touched: Mutex<std::collections::HashSet<String>>,
     acks: mpsc::UnboundedSender<AckOp>,
     /// New jobs for the inserter, each with where to answer.
     inserts: mpsc::UnboundedSender<(Job, oneshot::Sender<Result<bool, StoreError>>)>,
@@ -238,6 +241,7 @@ impl Replicated {
             db_offset: AtomicI64::new(0),
             stats: Mutex::new(Stats::default()),
             dropped: AtomicU64::new(0),
+            ledger_touched: Mutex::new(std::collections::HashSet::new()),
             acks,
             inserts,
         });
@@ -386,6 +390,7 @@ impl Replicated {
                     s.config
                         .observer
                         .occurrence_recorded(job.spec.queue(), record);
+                    lock(&s.ledger_touched).insert(job.spec.id().to_string());
                 }
                 s.armed(job.next_due());
                 Ok(job)
@@ -760,17 +765,51 @@ impl Shared {
                     break;
                 }
             }
-            let ledger = self.config.ledger;
-            if ledger.per_job > 0 {
-                let n = self
-                    .store
-                    .prune_ledger(at, ledger.retention, ledger.per_job, BATCH * 10)
-                    .await?;
-                if n > 0 {
+            // A ledger that cannot be pruned now is pruned at the next pass; it does not
+            // make the replica unhealthy.
+            if let Err(e) = self.prune_ledger(at).await {
+                warn!(error = %e, "ledger records past --ledger-retention or --ledger-max-per-job could not be deleted; retrying at the next retention pass");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes ledger records past the retention, and trims the ledgers this replica wrote to
+    /// since the last time to their cap.
+    async fn prune_ledger(&self, at: Option<Timestamp>) -> Result<(), StoreError> {
+        let ledger = self.config.ledger;
+        if ledger.per_job == 0 {
+            return Ok(());
+        }
+        loop {
+            let n = self
+                .store
+                .prune_ledger(at, ledger.retention, BATCH * 10)
+                .await?;
+            if n > 0 {
+                debug!(
+                    records = n,
+                    "ledger records past --ledger-retention deleted"
+                );
+            }
+            if (n as i64) < BATCH * 10 {
+                break;
+            }
+        }
+        let touched: Vec<String> = lock(&self.ledger_touched).drain().collect();
+        for (i, jobs) in touched.chunks(1_000).enumerate() {
+            match self.store.trim_ledgers(jobs, ledger.per_job).await {
+                Ok(n) if n > 0 => {
                     debug!(
                         records = n,
-                        "ledger records past their retention or cap deleted"
-                    );
+                        "ledger records beyond --ledger-max-per-job deleted"
+                    )
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Looked at again next time.
+                    lock(&self.ledger_touched).extend(touched[i * 1_000..].iter().cloned());
+                    return Err(e);
                 }
             }
         }
@@ -816,8 +855,10 @@ impl Shared {
                 observer.occurrences_skipped(&skip.queue, count, reason);
             }
         }
-        for (queue, record) in &released.recorded {
+        let mut touched = lock(&self.ledger_touched);
+        for (job, queue, record) in &released.recorded {
             observer.occurrence_recorded(queue, record);
+            touched.insert(job.clone());
         }
     }
 
@@ -837,6 +878,7 @@ impl Shared {
                     now,
                 );
                 observer.occurrence_recorded(&fire.queue, &record);
+                lock(&self.ledger_touched).insert(fire.job_id.to_string());
             }
         }
     }
@@ -855,6 +897,7 @@ impl Shared {
         let observer = &self.config.observer;
         if let Some(record) = &attempted.record {
             observer.occurrence_recorded(&attempted.fire.queue, record);
+            lock(&self.ledger_touched).insert(attempted.fire.job_id.to_string());
         }
         let mut fire = attempted.fire.clone();
         match &attempted.after {

@@ -241,25 +241,37 @@ impl State {
         }
         // Records of jobs no longer held (deleted before their records were) go from the
         // store; so do records beyond the bounds (they may have changed since).
+        // Each job's records are built into its ledger at once (trimmed once, not per record).
+        let mut by_job: FastMap<JobId, Vec<Occurrence>> = FastMap::default();
         for (key, record) in snapshot.occurrences {
             match ledger::job_of_store_key(&key).filter(|job| state.jobs.contains(job.as_bytes())) {
-                Some(job) => {
-                    let job: JobId = job.into();
-                    state.record_occurrence(&job, record);
-                }
+                Some(job) => match by_job.get_mut(job) {
+                    Some(records) => records.push(record),
+                    None => {
+                        by_job.insert(job.into(), vec![record]);
+                    }
+                },
                 None => state.ledger_gone.push(key),
+            }
+        }
+        let now = state.clock.now();
+        for (job, records) in by_job {
+            let (l, gone) = JobLedger::from_records(records, ledger_bounds, now);
+            state
+                .ledger_gone
+                .extend(gone.into_iter().map(|k| ledger::store_key(&job, k)));
+            if !l.is_empty() {
+                state.ledgers.insert(job, l);
             }
         }
         state
     }
 
-    /// Drops a deleted job's ledger; its records are queued for deletion from the store.
-    /// (Not part of [`State::remove_job`]: an updated job is removed and put back.)
+    /// Drops a deleted job's ledger from memory (the batch that deleted the job deleted its
+    /// records from the store). Not part of [`State::remove_job`]: an updated job is removed
+    /// and put back.
     pub fn forget_ledger(&mut self, id: &str) {
-        if let Some(l) = self.ledgers.remove(id) {
-            self.ledger_gone
-                .extend(l.records().iter().map(|r| ledger::store_key(id, r.key())));
-        }
+        self.ledgers.remove(id);
     }
 
     /// Adds a ledger record of a held job; records that no longer fit the bounds are queued

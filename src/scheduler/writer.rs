@@ -210,6 +210,9 @@ struct Batch {
     acked: FastSet<FireId>,
     /// Fires TriggerJob released in this batch.
     triggered: FastSet<FireId>,
+    /// Jobs deleted in this batch, also if created again after: their fires' fates found
+    /// later in the batch are not theirs to record, nor to redeliver.
+    deleted_ever: FastSet<JobId>,
 }
 
 impl Batch {
@@ -753,14 +756,8 @@ fn decide_update(
         )));
     }
     let updated = job.updated(spec, now)?;
-    // An update that ends the job (a new end_time or max_fires it reached) withdraws what it
-    // owed.
-    let withdrawn = updated
-        .status
-        .state
-        .is_final()
-        .then(|| job.owed(now))
-        .flatten();
+    // What the job owed and will not release now goes in the ledger.
+    let withdrawn = job.withdrawn_by(&updated, now);
     let queue = job.spec.queue().to_string();
     batch.put_job(updated, true);
     if let Some(run) = withdrawn {
@@ -782,7 +779,8 @@ fn decide_delete(inner: &Inner, batch: &mut Batch, id: &str) -> Result<u32, Sche
     };
     let id: JobId = job.spec.id().into();
     let fires = inner.lock().fires_of(&id);
-    delete_job(batch, id, fires.clone());
+    let records = ledger_keys(inner, &id);
+    delete_job(batch, id, fires.clone(), records);
     Ok(u32::try_from(fires.len()).unwrap_or(u32::MAX))
 }
 
@@ -801,21 +799,44 @@ fn decide_retire(inner: &Inner, batch: &mut Batch, spec: &PackedSpec) {
         return;
     }
     debug!(job_id = %id, "finished job deleted: its retention ended");
-    delete_job(batch, id, Vec::new());
+    let records = ledger_keys(inner, &id);
+    delete_job(batch, id, Vec::new(), records);
 }
 
-fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<FireId>) {
+/// The store keys of a job's ledger records in memory.
+fn ledger_keys(inner: &Inner, id: &str) -> Vec<String> {
+    inner.lock().ledgers.get(id).map_or_else(Vec::new, |l| {
+        l.records()
+            .map(|r| crate::domain::ledger::store_key(id, r.key()))
+            .collect()
+    })
+}
+
+/// Deletes a job with its outstanding `fires` and its ledger `records` (store keys), and what
+/// this batch released or recorded for it.
+fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<FireId>, records: Vec<String>) {
     for fire_id in &fires {
         batch.writes.push(Write::DeleteFire(fire_id.clone()));
     }
-    // Fires this same batch released for the job (it fell due beside the delete) go too.
+    // Fires this same batch released for the job (it fell due beside the delete) go too, and
+    // so do ledger records it put.
     batch.effects.retain(|effect| match effect {
         Effect::NewFire(rec, _) if rec.job_id == id => {
             batch.writes.push(Write::DeleteFire(rec.fire_id.clone()));
             false
         }
+        Effect::Recorded { job, record, .. } if *job == id => {
+            batch
+                .writes
+                .push(Write::DeleteOccurrence(record.store_key(job)));
+            false
+        }
         _ => true,
     });
+    batch
+        .writes
+        .extend(records.into_iter().map(Write::DeleteOccurrence));
+    batch.deleted_ever.insert(id.clone());
     batch.writes.push(Write::DeleteJob(id.clone()));
     batch.jobs.remove(&id);
     batch.deleted.insert(id.clone());
@@ -830,7 +851,7 @@ fn record_occurrence(
     queue: String,
     record: Occurrence,
 ) {
-    if inner.config.ledger.per_job == 0 {
+    if inner.config.ledger.per_job == 0 || batch.deleted_ever.contains(&job) {
         return;
     }
     batch
@@ -967,6 +988,10 @@ fn decide_redelivery(
             _ => return,
         }
     };
+    if batch.deleted_ever.contains(&rec.job_id) {
+        // Dropped with its job by a delete earlier in this batch.
+        return;
+    }
     let delivered_attempt = rec.attempt;
     let delay = match why {
         Redelivery::Nack(d) => d,
@@ -1011,14 +1036,17 @@ fn decide_redelivery(
         }
         AfterAttempt::Drop => {
             batch.redelivered.push((fire_id.clone(), None));
-            let record = Occurrence::released(
-                rec.scheduled_time,
-                is_triggered(&fire_id),
-                Outcome::Dropped,
-                delivered_attempt,
-                now,
-            );
-            record_occurrence(inner, batch, rec.job_id.clone(), rec.queue.clone(), record);
+            // A fire dropped on the dead-letter queue: its occurrence is DEAD_LETTERED already.
+            if !rec.dead_lettered {
+                let record = Occurrence::released(
+                    rec.scheduled_time,
+                    is_triggered(&fire_id),
+                    Outcome::Dropped,
+                    delivered_attempt,
+                    now,
+                );
+                record_occurrence(inner, batch, rec.job_id.clone(), rec.queue.clone(), record);
+            }
             batch.writes.push(Write::DeleteFire(fire_id));
             batch.effects.push(Effect::FireDropped(rec));
             return;
@@ -1063,7 +1091,7 @@ mod tests {
             let spec = PackedSpec::new(&crate::store::contract::spec(&rec.job_id));
             batch.effects.push(Effect::NewFire(rec, spec));
         }
-        delete_job(&mut batch, "a".into(), Vec::new());
+        delete_job(&mut batch, "a".into(), Vec::new(), Vec::new());
         let deleted: Vec<&str> = batch
             .writes
             .iter()

@@ -447,7 +447,11 @@ impl PgStore {
                     (Transition::Cancel, Some(run)) if self.ledger => {
                         let record = Occurrence::skipped(run, db_now);
                         staged.ledger.push(id, &record)?;
-                        staged.recorded.push((job.spec.queue().to_string(), record));
+                        staged.recorded.push((
+                            id.to_string(),
+                            job.spec.queue().to_string(),
+                            record,
+                        ));
                     }
                     _ => {}
                 }
@@ -490,6 +494,10 @@ impl PgStore {
         if exists.is_none() {
             return Ok(None);
         }
+        if !self.ledger {
+            // No ledger kept (--ledger-max-per-job 0): none shown, also from before.
+            return Ok(Some((Vec::new(), false)));
+        }
         let (after_time, after_triggered) = match after {
             Some((t, triggered)) => (Some(time(t)?), triggered),
             None => (None, false),
@@ -522,13 +530,11 @@ impl PgStore {
     }
 
     /// Deletes up to `limit` ledger records sealed longer than `retention` before the
-    /// database's now (or `now`), then those beyond the newest `per_job` of each job; returns
-    /// how many went.
+    /// database's now (or `now`); returns how many went (fewer than `limit`: none is left).
     pub async fn prune_ledger(
         &self,
         now: Option<Timestamp>,
         retention: Micros,
-        per_job: usize,
         limit: i64,
     ) -> Result<u64, StoreError> {
         let old = sqlx::query(
@@ -543,24 +549,28 @@ impl PgStore {
         .execute(&self.pool)
         .await
         .map_err(db)?;
-        // Jobs over the cap, a few at a time; each keeps its newest `per_job`.
-        let over = sqlx::query(
+        Ok(old.rows_affected())
+    }
+
+    /// Trims the ledgers of `jobs` to their newest `per_job` records; returns how many went.
+    /// Each job costs a walk of its newest `per_job` index entries.
+    pub async fn trim_ledgers(&self, jobs: &[String], per_job: usize) -> Result<u64, StoreError> {
+        let trimmed = sqlx::query(
             "DELETE FROM tickd_occurrences o USING ( \
-                 SELECT job_id, scheduled_time, triggered FROM ( \
-                     SELECT job_id, scheduled_time, triggered, row_number() OVER ( \
-                         PARTITION BY job_id ORDER BY scheduled_time DESC, triggered DESC) AS n \
-                     FROM tickd_occurrences WHERE job_id IN ( \
-                         SELECT job_id FROM tickd_occurrences GROUP BY job_id \
-                         HAVING count(*) > $1 LIMIT 100)) ranked \
-                 WHERE n > $1) gone \
-             WHERE o.job_id = gone.job_id AND o.scheduled_time = gone.scheduled_time \
-               AND o.triggered = gone.triggered",
+                 SELECT j.id, cut.scheduled_time, cut.triggered FROM unnest($1::text[]) AS j(id) \
+                 CROSS JOIN LATERAL ( \
+                     SELECT scheduled_time, triggered FROM tickd_occurrences \
+                     WHERE job_id = j.id \
+                     ORDER BY scheduled_time DESC, triggered DESC OFFSET $2 LIMIT 1) cut) c \
+             WHERE o.job_id = c.id \
+               AND (o.scheduled_time, o.triggered) <= (c.scheduled_time, c.triggered)",
         )
+        .bind(jobs)
         .bind(i64::try_from(per_job).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await
         .map_err(db)?;
-        Ok(old.rows_affected() + over.rows_affected())
+        Ok(trimmed.rows_affected())
     }
 
     /// Releases one extra fire of a scheduled or paused job now (TriggerJob), its schedule
@@ -603,8 +613,8 @@ impl PgStore {
 
     /// Puts `spec` in place of its job's spec if that still has `etag` (see
     /// [`Job::updated`]); `None` when there is no such job. `now` overrides the database's
-    /// clock (tests). With the job, the ledger record of the occurrences it owed, when the
-    /// update ended it.
+    /// clock (tests). With the job, the ledger record of the occurrences it owed and will not
+    /// release (see [`Job::withdrawn_by`]).
     pub async fn update(
         &self,
         spec: &JobSpec,
@@ -632,14 +642,9 @@ impl PgStore {
             .await
             .map_err(db)?;
         update_job(&mut tx, &updated, version, now).await?;
-        // An update that ends the job (a new end_time or max_fires it reached) withdraws
-        // what it owed.
-        let withdrawn = updated
-            .status
-            .state
-            .is_final()
-            .then(|| job.owed(now))
-            .flatten()
+        // What the job owed and will not release now goes in the ledger.
+        let withdrawn = job
+            .withdrawn_by(&updated, now)
             .filter(|_| self.ledger)
             .map(|run| Occurrence::skipped(run, now));
         if let Some(record) = &withdrawn {
@@ -673,6 +678,12 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
+        // Last: a ledger record sealed by a transaction this one waited for is seen.
+        sqlx::query("DELETE FROM tickd_occurrences WHERE job_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(Some(
             fires.iter().map(fire_from_row).collect::<Result<_, _>>()?,
@@ -723,21 +734,23 @@ impl PgStore {
         retention: Micros,
         limit: i64,
     ) -> Result<u64, StoreError> {
-        let deleted = sqlx::query(
-            "DELETE FROM tickd_jobs WHERE id IN ( \
+        let deleted: i64 = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM tickd_jobs WHERE id IN ( \
                  SELECT j.id FROM tickd_jobs j \
                  WHERE j.state IN ('completed', 'cancelled') \
                    AND j.finish_time <= coalesce($1, now()) - $2 * interval '1 microsecond' \
                    AND NOT EXISTS (SELECT 1 FROM tickd_fires f WHERE f.job_id = j.id) \
-                 LIMIT $3 FOR UPDATE SKIP LOCKED)",
+                 LIMIT $3 FOR UPDATE SKIP LOCKED) RETURNING id), \
+             ledger AS (DELETE FROM tickd_occurrences o USING gone WHERE o.job_id = gone.id) \
+             SELECT count(*) FROM gone",
         )
         .bind(now.map(time).transpose()?)
         .bind(retention)
         .bind(limit)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await
         .map_err(db)?;
-        Ok(deleted.rows_affected())
+        Ok(u64::try_from(deleted).unwrap_or(0))
     }
 
     /// Leases up to `n` ready fires of `queue` to `holder`: each for its ack deadline, measured
@@ -1028,17 +1041,20 @@ impl FailedAttempt {
             }
         };
         query.execute(&mut **tx).await.map_err(db)?;
+        // A fire dropped on the dead-letter queue: its occurrence is DEAD_LETTERED already.
         let record = match after {
             AfterAttempt::Again { .. } => None,
             AfterAttempt::DeadLetter { .. } => Some(Outcome::DeadLettered),
+            AfterAttempt::Drop if self.fire.dead_lettered => None,
             AfterAttempt::Drop => Some(Outcome::Dropped),
         }
+        .filter(|_| ledger)
         .map(|outcome| {
             let f = &self.fire;
             let triggered = is_triggered(&f.fire_id);
             Occurrence::released(f.scheduled_time, triggered, outcome, f.attempt, self.now)
         });
-        if let Some(record) = record.as_ref().filter(|_| ledger) {
+        if let Some(record) = &record {
             let mut new = NewOccurrences::default();
             new.push(&self.fire.job_id, record)?;
             new.insert(tx).await?;
@@ -1175,7 +1191,7 @@ struct Staged {
     fires: NewFires,
     ledger: NewOccurrences,
     skipped: Vec<Skipped>,
-    recorded: Vec<(String, Occurrence)>,
+    recorded: Vec<(String, String, Occurrence)>,
 }
 
 impl Staged {
@@ -1226,7 +1242,7 @@ impl Staged {
                 let record = Occurrence::skipped(run, db_now);
                 if ledger {
                     self.ledger.push(&id, &record)?;
-                    self.recorded.push((queue.clone(), record));
+                    self.recorded.push((id.clone(), queue.clone(), record));
                 }
             }
             occurrences.extend(plan.fires);
@@ -1263,8 +1279,8 @@ pub struct Released {
     pub fires: Vec<FireRecord>,
     /// Jobs that passed occurrences over.
     pub skipped: Vec<Skipped>,
-    /// Ledger records written, with their job's queue.
-    pub recorded: Vec<(String, Occurrence)>,
+    /// Ledger records written, with their job's id and queue.
+    pub recorded: Vec<(String, String, Occurrence)>,
 }
 
 /// Occurrences of one job passed over without a fire.
