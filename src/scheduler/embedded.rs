@@ -285,7 +285,7 @@ impl Embedded {
             return Err(SchedulerError::NotFound(id.to_string()));
         }
         let now = state.clock.now();
-        Ok(match state.ledgers.get(id) {
+        Ok(match state.ledgers.get(id.as_bytes()) {
             Some(l) => l.page(after, n, state.ledger_bounds, now),
             None => (Vec::new(), false),
         })

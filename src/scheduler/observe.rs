@@ -5,7 +5,7 @@
 use std::fmt::Debug;
 use std::time::Duration;
 
-use crate::domain::{FireRecord, Job, Occurrence, Timestamp, TraceContext};
+use crate::domain::{FireRecord, Job, Outcome, Timestamp, TraceContext};
 
 /// Why a fire went back for redelivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,9 +99,9 @@ pub trait Observer: Send + Sync + Debug + 'static {
     /// `count` occurrences of a job on `queue` were passed over without a fire (stored).
     fn occurrences_skipped(&self, _queue: &str, _count: u64, _reason: SkipReason) {}
 
-    /// A ledger record is stored: what became of `record.count` occurrences of a job on
-    /// `queue`.
-    fn occurrence_recorded(&self, _queue: &str, _record: &Occurrence) {}
+    /// Ledger records are stored: `count` occurrences of jobs on `queue` met `outcome`. Told
+    /// once per queue, outcome and commit where the engine can (a burst acks thousands).
+    fn occurrences_recorded(&self, _queue: &str, _outcome: Outcome, _count: u64) {}
 
     /// A store commit of `writes` writes finished (or failed) after `elapsed`.
     fn store_committed(&self, _writes: usize, _elapsed: Duration, _ok: bool) {}

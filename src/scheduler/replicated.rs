@@ -44,7 +44,6 @@ use super::{
     mark_store, panic_message, shutting_down,
 };
 use crate::domain::fire::AfterAttempt;
-use crate::domain::job::is_triggered;
 use crate::domain::ledger::OccurrenceKey;
 use crate::domain::time::micros_duration;
 use crate::domain::{FireRecord, Job, JobSpec, Micros, Occurrence, Outcome, Timestamp, Transition};
@@ -387,9 +386,11 @@ impl Replicated {
             Some(Err(UpdateFailed::Refused(e))) => Err(e.into()),
             Some(Ok((job, withdrawn))) => {
                 if let Some(record) = &withdrawn {
-                    s.config
-                        .observer
-                        .occurrence_recorded(job.spec.queue(), record);
+                    s.config.observer.occurrences_recorded(
+                        job.spec.queue(),
+                        record.outcome,
+                        record.count,
+                    );
                     lock(&s.ledger_touched).insert(job.spec.id().to_string());
                 }
                 s.armed(job.next_due());
@@ -857,7 +858,7 @@ impl Shared {
         }
         let mut touched = lock(&self.ledger_touched);
         for (job, queue, record) in &released.recorded {
-            observer.occurrence_recorded(queue, record);
+            observer.occurrences_recorded(queue, record.outcome, record.count);
             touched.insert(job.clone());
         }
     }
@@ -866,19 +867,20 @@ impl Shared {
     /// records; a dead-lettered fire's was written when it was dead-lettered).
     fn report_acked(&self, fires: &[FireRecord]) {
         let observer = &self.config.observer;
-        let now = self.now();
         for fire in fires {
             observer.fire_acked(fire);
-            if self.config.ledger.per_job > 0 && !fire.dead_lettered {
-                let record = Occurrence::released(
-                    fire.scheduled_time,
-                    is_triggered(&fire.fire_id),
-                    Outcome::Delivered,
-                    fire.attempt,
-                    now,
-                );
-                observer.occurrence_recorded(&fire.queue, &record);
-                lock(&self.ledger_touched).insert(fire.job_id.to_string());
+        }
+        if self.config.ledger.per_job == 0 {
+            return;
+        }
+        let delivered = fires.iter().filter(|f| !f.dead_lettered);
+        for (queue, count) in stored_per_queue(delivered.clone().map(|f| f.queue.as_str())) {
+            observer.occurrences_recorded(queue, Outcome::Delivered, count);
+        }
+        let mut touched = lock(&self.ledger_touched);
+        for fire in delivered {
+            if !touched.contains(&*fire.job_id) {
+                touched.insert(fire.job_id.to_string());
             }
         }
     }
@@ -896,7 +898,7 @@ impl Shared {
     fn report_attempt(&self, attempted: &Attempted, why: RedeliveryReason) {
         let observer = &self.config.observer;
         if let Some(record) = &attempted.record {
-            observer.occurrence_recorded(&attempted.fire.queue, record);
+            observer.occurrences_recorded(&attempted.fire.queue, record.outcome, record.count);
             lock(&self.ledger_touched).insert(attempted.fire.job_id.to_string());
         }
         let mut fire = attempted.fire.clone();

@@ -131,7 +131,7 @@ pub(crate) struct State {
     /// handing to the writer (see `Scheduler::settle`).
     pub timer_busy: bool,
     /// The ledger of each job that has records (most pending jobs have none).
-    pub ledgers: FastMap<JobId, JobLedger>,
+    pub ledgers: FastMap<JobKey, JobLedger>,
     pub ledger_bounds: Bounds,
     /// Store keys of ledger records memory no longer keeps (out of bounds, or their job was
     /// deleted): the writer deletes them from the store with its next batch.
@@ -242,13 +242,13 @@ impl State {
         // Records of jobs no longer held (deleted before their records were) go from the
         // store; so do records beyond the bounds (they may have changed since).
         // Each job's records are built into its ledger at once (trimmed once, not per record).
-        let mut by_job: FastMap<JobId, Vec<Occurrence>> = FastMap::default();
+        let mut by_job: FastMap<JobKey, Vec<Occurrence>> = FastMap::default();
         for (key, record) in snapshot.occurrences {
-            match ledger::job_of_store_key(&key).filter(|job| state.jobs.contains(job.as_bytes())) {
-                Some(job) => match by_job.get_mut(job) {
+            match ledger::job_of_store_key(&key).and_then(|job| state.jobs.get(job.as_bytes())) {
+                Some(job) => match by_job.get_mut(job.0.id_bytes()) {
                     Some(records) => records.push(record),
                     None => {
-                        by_job.insert(job.into(), vec![record]);
+                        by_job.insert(job.clone(), vec![record]);
                     }
                 },
                 None => state.ledger_gone.push(key),
@@ -259,7 +259,7 @@ impl State {
             let (l, gone) = JobLedger::from_records(records, ledger_bounds, now);
             state
                 .ledger_gone
-                .extend(gone.into_iter().map(|k| ledger::store_key(&job, k)));
+                .extend(gone.into_iter().map(|k| ledger::store_key(job.id(), k)));
             if !l.is_empty() {
                 state.ledgers.insert(job, l);
             }
@@ -271,31 +271,38 @@ impl State {
     /// records from the store). Not part of [`State::remove_job`]: an updated job is removed
     /// and put back.
     pub fn forget_ledger(&mut self, id: &str) {
-        self.ledgers.remove(id);
+        self.ledgers.remove(id.as_bytes());
     }
 
-    /// Adds a ledger record of a held job; records that no longer fit the bounds are queued
-    /// for deletion from the store.
-    pub fn record_occurrence(&mut self, job: &JobId, record: Occurrence) {
-        if !self.jobs.contains(job.as_bytes()) {
-            self.ledger_gone.push(record.store_key(job));
-            return;
-        }
-        let now = self.clock.now();
+    /// Adds a ledger record of the job `spec` is (or was: an updated job's spec is replaced)
+    /// the spec of, sealed at `record.time` (now); records that no longer fit the bounds, and
+    /// the record itself when the job is gone, are queued for deletion from the store.
+    pub fn record_occurrence(&mut self, spec: &PackedSpec, record: Occurrence) {
+        let key = if spec.is_held() {
+            JobKey(spec.clone())
+        } else {
+            match self.jobs.get(spec.id_bytes()) {
+                Some(key) => key.clone(),
+                None => {
+                    self.ledger_gone.push(record.store_key(spec.id()));
+                    return;
+                }
+            }
+        };
+        let now = record.time;
         let bounds = self.ledger_bounds;
-        let gone = match self.ledgers.get_mut(job) {
+        let gone = match self.ledgers.get_mut(key.0.id_bytes()) {
             Some(l) => l.insert(record, bounds, now),
             None => {
-                let mut l = JobLedger::default();
-                let gone = l.insert(record, bounds, now);
+                let (l, gone) = JobLedger::from_records(vec![record], bounds, now);
                 if !l.is_empty() {
-                    self.ledgers.insert(job.clone(), l);
+                    self.ledgers.insert(key.clone(), l);
                 }
                 gone
             }
         };
         self.ledger_gone
-            .extend(gone.into_iter().map(|k| ledger::store_key(job, k)));
+            .extend(gone.into_iter().map(|k| ledger::store_key(key.id(), k)));
     }
 
     /// Stores a new or changed job, keeps the counts by state, and re-arms its timer and its
@@ -316,8 +323,15 @@ impl State {
                 // A job's spec never changes while it is held; a new spec under a held id
                 // (there is no such path today) replaces the job, so that no index keeps the
                 // old spec alive.
+                // Its ledger stays, keyed by the new spec (the old one is let go).
+                let ledger = self.ledgers.remove(job.spec.id_bytes());
                 self.remove_job(job.spec.id());
-                return self.put_job(job);
+                let spec = job.spec.clone();
+                self.put_job(job);
+                if let Some(l) = ledger {
+                    self.ledgers.insert(JobKey(spec), l);
+                }
+                return;
             }
             job.spec.set_held(true);
             match self.by_queue.get_mut(job.spec.queue()) {

@@ -72,8 +72,8 @@ enum Event {
     DeadLettered(FireRecord, String),
     Dropped(FireRecord, DropReason),
     Skipped(String, u64, SkipReason),
-    /// A ledger record of a job on a queue.
-    Recorded(String, Occurrence),
+    /// Ledger records of jobs on a queue with one outcome, in one count.
+    Recorded(String, Outcome, u64),
 }
 
 /// A change for the writer.
@@ -175,10 +175,9 @@ enum Effect {
         count: u64,
         reason: SkipReason,
     },
-    /// A ledger record of a job on `queue`.
+    /// A ledger record of the job of `spec`.
     Recorded {
-        job: JobId,
-        queue: String,
+        spec: PackedSpec,
         record: Occurrence,
     },
 }
@@ -410,7 +409,9 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
             Event::Skipped(queue, count, reason) => {
                 observer.occurrences_skipped(&queue, count, reason)
             }
-            Event::Recorded(queue, record) => observer.occurrence_recorded(&queue, &record),
+            Event::Recorded(queue, outcome, count) => {
+                observer.occurrences_recorded(&queue, outcome, count)
+            }
         }
     }
     for (reply, answer) in batch_answers {
@@ -507,9 +508,20 @@ fn apply(
                 count,
                 reason,
             } => events.push(Event::Skipped(queue, count, reason)),
-            Effect::Recorded { job, queue, record } => {
-                state.record_occurrence(&job, record.clone());
-                events.push(Event::Recorded(queue, record));
+            Effect::Recorded { spec, record } => {
+                match events.last_mut() {
+                    Some(Event::Recorded(q, outcome, n))
+                        if q == spec.queue() && *outcome == record.outcome =>
+                    {
+                        *n += record.count
+                    }
+                    _ => events.push(Event::Recorded(
+                        spec.queue().to_string(),
+                        record.outcome,
+                        record.count,
+                    )),
+                }
+                state.record_occurrence(&spec, record);
             }
             Effect::RetireLater(id) => {
                 let later = state.clock.now().plus(RETIRE_RECHECK_MICROS);
@@ -618,8 +630,8 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             batch.unit_replies.push(reply);
         }
         Op::Ack { fire_ids, reply } => {
-            // Per acked fire: (job, its queue, occurrence, attempts) for its ledger record.
-            type Seal = Option<(JobId, String, Timestamp, u32)>;
+            // Per acked fire: (its job's spec, occurrence, attempts) for its ledger record.
+            type Seal = Option<(PackedSpec, Timestamp, u32)>;
             let acked: Vec<(FireId, Seal)> = {
                 let state = inner.lock();
                 fire_ids
@@ -629,8 +641,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
                         // A dead-lettered fire's occurrence is in the ledger as such already.
                         let seal = (!f.rec.dead_lettered).then(|| {
                             let r = &f.rec;
-                            let queue = f.spec.queue().to_string();
-                            (r.job_id.clone(), queue, r.scheduled_time, r.attempt)
+                            (f.spec.clone(), r.scheduled_time, r.attempt)
                         });
                         (f.status == FireStatus::Acked).then_some((id, seal))
                     })
@@ -640,7 +651,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
                 // The same id may come from a stream ack, a unary ack and a retry at once.
                 if batch.acked.insert(id.clone()) {
                     batch.writes.push(Write::DeleteFire(id.clone()));
-                    if let Some((job, queue, scheduled, attempts)) = seal {
+                    if let Some((spec, scheduled, attempts)) = seal {
                         let triggered = is_triggered(&id);
                         let record = Occurrence::released(
                             scheduled,
@@ -649,7 +660,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
                             attempts,
                             now,
                         );
-                        record_occurrence(inner, batch, job, queue, record);
+                        record_occurrence(inner, batch, &spec, record);
                     }
                     batch.effects.push(Effect::FireDeleted(id));
                 }
@@ -679,7 +690,6 @@ fn decide_transition(
         .map_err(|e| SchedulerError::FailedPrecondition(e.to_string()))?
     {
         batch.put_job(job.clone(), false);
-        let id: JobId = job.spec.id().into();
         match (transition, owed) {
             // What fell due while paused is decided now, by the misfire policy.
             (Transition::Resume, Some(run)) => {
@@ -687,8 +697,8 @@ fn decide_transition(
             }
             // Occurrences owed and never to be released go in the ledger.
             (Transition::Cancel, Some(run)) => {
-                let queue = job.spec.queue().to_string();
-                record_occurrence(inner, batch, id, queue, Occurrence::skipped(run, batch.now));
+                let record = Occurrence::skipped(run, batch.now);
+                record_occurrence(inner, batch, &job.spec, record);
             }
             _ => {}
         }
@@ -758,16 +768,9 @@ fn decide_update(
     let updated = job.updated(spec, now)?;
     // What the job owed and will not release now goes in the ledger.
     let withdrawn = job.withdrawn_by(&updated, now);
-    let queue = job.spec.queue().to_string();
     batch.put_job(updated, true);
     if let Some(run) = withdrawn {
-        record_occurrence(
-            inner,
-            batch,
-            id.into(),
-            queue,
-            Occurrence::skipped(run, now),
-        );
+        record_occurrence(inner, batch, &job.spec, Occurrence::skipped(run, now));
     }
     Ok(id.into())
 }
@@ -805,11 +808,15 @@ fn decide_retire(inner: &Inner, batch: &mut Batch, spec: &PackedSpec) {
 
 /// The store keys of a job's ledger records in memory.
 fn ledger_keys(inner: &Inner, id: &str) -> Vec<String> {
-    inner.lock().ledgers.get(id).map_or_else(Vec::new, |l| {
-        l.records()
-            .map(|r| crate::domain::ledger::store_key(id, r.key()))
-            .collect()
-    })
+    inner
+        .lock()
+        .ledgers
+        .get(id.as_bytes())
+        .map_or_else(Vec::new, |l| {
+            l.records()
+                .map(|r| crate::domain::ledger::store_key(id, r.key()))
+                .collect()
+        })
 }
 
 /// Deletes a job with its outstanding `fires` and its ledger `records` (store keys), and what
@@ -825,10 +832,10 @@ fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<FireId>, records: Vec<Str
             batch.writes.push(Write::DeleteFire(rec.fire_id.clone()));
             false
         }
-        Effect::Recorded { job, record, .. } if *job == id => {
+        Effect::Recorded { spec, record } if spec.id() == &*id => {
             batch
                 .writes
-                .push(Write::DeleteOccurrence(record.store_key(job)));
+                .push(Write::DeleteOccurrence(record.store_key(&id)));
             false
         }
         _ => true,
@@ -843,21 +850,18 @@ fn delete_job(batch: &mut Batch, id: JobId, fires: Vec<FireId>, records: Vec<Str
     batch.effects.push(Effect::JobDeleted { id, fires });
 }
 
-/// Puts a ledger record in the batch (unless the ledger keeps none).
-fn record_occurrence(
-    inner: &Inner,
-    batch: &mut Batch,
-    job: JobId,
-    queue: String,
-    record: Occurrence,
-) {
-    if inner.config.ledger.per_job == 0 || batch.deleted_ever.contains(&job) {
+/// Puts a ledger record of the job of `spec` in the batch (unless the ledger keeps none).
+fn record_occurrence(inner: &Inner, batch: &mut Batch, spec: &PackedSpec, record: Occurrence) {
+    if inner.config.ledger.per_job == 0 || batch.deleted_ever.contains(spec.id()) {
         return;
     }
     batch
         .writes
-        .push(Write::PutOccurrence(job.clone(), record.clone()));
-    batch.effects.push(Effect::Recorded { job, queue, record });
+        .push(Write::PutOccurrence(spec.id().into(), record.clone()));
+    batch.effects.push(Effect::Recorded {
+        spec: spec.clone(),
+        record,
+    });
 }
 
 /// Advances one due job: the job's new status and a record per fire go into the same batch.
@@ -947,7 +951,7 @@ fn decide_advance(
             run.reason = missed;
         }
         let record = Occurrence::skipped(run, now);
-        record_occurrence(inner, batch, id.clone(), queue.to_string(), record);
+        record_occurrence(inner, batch, &job.spec, record);
     }
     if let Some(n) = batch.queue_fires.get_mut(queue) {
         *n += plan.fires.len();
@@ -1015,13 +1019,7 @@ fn decide_redelivery(
                 delivered_attempt,
                 now,
             );
-            record_occurrence(
-                inner,
-                batch,
-                rec.job_id.clone(),
-                spec.queue().to_string(),
-                record,
-            );
+            record_occurrence(inner, batch, &spec, record);
             let from_queue = std::mem::replace(&mut rec.queue, queue);
             rec.attempt = 1;
             rec.not_before = None;
@@ -1045,7 +1043,7 @@ fn decide_redelivery(
                     delivered_attempt,
                     now,
                 );
-                record_occurrence(inner, batch, rec.job_id.clone(), rec.queue.clone(), record);
+                record_occurrence(inner, batch, &spec, record);
             }
             batch.writes.push(Write::DeleteFire(fire_id));
             batch.effects.push(Effect::FireDropped(rec));

@@ -33,7 +33,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 pub use traces::{span_context_of, trace_context_of};
 
-use crate::domain::{FireRecord, Job, Occurrence, Outcome, Timestamp, TraceContext};
+use crate::domain::{FireRecord, Job, Outcome, Timestamp, TraceContext};
 use crate::scheduler::{DropReason, Observer, RedeliveryReason, SkipReason};
 
 /// Set once a trace exporter is installed; until then no fire span is built at all.
@@ -341,16 +341,16 @@ impl Observer for FireTelemetry {
         );
     }
 
-    fn occurrence_recorded(&self, queue: &str, record: &Occurrence) {
-        let reason = match record.outcome {
+    fn occurrences_recorded(&self, queue: &str, outcome: Outcome, count: u64) {
+        let reason = match outcome {
             Outcome::Skipped(r) => r.as_str(),
             _ => "none",
         };
         self.metrics.occurrences.add(
-            record.count,
+            count,
             &[
                 KeyValue::new("tickd.queue", queue.to_string()),
-                KeyValue::new("tickd.outcome", record.outcome.as_str()),
+                KeyValue::new("tickd.outcome", outcome.as_str()),
                 KeyValue::new("tickd.reason", reason),
             ],
         );
