@@ -818,14 +818,7 @@ pub fn list_request(req: pb::ListJobsRequest) -> Result<ListQuery, Status> {
         }
     };
     let labels = labels(&mut v, "labels", &req.labels);
-    let page_size = match req.page_size {
-        n if n < 0 => {
-            v.add("page_size", "must not be negative");
-            0
-        }
-        0 => DEFAULT_PAGE_SIZE,
-        n => (n as usize).min(MAX_PAGE_SIZE),
-    };
+    let page_size = page_size(&mut v, req.page_size);
     let after = if req.page_token.is_empty() {
         None
     } else {
@@ -850,6 +843,18 @@ pub fn list_request(req: pb::ListJobsRequest) -> Result<ListQuery, Status> {
     })
 }
 
+/// A list call's page size: the default for 0, at most the maximum (AIP-158).
+fn page_size(v: &mut Violations, asked: i32) -> usize {
+    match asked {
+        n if n < 0 => {
+            v.add("page_size", "must not be negative");
+            0
+        }
+        0 => DEFAULT_PAGE_SIZE,
+        n => (n as usize).min(MAX_PAGE_SIZE),
+    }
+}
+
 /// A validated ListOccurrences request.
 #[derive(Debug)]
 pub struct OccurrencesQuery {
@@ -861,14 +866,7 @@ pub struct OccurrencesQuery {
 pub fn occurrences_request(req: pb::ListOccurrencesRequest) -> Result<OccurrencesQuery, Status> {
     let mut v = Violations::default();
     check_name(&mut v, "job_id", &req.job_id, true);
-    let page_size = match req.page_size {
-        n if n < 0 => {
-            v.add("page_size", "must not be negative");
-            0
-        }
-        0 => DEFAULT_PAGE_SIZE,
-        n => (n as usize).min(MAX_PAGE_SIZE),
-    };
+    let page_size = page_size(&mut v, req.page_size);
     let after = if req.page_token.is_empty() {
         None
     } else {
