@@ -373,9 +373,9 @@ impl Job {
 impl Job {
     /// What `updated` (this job after an update at `now`) withdraws of the occurrences this
     /// job owed: all of them when the update ended the job or moved a paused job to a new
-    /// trigger; those after the first when the first is kept (a scheduled job whose trigger
-    /// changed: the first is still released, the new trigger takes over after it); none when
-    /// the trigger stayed.
+    /// trigger; none when the trigger stayed, or when the first owed is kept (a scheduled job
+    /// whose trigger changed: the first is still released, and the new trigger's occurrences
+    /// after it are released or passed over, and recorded, as any others).
     pub fn withdrawn_by(&self, updated: &Job, now: Timestamp) -> Option<Skipped> {
         let run = self.owed(now)?;
         if updated.status.state.is_final() {
@@ -384,18 +384,7 @@ impl Job {
         if updated.spec.trigger() == self.spec.trigger() {
             return None;
         }
-        if updated.status.next_occurrence != Some(run.first) {
-            return Some(run);
-        }
-        let second = self
-            .recurrence()?
-            .next_after(run.first)
-            .filter(|n| *n <= run.last)?;
-        Some(Skipped {
-            first: second,
-            count: run.count.saturating_sub(1).max(1),
-            ..run
-        })
+        (updated.status.next_occurrence != Some(run.first)).then_some(run)
     }
 }
 
@@ -919,6 +908,38 @@ mod tests {
         );
         capped.status.fire_count = 2;
         assert_eq!(capped.owed(Timestamp(1_000 * S)), None);
+    }
+
+    /// A scheduled job late by several occurrences keeps the first when its trigger changes:
+    /// nothing is withdrawn (the new trigger's occurrences after it are released or passed
+    /// over, and recorded, as any others); paused, all it owed is withdrawn.
+    #[test]
+    fn an_update_withdraws_only_what_it_drops() {
+        let old = TriggerSpec::Every {
+            period: 10 * S,
+            start_time: Some(Timestamp(10 * S)),
+            jitter: 0,
+        };
+        let mut s = spec(old);
+        let job = Job::create(s.clone(), Timestamp(0)).expect("valid");
+        s.trigger = TriggerSpec::Every {
+            period: 10 * S,
+            start_time: Some(Timestamp(10 * S)),
+            jitter: S,
+        };
+        let now = Timestamp(45 * S);
+        let updated = job.updated(&s, now).expect("update");
+        assert_eq!(updated.status.next_occurrence, Some(Timestamp(10 * S)));
+        assert_eq!(job.withdrawn_by(&updated, now), None);
+        let mut paused = job.clone();
+        paused.status.state = JobState::Paused;
+        let moved = paused.updated(&s, now).expect("update");
+        let run = paused.withdrawn_by(&moved, now).expect("withdrawn");
+        assert_eq!(
+            (run.first, run.last, run.count),
+            (Timestamp(10 * S), Timestamp(40 * S), 4)
+        );
+        assert_eq!(run.reason, SkipReason::Paused);
     }
 
     /// Stepping over a cron slot the DST policy skips says so: Berlin's 02:30 of 2026-03-29

@@ -779,14 +779,14 @@ impl Shared {
     /// since the last time to their cap.
     async fn prune_ledger(&self, at: Option<Timestamp>) -> Result<(), StoreError> {
         let ledger = self.config.ledger;
-        if ledger.per_job == 0 {
-            return Ok(());
-        }
+        // No ledger kept: what an earlier run kept goes too.
+        let retention = if ledger.per_job == 0 {
+            0
+        } else {
+            ledger.retention
+        };
         loop {
-            let n = self
-                .store
-                .prune_ledger(at, ledger.retention, BATCH * 10)
-                .await?;
+            let n = self.store.prune_ledger(at, retention, BATCH * 10).await?;
             if n > 0 {
                 debug!(
                     records = n,
@@ -797,8 +797,13 @@ impl Shared {
                 break;
             }
         }
+        if ledger.per_job == 0 {
+            return Ok(());
+        }
         let touched: Vec<String> = lock(&self.ledger_touched).drain().collect();
-        for (i, jobs) in touched.chunks(1_000).enumerate() {
+        // A statement walks about a million index entries at most (its timeout is 5 s).
+        let chunk = (1_000_000 / ledger.per_job).clamp(1, 1_000);
+        for (i, jobs) in touched.chunks(chunk).enumerate() {
             match self.store.trim_ledgers(jobs, ledger.per_job).await {
                 Ok(n) if n > 0 => {
                     debug!(
@@ -809,7 +814,7 @@ impl Shared {
                 Ok(_) => {}
                 Err(e) => {
                     // Looked at again next time.
-                    lock(&self.ledger_touched).extend(touched[i * 1_000..].iter().cloned());
+                    lock(&self.ledger_touched).extend(touched[i * chunk..].iter().cloned());
                     return Err(e);
                 }
             }

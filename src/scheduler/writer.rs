@@ -993,7 +993,9 @@ fn decide_redelivery(
         }
     };
     if batch.deleted_ever.contains(&rec.job_id) {
-        // Dropped with its job by a delete earlier in this batch.
+        // Dropped with its job by a delete earlier in this batch (put back in line, as any
+        // redelivery, should that commit fail).
+        batch.redelivered.push((fire_id, None));
         return;
     }
     let delivered_attempt = rec.attempt;

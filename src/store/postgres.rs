@@ -1089,13 +1089,16 @@ const JOB_COLUMNS: &str = "id, spec, state, next_occurrence, fire_count, create_
 
 /// The ledger records of the fires a `done` CTE deleted by ack ($3: now or null for the
 /// database's, $4: whether the ledger is kept). A dead-lettered fire's occurrence is in the
-/// ledger as such already.
+/// ledger as such already. A record under the same key is replaced, as everywhere.
 const SEAL_DELIVERED: &str = "INSERT INTO tickd_occurrences (job_id, scheduled_time, \
      triggered, last_time, count, outcome, attempts, record_time) \
      SELECT job_id, scheduled_time, right(fire_id, 8) = '#trigger', scheduled_time, 1, 1, \
          attempt, coalesce($3::timestamptz, now()) \
      FROM done WHERE NOT dead_lettered AND $4::bool \
-     ON CONFLICT (job_id, scheduled_time, triggered) DO NOTHING";
+     ON CONFLICT (job_id, scheduled_time, triggered) DO UPDATE SET \
+         last_time = excluded.last_time, count = 1, count_at_least = false, \
+         outcome = excluded.outcome, attempts = excluded.attempts, \
+         record_time = excluded.record_time";
 
 /// The columns [`fire_from_row`] reads.
 const FIRE_COLUMNS: &str =
