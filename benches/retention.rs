@@ -34,6 +34,7 @@ fn one_shot(i: usize) -> JobSpec {
         ack_deadline: 30_000_000,
         max_attempts: 10,
         dead_letter_queue: None,
+        overlap_policy: Default::default(),
     }
 }
 

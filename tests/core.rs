@@ -30,6 +30,7 @@ fn spec(id: &str, trigger: TriggerSpec) -> JobSpec {
         ack_deadline: 30 * S,
         max_attempts: 10,
         dead_letter_queue: None,
+        overlap_policy: Default::default(),
     }
 }
 

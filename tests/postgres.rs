@@ -65,8 +65,8 @@ async fn replicas_starting_at_once_migrate_once() {
             .fetch_all(&mut conn)
             .await
             .expect("read migrations");
-    assert_eq!(applied, vec![(1, true), (2, true)]);
-    assert_eq!(tickd::store::postgres::schema_version(), 2);
+    assert_eq!(applied, vec![(1, true), (2, true), (3, true)]);
+    assert_eq!(tickd::store::postgres::schema_version(), 3);
     let _ = conn.close().await;
 
     // Once more (a restart): nothing to do, nothing changed.
@@ -106,6 +106,7 @@ fn every_second_job(id: &str, created: tickd::domain::Timestamp) -> tickd::domai
         ack_deadline: 30_000_000,
         max_attempts: 10,
         dead_letter_queue: None,
+        overlap_policy: Default::default(),
     };
     tickd::domain::Job::create(spec, created).expect("job")
 }
@@ -656,4 +657,103 @@ async fn a_release_wakes_listeners() {
         .expect("a wake-up in time")
         .expect("listening");
     assert_eq!(woke, Wakeup::Queue("q".into()));
+}
+
+/// A BUFFER_ONE job's held fire whose running fire ended without letting it go (a replica
+/// that crashed between an ack's commit and the statement after it) is let go by the sweep
+/// each retention pass runs; a held fire whose job still runs something is not.
+#[tokio::test]
+async fn a_held_fire_left_behind_is_swept() {
+    use tickd::domain::{OverlapPolicy, Timestamp};
+    let db = TestDatabase::create().await;
+    let store = tickd::store::postgres::PgStore::connect(&db.url, 8)
+        .await
+        .expect("connect");
+    let created = Timestamp(1_780_272_000_000_000);
+    let mut job = every_second_job("b", created);
+    let mut spec = job.spec.to_spec();
+    spec.overlap_policy = OverlapPolicy::BufferOne;
+    job.spec = spec.into();
+    store.insert_job(&job).await.expect("insert");
+    let t = |s: i64| Some(Timestamp(created.0 + s * 1_000_000));
+    let release = |s| store.release_due(t(s), limits(10, 100), &|_, _| None);
+    let first = release(1).await.expect("release").fires;
+    assert_eq!((first.len(), first[0].held), (1, false));
+    let second = release(2).await.expect("release").fires;
+    assert_eq!((second.len(), second[0].held), (1, true));
+    assert_eq!(
+        store.claim("q", 10, "a", t(2)).await.expect("claim").len(),
+        1
+    );
+    assert!(
+        store
+            .claim("q", 10, "a", t(2))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    // Something still runs: the sweep leaves the held fire alone.
+    assert!(store.unhold_idle(t(2)).await.expect("sweep").is_empty());
+
+    let mut conn = PgConnection::connect(&db.url).await.expect("connect");
+    sqlx::query("DELETE FROM tickd_fires WHERE fire_id = $1")
+        .bind(&*first[0].fire_id)
+        .execute(&mut conn)
+        .await
+        .expect("delete");
+    let _ = conn.close().await;
+    assert!(
+        store
+            .claim("q", 10, "a", t(2))
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    assert_eq!(
+        store.unhold_idle(t(2)).await.expect("sweep"),
+        vec!["q".to_string()]
+    );
+    let leased = store.claim("q", 10, "a", t(2)).await.expect("claim");
+    assert_eq!(leased.len(), 1);
+    assert_eq!(leased[0].fire.fire_id, second[0].fire_id);
+
+    // Without the sweep: an ack lets the held fire go, also for a job that became
+    // BUFFER_ONE (by UpdateJob) while its fire was out.
+    let mut other = every_second_job("a", Timestamp(created.0 + 2_500_000));
+    store.insert_job(&other).await.expect("insert");
+    let released = store
+        .release_due(t(4), limits(10, 100), &|_, _| None)
+        .await
+        .expect("release")
+        .fires;
+    let running: Vec<_> = released.iter().filter(|f| &*f.job_id == "a").collect();
+    assert_eq!(running.len(), 1);
+    let mut spec = other.spec.to_spec();
+    spec.overlap_policy = OverlapPolicy::BufferOne;
+    let etag = tickd::domain::job::etag(&other.spec);
+    other = store
+        .update(&spec, &etag, t(4))
+        .await
+        .expect("update")
+        .expect("found")
+        .expect("updated")
+        .0;
+    assert_eq!(other.spec.overlap_policy(), OverlapPolicy::BufferOne);
+    let (held, disposition, _) = store
+        .trigger("a", t(4), usize::MAX, &|_, _| None)
+        .await
+        .expect("trigger")
+        .expect("found")
+        .expect("triggered");
+    assert_eq!(disposition, tickd::domain::Disposition::Held);
+    let acked = store
+        .ack("q", &[running[0].fire_id.to_string()], t(4))
+        .await
+        .expect("ack");
+    assert_eq!(acked.len(), 1);
+    let leased = store.claim("q", 10, "a", t(4)).await.expect("claim");
+    assert!(
+        leased.iter().any(|l| l.fire.fire_id == held.fire_id),
+        "{leased:?}"
+    );
 }

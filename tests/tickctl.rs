@@ -154,6 +154,8 @@ async fn every_trigger_and_job_command() {
             "cli.dead",
             "--misfire-grace",
             "1m",
+            "--overlap",
+            "buffer-one",
         ],
     ];
     for case in cases {
@@ -189,6 +191,7 @@ async fn every_trigger_and_job_command() {
     assert_eq!(cron.ack_deadline, Some(ms(120_000)));
     assert_eq!(cron.misfire_grace_period, Some(ms(60_000)));
     assert_eq!(cron.dead_letter_queue, "cli.dead");
+    assert_eq!(cron.overlap_policy(), pb::OverlapPolicy::BufferOne);
     let stdin_job = json(
         &tickctl(
             &server,
@@ -566,6 +569,30 @@ async fn trigger_prints_the_fire_id() {
     assert_eq!(server.counts("cli"), (1, 0));
     let text = stdout(&tickctl(&server, &["trigger", "nope"], None).await);
     assert!(text.is_empty(), "errors go to stderr: {text}");
+
+    // `--overlap skip`, set by update: a trigger while the first fire runs is skipped.
+    let updated = json(
+        &tickctl(
+            &server,
+            &["-o", "json", "update", "t", "--overlap", "skip"],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(
+        updated["overlap_policy"], "OVERLAP_POLICY_SKIP",
+        "{updated}"
+    );
+    server.manual_clock().advance(1_000);
+    let skipped = json(&tickctl(&server, &["-o", "json", "trigger", "t"], None).await);
+    assert_eq!(skipped["outcome"], "TRIGGER_OUTCOME_SKIPPED", "{skipped}");
+    assert_eq!(skipped["fire_id"], "", "{skipped}");
+    server.manual_clock().advance(1_000);
+    let text = stdout(&tickctl(&server, &["trigger", "t"], None).await);
+    assert!(
+        text.starts_with("skipped: a fire of the job is still running"),
+        "{text}"
+    );
     server.stop().await;
 }
 

@@ -182,6 +182,11 @@ fn cases(max_payload: usize) -> Vec<Case> {
             job: with(|j| j.misfire_policy = 42),
         },
         Case {
+            name: "unknown overlap policy",
+            field: "job.overlap_policy",
+            job: with(|j| j.overlap_policy = 42),
+        },
+        Case {
             name: "too many attempts",
             field: "job.max_attempts",
             job: with(|j| j.max_attempts = 1_001),

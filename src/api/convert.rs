@@ -11,7 +11,7 @@ use crate::domain::job::etag;
 use crate::domain::preview::Preview;
 use crate::domain::{
     DstEffect, DstGap, DstPolicy, DstRepeat, Job, JobState, Micros, MisfirePolicy, Occurrence,
-    Outcome, SkipReason, Timestamp, TriggerSpec, fire_id,
+    Outcome, OverlapPolicy, SkipReason, Timestamp, TriggerSpec, fire_id,
 };
 use crate::scheduler::{Delivery, SchedulerError};
 
@@ -42,6 +42,15 @@ pub fn misfire_policy(p: MisfirePolicy) -> pb::MisfirePolicy {
         MisfirePolicy::FireOnce => pb::MisfirePolicy::FireOnce,
         MisfirePolicy::Skip => pb::MisfirePolicy::Skip,
         MisfirePolicy::FireAll => pb::MisfirePolicy::FireAll,
+    }
+}
+
+pub fn overlap_policy(p: OverlapPolicy) -> pb::OverlapPolicy {
+    match p {
+        OverlapPolicy::Allow => pb::OverlapPolicy::Allow,
+        OverlapPolicy::Skip => pb::OverlapPolicy::Skip,
+        OverlapPolicy::BufferOne => pb::OverlapPolicy::BufferOne,
+        OverlapPolicy::Replace => pb::OverlapPolicy::Replace,
     }
 }
 
@@ -129,6 +138,7 @@ pub fn occurrence(job_id: &str, o: &Occurrence) -> pb::Occurrence {
         Outcome::Delivered => (pb::OccurrenceOutcome::Delivered, None),
         Outcome::DeadLettered => (pb::OccurrenceOutcome::DeadLettered, None),
         Outcome::Dropped => (pb::OccurrenceOutcome::Dropped, None),
+        Outcome::Replaced => (pb::OccurrenceOutcome::Replaced, None),
         Outcome::Skipped(r) => (pb::OccurrenceOutcome::Skipped, Some(r)),
     };
     let fire_id = match (reason, o.triggered) {
@@ -184,6 +194,7 @@ pub fn job(j: &Job, retention: Micros) -> pb::Job {
         last_fire_time: j.status.last_fire_time.map(timestamp),
         finish_time: j.status.finish_time.map(timestamp),
         expire_time: j.status.finish_time.map(|f| timestamp(f.plus(retention))),
+        overlap_policy: overlap_policy(spec.overlap_policy()).into(),
     }
 }
 

@@ -14,7 +14,7 @@ use super::pb;
 use super::pb::subscribe_request::Request as SubReq;
 use super::validate::{self, Limits, Violations};
 use crate::domain::job::etag;
-use crate::domain::{Micros, preview};
+use crate::domain::{Disposition, Micros, preview};
 use crate::scheduler::{Scheduler, SchedulerError, SubscriberHandle, Subscription};
 use crate::telemetry;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -146,11 +146,21 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         let id = request.into_inner().id;
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
-        let fire = self.core.trigger(&id).await.map_err(convert::status)?;
-        tracing::info!(job_id = %id, fire_id = %fire.fire_id, "job triggered");
+        let t = self.core.trigger(&id).await.map_err(convert::status)?;
+        let outcome = match t.disposition {
+            Disposition::Released => pb::TriggerOutcome::Released,
+            Disposition::Held => pb::TriggerOutcome::Held,
+            Disposition::Skipped => pb::TriggerOutcome::Skipped,
+        };
+        let fire_id = match t.disposition {
+            Disposition::Skipped => String::new(),
+            _ => t.fire.fire_id.to_string(),
+        };
+        tracing::info!(job_id = %id, fire_id = %fire_id, outcome = outcome.as_str_name(), "job triggered");
         Ok(Response::new(pb::TriggerJobResponse {
-            fire_id: fire.fire_id.to_string(),
-            scheduled_time: Some(convert::timestamp(fire.scheduled_time)),
+            fire_id,
+            scheduled_time: Some(convert::timestamp(t.fire.scheduled_time)),
+            outcome: outcome.into(),
         }))
     }
 

@@ -13,7 +13,8 @@ use crate::domain::ledger::OccurrenceKey;
 use crate::domain::time::{MICROS_PER_MILLI, MICROS_PER_SECOND};
 use crate::domain::trigger::{Recurrence, parse_cron, parse_time_zone};
 use crate::domain::{
-    DstGap, DstPolicy, DstRepeat, JobSpec, JobState, Micros, MisfirePolicy, Timestamp, TriggerSpec,
+    DstGap, DstPolicy, DstRepeat, JobSpec, JobState, Micros, MisfirePolicy, OverlapPolicy,
+    Timestamp, TriggerSpec,
 };
 
 pub const MAX_NAME_LEN: usize = 128;
@@ -341,6 +342,19 @@ fn schedule_spec(
         }
         n => n,
     };
+    let overlap_policy = match pb::OverlapPolicy::try_from(job.overlap_policy) {
+        Ok(pb::OverlapPolicy::Unspecified | pb::OverlapPolicy::Allow) => OverlapPolicy::Allow,
+        Ok(pb::OverlapPolicy::Skip) => OverlapPolicy::Skip,
+        Ok(pb::OverlapPolicy::BufferOne) => OverlapPolicy::BufferOne,
+        Ok(pb::OverlapPolicy::Replace) => OverlapPolicy::Replace,
+        Err(_) => {
+            v.add(
+                "job.overlap_policy",
+                format!("{} is not an OverlapPolicy value", job.overlap_policy),
+            );
+            OverlapPolicy::Allow
+        }
+    };
     check_name(v, "job.dead_letter_queue", &job.dead_letter_queue, false);
     if !job.dead_letter_queue.is_empty() && job.dead_letter_queue == job.queue {
         v.add("job.dead_letter_queue", "must differ from job.queue");
@@ -376,6 +390,7 @@ fn schedule_spec(
         ack_deadline,
         max_attempts,
         dead_letter_queue: (!job.dead_letter_queue.is_empty()).then_some(job.dead_letter_queue),
+        overlap_policy,
     })
 }
 
@@ -560,7 +575,7 @@ pub fn fire_ids(v: &mut Violations, field: &str, ids: &[String]) {
 }
 
 /// The fields UpdateJob can change, as update_mask names them.
-const UPDATABLE: [&str; 10] = [
+const UPDATABLE: [&str; 11] = [
     "trigger",
     "payload",
     "labels",
@@ -571,6 +586,7 @@ const UPDATABLE: [&str; 10] = [
     "ack_deadline",
     "max_attempts",
     "dead_letter_queue",
+    "overlap_policy",
 ];
 
 /// What an UpdateJob names: the job, the fields to change, and the etag it was read with.
@@ -661,6 +677,7 @@ pub fn updated_spec(
             "ack_deadline" => current.ack_deadline = new.ack_deadline,
             "max_attempts" => current.max_attempts = new.max_attempts,
             "dead_letter_queue" => current.dead_letter_queue = new.dead_letter_queue.clone(),
+            "overlap_policy" => current.overlap_policy = new.overlap_policy,
             _ => {}
         }
     }

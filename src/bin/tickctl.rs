@@ -213,6 +213,9 @@ struct JobOptions {
     /// Queue for fires that used up their attempts.
     #[arg(long)]
     dead_letter_queue: Option<String>,
+    /// What an occurrence due while the job's previous fire still runs (un-acked) does.
+    #[arg(long, value_enum)]
+    overlap: Option<Overlap>,
 }
 
 #[derive(Debug, Args)]
@@ -254,6 +257,18 @@ enum Misfire {
     Skip,
     /// One fire per missed occurrence.
     All,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Overlap {
+    /// Released anyway (the default).
+    Allow,
+    /// Skipped.
+    Skip,
+    /// Held until the running fire is acked; at most one held.
+    BufferOne,
+    /// Released; the running fire is withdrawn.
+    Replace,
 }
 
 #[derive(Debug, Args)]
@@ -472,6 +487,7 @@ fn job_json(job: &pb::Job) -> Value {
         "ack_deadline": duration_str(&job.ack_deadline),
         "max_attempts": job.max_attempts,
         "dead_letter_queue": job.dead_letter_queue,
+        "overlap_policy": job.overlap_policy().as_str_name(),
         "etag": job.etag,
     })
 }
@@ -746,7 +762,15 @@ fn options_job(o: JobOptions) -> pb::Job {
         Some(Misfire::Skip) => pb::MisfirePolicy::Skip,
         Some(Misfire::All) => pb::MisfirePolicy::FireAll,
     };
+    let overlap_policy = match o.overlap {
+        None => pb::OverlapPolicy::Unspecified,
+        Some(Overlap::Allow) => pb::OverlapPolicy::Allow,
+        Some(Overlap::Skip) => pb::OverlapPolicy::Skip,
+        Some(Overlap::BufferOne) => pb::OverlapPolicy::BufferOne,
+        Some(Overlap::Replace) => pb::OverlapPolicy::Replace,
+    };
     pb::Job {
+        overlap_policy: overlap_policy.into(),
         labels: o.labels.into_iter().collect(),
         max_fires: o.max_fires.unwrap_or(0),
         end_time: o.end.map(pb_time),
@@ -777,6 +801,7 @@ async fn update(client: &mut Client, args: UpdateArgs, output: Output) -> Result
         ("ack_deadline", o.ack_deadline.is_some()),
         ("max_attempts", o.max_attempts.is_some()),
         ("dead_letter_queue", o.dead_letter_queue.is_some()),
+        ("overlap_policy", o.overlap.is_some()),
     ];
     let paths: Vec<String> = given
         .iter()
@@ -1001,12 +1026,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .trigger_job(pb::TriggerJobRequest { id })
                 .await?
                 .into_inner();
+            let outcome = fired.outcome();
             match output {
                 Output::Json => emit(json!({
                     "fire_id": fired.fire_id,
                     "scheduled_time": time_str(&fired.scheduled_time),
+                    "outcome": outcome.as_str_name(),
                 })),
-                Output::Table => emit_fmt!("released {}", fired.fire_id),
+                Output::Table => match outcome {
+                    pb::TriggerOutcome::Held => emit_fmt!(
+                        "held {} (overlap policy BUFFER_ONE): delivered once the running fire is acked",
+                        fired.fire_id
+                    ),
+                    pb::TriggerOutcome::Skipped => emit_fmt!(
+                        "skipped: a fire of the job is still running (overlap policy); see `tickctl occurrences`"
+                    ),
+                    _ => emit_fmt!("released {}", fired.fire_id),
+                },
             }
             Ok(())
         }
@@ -1133,6 +1169,7 @@ async fn occurrences(
         pb::OccurrenceOutcome::Delivered => "delivered".to_string(),
         pb::OccurrenceOutcome::DeadLettered => "dead-lettered".to_string(),
         pb::OccurrenceOutcome::Dropped => "dropped".to_string(),
+        pb::OccurrenceOutcome::Replaced => "replaced by a later fire (overlap)".to_string(),
         pb::OccurrenceOutcome::Skipped => format!(
             "skipped: {}",
             match o.skip_reason() {

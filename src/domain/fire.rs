@@ -29,6 +29,10 @@ pub struct FireRecord {
     /// The fire's span, which every delivery of it carries to the worker.
     #[serde(default)]
     pub trace: Option<TraceContext>,
+    /// Held back by the job's overlap policy (BUFFER_ONE) until no fire of the job runs: not
+    /// delivered before. Cleared when it is let go.
+    #[serde(default)]
+    pub held: bool,
 }
 
 impl FireRecord {
@@ -51,6 +55,7 @@ impl FireRecord {
             not_before: None,
             dead_lettered: false,
             trace: None,
+            held: false,
         }
     }
 }

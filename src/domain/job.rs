@@ -12,6 +12,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::ledger::{SkipReason, Skipped};
+use super::overlap::{self, OverlapPolicy, Running};
 use super::packed::PackedSpec;
 use super::time::{Micros, Timestamp};
 use super::trace::TraceContext;
@@ -74,6 +75,10 @@ pub struct JobSpec {
     pub ack_deadline: Micros,
     pub max_attempts: u32,
     pub dead_letter_queue: Option<String>,
+    /// What an occurrence due while a fire of the job runs does. Not written when ALLOW, so a
+    /// spec stored before overlap policies reads and encodes (and so its etag) as it did.
+    #[serde(default, skip_serializing_if = "OverlapPolicy::is_allow")]
+    pub overlap_policy: OverlapPolicy,
 }
 
 /// The part of a job that changes as it runs.
@@ -438,6 +443,10 @@ pub struct Advance {
     /// Every occurrence passed over, as runs by reason, oldest first (for the ledger). A
     /// misfire run's reason is [`SkipReason::Misfire`]; the caller knows if a pause caused it.
     pub passed_over: Vec<Skipped>,
+    /// The rest of the overlap policy's decision (its `release` is left empty: they are
+    /// `fires`): `hold` is an occurrence stored as a held fire, `unhold` and `replace` are for
+    /// the job's fires already out.
+    pub overlap: overlap::Plan,
     /// The job's status after these fires.
     pub status: JobStatus,
 }
@@ -451,13 +460,21 @@ pub struct Advance {
 /// FIRE_ALL fires them oldest first up to `fire_all_cap`. Occurrences within the grace period
 /// are left for the next call. `max_fires` and `end_time` end the job.
 pub fn advance(job: &Job, now: Timestamp, fire_all_cap: usize) -> Advance {
-    advance_with_room(job, now, fire_all_cap, usize::MAX)
+    advance_with_room(job, now, fire_all_cap, usize::MAX, Running::default())
 }
 
-/// [`advance`] for a queue that can take at most `room` more fires: occurrences beyond it are
-/// passed over (counted in `skipped_no_room`, not in the job's fire count), and the job moves
-/// on to its next occurrence as usual.
-pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: usize) -> Advance {
+/// [`advance`] for a queue that can take at most `room` more fires, of a job whose fires are
+/// `running` as given: its overlap policy ([`overlap::decide`]) releases, holds or skips the
+/// occurrences due (a held one is stored as a fire, and counts as one), and occurrences beyond
+/// `room` are passed over (counted in `skipped_no_room`). Neither counts in the job's fire
+/// count; the job moves on to its next occurrence as usual.
+pub fn advance_with_room(
+    job: &Job,
+    now: Timestamp,
+    fire_all_cap: usize,
+    room: usize,
+    running: Running,
+) -> Advance {
     let spec = &job.spec;
     let mut status = job.status.clone();
     let unchanged = |status: JobStatus| Advance {
@@ -468,6 +485,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         skipped_no_room: 0,
         skipped_dst: (0, 0),
         passed_over: Vec::new(),
+        overlap: overlap::Plan::default(),
         status,
     };
     let Some(first) = status.next_occurrence else {
@@ -562,7 +580,12 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
     };
 
     // Fires cut off, oldest first, go in the ledger as one run (they are consecutive).
-    let mut cut = |fires: &mut Vec<Timestamp>, keep: usize, reason: SkipReason| {
+    fn cut(
+        passed_over: &mut Vec<Skipped>,
+        fires: &mut Vec<Timestamp>,
+        keep: usize,
+        reason: SkipReason,
+    ) {
         if fires.len() > keep {
             passed_over.push(Skipped {
                 first: fires[keep],
@@ -573,20 +596,33 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
             });
             fires.truncate(keep);
         }
-    };
+    }
     let max_fires = spec.max_fires();
     if max_fires > 0 {
         let remaining = max_fires.saturating_sub(status.fire_count);
         cut(
+            &mut passed_over,
             &mut fires,
             usize::try_from(remaining).unwrap_or(usize::MAX),
             SkipReason::Ended,
         );
     }
-    let skipped_no_room = fires.len().saturating_sub(room) as u64;
-    cut(&mut fires, room, SkipReason::BacklogFull);
-    status.fire_count += fires.len() as u64;
-    if !fires.is_empty() {
+    // The overlap policy picks what is released and what held; the queue's room then cuts
+    // what is stored (released first, then held), from the back.
+    let mut overlap = overlap::decide(spec.overlap_policy(), running, &fires);
+    passed_over.extend(overlap.skipped.take());
+    let released = overlap.release.len();
+    let mut stored = std::mem::take(&mut overlap.release);
+    stored.extend(overlap.hold);
+    let skipped_no_room = stored.len().saturating_sub(room) as u64;
+    cut(&mut passed_over, &mut stored, room, SkipReason::BacklogFull);
+    overlap.hold = stored.get(released).copied();
+    stored.truncate(released);
+    // Nothing released replaces nothing.
+    overlap.replace &= !stored.is_empty();
+    let fires = stored;
+    status.fire_count += (fires.len() + usize::from(overlap.hold.is_some())) as u64;
+    if !fires.is_empty() || overlap.hold.is_some() {
         status.last_fire_time = Some(now);
     }
     let (next, dst_runs) = rec.next_after_with_dst_skips(last_handled, end_time);
@@ -613,6 +649,7 @@ pub fn advance_with_room(job: &Job, now: Timestamp, fire_all_cap: usize, room: u
         skipped_no_room,
         skipped_dst,
         passed_over,
+        overlap,
         status,
     }
 }
@@ -637,6 +674,7 @@ mod tests {
             ack_deadline: 30 * S,
             max_attempts: 10,
             dead_letter_queue: None,
+            overlap_policy: Default::default(),
         }
     }
 
@@ -1081,6 +1119,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The overlap policy cuts what is due before the queue's room does, and a held
+    /// occurrence counts as a fire (it is stored): BUFFER_ONE with a fire running and room
+    /// for none passes the one it would hold over as BACKLOG_FULL; with room, holds it and
+    /// skips the rest as OVERLAP. Skipped occurrences are not in the fire count.
+    #[test]
+    fn overlap_comes_before_room() {
+        let mut s = spec(every(S));
+        s.misfire_policy = MisfirePolicy::FireAll;
+        s.overlap_policy = OverlapPolicy::BufferOne;
+        let job = Job::create(s, Timestamp(0)).expect("valid");
+        let busy = Running {
+            running: 1,
+            held: false,
+        };
+        let a = advance_with_room(&job, Timestamp(10 * S), 100, 0, busy);
+        assert!(a.fires.is_empty());
+        assert_eq!(a.overlap.hold, None);
+        assert_eq!(a.skipped_no_room, 1);
+        let reasons: Vec<_> = a.passed_over.iter().map(|r| (r.reason, r.count)).collect();
+        assert_eq!(
+            reasons,
+            vec![(SkipReason::Overlap, 5), (SkipReason::BacklogFull, 1)]
+        );
+        assert_eq!(a.status.fire_count, 0);
+
+        let a = advance_with_room(&job, Timestamp(10 * S), 100, 1, busy);
+        assert_eq!(a.overlap.hold, Some(Timestamp(0)));
+        assert_eq!(a.status.fire_count, 1);
+        assert_eq!(a.status.next_occurrence, Some(Timestamp(6 * S)));
     }
 
     /// Fire ids are made of the job id and the RFC 3339 scheduled time.

@@ -88,6 +88,9 @@ pub enum Outcome {
     DeadLettered,
     /// Its fire's last attempt failed and the job has no dead-letter queue.
     Dropped,
+    /// Its fire was withdrawn un-acked when a later occurrence was released (overlap policy
+    /// REPLACE).
+    Replaced,
     /// It was never released.
     Skipped(SkipReason),
 }
@@ -98,6 +101,7 @@ impl Outcome {
             Outcome::Delivered => "delivered",
             Outcome::DeadLettered => "dead_lettered",
             Outcome::Dropped => "dropped",
+            Outcome::Replaced => "replaced",
             Outcome::Skipped(_) => "skipped",
         }
     }
@@ -111,6 +115,7 @@ impl From<Outcome> for u8 {
             Outcome::Delivered => 1,
             Outcome::DeadLettered => 2,
             Outcome::Dropped => 3,
+            Outcome::Replaced => 4,
             Outcome::Skipped(r) => {
                 SKIPPED
                     + match r {
@@ -136,6 +141,7 @@ impl TryFrom<u8> for Outcome {
             1 => Outcome::Delivered,
             2 => Outcome::DeadLettered,
             3 => Outcome::Dropped,
+            4 => Outcome::Replaced,
             _ => Outcome::Skipped(match code.wrapping_sub(SKIPPED) {
                 0 => Misfire,
                 1 => Paused,
@@ -390,6 +396,7 @@ mod tests {
             Outcome::Delivered,
             Outcome::DeadLettered,
             Outcome::Dropped,
+            Outcome::Replaced,
             Outcome::Skipped(Misfire),
             Outcome::Skipped(Paused),
             Outcome::Skipped(Overlap),
@@ -401,7 +408,7 @@ mod tests {
         for o in all {
             assert_eq!(Outcome::try_from(u8::from(o)), Ok(o));
         }
-        for bad in [0, 4, 15, 23, 255] {
+        for bad in [0, 5, 15, 23, 255] {
             assert!(Outcome::try_from(bad).is_err(), "{bad}");
         }
         let run = Skipped {

@@ -7,6 +7,7 @@ pub mod dst;
 pub mod fire;
 pub mod job;
 pub mod ledger;
+pub mod overlap;
 pub mod packed;
 pub mod preview;
 pub mod time;
@@ -20,6 +21,7 @@ pub use job::{
     TransitionRefused, advance, advance_with_room, fire_id,
 };
 pub use ledger::{Occurrence, Outcome, SkipReason};
+pub use overlap::{Disposition, OverlapPolicy, Running};
 pub use packed::{JobKey, PackedSpec};
 pub use time::{Micros, Timestamp};
 pub use trace::TraceContext;

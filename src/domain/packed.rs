@@ -28,6 +28,7 @@ use triomphe::ThinArc;
 
 use super::dst::DstPolicy;
 use super::job::{JobSpec, JobState, JobStatus, MisfirePolicy};
+use super::overlap::OverlapPolicy;
 use super::time::{Micros, Timestamp};
 use super::trigger::{Recurrence, TriggerError, TriggerSpec, parse_cron, parse_time_zone};
 
@@ -51,6 +52,9 @@ const HAS_DLQ: u8 = 2;
 const ENDS_EXACT: u8 = 4;
 /// The strings pass 64 KiB: their end offsets are in `Rare::long_ends`, not `Header::ends`.
 const LONG_ENDS: u8 = 8;
+/// The overlap policy's code ([`OverlapPolicy::code`]) sits in these two bits.
+const OVERLAP_SHIFT: u8 = 4;
+const OVERLAP_MASK: u8 = 3 << OVERLAP_SHIFT;
 
 /// The fixed-size part. The bytes that follow it are, in order: id, queue, dead-letter queue,
 /// cron expression, time zone (each ending at the offset in `ends`), then the payload.
@@ -236,7 +240,7 @@ impl PackedSpec {
             });
         }
         bytes.extend_from_slice(payload);
-        let mut flags = flags_from_trigger;
+        let mut flags = flags_from_trigger | (fields.overlap_policy.code() << OVERLAP_SHIFT);
         if exact {
             flags |= ENDS_EXACT;
         }
@@ -450,6 +454,10 @@ impl PackedSpec {
         self.header().misfire_policy
     }
 
+    pub fn overlap_policy(&self) -> OverlapPolicy {
+        OverlapPolicy::from_code((self.header().flags & OVERLAP_MASK) >> OVERLAP_SHIFT)
+    }
+
     pub fn misfire_grace(&self) -> Micros {
         self.header().misfire_grace
     }
@@ -477,6 +485,7 @@ impl PackedSpec {
             ack_deadline: self.ack_deadline(),
             max_attempts: self.max_attempts(),
             dead_letter_queue: self.dead_letter_queue().map(str::to_string),
+            overlap_policy: self.overlap_policy(),
         }
     }
 
@@ -622,6 +631,7 @@ impl Serialize for PackedSpec {
             ack_deadline: h.ack_deadline,
             max_attempts: h.max_attempts,
             dead_letter_queue: self.dead_letter_queue(),
+            overlap_policy: self.overlap_policy(),
         }
         .serialize(serializer)
     }
@@ -650,6 +660,8 @@ struct Fields<'a> {
     max_attempts: u32,
     #[serde(borrow)]
     dead_letter_queue: Option<&'a str>,
+    #[serde(default, skip_serializing_if = "OverlapPolicy::is_allow")]
+    overlap_policy: OverlapPolicy,
 }
 
 impl<'a> Fields<'a> {
@@ -688,6 +700,7 @@ impl<'a> Fields<'a> {
             ack_deadline: spec.ack_deadline,
             max_attempts: spec.max_attempts,
             dead_letter_queue: spec.dead_letter_queue.as_deref(),
+            overlap_policy: spec.overlap_policy,
         }
     }
 }

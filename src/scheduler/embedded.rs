@@ -18,12 +18,11 @@ use super::clock::Clock;
 use super::state::{self, Delivery, State, SubId};
 use super::writer::{self, Op, Redelivery, Reply, Transition};
 use super::{
-    Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats,
+    Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats, Triggered,
     list_scan_budget, mark_failed, mark_store, panic_message, shutting_down, timer,
 };
-use crate::domain::job::triggered_fire_id;
 use crate::domain::ledger::OccurrenceKey;
-use crate::domain::{FireRecord, Job, JobKey, JobSpec, Micros, Occurrence, Timestamp};
+use crate::domain::{Job, JobKey, JobSpec, Micros, Occurrence, Timestamp};
 use crate::store::Store;
 
 /// Shared by the handle, the timer task, the writer thread and subscriptions.
@@ -222,24 +221,17 @@ impl Embedded {
             .await
     }
 
-    /// Releases one extra fire of a job now; answers it once it is stored.
-    pub async fn trigger(&self, id: &str) -> Result<FireRecord, SchedulerError> {
+    /// Releases one extra fire of a job now, as its overlap policy says; answers it once it
+    /// is stored.
+    pub async fn trigger(&self, id: &str) -> Result<Triggered, SchedulerError> {
         let at = self.now();
-        let job = self
-            .inner
+        self.inner
             .call(|reply| Op::Trigger {
                 id: id.to_string(),
                 at,
                 reply,
             })
-            .await?;
-        Ok(FireRecord::released(
-            triggered_fire_id(job.spec.id(), at),
-            job.spec.id().into(),
-            job.spec.queue().to_string(),
-            at,
-            at,
-        ))
+            .await
     }
 
     /// Puts `spec` in place of its job's spec if that still has `etag` (see [`Job::updated`]).
@@ -397,7 +389,8 @@ impl Embedded {
             let q = queues.entry(entry.rec.queue.as_str()).or_default();
             match entry.status {
                 state::FireStatus::InFlight { .. } => q.in_flight += 1,
-                state::FireStatus::Acked => {}
+                // Acked, or not deliverable until its job's running fire ends.
+                state::FireStatus::Acked | state::FireStatus::Held => {}
                 _ => q.backlog += 1,
             }
         }

@@ -36,6 +36,7 @@ fn every_ten(id: &str) -> JobSpec {
         ack_deadline: 30 * S,
         max_attempts: 2,
         dead_letter_queue: None,
+        overlap_policy: Default::default(),
     }
 }
 

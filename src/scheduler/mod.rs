@@ -53,6 +53,14 @@ pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason, SkipReas
 pub use replicated::ReplicaSettings;
 pub use state::Delivery;
 
+/// What TriggerJob made: the fire (its id and times; held when its job's overlap policy held
+/// it), and whether it was released, held or skipped (then nothing was stored).
+#[derive(Debug, Clone)]
+pub struct Triggered {
+    pub fire: crate::domain::FireRecord,
+    pub disposition: crate::domain::Disposition,
+}
+
 /// Hash maps of the core's memory: foldhash is several times faster than the standard
 /// library's SipHash on short keys, and seeded per process, so ids a client chooses cannot be
 /// crafted to collide.
@@ -61,9 +69,7 @@ pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::Random
 
 use crate::domain::job::UpdateRefused;
 use crate::domain::ledger;
-use crate::domain::{
-    FireRecord, Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError,
-};
+use crate::domain::{Job, JobSpec, JobState, Micros, Timestamp, TraceContext, TriggerError};
 use crate::store::{Store, StoreError};
 use embedded::{Embedded, EmbeddedHandle, EmbeddedSubscription};
 use replicated::{ReplicaHandle, ReplicaSubscription, Replicated};
@@ -380,9 +386,9 @@ impl Scheduler {
     }
 
     /// Releases one extra fire of a scheduled or paused job now (TriggerJob): its fire id is
-    /// the occurrence's with `#trigger` after it; the job's schedule is untouched. Answers the
-    /// fire once it is stored.
-    pub async fn trigger(&self, id: &str) -> Result<FireRecord, SchedulerError> {
+    /// the occurrence's with `#trigger` after it; the job's schedule is untouched, and its
+    /// overlap policy may hold or skip it. Answers once the fire (if any) is stored.
+    pub async fn trigger(&self, id: &str) -> Result<Triggered, SchedulerError> {
         on_engine!(self, e => e.trigger(id).await)
     }
 

@@ -32,6 +32,9 @@ pub enum DropReason {
     AttemptsExhausted,
     /// Its job was deleted (DeleteJob) before it was acked.
     JobDeleted,
+    /// Withdrawn un-acked when a later occurrence of its job was released (overlap policy
+    /// REPLACE).
+    Replaced,
 }
 
 impl DropReason {
@@ -39,6 +42,7 @@ impl DropReason {
         match self {
             DropReason::AttemptsExhausted => "attempts_exhausted",
             DropReason::JobDeleted => "job_deleted",
+            DropReason::Replaced => "replaced",
         }
     }
 }

@@ -40,8 +40,8 @@ use super::clock::Clock;
 use super::observe::{DropReason, RedeliveryReason, SkipReason, dst_skipped};
 use super::state::Delivery;
 use super::{
-    Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats, mark_failed,
-    mark_store, panic_message, shutting_down,
+    Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats, Triggered,
+    mark_failed, mark_store, panic_message, shutting_down,
 };
 use crate::domain::fire::AfterAttempt;
 use crate::domain::ledger::OccurrenceKey;
@@ -339,7 +339,7 @@ impl Replicated {
         }
     }
 
-    pub async fn trigger(&self, id: &str) -> Result<FireRecord, SchedulerError> {
+    pub async fn trigger(&self, id: &str) -> Result<Triggered, SchedulerError> {
         let s = &self.shared;
         s.accepting()?;
         let observer = &s.config.observer;
@@ -361,10 +361,13 @@ impl Replicated {
             Some(Err(TriggerFailed::Full(n))) => Err(SchedulerError::ResourceExhausted(format!(
                 "queue holds {n} fires not yet acked (--max-queue-backlog); nothing was triggered"
             ))),
-            Some(Ok(fire)) => {
-                observer.fires_stored(&fire.queue, 1);
-                s.wake_queue(&fire.queue);
-                Ok(fire)
+            Some(Ok((fire, disposition, released))) => {
+                let woken = released.fires.first().map(|f| f.queue.clone());
+                s.report_released(released);
+                if let Some(queue) = woken {
+                    s.wake_queue(&queue);
+                }
+                Ok(Triggered { fire, disposition })
             }
         }
     }
@@ -766,6 +769,18 @@ impl Shared {
                     break;
                 }
             }
+            // A held fire whose job's running fire ended without letting it go (a crash
+            // between the two) goes now.
+            match self.store.unhold_idle(at).await {
+                Ok(woken) => {
+                    for queue in woken {
+                        self.wake_queue(&queue);
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "held fires could not be looked at; retrying at the next retention pass")
+                }
+            }
             // A ledger that cannot be pruned now is pruned at the next pass; it does not
             // make the replica unhealthy.
             if let Err(e) = self.prune_ledger(at).await {
@@ -860,6 +875,16 @@ impl Shared {
             for (reason, count) in dst_skipped(&skip.job_id, &skip.queue, skip.dst) {
                 observer.occurrences_skipped(&skip.queue, count, reason);
             }
+            if skip.overlap > 0 {
+                debug!(job_id = %skip.job_id, queue = %skip.queue, skipped = skip.overlap, "occurrence(s) skipped: a fire of the job is still running");
+                observer.occurrences_skipped(&skip.queue, skip.overlap, SkipReason::Overlap);
+            }
+        }
+        for fire in &released.replaced {
+            observer.fire_dropped(fire, DropReason::Replaced);
+        }
+        for queue in &released.woken {
+            self.wake_queue(queue);
         }
         let mut touched = lock(&self.ledger_touched);
         for (job, queue, record) in &released.recorded {

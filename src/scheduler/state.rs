@@ -19,8 +19,8 @@ use super::clock::Clock;
 use super::{FastMap, FastSet};
 use crate::domain::ledger::{self, Bounds, JobLedger};
 use crate::domain::{
-    FireId, FireRecord, Job, JobId, JobKey, JobState, Micros, Occurrence, PackedSpec, Timestamp,
-    TraceContext,
+    FireId, FireRecord, Job, JobId, JobKey, JobState, Micros, Occurrence, PackedSpec, Running,
+    Timestamp, TraceContext,
 };
 use crate::store::Snapshot;
 
@@ -49,6 +49,9 @@ pub(crate) enum FireStatus {
     Pending,
     /// Acked; its deletion is being written (and retried until it is).
     Acked,
+    /// Held back by its job's overlap policy (BUFFER_ONE) until no fire of the job runs
+    /// ([`State::unhold_if_idle`]); on no list, in no index.
+    Held,
 }
 
 #[derive(Debug)]
@@ -115,6 +118,9 @@ pub(crate) struct State {
     /// Fires outstanding per queue (waiting or in flight); a queue at `--max-queue-backlog`
     /// takes no new fire.
     pub fires_per_queue: FastMap<String, u32>,
+    /// The outstanding fires of each job whose overlap policy is not ALLOW (and of any job
+    /// with a held fire): what its policy looks at. Most jobs are in none.
+    pub overlap_fires: FastMap<JobId, Vec<FireId>>,
     /// (steady time, fire id) of in-flight ack deadlines and delayed redeliveries: measured on
     /// the steady clock, so a wall-clock step moves none of them.
     pub deadlines: BTreeSet<(Timestamp, FireId)>,
@@ -152,6 +158,7 @@ impl State {
             fires: FastMap::default(),
             fires_per_job: FastMap::default(),
             fires_per_queue: FastMap::default(),
+            overlap_fires: FastMap::default(),
             deadlines: BTreeSet::new(),
             queues: FastMap::default(),
             subscribers: FastMap::default(),
@@ -238,6 +245,12 @@ impl State {
             };
             let spec = key.0.clone();
             state.insert_fire(rec, spec);
+        }
+        // A held fire whose job has nothing running any more goes (its release may have been
+        // in memory only: the oldest held first).
+        let jobs: Vec<JobId> = state.overlap_fires.keys().cloned().collect();
+        for job in jobs {
+            state.unhold_if_idle(&job);
         }
         // Records of jobs no longer held (deleted before their records were) go from the
         // store; so do records beyond the bounds (they may have changed since).
@@ -447,6 +460,14 @@ impl State {
     pub fn remove_fire(&mut self, id: &str) -> Option<FireEntry> {
         self.release(id);
         let entry = self.fires.remove(id)?;
+        if !self.overlap_fires.is_empty()
+            && let Some(ids) = self.overlap_fires.get_mut(&*entry.rec.job_id)
+        {
+            ids.retain(|f| **f != *id);
+            if ids.is_empty() {
+                self.overlap_fires.remove(&*entry.rec.job_id);
+            }
+        }
         uncount(&mut self.fires_per_job, &*entry.rec.job_id);
         uncount(&mut self.fires_per_queue, entry.rec.queue.as_str());
         Some(entry)
@@ -493,6 +514,15 @@ impl State {
             None => {
                 count_one(&mut self.fires_per_job, &rec.job_id);
                 count_one(&mut self.fires_per_queue, rec.queue.as_str());
+                if rec.held || !spec.overlap_policy().is_allow() {
+                    match self.overlap_fires.get_mut(&rec.job_id) {
+                        Some(ids) => ids.push(id.clone()),
+                        None => {
+                            self.overlap_fires
+                                .insert(rec.job_id.clone(), vec![id.clone()]);
+                        }
+                    }
+                }
             }
             Some(old) if old.rec.queue != rec.queue => {
                 let from = old.rec.queue.clone();
@@ -500,15 +530,111 @@ impl State {
             }
             Some(_) => {}
         }
+        let held = rec.held;
         self.fires.insert(
             id.clone(),
             FireEntry {
                 rec,
                 spec,
-                status: FireStatus::Pending,
+                status: if held {
+                    FireStatus::Held
+                } else {
+                    FireStatus::Pending
+                },
             },
         );
-        self.make_deliverable(&id, not_before);
+        if !held {
+            self.make_deliverable(&id, not_before);
+        }
+    }
+
+    /// Starts following the fires of a job whose overlap policy is no longer ALLOW (after an
+    /// update; a scan of the fires, for the rare job that has some).
+    pub fn track_overlap(&mut self, spec: &PackedSpec) {
+        if spec.overlap_policy().is_allow() || self.overlap_fires.contains_key(spec.id()) {
+            return;
+        }
+        let ids = self.fires_of(spec.id());
+        if !ids.is_empty() {
+            self.overlap_fires.insert(spec.id().into(), ids);
+        }
+    }
+
+    /// Whether a fire counts as running for its job's overlap policy: released and not yet
+    /// acked, dead-lettered or dropped, and not held.
+    fn is_running(entry: &FireEntry) -> bool {
+        !entry.rec.dead_lettered && !matches!(entry.status, FireStatus::Held | FireStatus::Acked)
+    }
+
+    /// The fires of job `id` as its overlap policy sees them (only followed for jobs whose
+    /// policy is not ALLOW, or that hold a fire).
+    pub fn running_of(&self, id: &str) -> Running {
+        let mut r = Running::default();
+        for f in self.overlap_fires.get(id).into_iter().flatten() {
+            if let Some(e) = self.fires.get(f) {
+                if e.status == FireStatus::Held {
+                    r.held = true;
+                } else if State::is_running(e) {
+                    r.running += 1;
+                }
+            }
+        }
+        r
+    }
+
+    /// The fires of job `id` an overlap REPLACE withdraws (running or held), each with the
+    /// deliveries made of it so far.
+    pub fn replaceable_of(&self, id: &str) -> Vec<(FireRecord, u32)> {
+        self.overlap_fires
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter_map(|f| {
+                let e = self.fires.get(f)?;
+                let delivered = match e.status {
+                    FireStatus::InFlight { .. } | FireStatus::Pending => e.rec.attempt,
+                    FireStatus::Held => 0,
+                    _ => e.rec.attempt.saturating_sub(1),
+                };
+                (e.status == FireStatus::Held || State::is_running(e))
+                    .then(|| (e.rec.clone(), delivered))
+            })
+            .collect()
+    }
+
+    /// Lets the oldest held fire of job `id` go if no fire of the job runs: it becomes
+    /// deliverable. Only in memory: the store keeps it marked held until it is next written,
+    /// and a restart lets it go again by the same rule. Returns whether one went.
+    pub fn unhold_if_idle(&mut self, id: &str) -> bool {
+        let Some(ids) = self.overlap_fires.get(id) else {
+            return false;
+        };
+        let mut oldest: Option<(Timestamp, FireId)> = None;
+        for f in ids {
+            let Some(e) = self.fires.get(f) else { continue };
+            if State::is_running(e) {
+                return false;
+            }
+            if e.status == FireStatus::Held {
+                let key = (e.rec.fire_time, e.rec.fire_id.clone());
+                if oldest.as_ref().is_none_or(|o| key < *o) {
+                    oldest = Some(key);
+                }
+            }
+        }
+        let Some((_, fire_id)) = oldest else {
+            return false;
+        };
+        let not_before = match self.fires.get_mut(&fire_id) {
+            Some(e) => {
+                e.rec.held = false;
+                e.status = FireStatus::Pending;
+                e.rec.not_before
+            }
+            None => return false,
+        };
+        self.make_deliverable(&fire_id, not_before);
+        true
     }
 
     /// Moves a fire to `Ready` at the back of its queue (waking a subscriber), or to `Delayed`
@@ -617,7 +743,7 @@ impl State {
             FireStatus::Delayed(t) => {
                 self.deadlines.remove(&(t, owned));
             }
-            FireStatus::Ready | FireStatus::Pending | FireStatus::Acked => {}
+            FireStatus::Ready | FireStatus::Pending | FireStatus::Acked | FireStatus::Held => {}
         }
     }
 
@@ -636,6 +762,10 @@ impl State {
             // on by now (a dead-lettering may have moved it meanwhile).
             if entry.status == FireStatus::Acked {
                 already.push(id);
+                continue;
+            }
+            // Never delivered: not the worker's to ack.
+            if entry.status == FireStatus::Held {
                 continue;
             }
             if entry.rec.queue != queue {

@@ -16,16 +16,17 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, warn};
 
-use super::SchedulerError;
 use super::embedded::Inner;
 use super::observe::{DropReason, RedeliveryReason, SkipReason, dst_skipped};
 use super::state::{FireStatus, State};
 use super::{FastMap, FastSet};
+use super::{SchedulerError, Triggered};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::job::{etag, is_triggered, triggered_fire_id};
+use crate::domain::overlap;
 use crate::domain::{
-    FireId, FireRecord, Job, JobId, JobKey, JobSpec, JobState, Micros, Occurrence, Outcome,
-    PackedSpec, Timestamp, advance_with_room, fire_id,
+    Disposition, FireId, FireRecord, Job, JobId, JobKey, JobSpec, JobState, Micros, Occurrence,
+    Outcome, PackedSpec, Running, Timestamp, advance_with_room, fire_id,
 };
 use crate::store::Write;
 
@@ -93,11 +94,11 @@ pub(crate) enum Op {
         transition: Transition,
         reply: Reply<Job>,
     },
-    /// Releases an extra occurrence of a job at `at` (TriggerJob).
+    /// Releases an extra occurrence of a job at `at` (TriggerJob), as its overlap policy says.
     Trigger {
         id: String,
         at: Timestamp,
-        reply: Reply<Job>,
+        reply: Reply<Triggered>,
     },
     /// Puts a new spec in place of a job's, if the job's spec still has `etag`.
     Update {
@@ -162,6 +163,10 @@ enum Effect {
     },
     /// Deleted after its last attempt: its job has no dead-letter queue.
     FireDropped(FireRecord),
+    /// Withdrawn by a later release of its job (overlap policy REPLACE).
+    FireReplaced(FireRecord),
+    /// The job's held fire goes if nothing of the job runs.
+    Unhold(JobId),
     /// The job is deleted; so are these fires of it, still outstanding.
     JobDeleted {
         id: JobId,
@@ -194,6 +199,12 @@ struct Batch {
     job_replies: Vec<(Reply<Job>, Result<JobId, SchedulerError>)>,
     batch_replies: Vec<(Reply<Vec<Job>>, BatchOutcome)>,
     count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
+    trigger_replies: Vec<(Reply<Triggered>, Result<Triggered, SchedulerError>)>,
+    /// The fires of jobs whose overlap policy is not ALLOW as this batch's releases, holds and
+    /// replacements leave them (memory's view when the batch first looked, plus those).
+    running: FastMap<JobId, Running>,
+    /// Fires this batch withdrew (overlap REPLACE).
+    replaced: FastSet<FireId>,
     /// Fires outstanding per queue as this batch leaves them (memory's count when the batch
     /// first looked, plus the fires it released).
     queue_fires: FastMap<String, usize>,
@@ -420,6 +431,14 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
     for (reply, answer) in replies {
         let _ = reply.send(answer);
     }
+    for (reply, outcome) in batch.trigger_replies {
+        let answer = match (&result, outcome) {
+            (_, Err(e)) => Err(e),
+            (Err(e), Ok(_)) => Err(not_stored(e)),
+            (Ok(()), Ok(t)) => Ok(t),
+        };
+        let _ = reply.send(answer);
+    }
     for (reply, outcome) in batch.count_replies {
         let answer = match (&result, outcome) {
             (_, Err(e)) => Err(e),
@@ -468,6 +487,7 @@ fn apply(
         match effect {
             Effect::Job(id) => {
                 if let Some(job) = jobs.get(&id) {
+                    state.track_overlap(&job.spec);
                     state.put_job(job.clone());
                 }
             }
@@ -488,8 +508,20 @@ fn apply(
             }
             Effect::FireDeleted(id) => {
                 if let Some(entry) = state.remove_fire(&id) {
+                    unhold_after(state, &entry.rec.job_id);
                     events.push(Event::Acked(entry.rec));
                 }
+            }
+            Effect::FireReplaced(rec) => {
+                if state.remove_fire(&rec.fire_id).is_some() {
+                    inner
+                        .dropped_fires
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    events.push(Event::Dropped(rec, DropReason::Replaced));
+                }
+            }
+            Effect::Unhold(id) => {
+                state.unhold_if_idle(&id);
             }
             Effect::JobDeleted { id, fires } => {
                 for fire_id in fires {
@@ -534,7 +566,9 @@ fn apply(
             } => {
                 warn!(fire_id = %rec.fire_id, job_id = %rec.job_id, queue = %from_queue, dead_letter_queue = %rec.queue, attempts, "fire dead-lettered after its last attempt");
                 events.push(Event::DeadLettered(rec.clone(), from_queue));
+                let job = rec.job_id.clone();
                 state.apply_fire_update(rec);
+                unhold_after(state, &job);
             }
             Effect::FireDropped(rec) => {
                 warn!(fire_id = %rec.fire_id, job_id = %rec.job_id, queue = %rec.queue, attempts = rec.attempt, "fire dropped after its last attempt: its job has no dead-letter queue");
@@ -542,11 +576,19 @@ fn apply(
                     .dropped_fires
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 state.remove_fire(&rec.fire_id);
+                unhold_after(state, &rec.job_id);
                 events.push(Event::Dropped(rec, DropReason::AttemptsExhausted));
             }
         }
     }
     events
+}
+
+/// After a fire of job `id` stopped running: its held fire goes if nothing else runs.
+fn unhold_after(state: &mut State, id: &str) {
+    if !state.overlap_fires.is_empty() {
+        state.unhold_if_idle(id);
+    }
 }
 
 fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
@@ -617,7 +659,7 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
         }
         Op::Trigger { id, at, reply } => {
             let outcome = decide_trigger(inner, batch, &id, at);
-            batch.job_replies.push((reply, outcome));
+            batch.trigger_replies.push((reply, outcome));
         }
         Op::Update { spec, etag, reply } => {
             let outcome = decide_update(inner, batch, &spec, &etag, now);
@@ -706,14 +748,15 @@ fn decide_transition(
     Ok(job.spec.id().into())
 }
 
-/// Releases one extra fire of a scheduled or paused job, its schedule untouched. The same
-/// job triggered twice at one instant releases one fire.
+/// Releases one extra fire of a scheduled or paused job, its schedule untouched, as its
+/// overlap policy says (released, held or skipped). The same job triggered twice at one
+/// instant releases one fire.
 fn decide_trigger(
     inner: &Inner,
     batch: &mut Batch,
     id: &str,
     at: Timestamp,
-) -> Result<JobId, SchedulerError> {
+) -> Result<Triggered, SchedulerError> {
     let Some(job) = batch.job(inner, id) else {
         return Err(SchedulerError::NotFound(id.to_string()));
     };
@@ -725,27 +768,156 @@ fn decide_trigger(
     }
     let id: JobId = job.spec.id().into();
     let fire_id = triggered_fire_id(&id, at);
-    if inner.lock().fires.contains_key(&fire_id) || batch.triggered.contains(&fire_id) {
-        return Ok(id);
-    }
     let queue = job.spec.queue();
+    let mut rec = FireRecord::released(fire_id.clone(), id.clone(), queue.to_string(), at, at);
+    let existing = inner.lock().fires.get(&fire_id).map(|e| e.rec.held);
+    if let Some(held) = existing.or_else(|| batch.triggered.contains(&fire_id).then_some(false)) {
+        rec.held = held;
+        let disposition = if held {
+            Disposition::Held
+        } else {
+            Disposition::Released
+        };
+        return Ok(Triggered {
+            fire: rec,
+            disposition,
+        });
+    }
     let outstanding = match batch.queue_fires.get(queue) {
         Some(n) => *n,
         None => inner.lock().queue_fires(queue) as usize,
     };
-    if outstanding >= inner.config.max_queue_backlog {
+    let policy = job.spec.overlap_policy();
+    let plan = if policy.is_allow() {
+        None
+    } else {
+        let running = running_of(inner, batch, &id);
+        let plan = overlap::decide(policy, running, &[at]);
+        Some((running, plan))
+    };
+    let disposition = plan
+        .as_ref()
+        .map_or(Disposition::Released, |(_, p)| p.disposition());
+    if disposition != Disposition::Skipped && outstanding >= inner.config.max_queue_backlog {
         return Err(SchedulerError::ResourceExhausted(format!(
             "queue {queue} holds {outstanding} fires not yet acked (--max-queue-backlog); \
              nothing was triggered"
         )));
     }
+    if let Some((running, plan)) = plan {
+        carry_out(inner, batch, &job, &plan, running, plan.release.len());
+        if let Some(run) = plan.skipped {
+            overlap_skipped(batch, &job, run.count);
+            let mut record = Occurrence::skipped(run, batch.now);
+            record.triggered = true;
+            record_occurrence(inner, batch, &job.spec, record);
+        }
+    }
+    if disposition == Disposition::Skipped {
+        return Ok(Triggered {
+            fire: rec,
+            disposition,
+        });
+    }
     batch.queue_fires.insert(queue.to_string(), outstanding + 1);
-    let mut rec = FireRecord::released(fire_id.clone(), id.clone(), queue.to_string(), at, at);
+    rec.held = disposition == Disposition::Held;
     rec.trace = inner.config.observer.fire_released(&rec, &job);
     batch.triggered.insert(fire_id);
     batch.writes.push(Write::PutFire(rec.clone()));
-    batch.effects.push(Effect::NewFire(rec, job.spec.clone()));
-    Ok(id)
+    batch
+        .effects
+        .push(Effect::NewFire(rec.clone(), job.spec.clone()));
+    Ok(Triggered {
+        fire: rec,
+        disposition,
+    })
+}
+
+/// The fires of job `id` as its overlap policy sees them, this batch's decisions included.
+fn running_of(inner: &Inner, batch: &Batch, id: &str) -> Running {
+    match batch.running.get(id) {
+        Some(r) => *r,
+        None => inner.lock().running_of(id),
+    }
+}
+
+/// Carries out the part of an overlap `plan` for `job` that concerns its fires already out
+/// (withdrawn, or the held one let go), and notes the job's fires as the plan leaves them
+/// (`running` before it, `released` fires released by it). The caller stores the plan's
+/// releases and hold.
+fn carry_out(
+    inner: &Inner,
+    batch: &mut Batch,
+    job: &Job,
+    plan: &overlap::Plan,
+    running: Running,
+    released: usize,
+) {
+    let id: JobId = job.spec.id().into();
+    if plan.replace {
+        withdraw(inner, batch, job);
+    }
+    if plan.unhold {
+        batch.effects.push(Effect::Unhold(id.clone()));
+    }
+    batch.running.insert(id, plan.after(running, released));
+}
+
+/// Withdraws the fires of `job` that run or are held (overlap REPLACE): each is deleted and
+/// its occurrence recorded REPLACED; a later ack of one finds nothing.
+fn withdraw(inner: &Inner, batch: &mut Batch, job: &Job) {
+    let id = job.spec.id();
+    let out = inner.lock().replaceable_of(id);
+    for (rec, delivered) in out {
+        // Sealed otherwise in this batch already (its redelivery decided, or replaced).
+        if batch.replaced.contains(&rec.fire_id)
+            || batch.redelivered.iter().any(|(f, _)| *f == rec.fire_id)
+        {
+            continue;
+        }
+        batch.replaced.insert(rec.fire_id.clone());
+        batch.writes.push(Write::DeleteFire(rec.fire_id.clone()));
+        let record = Occurrence::released(
+            rec.scheduled_time,
+            is_triggered(&rec.fire_id),
+            Outcome::Replaced,
+            delivered,
+            batch.now,
+        );
+        record_occurrence(inner, batch, &job.spec, record);
+        batch.effects.push(Effect::FireReplaced(rec));
+    }
+    // Fires this batch released for the job go before they were ever out.
+    let mut gone = Vec::new();
+    batch.effects.retain(|effect| match effect {
+        Effect::NewFire(rec, _) if &*rec.job_id == id => {
+            gone.push(rec.clone());
+            false
+        }
+        _ => true,
+    });
+    for rec in gone {
+        batch.writes.push(Write::DeleteFire(rec.fire_id.clone()));
+        batch.triggered.remove(&rec.fire_id);
+        let record = Occurrence::released(
+            rec.scheduled_time,
+            is_triggered(&rec.fire_id),
+            Outcome::Replaced,
+            0,
+            batch.now,
+        );
+        record_occurrence(inner, batch, &job.spec, record);
+    }
+}
+
+/// Counts `count` occurrences of `job` skipped by its overlap policy.
+fn overlap_skipped(batch: &mut Batch, job: &Job, count: u64) {
+    debug!(job_id = %job.spec.id(), count, policy = job.spec.overlap_policy().as_str(), "occurrence(s) skipped: a fire of the job is still running");
+    batch.effects.push(Effect::Skipped {
+        queue: job.spec.queue().to_string(),
+        count,
+        reason: SkipReason::Overlap,
+    });
 }
 
 /// Replaces a job's spec (see [`Job::updated`]) if it still has the spec the caller read.
@@ -893,10 +1065,19 @@ fn decide_advance(
         }
     };
     let room = inner.config.max_queue_backlog.saturating_sub(outstanding);
-    let plan = advance_with_room(&job, now, inner.config.max_catch_up_fires, room);
+    let policy = job.spec.overlap_policy();
+    let running = if policy.is_allow() {
+        Running::default()
+    } else {
+        running_of(inner, batch, &id)
+    };
+    let plan = advance_with_room(&job, now, inner.config.max_catch_up_fires, room, running);
     if plan.status == job.status {
         batch.effects.push(Effect::Rearm(id));
         return;
+    }
+    if !policy.is_allow() {
+        carry_out(inner, batch, &job, &plan.overlap, running, plan.fires.len());
     }
     // Missed while paused, not while tickd was down: the ledger and the counter say so.
     let missed = if resumed {
@@ -950,20 +1131,26 @@ fn decide_advance(
         if run.reason == SkipReason::Misfire {
             run.reason = missed;
         }
+        if run.reason == SkipReason::Overlap {
+            overlap_skipped(batch, &job, run.count);
+        }
         let record = Occurrence::skipped(run, now);
         record_occurrence(inner, batch, &job.spec, record);
     }
+    let held = plan.overlap.hold;
     if let Some(n) = batch.queue_fires.get_mut(queue) {
-        *n += plan.fires.len();
+        *n += plan.fires.len() + usize::from(held.is_some());
     }
-    for occurrence in &plan.fires {
+    let stored = plan.fires.iter().map(|o| (*o, false));
+    for (occurrence, held) in stored.chain(held.map(|o| (o, true))) {
         let mut rec = FireRecord::released(
-            fire_id(&id, *occurrence),
+            fire_id(&id, occurrence),
             id.clone(),
             job.spec.queue().to_string(),
-            *occurrence,
+            occurrence,
             now,
         );
+        rec.held = held;
         rec.trace = inner.config.observer.fire_released(&rec, &job);
         batch.writes.push(Write::PutFire(rec.clone()));
         batch.effects.push(Effect::NewFire(rec, job.spec.clone()));
@@ -992,9 +1179,9 @@ fn decide_redelivery(
             _ => return,
         }
     };
-    if batch.deleted_ever.contains(&rec.job_id) {
-        // Dropped with its job by a delete earlier in this batch (put back in line, as any
-        // redelivery, should that commit fail).
+    if batch.deleted_ever.contains(&rec.job_id) || batch.replaced.contains(&fire_id) {
+        // Dropped with its job by a delete earlier in this batch, or replaced (put back in
+        // line, as any redelivery, should that commit fail).
         batch.redelivered.push((fire_id, None));
         return;
     }
@@ -1078,6 +1265,7 @@ mod tests {
             not_before: None,
             dead_lettered: false,
             trace: None,
+            held: false,
         }
     }
 

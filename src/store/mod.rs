@@ -184,6 +184,7 @@ pub(crate) mod contract {
             ack_deadline: 30,
             max_attempts: 10,
             dead_letter_queue: None,
+            overlap_policy: Default::default(),
         }
     }
 
@@ -210,6 +211,7 @@ pub(crate) mod contract {
             not_before: None,
             dead_lettered: false,
             trace: None,
+            held: false,
         }
     }
 

@@ -24,9 +24,11 @@ use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::job::is_triggered;
 use crate::domain::job::{UpdateRefused, etag, triggered_fire_id};
 use crate::domain::ledger::OccurrenceKey;
+use crate::domain::overlap::{self, Disposition};
 use crate::domain::{
-    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Occurrence, Outcome, PackedSpec,
-    SkipReason, Timestamp, TraceContext, Transition, TransitionRefused, advance_with_room, fire_id,
+    FireRecord, Job, JobSpec, JobState, JobStatus, Micros, Occurrence, Outcome, OverlapPolicy,
+    PackedSpec, Running, SkipReason, Timestamp, TraceContext, Transition, TransitionRefused,
+    advance_with_room, fire_id,
 };
 
 /// Why [`PgStore::trigger`] released nothing.
@@ -272,23 +274,37 @@ impl PgStore {
             .into_iter()
             .map(|(q, n)| (q, usize::try_from(n).unwrap_or(usize::MAX)))
             .collect();
+        // The fires of jobs with an overlap policy, read (and the running ones locked) once.
+        let overlapping: Vec<&str> = jobs
+            .iter()
+            .filter(|((j, _), _)| !j.spec.overlap_policy().is_allow())
+            .map(|((j, _), _)| j.spec.id())
+            .collect();
+        let running = running_of(&mut tx, &overlapping).await?;
         let mut staged = Staged::default();
         let mut updates = Vec::with_capacity(jobs.len());
-        for ((job, version), db_now) in jobs {
+        for ((job, version), db_now) in &jobs {
             let held = outstanding.entry(job.spec.queue().to_string()).or_default();
             let next = staged.release(
-                &job,
-                db_now,
+                job,
+                *db_now,
                 &limits,
                 held,
                 SkipReason::Misfire,
+                running.get(job.spec.id()).copied().unwrap_or_default(),
                 trace_for,
                 self.ledger,
             )?;
-            updates.push((next, version, db_now));
+            updates.push((next, *version, *db_now));
         }
         // One statement for every fire, one for every job: the transaction's round trips do
         // not grow with the batch.
+        if let Some((_, _, db_now)) = updates.first() {
+            let db_now = *db_now;
+            released.replaced = staged
+                .carry_out(&mut tx, db_now, self.ledger, &mut released.woken)
+                .await?;
+        }
         released.skipped = std::mem::take(&mut staged.skipped);
         released.recorded = std::mem::take(&mut staged.recorded);
         staged.ledger.insert(&mut tx).await?;
@@ -434,15 +450,28 @@ impl PgStore {
                     (Transition::Resume, Some(_)) => {
                         let queue = job.spec.queue().to_string();
                         let mut held = queue_fires(&mut tx, &queue).await?;
+                        let running = if job.spec.overlap_policy().is_allow() {
+                            Running::default()
+                        } else {
+                            let id = job.spec.id();
+                            running_of(&mut tx, &[id])
+                                .await?
+                                .remove(id)
+                                .unwrap_or_default()
+                        };
                         job = staged.release(
                             &job,
                             db_now,
                             limits,
                             &mut held,
                             SkipReason::Paused,
+                            running,
                             trace_for,
                             self.ledger,
                         )?;
+                        released.replaced = staged
+                            .carry_out(&mut tx, db_now, self.ledger, &mut released.woken)
+                            .await?;
                     }
                     (Transition::Cancel, Some(run)) if self.ledger => {
                         let record = Occurrence::skipped(run, db_now);
@@ -574,27 +603,28 @@ impl PgStore {
     }
 
     /// Releases one extra fire of a scheduled or paused job now (TriggerJob), its schedule
-    /// untouched; `None` when there is no such job. A queue holding `max_backlog` fires takes
-    /// none. The same job triggered twice at one instant releases one fire.
+    /// untouched, as its overlap policy says (released, held, or skipped); `None` when there
+    /// is no such job. A queue holding `max_backlog` fires takes none. The same job triggered
+    /// twice at one instant releases one fire. With the fire (as released, or as it would
+    /// have been), what the release did besides (fires replaced, ledger records, held fires
+    /// let go).
     pub async fn trigger(
         &self,
         id: &str,
         now: Option<Timestamp>,
         max_backlog: usize,
         trace_for: &(dyn Fn(&FireRecord, &Job) -> Option<TraceContext> + Sync),
-    ) -> Result<Option<Result<FireRecord, TriggerFailed>>, StoreError> {
+    ) -> Result<Option<Result<(FireRecord, Disposition, Released), TriggerFailed>>, StoreError>
+    {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let Some((job, _, at)) = locked_job(&mut tx, id, now, "SHARE").await? else {
+        // FOR UPDATE: two triggers of one job at once must see each other's fire (overlap).
+        let Some((job, _, at)) = locked_job(&mut tx, id, now, "UPDATE").await? else {
             return Ok(None);
         };
         if job.status.state.is_final() {
             return Ok(Some(Err(TriggerFailed::Finished(job.status.state))));
         }
         let queue = job.spec.queue().to_string();
-        let outstanding = queue_fires(&mut tx, &queue).await?;
-        if outstanding >= max_backlog {
-            return Ok(Some(Err(TriggerFailed::Full(outstanding))));
-        }
         let mut rec = FireRecord::released(
             triggered_fire_id(job.spec.id(), at),
             job.spec.id().into(),
@@ -602,13 +632,66 @@ impl PgStore {
             at,
             at,
         );
-        rec.trace = trace_for(&rec, &job);
-        let mut fires = NewFires::default();
-        fires.push(&job, rec.clone())?;
-        fires.insert(&mut tx).await?;
-        notify(&mut tx, vec![queue]).await?;
+        let policy = job.spec.overlap_policy();
+        let plan = if policy.is_allow() {
+            None
+        } else {
+            let running = running_of(&mut tx, &[job.spec.id()])
+                .await?
+                .remove(job.spec.id())
+                .unwrap_or_default();
+            Some(overlap::decide(policy, running, &[at]))
+        };
+        let disposition = plan
+            .as_ref()
+            .map_or(Disposition::Released, |p| p.disposition());
+        if disposition != Disposition::Skipped {
+            let outstanding = queue_fires(&mut tx, &queue).await?;
+            if outstanding >= max_backlog {
+                return Ok(Some(Err(TriggerFailed::Full(outstanding))));
+            }
+        }
+        let mut released = Released::default();
+        let mut staged = Staged::default();
+        if let Some(plan) = &plan {
+            if plan.replace {
+                staged.withdraw.push((id.to_string(), queue.clone()));
+            }
+            if plan.unhold {
+                staged.unhold.push(id.to_string());
+            }
+            released.replaced = staged
+                .carry_out(&mut tx, at, self.ledger, &mut released.woken)
+                .await?;
+            if let Some(run) = plan.skipped {
+                let mut record = Occurrence::skipped(run, at);
+                record.triggered = true;
+                staged.record(self.ledger, id, &queue, record)?;
+                released.skipped.push(Skipped {
+                    job_id: id.to_string(),
+                    queue: queue.clone(),
+                    missed: SkipReason::Misfire,
+                    misfire: 0,
+                    misfire_at_least: false,
+                    backlog_full: 0,
+                    dst: (0, 0),
+                    overlap: run.count,
+                });
+            }
+        }
+        if disposition != Disposition::Skipped {
+            rec.held = disposition == Disposition::Held;
+            rec.trace = trace_for(&rec, &job);
+            staged.fires.push(&job, rec.clone())?;
+        }
+        staged.ledger.insert(&mut tx).await?;
+        released.recorded = std::mem::take(&mut staged.recorded);
+        released.fires = staged.fires.insert(&mut tx).await?;
+        if disposition == Disposition::Released {
+            notify(&mut tx, vec![queue]).await?;
+        }
         tx.commit().await.map_err(db)?;
-        Ok(Some(Ok(rec)))
+        Ok(Some(Ok((rec, disposition, released))))
     }
 
     /// Puts `spec` in place of its job's spec if that still has `etag` (see
@@ -642,6 +725,21 @@ impl PgStore {
             .await
             .map_err(db)?;
         update_job(&mut tx, &updated, version, now).await?;
+        // The job's fires out say whether their end must look for a held fire: under
+        // BUFFER_ONE, or while one is held (it stays held until what runs ends).
+        let policy = updated.spec.overlap_policy();
+        if policy != job.spec.overlap_policy() {
+            sqlx::query(
+                "UPDATE tickd_fires SET buffer_one = $2 OR EXISTS (SELECT 1 FROM tickd_fires h \
+                     WHERE h.job_id = $1 AND h.state = 'held') \
+                 WHERE job_id = $1",
+            )
+            .bind(&*spec.id)
+            .bind(policy == OverlapPolicy::BufferOne)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
         // What the job owed and will not release now goes in the ledger.
         let withdrawn = job
             .withdrawn_by(&updated, now)
@@ -775,7 +873,7 @@ impl PgStore {
                  ORDER BY available_at, fire_id LIMIT $2 FOR UPDATE SKIP LOCKED) ready \
              WHERE f.fire_id = ready.fire_id \
              RETURNING f.fire_id, f.job_id, f.queue, f.scheduled_time, f.fire_time, f.attempt, \
-                 f.dead_lettered, f.trace, f.lease_token, f.lease_expires_at, \
+                 f.dead_lettered, f.trace, false AS held, f.lease_token, f.lease_expires_at, \
                  (SELECT j.spec FROM tickd_jobs j WHERE j.id = f.job_id) AS spec",
         )
         .bind(queue)
@@ -814,7 +912,7 @@ impl PgStore {
     ) -> Result<Vec<FireRecord>, StoreError> {
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH done AS (DELETE FROM tickd_fires WHERE queue = $1 AND fire_id = ANY($2) \
-                 RETURNING {FIRE_COLUMNS}), \
+                 RETURNING {FIRE_COLUMNS}, buffer_one), \
              sealed AS ({SEAL_DELIVERED}) \
              SELECT * FROM done"
         )))
@@ -825,7 +923,7 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        done.iter().map(fire_from_row).collect()
+        self.acked(done, now).await
     }
 
     /// Acks many fires, each of its own queue (`(queue, fire_id)` pairs), in one commit: the
@@ -840,7 +938,7 @@ impl PgStore {
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH done AS (DELETE FROM tickd_fires WHERE (queue, fire_id) IN \
                  (SELECT * FROM unnest($1::text[], $2::text[])) \
-                 RETURNING {FIRE_COLUMNS}), \
+                 RETURNING {FIRE_COLUMNS}, buffer_one), \
              sealed AS ({SEAL_DELIVERED}) \
              SELECT * FROM done"
         )))
@@ -851,7 +949,39 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
-        done.iter().map(fire_from_row).collect()
+        self.acked(done, now).await
+    }
+
+    /// The fires an ack deleted (rows of [`FIRE_COLUMNS`] and `buffer_one`); the held fires of
+    /// their BUFFER_ONE jobs go if nothing of the job runs any more. (Not in the ack's
+    /// statement: its snapshot would not see a fire held by a release it waited for.)
+    async fn acked(
+        &self,
+        done: Vec<sqlx::postgres::PgRow>,
+        now: Option<Timestamp>,
+    ) -> Result<Vec<FireRecord>, StoreError> {
+        let mut jobs = Vec::new();
+        let mut fires = Vec::with_capacity(done.len());
+        for row in &done {
+            let fire = fire_from_row(row)?;
+            if row.try_get::<bool, _>("buffer_one").map_err(db)? && !fire.dead_lettered {
+                jobs.push(fire.job_id.to_string());
+            }
+            fires.push(fire);
+        }
+        if !jobs.is_empty() {
+            jobs.sort_unstable();
+            jobs.dedup();
+            unhold_idle(&self.pool, Some(&jobs), now).await?;
+        }
+        Ok(fires)
+    }
+
+    /// Lets go every held fire whose job has nothing running (a sweep: an ack or a failed
+    /// attempt lets its job's held fire go itself, but a crash between its commit and that
+    /// may leave one held). Returns the queues woken.
+    pub async fn unhold_idle(&self, now: Option<Timestamp>) -> Result<Vec<String>, StoreError> {
+        unhold_idle(&self.pool, None, now).await
     }
 
     /// Moves the lease of a fire held with `token` to `by` from now; false when the lease is
@@ -963,12 +1093,14 @@ struct FailedAttempt {
     fire: FireRecord,
     max_attempts: u32,
     dead_letter_queue: Option<String>,
+    /// Its job is BUFFER_ONE: when it stops running, the job's held fire may go.
+    buffer_one: bool,
     now: Timestamp,
 }
 
 /// The columns [`FailedAttempt::read`] reads, besides `db_now`.
 const FAILED_ATTEMPT_COLUMNS: &str = "fire_id, job_id, queue, scheduled_time, fire_time, \
-     attempt, dead_lettered, trace, max_attempts, dead_letter_queue";
+     attempt, dead_lettered, trace, false AS held, max_attempts, dead_letter_queue, buffer_one";
 
 /// What became of a fire whose attempt failed: `fire` as it was, and [`after_attempt`]'s
 /// decision.
@@ -998,6 +1130,7 @@ impl FailedAttempt {
             max_attempts: u32::try_from(row.try_get::<i32, _>("max_attempts").map_err(db)?)
                 .unwrap_or(1),
             dead_letter_queue: row.try_get("dead_letter_queue").map_err(db)?,
+            buffer_one: row.try_get("buffer_one").map_err(db)?,
             now: instant(row, "db_now")?,
         })
     }
@@ -1059,6 +1192,12 @@ impl FailedAttempt {
             new.push(&self.fire.job_id, record)?;
             new.insert(tx).await?;
         }
+        // It stopped running (to the dead-letter queue, or dropped): its job's held fire may go.
+        let stopped = !self.fire.dead_lettered && !matches!(after, AfterAttempt::Again { .. });
+        if self.buffer_one && stopped {
+            let job = [self.fire.job_id.to_string()];
+            unhold_idle(&mut **tx, Some(&job), Some(self.now)).await?;
+        }
         Ok(Attempted {
             fire: self.fire,
             after,
@@ -1101,8 +1240,8 @@ const SEAL_DELIVERED: &str = "INSERT INTO tickd_occurrences (job_id, scheduled_t
          record_time = excluded.record_time";
 
 /// The columns [`fire_from_row`] reads.
-const FIRE_COLUMNS: &str =
-    "fire_id, job_id, queue, scheduled_time, fire_time, attempt, dead_lettered, trace";
+const FIRE_COLUMNS: &str = "fire_id, job_id, queue, scheduled_time, fire_time, attempt, \
+     dead_lettered, trace, state = 'held' AS held";
 
 /// A fire from a row of [`FIRE_COLUMNS`].
 fn fire_from_row(row: &sqlx::postgres::PgRow) -> Result<FireRecord, StoreError> {
@@ -1118,6 +1257,7 @@ fn fire_from_row(row: &sqlx::postgres::PgRow) -> Result<FireRecord, StoreError> 
         attempt: u32::try_from(row.try_get::<i32, _>("attempt").map_err(db)?).unwrap_or(1),
         not_before: None,
         dead_lettered: row.try_get("dead_lettered").map_err(db)?,
+        held: row.try_get("held").map_err(db)?,
     })
 }
 
@@ -1195,6 +1335,10 @@ struct Staged {
     ledger: NewOccurrences,
     skipped: Vec<Skipped>,
     recorded: Vec<(String, String, Occurrence)>,
+    /// Jobs (id, queue) whose running and held fires a release withdraws (overlap REPLACE).
+    withdraw: Vec<(String, String)>,
+    /// Jobs whose held fire goes now (nothing of theirs runs).
+    unhold: Vec<String>,
 }
 
 impl Staged {
@@ -1202,7 +1346,8 @@ impl Staged {
     /// stays due for the next release): its fires and ledger records are staged, `held` (its
     /// queue's outstanding fires) grows with its fires, and the job as it will be is returned.
     /// Occurrences its misfire policy passes over are skipped for `missed` (MISFIRE, or
-    /// PAUSED on resume).
+    /// PAUSED on resume). `running` is the job's fires as its overlap policy sees them (see
+    /// [`running_of`]; ignored under ALLOW).
     #[allow(clippy::too_many_arguments)]
     fn release(
         &mut self,
@@ -1211,6 +1356,7 @@ impl Staged {
         limits: &ReleaseLimits,
         held: &mut usize,
         missed: SkipReason,
+        mut running: Running,
         trace_for: &(dyn Fn(&FireRecord, &Job) -> Option<TraceContext> + Sync),
         ledger: bool,
     ) -> Result<Job, StoreError> {
@@ -1218,6 +1364,7 @@ impl Staged {
         let queue = job.spec.queue().to_string();
         let mut next = job.clone();
         let mut occurrences = Vec::new();
+        let mut hold = None;
         let mut skipped = Skipped {
             job_id: id.clone(),
             queue: queue.clone(),
@@ -1226,10 +1373,12 @@ impl Staged {
             misfire_at_least: false,
             backlog_full: 0,
             dst: (0, 0),
+            overlap: 0,
         };
         for _ in 0..MAX_STEPS {
-            let room = limits.max_backlog.saturating_sub(*held + occurrences.len());
-            let plan = advance_with_room(&next, db_now, limits.catch_up_cap, room);
+            let stored = *held + occurrences.len() + usize::from(hold.is_some());
+            let room = limits.max_backlog.saturating_sub(stored);
+            let plan = advance_with_room(&next, db_now, limits.catch_up_cap, room, running);
             if plan.status == next.status {
                 break;
             }
@@ -1238,26 +1387,48 @@ impl Staged {
             skipped.backlog_full += plan.skipped_no_room;
             skipped.dst.0 += plan.skipped_dst.0;
             skipped.dst.1 += plan.skipped_dst.1;
+            let o = &plan.overlap;
+            if o.replace {
+                // Released earlier in this release: withdrawn before anyone saw them.
+                for at in occurrences.drain(..).chain(hold.take()) {
+                    let record = Occurrence::released(at, false, Outcome::Replaced, 0, db_now);
+                    self.record(ledger, &id, &queue, record)?;
+                }
+                if !self.withdraw.iter().any(|(j, _)| *j == id) {
+                    self.withdraw.push((id.clone(), queue.clone()));
+                }
+            }
+            if o.unhold && !self.unhold.contains(&id) {
+                self.unhold.push(id.clone());
+            }
+            running = o.after(running, plan.fires.len());
             for mut run in plan.passed_over {
                 if run.reason == SkipReason::Misfire {
                     run.reason = missed;
                 }
-                let record = Occurrence::skipped(run, db_now);
-                if ledger {
-                    self.ledger.push(&id, &record)?;
-                    self.recorded.push((id.clone(), queue.clone(), record));
+                if run.reason == SkipReason::Overlap {
+                    skipped.overlap += run.count;
                 }
+                self.record(ledger, &id, &queue, Occurrence::skipped(run, db_now))?;
             }
             occurrences.extend(plan.fires);
+            if let Some(at) = plan.overlap.hold {
+                hold = Some(at);
+            }
             next.status = plan.status;
             if next.next_due().is_none_or(|due| due > db_now) {
                 break;
             }
         }
-        if skipped.misfire > 0 || skipped.backlog_full > 0 || skipped.dst != (0, 0) {
+        if skipped.misfire > 0
+            || skipped.backlog_full > 0
+            || skipped.dst != (0, 0)
+            || skipped.overlap > 0
+        {
             self.skipped.push(skipped);
         }
-        for occurrence in occurrences {
+        let stored = occurrences.into_iter().map(|o| (o, false));
+        for (occurrence, is_held) in stored.chain(hold.map(|o| (o, true))) {
             let mut rec = FireRecord::released(
                 fire_id(&id, occurrence),
                 id.as_str().into(),
@@ -1265,12 +1436,154 @@ impl Staged {
                 occurrence,
                 db_now,
             );
+            rec.held = is_held;
             rec.trace = trace_for(&rec, job);
             *held += 1;
             self.fires.push(job, rec)?;
         }
         Ok(next)
     }
+
+    /// Stages a ledger record of job `id` on `queue` (when the ledger is on).
+    fn record(
+        &mut self,
+        ledger: bool,
+        id: &str,
+        queue: &str,
+        record: Occurrence,
+    ) -> Result<(), StoreError> {
+        if ledger {
+            self.ledger.push(id, &record)?;
+            self.recorded
+                .push((id.to_string(), queue.to_string(), record));
+        }
+        Ok(())
+    }
+
+    /// Withdraws and lets go what the staged releases said (before their fires are stored):
+    /// the withdrawn fires are returned, their occurrences staged as REPLACED; the queues of
+    /// fires let go are added to `woken`.
+    async fn carry_out(
+        &mut self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        now: Timestamp,
+        ledger: bool,
+        woken: &mut Vec<String>,
+    ) -> Result<Vec<FireRecord>, StoreError> {
+        let mut replaced = Vec::new();
+        if !self.withdraw.is_empty() {
+            let jobs: Vec<&str> = self.withdraw.iter().map(|(j, _)| j.as_str()).collect();
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM tickd_fires WHERE job_id = ANY($1) AND NOT dead_lettered \
+                 RETURNING {FIRE_COLUMNS}, state = 'leased' AS leased"
+            )))
+            .bind(&jobs)
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+            for row in rows {
+                let fire = fire_from_row(&row)?;
+                let leased: bool = row.try_get("leased").map_err(db)?;
+                let delivered = match (leased, fire.held) {
+                    (true, _) => fire.attempt,
+                    (false, true) => 0,
+                    (false, false) => fire.attempt.saturating_sub(1),
+                };
+                let triggered = is_triggered(&fire.fire_id);
+                let record = Occurrence::released(
+                    fire.scheduled_time,
+                    triggered,
+                    Outcome::Replaced,
+                    delivered,
+                    now,
+                );
+                let queue = self
+                    .withdraw
+                    .iter()
+                    .find(|(j, _)| *j == *fire.job_id)
+                    .map_or_else(|| fire.queue.clone(), |(_, q)| q.clone());
+                self.record(ledger, &fire.job_id, &queue, record)?;
+                replaced.push(fire);
+            }
+        }
+        if !self.unhold.is_empty() {
+            woken.extend(unhold_idle(&mut **tx, Some(&self.unhold), Some(now)).await?);
+        }
+        Ok(replaced)
+    }
+}
+
+/// The fires of `jobs` as their overlap policies see them: for each, how many run (released
+/// and not acked, dead-lettered or dropped; held ones not counted) and whether one is held.
+/// The running ones are locked (FOR SHARE) for the rest of `tx`, so that none of them ends
+/// unseen while `tx` decides: an ack waits for it, and then finds what it held.
+async fn running_of(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    jobs: &[&str],
+) -> Result<std::collections::HashMap<String, Running>, StoreError> {
+    let mut out = std::collections::HashMap::new();
+    if jobs.is_empty() {
+        return Ok(out);
+    }
+    sqlx::query(
+        "SELECT fire_id FROM tickd_fires \
+         WHERE job_id = ANY($1) AND NOT dead_lettered AND state <> 'held' \
+         ORDER BY fire_id FOR SHARE",
+    )
+    .bind(jobs)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db)?;
+    // Read again after the locks: what committed while they were waited for is seen.
+    let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+        "SELECT job_id, count(*) FILTER (WHERE state <> 'held'), bool_or(state = 'held') \
+         FROM tickd_fires WHERE job_id = ANY($1) AND NOT dead_lettered GROUP BY job_id",
+    )
+    .bind(jobs)
+    .fetch_all(&mut **tx)
+    .await
+    .map_err(db)?;
+    for (job, running, held) in rows {
+        out.insert(
+            job,
+            Running {
+                running: u32::try_from(running).unwrap_or(u32::MAX),
+                held,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Lets go the oldest held fire of each of `jobs` (all jobs when `None`) that has no fire
+/// running any more: it becomes ready at `now` (the database's when `None`), and the replicas
+/// serving its queue are woken when this commits. Returns those queues.
+async fn unhold_idle<'e>(
+    conn: impl sqlx::PgExecutor<'e>,
+    jobs: Option<&[String]>,
+    now: Option<Timestamp>,
+) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar(
+        "WITH let_go AS ( \
+             UPDATE tickd_fires h SET state = 'ready', \
+                 available_at = coalesce($2::timestamptz, now()) \
+             WHERE h.fire_id IN ( \
+                 SELECT DISTINCT ON (job_id) fire_id FROM tickd_fires \
+                 WHERE state = 'held' AND ($1::text[] IS NULL OR job_id = ANY($1)) \
+                 ORDER BY job_id, fire_time, fire_id) \
+             AND h.state = 'held' \
+             AND NOT EXISTS (SELECT 1 FROM tickd_fires r WHERE r.job_id = h.job_id \
+                 AND r.state <> 'held' AND NOT r.dead_lettered) \
+             RETURNING h.queue) \
+         SELECT q FROM (SELECT DISTINCT queue AS q FROM let_go) woken, \
+             LATERAL (SELECT pg_notify($3, q)) n",
+    )
+    .bind(jobs)
+    .bind(now.map(time).transpose()?)
+    .bind(FIRES_CHANNEL)
+    .fetch_all(conn)
+    .await
+    .map_err(db)
 }
 
 /// What one [`PgStore::release_due`] did.
@@ -1284,6 +1597,10 @@ pub struct Released {
     pub skipped: Vec<Skipped>,
     /// Ledger records written, with their job's id and queue.
     pub recorded: Vec<(String, String, Occurrence)>,
+    /// Fires withdrawn by a later release of their job (overlap REPLACE).
+    pub replaced: Vec<FireRecord>,
+    /// Queues where a held fire was let go.
+    pub woken: Vec<String>,
 }
 
 /// Occurrences of one job passed over without a fire.
@@ -1301,6 +1618,8 @@ pub struct Skipped {
     pub backlog_full: u64,
     /// By the job's DST policy: local times that did not exist, and repeated ones.
     pub dst: (u64, u64),
+    /// By the job's overlap policy.
+    pub overlap: u64,
 }
 
 /// Counts for gauges (see [`PgStore::counts`]).
@@ -1444,6 +1763,8 @@ struct NewFires {
     max_attempts: Vec<i32>,
     dead_letter_queues: Vec<Option<String>>,
     traces: Vec<Option<Vec<u8>>>,
+    states: Vec<&'static str>,
+    buffer_one: Vec<bool>,
 }
 
 impl NewFires {
@@ -1460,6 +1781,9 @@ impl NewFires {
             .push(job.spec.dead_letter_queue().map(str::to_string));
         self.traces
             .push(rec.trace.as_ref().map(codec::encode).transpose()?);
+        self.states.push(if rec.held { "held" } else { "ready" });
+        self.buffer_one
+            .push(job.spec.overlap_policy() == OverlapPolicy::BufferOne);
         self.records.push(rec);
         Ok(())
     }
@@ -1475,11 +1799,12 @@ impl NewFires {
         let inserted: Vec<String> = sqlx::query_scalar(
             "INSERT INTO tickd_fires (fire_id, job_id, queue, scheduled_time, fire_time, \
                  attempt, ack_deadline_us, max_attempts, dead_letter_queue, state, \
-                 available_at, trace) \
-             SELECT id, job, q, sched, fired, 1, deadline, attempts, dlq, 'ready', fired, tr \
+                 available_at, trace, buffer_one) \
+             SELECT id, job, q, sched, fired, 1, deadline, attempts, dlq, st, fired, tr, b1 \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], \
-                 $5::timestamptz[], $6::bigint[], $7::int[], $8::text[], $9::bytea[]) \
-                 AS u(id, job, q, sched, fired, deadline, attempts, dlq, tr) \
+                 $5::timestamptz[], $6::bigint[], $7::int[], $8::text[], $9::bytea[], \
+                 $10::text[], $11::bool[]) \
+                 AS u(id, job, q, sched, fired, deadline, attempts, dlq, tr, st, b1) \
              ON CONFLICT (fire_id) DO NOTHING RETURNING fire_id",
         )
         .bind(&self.ids)
@@ -1491,6 +1816,8 @@ impl NewFires {
         .bind(&self.max_attempts)
         .bind(&self.dead_letter_queues)
         .bind(&self.traces)
+        .bind(&self.states)
+        .bind(&self.buffer_one)
         .fetch_all(&mut **tx)
         .await
         .map_err(db)?;
