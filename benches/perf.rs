@@ -854,6 +854,13 @@ mod noop {
             unimplemented()
         }
 
+        async fn backfill_job(
+            &self,
+            _: Request<pb::BackfillJobRequest>,
+        ) -> Result<Response<pb::BackfillJobResponse>, Status> {
+            unimplemented()
+        }
+
         async fn list_jobs(
             &self,
             _: Request<pb::ListJobsRequest>,

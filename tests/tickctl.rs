@@ -629,3 +629,42 @@ async fn occurrences_show_the_ledger() {
     assert!(!missing.status.success());
     server.stop().await;
 }
+
+/// `backfill` prints what it released and what it left alone.
+#[tokio::test]
+async fn backfill_prints_what_it_released() {
+    let mut server = TestServer::manual().await;
+    let t0 = server.now();
+    let mut j = job("cli", every_trigger(1_000, Some(ts_micros(t0 + 1_000_000))));
+    j.id = "bf".into();
+    j.misfire_policy = pb::MisfirePolicy::Skip.into();
+    j.misfire_grace_period = Some(ms(500));
+    server.schedule(j).await;
+    server.pause("bf").await.expect("pause");
+    server.advance(3_500).await;
+    server.resume("bf").await.expect("resume");
+    server.settle().await;
+    let start = chrono::DateTime::from_timestamp_micros(t0)
+        .expect("time")
+        .to_rfc3339();
+    let done = json(
+        &tickctl(
+            &server,
+            &["-o", "json", "backfill", "bf", "--start", &start],
+            None,
+        )
+        .await,
+    );
+    assert_eq!(
+        done["fire_ids"].as_array().map(|a| a.len()),
+        Some(3),
+        "{done}"
+    );
+    server.settle().await;
+    let text = stdout(&tickctl(&server, &["backfill", "bf", "--start", &start], None).await);
+    assert!(
+        text.ends_with("0 released; left alone: 0 delivered, 3 still out\n"),
+        "{text}"
+    );
+    server.stop().await;
+}

@@ -245,6 +245,11 @@ pub fn status(e: SchedulerError) -> Status {
         SchedulerError::Unavailable(_) => Status::unavailable(e.to_string()),
         SchedulerError::ResourceExhausted(_) => Status::resource_exhausted(e.to_string()),
         SchedulerError::Internal(_) => Status::internal(e.to_string()),
+        SchedulerError::InvalidField { field, message } => {
+            let mut v = super::validate::Violations::default();
+            v.add(field, message);
+            v.into_status()
+        }
         SchedulerError::InBatch { index, error } => match *error {
             SchedulerError::InvalidTrigger(t) => {
                 let mut v = super::validate::Violations::default();

@@ -139,6 +139,32 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
+    async fn backfill_job(
+        &self,
+        request: Request<pb::BackfillJobRequest>,
+    ) -> Result<Response<pb::BackfillJobResponse>, Status> {
+        let req = request.into_inner();
+        let (start, end) = validate::backfill_request(&req)?;
+        tracing::Span::current().record("tickd.job.id", req.id.as_str());
+        let done = self
+            .core
+            .backfill(&req.id, start, end)
+            .await
+            .map_err(convert::status)?;
+        tracing::info!(
+            job_id = %req.id,
+            released = done.fires.len(),
+            delivered = done.delivered,
+            outstanding = done.outstanding,
+            "job backfilled"
+        );
+        Ok(Response::new(pb::BackfillJobResponse {
+            fire_ids: done.fires.iter().map(|f| f.fire_id.to_string()).collect(),
+            delivered_count: done.delivered,
+            outstanding_count: done.outstanding,
+        }))
+    }
+
     async fn trigger_job(
         &self,
         request: Request<pb::TriggerJobRequest>,

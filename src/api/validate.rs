@@ -901,6 +901,31 @@ pub fn occurrences_request(req: pb::ListOccurrencesRequest) -> Result<Occurrence
     })
 }
 
+/// Checks a BackfillJob request: the job id and its range `[start_time, end_time)`.
+pub fn backfill_request(req: &pb::BackfillJobRequest) -> Result<(Timestamp, Timestamp), Status> {
+    let mut v = Violations::default();
+    check_name(&mut v, "id", &req.id, true);
+    let mut time = |field: &str, t: &Option<PbTimestamp>| match t {
+        None => {
+            v.add(field, "is required");
+            None
+        }
+        Some(t) => timestamp(&mut v, field, t),
+    };
+    let start = time("start_time", &req.start_time);
+    let end = time("end_time", &req.end_time);
+    if let (Some(s), Some(e)) = (start, end)
+        && e <= s
+    {
+        v.add("end_time", "must be after start_time");
+    }
+    v.into_result()?;
+    match (start, end) {
+        (Some(s), Some(e)) => Ok((s, e)),
+        _ => Err(Status::internal("backfill range checked but missing")),
+    }
+}
+
 const OCCURRENCE_TOKEN_PREFIX: &str = "o1.";
 
 /// An opaque ListOccurrences page token: a version prefix and the last entry's key.

@@ -70,6 +70,17 @@ enum Command {
     Update(Box<UpdateArgs>),
     /// Release one extra fire of a job now (its schedule untouched); prints the fire id.
     Trigger { id: String },
+    /// Release again the occurrences of a past range that were not delivered (those the
+    /// ledger has as delivered, or still out, are left alone); prints the fire ids.
+    Backfill {
+        id: String,
+        /// Start of the range (RFC 3339, inclusive).
+        #[arg(long, value_parser = parse_time)]
+        start: DateTime<Utc>,
+        /// End of the range (RFC 3339, exclusive); default: up to now.
+        #[arg(long, value_parser = parse_time)]
+        end: Option<DateTime<Utc>>,
+    },
     /// Pause a job.
     Pause { id: String },
     /// Resume a paused job.
@@ -1021,6 +1032,38 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Preview(args) => preview(&mut client, *args, output).await,
         Command::Occurrences { id, count } => occurrences(&mut client, id, count, output).await,
         Command::Update(args) => update(&mut client, *args, output).await,
+        Command::Backfill { id, start, end } => {
+            let done = client
+                .backfill_job(pb::BackfillJobRequest {
+                    id,
+                    start_time: Some(pb_time(start)),
+                    // The server counts an end after its now as its now.
+                    end_time: Some(pb_time(
+                        end.unwrap_or_else(|| Utc::now() + chrono::Duration::days(1)),
+                    )),
+                })
+                .await?
+                .into_inner();
+            match output {
+                Output::Json => emit(json!({
+                    "fire_ids": done.fire_ids,
+                    "delivered_count": done.delivered_count,
+                    "outstanding_count": done.outstanding_count,
+                })),
+                Output::Table => {
+                    for id in &done.fire_ids {
+                        emit_fmt!("released {id}");
+                    }
+                    emit_fmt!(
+                        "{} released; left alone: {} delivered, {} still out",
+                        done.fire_ids.len(),
+                        done.delivered_count,
+                        done.outstanding_count
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Trigger { id } => {
             let fired = client
                 .trigger_job(pb::TriggerJobRequest { id })

@@ -302,6 +302,15 @@ impl JobLedger {
         self.records.iter()
     }
 
+    /// The record under `key`, if kept.
+    pub fn get(&self, key: OccurrenceKey) -> Option<&Occurrence> {
+        let i = self
+            .records
+            .binary_search_by_key(&key, Occurrence::key)
+            .ok()?;
+        self.records.get(i)
+    }
+
     /// Adds `record` (replacing one with the same key, which a store replay may bring) and
     /// returns the keys of the records that no longer fit `bounds` at `now`.
     pub fn insert(

@@ -3,6 +3,7 @@
 //! Pure types and functions. Nothing here knows about tokio, gRPC, the store or the clock: every
 //! function that depends on time takes `now` as an argument.
 
+pub mod backfill;
 pub mod dst;
 pub mod fire;
 pub mod job;

@@ -18,8 +18,8 @@ use super::clock::Clock;
 use super::state::{self, Delivery, State, SubId};
 use super::writer::{self, Op, Redelivery, Reply, Transition};
 use super::{
-    Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats, Triggered,
-    list_scan_budget, mark_failed, mark_store, panic_message, shutting_down, timer,
+    Backfilled, Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats,
+    Triggered, list_scan_budget, mark_failed, mark_store, panic_message, shutting_down, timer,
 };
 use crate::domain::ledger::OccurrenceKey;
 use crate::domain::{Job, JobKey, JobSpec, Micros, Occurrence, Timestamp};
@@ -229,6 +229,24 @@ impl Embedded {
             .call(|reply| Op::Trigger {
                 id: id.to_string(),
                 at,
+                reply,
+            })
+            .await
+    }
+
+    /// Releases again the occurrences of a past range that were not delivered; answers once
+    /// they are stored.
+    pub async fn backfill(
+        &self,
+        id: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Backfilled, SchedulerError> {
+        self.inner
+            .call(|reply| Op::Backfill {
+                id: id.to_string(),
+                start,
+                end,
                 reply,
             })
             .await

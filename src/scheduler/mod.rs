@@ -53,6 +53,15 @@ pub use observe::{DropReason, NoopObserver, Observer, RedeliveryReason, SkipReas
 pub use replicated::ReplicaSettings;
 pub use state::Delivery;
 
+/// What BackfillJob did: the fires released (oldest first), and how many occurrences of the
+/// range it left alone as delivered, or as still out.
+#[derive(Debug, Clone, Default)]
+pub struct Backfilled {
+    pub fires: Vec<crate::domain::FireRecord>,
+    pub delivered: u32,
+    pub outstanding: u32,
+}
+
 /// What TriggerJob made: the fire (its id and times; held when its job's overlap policy held
 /// it), and whether it was released, held or skipped (then nothing was stored).
 #[derive(Debug, Clone)]
@@ -141,12 +150,35 @@ pub enum SchedulerError {
     ResourceExhausted(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A request field that does not fit the job (`field` names it as the API does).
+    #[error("{field}: {message}")]
+    InvalidField {
+        field: &'static str,
+        message: String,
+    },
     /// One job of a batch could not be scheduled, so none was.
     #[error("requests[{index}]: {error}; no job of the batch was scheduled")]
     InBatch {
         index: usize,
         error: Box<SchedulerError>,
     },
+}
+
+impl From<crate::domain::backfill::BackfillRefused> for SchedulerError {
+    fn from(e: crate::domain::backfill::BackfillRefused) -> Self {
+        use crate::domain::backfill::BackfillRefused;
+        match e {
+            BackfillRefused::TooMany { .. } => SchedulerError::InvalidField {
+                field: "end_time",
+                message: e.to_string(),
+            },
+            BackfillRefused::StartInFuture => SchedulerError::InvalidField {
+                field: "start_time",
+                message: e.to_string(),
+            },
+            _ => SchedulerError::FailedPrecondition(e.to_string()),
+        }
+    }
 }
 
 impl From<UpdateRefused> for SchedulerError {
@@ -383,6 +415,17 @@ impl Scheduler {
     /// Resumes a paused job; what it missed follows its misfire policy.
     pub async fn resume(&self, id: &str) -> Result<Job, SchedulerError> {
         on_engine!(self, e => e.transition(id, Transition::Resume).await)
+    }
+
+    /// Releases again the occurrences of job `id` in `[start, end)` that were not delivered
+    /// and are not out (BackfillJob; see [`crate::domain::backfill`]).
+    pub async fn backfill(
+        &self,
+        id: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Backfilled, SchedulerError> {
+        on_engine!(self, e => e.backfill(id, start, end).await)
     }
 
     /// Releases one extra fire of a scheduled or paused job now (TriggerJob): its fire id is

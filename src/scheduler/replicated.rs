@@ -40,8 +40,8 @@ use super::clock::Clock;
 use super::observe::{DropReason, RedeliveryReason, SkipReason, dst_skipped};
 use super::state::Delivery;
 use super::{
-    Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats, Triggered,
-    mark_failed, mark_store, panic_message, shutting_down,
+    Backfilled, Health, JobFilter, QueueStats, SchedulerConfig, SchedulerError, StartError, Stats,
+    Triggered, mark_failed, mark_store, panic_message, shutting_down,
 };
 use crate::domain::fire::AfterAttempt;
 use crate::domain::ledger::OccurrenceKey;
@@ -49,8 +49,8 @@ use crate::domain::time::micros_duration;
 use crate::domain::{FireRecord, Job, JobSpec, Micros, Occurrence, Outcome, Timestamp, Transition};
 use crate::store::StoreError;
 use crate::store::postgres::{
-    Attempted, Lease, PgStore, ReleaseLimits, Released, TriggerFailed, UpdateFailed, Wakeup,
-    Wakeups,
+    Attempted, BackfillFailed, Lease, PgStore, ReleaseLimits, Released, TriggerFailed,
+    UpdateFailed, Wakeup, Wakeups,
 };
 
 /// Default for [`ReplicaSettings::poll_interval`].
@@ -368,6 +368,52 @@ impl Replicated {
                     s.wake_queue(&queue);
                 }
                 Ok(Triggered { fire, disposition })
+            }
+        }
+    }
+
+    pub async fn backfill(
+        &self,
+        id: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Backfilled, SchedulerError> {
+        let s = &self.shared;
+        s.accepting()?;
+        let observer = &s.config.observer;
+        match s
+            .store
+            .backfill(
+                id,
+                start,
+                end,
+                s.at(),
+                s.config.ledger,
+                s.config.max_queue_backlog,
+                &|fire, job| observer.fire_released(fire, job),
+            )
+            .await
+            .map_err(unavailable)?
+        {
+            None => Err(SchedulerError::NotFound(id.to_string())),
+            Some(Err(BackfillFailed::Refused(e))) => Err(e.into()),
+            Some(Err(BackfillFailed::Full {
+                outstanding,
+                wanted,
+            })) => Err(SchedulerError::ResourceExhausted(format!(
+                "queue holds {outstanding} fires not yet acked and has no room for {wanted} more \
+                 (--max-queue-backlog); nothing was backfilled"
+            ))),
+            Some(Ok((fires, delivered, outstanding))) => {
+                if let Some(f) = fires.first() {
+                    observer.fires_stored(&f.queue, fires.len() as u64);
+                    s.wake_queue(&f.queue);
+                }
+                Ok(Backfilled {
+                    fires,
+                    delivered,
+                    outstanding,
+                })
             }
         }
     }

@@ -19,15 +19,15 @@ use tracing::{debug, error, warn};
 use super::embedded::Inner;
 use super::observe::{DropReason, RedeliveryReason, SkipReason, dst_skipped};
 use super::state::{FireStatus, State};
+use super::{Backfilled, SchedulerError, Triggered};
 use super::{FastMap, FastSet};
-use super::{SchedulerError, Triggered};
 use crate::domain::fire::{AfterAttempt, after_attempt, expiry_backoff};
 use crate::domain::job::{etag, is_triggered, triggered_fire_id};
-use crate::domain::overlap;
 use crate::domain::{
     Disposition, FireId, FireRecord, Job, JobId, JobKey, JobSpec, JobState, Micros, Occurrence,
     Outcome, PackedSpec, Running, Timestamp, advance_with_room, fire_id,
 };
+use crate::domain::{backfill, overlap};
 use crate::store::Write;
 
 /// How long a finished job past its retention waits before it is looked at again, while a fire
@@ -99,6 +99,14 @@ pub(crate) enum Op {
         id: String,
         at: Timestamp,
         reply: Reply<Triggered>,
+    },
+    /// Releases the occurrences of a job in `[start, end)` not delivered and not out
+    /// (BackfillJob).
+    Backfill {
+        id: String,
+        start: Timestamp,
+        end: Timestamp,
+        reply: Reply<Backfilled>,
     },
     /// Puts a new spec in place of a job's, if the job's spec still has `etag`.
     Update {
@@ -200,6 +208,7 @@ struct Batch {
     batch_replies: Vec<(Reply<Vec<Job>>, BatchOutcome)>,
     count_replies: Vec<(Reply<u32>, Result<u32, SchedulerError>)>,
     trigger_replies: Vec<(Reply<Triggered>, Result<Triggered, SchedulerError>)>,
+    backfill_replies: Vec<(Reply<Backfilled>, Result<Backfilled, SchedulerError>)>,
     /// The fires of jobs whose overlap policy is not ALLOW as this batch's releases, holds and
     /// replacements leave them (memory's view when the batch first looked, plus those).
     running: FastMap<JobId, Running>,
@@ -429,6 +438,14 @@ fn process(inner: &Inner, ops: Vec<Op>, probe: bool) -> bool {
         let _ = reply.send(answer);
     }
     for (reply, answer) in replies {
+        let _ = reply.send(answer);
+    }
+    for (reply, outcome) in batch.backfill_replies {
+        let answer = match (&result, outcome) {
+            (_, Err(e)) => Err(e),
+            (Err(e), Ok(_)) => Err(not_stored(e)),
+            (Ok(()), Ok(b)) => Ok(b),
+        };
         let _ = reply.send(answer);
     }
     for (reply, outcome) in batch.trigger_replies {
@@ -661,6 +678,15 @@ fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
             let outcome = decide_trigger(inner, batch, &id, at);
             batch.trigger_replies.push((reply, outcome));
         }
+        Op::Backfill {
+            id,
+            start,
+            end,
+            reply,
+        } => {
+            let outcome = decide_backfill(inner, batch, &id, start, end, now);
+            batch.backfill_replies.push((reply, outcome));
+        }
         Op::Update { spec, etag, reply } => {
             let outcome = decide_update(inner, batch, &spec, &etag, now);
             batch.job_replies.push((reply, outcome));
@@ -831,6 +857,83 @@ fn decide_trigger(
         fire: rec,
         disposition,
     })
+}
+
+/// Releases the occurrences of a job in `[start, end)` whose ledger entry is not DELIVERED
+/// and whose fire is not out, oldest first, with their usual fire ids (see
+/// [`crate::domain::backfill`]); all or nothing.
+fn decide_backfill(
+    inner: &Inner,
+    batch: &mut Batch,
+    id: &str,
+    start: Timestamp,
+    end: Timestamp,
+    now: Timestamp,
+) -> Result<Backfilled, SchedulerError> {
+    let Some(job) = batch.job(inner, id) else {
+        return Err(SchedulerError::NotFound(id.to_string()));
+    };
+    backfill::admissible(&job, start, now)?;
+    let id: JobId = job.spec.id().into();
+    let queue = job.spec.queue();
+    let mut done = Backfilled::default();
+    let mut release = Vec::new();
+    let outstanding = {
+        let state = inner.lock();
+        let ledger = state.ledgers.get(id.as_bytes());
+        backfill::ledger_reaches(
+            inner.config.ledger,
+            now,
+            start,
+            ledger.map_or(0, |l| l.len()),
+            ledger.and_then(|l| l.records().next()).map(|r| r.scheduled),
+            &id,
+        )?;
+        let wanted = backfill::occurrences(&job, start, end, now)?;
+        for o in wanted {
+            let fire = fire_id(&id, o);
+            // In memory (an acked one until its deletion is applied), or released by this batch.
+            let out = state.fires.contains_key(&fire)
+                || batch
+                    .effects
+                    .iter()
+                    .any(|e| matches!(e, Effect::NewFire(rec, _) if rec.fire_id == fire));
+            if out {
+                done.outstanding += 1;
+            } else if ledger
+                .and_then(|l| l.get((o, false)))
+                .is_some_and(|r| r.outcome == Outcome::Delivered)
+            {
+                done.delivered += 1;
+            } else {
+                release.push((fire, o));
+            }
+        }
+        match batch.queue_fires.get(queue) {
+            Some(n) => *n,
+            None => state.queue_fires(queue) as usize,
+        }
+    };
+    if outstanding + release.len() > inner.config.max_queue_backlog {
+        return Err(SchedulerError::ResourceExhausted(format!(
+            "queue {queue} holds {outstanding} fires not yet acked and has no room for {} more \
+             (--max-queue-backlog); nothing was backfilled",
+            release.len()
+        )));
+    }
+    batch
+        .queue_fires
+        .insert(queue.to_string(), outstanding + release.len());
+    for (fire, o) in release {
+        let mut rec = FireRecord::released(fire, id.clone(), queue.to_string(), o, now);
+        rec.trace = inner.config.observer.fire_released(&rec, &job);
+        batch.writes.push(Write::PutFire(rec.clone()));
+        batch
+            .effects
+            .push(Effect::NewFire(rec.clone(), job.spec.clone()));
+        done.fires.push(rec);
+    }
+    Ok(done)
 }
 
 /// The fires of job `id` as its overlap policy sees them, this batch's decisions included.

@@ -39,6 +39,17 @@ pub enum TriggerFailed {
     Full(usize),
 }
 
+/// Why [`PgStore::backfill`] released nothing.
+#[derive(Debug)]
+pub enum BackfillFailed {
+    Refused(crate::domain::backfill::BackfillRefused),
+    /// The queue holds `outstanding` fires and has no room for `wanted` more.
+    Full {
+        outstanding: usize,
+        wanted: usize,
+    },
+}
+
 /// Why [`PgStore::update`] changed nothing.
 #[derive(Debug)]
 pub enum UpdateFailed {
@@ -692,6 +703,117 @@ impl PgStore {
         }
         tx.commit().await.map_err(db)?;
         Ok(Some(Ok((rec, disposition, released))))
+    }
+
+    /// Releases the occurrences of job `id` in `[start, end)` whose ledger entry is not
+    /// DELIVERED and whose fire is not out, oldest first, with their usual fire ids (see
+    /// [`crate::domain::backfill`]), all or nothing; `None` when there is no such job. With
+    /// them, how many occurrences of the range were left alone as delivered and as out.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn backfill(
+        &self,
+        id: &str,
+        start: Timestamp,
+        end: Timestamp,
+        now: Option<Timestamp>,
+        bounds: crate::domain::ledger::Bounds,
+        max_backlog: usize,
+        trace_for: &(dyn Fn(&FireRecord, &Job) -> Option<TraceContext> + Sync),
+    ) -> Result<Option<Result<(Vec<FireRecord>, u32, u32), BackfillFailed>>, StoreError> {
+        use crate::domain::backfill;
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        // FOR UPDATE: two backfills of one job at once see each other's fires.
+        let Some((job, _, now)) = locked_job(&mut tx, id, now, "UPDATE").await? else {
+            return Ok(None);
+        };
+        if let Err(e) = backfill::admissible(&job, start, now) {
+            return Ok(Some(Err(BackfillFailed::Refused(e))));
+        }
+        let bounds = if self.ledger {
+            bounds
+        } else {
+            crate::domain::ledger::Bounds {
+                per_job: 0,
+                ..bounds
+            }
+        };
+        let (len, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT count(*), min(scheduled_time) FROM tickd_occurrences \
+             WHERE job_id = $1 AND record_time >= $2",
+        )
+        .bind(id)
+        .bind(time(now.minus(bounds.retention))?)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        if let Err(e) = backfill::ledger_reaches(
+            bounds,
+            now,
+            start,
+            usize::try_from(len).unwrap_or(usize::MAX),
+            oldest.map(|t| Timestamp::from_chrono(&t)),
+            id,
+        ) {
+            return Ok(Some(Err(BackfillFailed::Refused(e))));
+        }
+        let wanted = match backfill::occurrences(&job, start, end, now) {
+            Ok(w) => w,
+            Err(e) => return Ok(Some(Err(BackfillFailed::Refused(e)))),
+        };
+        let ids: Vec<String> = wanted.iter().map(|o| fire_id(id, *o).to_string()).collect();
+        // The fires still out, locked: an ack under way is waited for (then its fire is gone
+        // and its DELIVERED record, written by the same statement, is seen below).
+        let out: std::collections::HashSet<String> = sqlx::query_scalar(
+            "SELECT fire_id FROM tickd_fires WHERE fire_id = ANY($1) FOR UPDATE",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .collect();
+        let times = wanted
+            .iter()
+            .map(|o| time(*o))
+            .collect::<Result<Vec<_>, _>>()?;
+        let delivered: std::collections::HashSet<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT scheduled_time FROM tickd_occurrences WHERE job_id = $1 AND NOT triggered \
+             AND outcome = 1 AND scheduled_time = ANY($2)",
+        )
+        .bind(id)
+        .bind(&times)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?
+        .into_iter()
+        .collect();
+        let (mut n_delivered, mut n_out) = (0u32, 0u32);
+        let mut fires = NewFires::default();
+        let queue = job.spec.queue().to_string();
+        for ((o, t), fid) in wanted.iter().zip(&times).zip(ids) {
+            if out.contains(&fid) {
+                n_out += 1;
+            } else if delivered.contains(t) {
+                n_delivered += 1;
+            } else {
+                let mut rec = FireRecord::released(fid.into(), id.into(), queue.clone(), *o, now);
+                rec.trace = trace_for(&rec, &job);
+                fires.push(&job, rec)?;
+            }
+        }
+        let outstanding = queue_fires(&mut tx, &queue).await?;
+        if outstanding + fires.records.len() > max_backlog {
+            return Ok(Some(Err(BackfillFailed::Full {
+                outstanding,
+                wanted: fires.records.len(),
+            })));
+        }
+        let released = fires.insert(&mut tx).await?;
+        if !released.is_empty() {
+            notify(&mut tx, vec![queue]).await?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Some(Ok((released, n_delivered, n_out))))
     }
 
     /// Puts `spec` in place of its job's spec if that still has `etag` (see
