@@ -890,14 +890,19 @@ fn decide_backfill(
             &id,
         )?;
         let wanted = backfill::occurrences(&job, start, end, now)?;
+        // Fires of the job this batch released already.
+        let in_batch: FastSet<FireId> = batch
+            .effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::NewFire(rec, _) if rec.job_id == id => Some(rec.fire_id.clone()),
+                _ => None,
+            })
+            .collect();
         for o in wanted {
             let fire = fire_id(&id, o);
             // In memory (an acked one until its deletion is applied), or released by this batch.
-            let out = state.fires.contains_key(&fire)
-                || batch
-                    .effects
-                    .iter()
-                    .any(|e| matches!(e, Effect::NewFire(rec, _) if rec.fire_id == fire));
+            let out = state.fires.contains_key(&fire) || in_batch.contains(&fire);
             if out {
                 done.outstanding += 1;
             } else if ledger
