@@ -399,6 +399,108 @@ both_backends! {
             ledger(&mut server, "cr", t0).await,
             vec![(1, 3, Skipped, OVERLAP, 0, false)]
         );
-        assert_eq!(server.counts(q), (0, 3), "cb's 2 s fire is held");
+        assert_eq!(server.counts(q), (0, 3), "nothing but the three fires waits");
+        assert_eq!(server.job("cb").await.fire_count, 2, "cb's 2 s fire is held");
+        assert_eq!(server.job("cs").await.fire_count, 1);
+        assert_eq!(server.job("cr").await.fire_count, 1);
+    }
+
+    /// The running fire's last attempt expires at the instant the next occurrence falls due
+    /// (one timer pass, one batch): the occurrence, held or not, goes out once the running
+    /// fire is dropped.
+    #[tokio::test]
+    async fn a_fire_ending_as_the_next_falls_due_lets_it_go(backend) {
+        let q = &format!("overlap-same-pass-{}", backend.name());
+        let mut server = backend.manual().await;
+        let t0 = server.now();
+        let mut sub = server.subscribe(q, 10).await;
+        let mut j = job(q, every_trigger(2_000, Some(ts_micros(t0 + 1_000_000))));
+        j.id = "e".into();
+        j.overlap_policy = pb::OverlapPolicy::BufferOne.into();
+        j.misfire_grace_period = Some(ms(500));
+        j.max_attempts = 1;
+        j.ack_deadline = Some(ms(2_000));
+        j.end_time = Some(ts_micros(t0 + 3_500_000));
+        server.schedule(j).await;
+        server.advance_to(t0 + 1_000_000).await;
+        let first = sub.recv().await;
+        server.advance_to(t0 + 3_000_000).await;
+        let next = next_fire(&server, &mut sub).await;
+        assert_ne!(next.fire_id, first.fire_id);
+        assert_eq!(at(t0, &next), 3);
+        sub.ack(&[&next.fire_id]).await;
+        server.wait_in_flight(q, 0).await;
+        assert_eq!(
+            ledger(&mut server, "e", t0).await,
+            vec![(1, 1, Dropped, NONE, 1, false), (3, 1, Delivered, NONE, 1, false)]
+        );
+    }
+
+    /// REPLACE withdraws a running fire even when its ack deadline passed in the same pass
+    /// (it was on its way back for another attempt): only the new fire goes out.
+    #[tokio::test]
+    async fn replace_withdraws_a_fire_on_its_way_back(backend) {
+        let q = &format!("overlap-replace-back-{}", backend.name());
+        let mut server = backend.manual().await;
+        let t0 = server.now();
+        let mut sub = server.subscribe(q, 10).await;
+        let mut j = job(q, every_trigger(2_000, Some(ts_micros(t0 + 1_000_000))));
+        j.id = "w".into();
+        j.overlap_policy = pb::OverlapPolicy::Replace.into();
+        j.misfire_grace_period = Some(ms(500));
+        j.ack_deadline = Some(ms(2_000));
+        server.schedule(j).await;
+        server.advance_to(t0 + 1_000_000).await;
+        let first = sub.recv().await;
+        server.advance_to(t0 + 3_000_000).await;
+        let next = next_fire(&server, &mut sub).await;
+        assert_eq!(at(t0, &next), 3, "the 1 s fire is not sent again");
+        // Well past any redelivery backoff of the 1 s fire: still only the 3 s one.
+        server.advance_to(t0 + 4_900_000).await;
+        assert_eq!(server.counts(q), (0, 1));
+        sub.ack(&[&next.fire_id]).await;
+        server.wait_in_flight(q, 0).await;
+        assert_eq!(server.ack(q, &[&first.fire_id]).await, 0);
+        assert_eq!(
+            ledger(&mut server, "w", t0).await,
+            vec![(1, 1, Replaced, NONE, 1, false), (3, 1, Delivered, NONE, 1, false)]
+        );
+    }
+
+    /// SKIP → ALLOW → SKIP with fires out: the fire released under ALLOW runs, so the next
+    /// trigger is skipped.
+    #[tokio::test]
+    async fn fires_released_under_allow_count_after_the_policy_returns(backend) {
+        let q = &format!("overlap-round-trip-{}", backend.name());
+        let mut server = backend.manual().await;
+        let mut sub = server.subscribe(q, 10).await;
+        let mut j = job(q, every_trigger(3_600_000, None));
+        j.id = "p".into();
+        j.overlap_policy = pb::OverlapPolicy::Skip.into();
+        server.schedule(j).await;
+        let set_policy = |policy: pb::OverlapPolicy| pb::UpdateJobRequest {
+            job: Some(pb::Job {
+                id: "p".into(),
+                overlap_policy: policy.into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["overlap_policy".into()],
+            }),
+        };
+        server.advance(1_000).await;
+        let a = trigger(&mut server, "p").await;
+        assert_eq!(sub.recv().await.fire_id, a.fire_id);
+        server.client.update_job(set_policy(pb::OverlapPolicy::Allow)).await.expect("update");
+        server.advance(1_000).await;
+        let b = trigger(&mut server, "p").await;
+        assert_eq!(b.outcome(), pb::TriggerOutcome::Released);
+        assert_eq!(sub.recv().await.fire_id, b.fire_id);
+        server.client.update_job(set_policy(pb::OverlapPolicy::Skip)).await.expect("update");
+        sub.ack(&[&a.fire_id]).await;
+        server.wait_in_flight(q, 1).await;
+        server.advance(1_000).await;
+        let c = trigger(&mut server, "p").await;
+        assert_eq!(c.outcome(), pb::TriggerOutcome::Skipped, "b's fire still runs");
     }
 }

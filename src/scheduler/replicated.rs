@@ -928,6 +928,10 @@ impl Shared {
         }
         for fire in &released.replaced {
             observer.fire_dropped(fire, DropReason::Replaced);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            // A slot of a stream here that held it is free again (another replica's frees
+            // when it finds the lease gone).
+            self.forget(&fire.queue, &[fire.fire_id.to_string()]);
         }
         for queue in &released.woken {
             self.wake_queue(queue);

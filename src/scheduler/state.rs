@@ -548,10 +548,11 @@ impl State {
         }
     }
 
-    /// Starts following the fires of a job whose overlap policy is no longer ALLOW (after an
-    /// update; a scan of the fires, for the rare job that has some).
+    /// Follows every outstanding fire of a job whose overlap policy was ALLOW until now (after
+    /// an update: a scan of the fires, for the rare job that has some): fires released under
+    /// ALLOW were not followed.
     pub fn track_overlap(&mut self, spec: &PackedSpec) {
-        if spec.overlap_policy().is_allow() || self.overlap_fires.contains_key(spec.id()) {
+        if spec.overlap_policy().is_allow() {
             return;
         }
         let ids = self.fires_of(spec.id());

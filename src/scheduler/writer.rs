@@ -214,6 +214,8 @@ struct Batch {
     running: FastMap<JobId, Running>,
     /// Fires this batch withdrew (overlap REPLACE).
     replaced: FastSet<FireId>,
+    /// Fires this batch dead-lettered or dropped: they no longer run.
+    sealed: FastSet<FireId>,
     /// Fires outstanding per queue as this batch leaves them (memory's count when the batch
     /// first looked, plus the fires it released).
     queue_fires: FastMap<String, usize>,
@@ -227,8 +229,8 @@ struct Batch {
     redelivered: Vec<(FireId, Option<Timestamp>)>,
     /// Acked fires deleted in this batch; their deletion is retried if the commit fails.
     acked: FastSet<FireId>,
-    /// Fires TriggerJob released in this batch.
-    triggered: FastSet<FireId>,
+    /// Fires TriggerJob released in this batch, and whether held.
+    triggered: FastMap<FireId, bool>,
     /// Jobs deleted in this batch, also if created again after: their fires' fates found
     /// later in the batch are not theirs to record, nor to redeliver.
     deleted_ever: FastSet<JobId>,
@@ -500,11 +502,30 @@ fn apply(
     effects: Vec<Effect>,
 ) -> Vec<Event> {
     let mut events = Vec::new();
+    // Jobs whose fires started or stopped running, or got a held one: once every effect is
+    // applied, a held fire of theirs goes if nothing of theirs runs (whatever the order the
+    // batch decided things in).
+    let mut overlapping: Vec<JobId> = Vec::new();
     for effect in effects {
+        match &effect {
+            Effect::NewFire(rec, _) if rec.held => overlapping.push(rec.job_id.clone()),
+            Effect::FireDeadLettered { rec, .. } | Effect::FireDropped(rec) => {
+                overlapping.push(rec.job_id.clone())
+            }
+            _ => {}
+        }
         match effect {
             Effect::Job(id) => {
                 if let Some(job) = jobs.get(&id) {
-                    state.track_overlap(&job.spec);
+                    // A job that now has an overlap policy, and had none: follow its fires.
+                    if !job.spec.overlap_policy().is_allow()
+                        && !job.spec.is_held()
+                        && state
+                            .job(&id)
+                            .is_none_or(|j| j.spec.overlap_policy().is_allow())
+                    {
+                        state.track_overlap(&job.spec);
+                    }
                     state.put_job(job.clone());
                 }
             }
@@ -525,7 +546,9 @@ fn apply(
             }
             Effect::FireDeleted(id) => {
                 if let Some(entry) = state.remove_fire(&id) {
-                    unhold_after(state, &entry.rec.job_id);
+                    if !state.overlap_fires.is_empty() {
+                        overlapping.push(entry.rec.job_id.clone());
+                    }
                     events.push(Event::Acked(entry.rec));
                 }
             }
@@ -583,9 +606,7 @@ fn apply(
             } => {
                 warn!(fire_id = %rec.fire_id, job_id = %rec.job_id, queue = %from_queue, dead_letter_queue = %rec.queue, attempts, "fire dead-lettered after its last attempt");
                 events.push(Event::DeadLettered(rec.clone(), from_queue));
-                let job = rec.job_id.clone();
                 state.apply_fire_update(rec);
-                unhold_after(state, &job);
             }
             Effect::FireDropped(rec) => {
                 warn!(fire_id = %rec.fire_id, job_id = %rec.job_id, queue = %rec.queue, attempts = rec.attempt, "fire dropped after its last attempt: its job has no dead-letter queue");
@@ -593,19 +614,16 @@ fn apply(
                     .dropped_fires
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 state.remove_fire(&rec.fire_id);
-                unhold_after(state, &rec.job_id);
                 events.push(Event::Dropped(rec, DropReason::AttemptsExhausted));
             }
         }
     }
-    events
-}
-
-/// After a fire of job `id` stopped running: its held fire goes if nothing else runs.
-fn unhold_after(state: &mut State, id: &str) {
     if !state.overlap_fires.is_empty() {
-        state.unhold_if_idle(id);
+        for job in overlapping {
+            state.unhold_if_idle(&job);
+        }
     }
+    events
 }
 
 fn decide(inner: &Inner, batch: &mut Batch, op: Op, now: Timestamp) {
@@ -797,7 +815,7 @@ fn decide_trigger(
     let queue = job.spec.queue();
     let mut rec = FireRecord::released(fire_id.clone(), id.clone(), queue.to_string(), at, at);
     let existing = inner.lock().fires.get(&fire_id).map(|e| e.rec.held);
-    if let Some(held) = existing.or_else(|| batch.triggered.contains(&fire_id).then_some(false)) {
+    if let Some(held) = existing.or_else(|| batch.triggered.get(&fire_id).copied()) {
         rec.held = held;
         let disposition = if held {
             Disposition::Held
@@ -848,7 +866,7 @@ fn decide_trigger(
     batch.queue_fires.insert(queue.to_string(), outstanding + 1);
     rec.held = disposition == Disposition::Held;
     rec.trace = inner.config.observer.fire_released(&rec, &job);
-    batch.triggered.insert(fire_id);
+    batch.triggered.insert(fire_id, rec.held);
     batch.writes.push(Write::PutFire(rec.clone()));
     batch
         .effects
@@ -977,10 +995,10 @@ fn withdraw(inner: &Inner, batch: &mut Batch, job: &Job) {
     let id = job.spec.id();
     let out = inner.lock().replaceable_of(id);
     for (rec, delivered) in out {
-        // Sealed otherwise in this batch already (its redelivery decided, or replaced).
-        if batch.replaced.contains(&rec.fire_id)
-            || batch.redelivered.iter().any(|(f, _)| *f == rec.fire_id)
-        {
+        // Sealed otherwise in this batch already (dead-lettered, dropped, or replaced). One
+        // sent back for another attempt is withdrawn: its deletion follows the redelivery's
+        // write, and memory removes it after making it deliverable again.
+        if batch.replaced.contains(&rec.fire_id) || batch.sealed.contains(&rec.fire_id) {
             continue;
         }
         batch.replaced.insert(rec.fire_id.clone());
@@ -1268,6 +1286,18 @@ fn decide_advance(
     batch.put_job_as(id, next, false);
 }
 
+/// Notes that a fire of the job of `spec` stopped running in this batch (dead-lettered or
+/// dropped): later decisions of the batch under its overlap policy see it gone.
+fn stopped_running(inner: &Inner, batch: &mut Batch, spec: &PackedSpec, fire_id: &FireId) {
+    batch.sealed.insert(fire_id.clone());
+    if spec.overlap_policy().is_allow() && !batch.running.contains_key(spec.id()) {
+        return;
+    }
+    let mut r = running_of(inner, batch, spec.id());
+    r.running = r.running.saturating_sub(1);
+    batch.running.insert(spec.id().into(), r);
+}
+
 /// Counts an attempt for a fire that came back, and decides where it goes: its queue again
 /// (at once or after a delay), the dead-letter queue, or nowhere.
 fn decide_redelivery(
@@ -1309,6 +1339,7 @@ fn decide_redelivery(
     ) {
         AfterAttempt::DeadLetter { queue } => {
             batch.redelivered.push((fire_id.clone(), None));
+            stopped_running(inner, batch, &spec, &fire_id);
             let record = Occurrence::released(
                 rec.scheduled_time,
                 is_triggered(&fire_id),
@@ -1331,6 +1362,9 @@ fn decide_redelivery(
         }
         AfterAttempt::Drop => {
             batch.redelivered.push((fire_id.clone(), None));
+            if !rec.dead_lettered {
+                stopped_running(inner, batch, &spec, &fire_id);
+            }
             // A fire dropped on the dead-letter queue: its occurrence is DEAD_LETTERED already.
             if !rec.dead_lettered {
                 let record = Occurrence::released(

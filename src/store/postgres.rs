@@ -643,6 +643,23 @@ impl PgStore {
             at,
             at,
         );
+        // Triggered at this instant already: that fire is the answer.
+        let existing: Option<bool> =
+            sqlx::query_scalar("SELECT state = 'held' FROM tickd_fires WHERE fire_id = $1")
+                .bind(&*rec.fire_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        if let Some(held) = existing {
+            rec.held = held;
+            let disposition = if held {
+                Disposition::Held
+            } else {
+                Disposition::Released
+            };
+            tx.rollback().await.map_err(db)?;
+            return Ok(Some(Ok((rec, disposition, Released::default()))));
+        }
         let policy = job.spec.overlap_policy();
         let plan = if policy.is_allow() {
             None
@@ -851,10 +868,12 @@ impl PgStore {
         // BUFFER_ONE, or while one is held (it stays held until what runs ends).
         let policy = updated.spec.overlap_policy();
         if policy != job.spec.overlap_policy() {
+            // Locked in fire id order, as acks lock theirs.
             sqlx::query(
                 "UPDATE tickd_fires SET buffer_one = $2 OR EXISTS (SELECT 1 FROM tickd_fires h \
                      WHERE h.job_id = $1 AND h.state = 'held') \
-                 WHERE job_id = $1",
+                 WHERE fire_id IN (SELECT fire_id FROM tickd_fires WHERE job_id = $1 \
+                     ORDER BY fire_id FOR UPDATE)",
             )
             .bind(&*spec.id)
             .bind(policy == OverlapPolicy::BufferOne)
@@ -1033,7 +1052,9 @@ impl PgStore {
         now: Option<Timestamp>,
     ) -> Result<Vec<FireRecord>, StoreError> {
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH done AS (DELETE FROM tickd_fires WHERE queue = $1 AND fire_id = ANY($2) \
+            "WITH done AS (DELETE FROM tickd_fires WHERE fire_id IN ( \
+                     SELECT fire_id FROM tickd_fires WHERE queue = $1 AND fire_id = ANY($2) \
+                     AND state <> 'held' ORDER BY fire_id FOR UPDATE) \
                  RETURNING {FIRE_COLUMNS}, buffer_one), \
              sealed AS ({SEAL_DELIVERED}) \
              SELECT * FROM done"
@@ -1058,8 +1079,10 @@ impl PgStore {
         let (queues, ids): (Vec<&str>, Vec<&str>) =
             acks.iter().map(|(q, id)| (q.as_str(), id.as_str())).unzip();
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH done AS (DELETE FROM tickd_fires WHERE (queue, fire_id) IN \
-                 (SELECT * FROM unnest($1::text[], $2::text[])) \
+            "WITH done AS (DELETE FROM tickd_fires WHERE fire_id IN ( \
+                     SELECT fire_id FROM tickd_fires WHERE (queue, fire_id) IN \
+                         (SELECT * FROM unnest($1::text[], $2::text[])) \
+                     AND state <> 'held' ORDER BY fire_id FOR UPDATE) \
                  RETURNING {FIRE_COLUMNS}, buffer_one), \
              sealed AS ({SEAL_DELIVERED}) \
              SELECT * FROM done"
@@ -1094,7 +1117,10 @@ impl PgStore {
         if !jobs.is_empty() {
             jobs.sort_unstable();
             jobs.dedup();
-            unhold_idle(&self.pool, Some(&jobs), now).await?;
+            // The ack is stored; a held fire not let go now is let go by the sweep.
+            if let Err(e) = unhold_idle(&self.pool, Some(&jobs), now).await {
+                tracing::warn!(error = %e, "a held fire could not be let go after an ack; the retention pass lets it go within a minute");
+            }
         }
         Ok(fires)
     }
@@ -1595,8 +1621,10 @@ impl Staged {
         let mut replaced = Vec::new();
         if !self.withdraw.is_empty() {
             let jobs: Vec<&str> = self.withdraw.iter().map(|(j, _)| j.as_str()).collect();
+            // Locked in fire id order, as acks lock theirs.
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM tickd_fires WHERE job_id = ANY($1) AND NOT dead_lettered \
+                "DELETE FROM tickd_fires WHERE fire_id IN (SELECT fire_id FROM tickd_fires \
+                     WHERE job_id = ANY($1) AND NOT dead_lettered ORDER BY fire_id FOR UPDATE) \
                  RETURNING {FIRE_COLUMNS}, state = 'leased' AS leased"
             )))
             .bind(&jobs)
