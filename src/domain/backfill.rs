@@ -64,8 +64,8 @@ pub fn admissible(job: &Job, start: Timestamp, now: Timestamp) -> Result<(), Bac
 }
 
 /// The occurrences of `job`'s trigger in `[start, end)`, oldest first: not after `now` (a
-/// backfill is of the past), not at or after the job's `end_time`; at most
-/// [`MAX_OCCURRENCES`].
+/// backfill is of the past), not at or after the job's `end_time`, and before its pending
+/// occurrence (the schedule's own); at most [`MAX_OCCURRENCES`].
 pub fn occurrences(
     job: &Job,
     start: Timestamp,
@@ -78,6 +78,11 @@ pub fn occurrences(
     let mut until = end.min(now.plus(1));
     if let Some(job_end) = job.spec.end_time() {
         until = until.min(job_end);
+    }
+    // The pending occurrence and those after it are the schedule's to release (or to pass
+    // over): released here too, one could be delivered twice.
+    if let Some(pending) = job.status.next_occurrence {
+        until = until.min(pending);
     }
     let mut out = Vec::new();
     let mut cursor = rec.next_after(start.minus(1));
@@ -154,7 +159,10 @@ mod tests {
             dead_letter_queue: None,
             overlap_policy: Default::default(),
         };
-        Job::create(spec, Timestamp(0)).expect("valid")
+        let mut job = Job::create(spec, Timestamp(0)).expect("valid");
+        // Advanced far past every range below.
+        job.status.next_occurrence = Some(Timestamp(1_000_000 * S));
+        job
     }
 
     /// `[start, end)`, capped at now (inclusive) and at the job's end_time (exclusive).
@@ -173,6 +181,16 @@ mod tests {
         );
         let ended = every_second(Some(Timestamp(3 * S)));
         let got = occurrences(&ended, Timestamp(0), Timestamp(9 * S), Timestamp(9 * S));
+        assert_eq!(got, Ok(vec![Timestamp(0), Timestamp(S), Timestamp(2 * S)]));
+    }
+
+    /// The pending occurrence (due, or owed while paused) and later ones are the schedule's:
+    /// a backfill stops before it.
+    #[test]
+    fn the_pending_occurrence_is_the_schedules() {
+        let mut job = every_second(None);
+        job.status.next_occurrence = Some(Timestamp(3 * S));
+        let got = occurrences(&job, Timestamp(0), Timestamp(9 * S), Timestamp(9 * S));
         assert_eq!(got, Ok(vec![Timestamp(0), Timestamp(S), Timestamp(2 * S)]));
     }
 
