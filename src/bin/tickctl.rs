@@ -1037,9 +1037,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .backfill_job(pb::BackfillJobRequest {
                     id,
                     start_time: Some(pb_time(start)),
-                    // The server counts an end after its now as its now.
-                    end_time: Some(pb_time(
-                        end.unwrap_or_else(|| Utc::now() + chrono::Duration::days(1)),
+                    // Unset: as late as a timestamp goes (the server counts an end after its
+                    // now as its now; this client's clock does not matter).
+                    end_time: Some(end.map_or(
+                        prost_types::Timestamp {
+                            seconds: 253_402_214_400, // 9999-12-31T00:00:00Z
+                            nanos: 0,
+                        },
+                        pb_time,
                     )),
                 })
                 .await?

@@ -64,8 +64,8 @@ pub fn admissible(job: &Job, start: Timestamp, now: Timestamp) -> Result<(), Bac
 }
 
 /// The occurrences of `job`'s trigger in `[start, end)`, oldest first: not after `now` (a
-/// backfill is of the past), not at or after the job's `end_time`, and before its pending
-/// occurrence (the schedule's own); at most [`MAX_OCCURRENCES`].
+/// backfill is of the past), not before the job's creation, not at or after its `end_time`,
+/// and before its pending occurrence (the schedule's own); at most [`MAX_OCCURRENCES`].
 pub fn occurrences(
     job: &Job,
     start: Timestamp,
@@ -85,7 +85,9 @@ pub fn occurrences(
         until = until.min(pending);
     }
     let mut out = Vec::new();
-    let mut cursor = rec.next_after(start.minus(1));
+    // Occurrences before the job's creation are not its own (an id deleted and used again
+    // would have its predecessor's delivered occurrences released again).
+    let mut cursor = rec.next_after(start.max(job.status.create_time).minus(1));
     while let Some(o) = cursor.filter(|o| *o < until) {
         if out.len() == MAX_OCCURRENCES {
             return Err(BackfillRefused::TooMany {
@@ -185,13 +187,16 @@ mod tests {
     }
 
     /// The pending occurrence (due, or owed while paused) and later ones are the schedule's:
-    /// a backfill stops before it.
+    /// a backfill stops before it. Occurrences before the job's creation are not its own.
     #[test]
-    fn the_pending_occurrence_is_the_schedules() {
+    fn only_the_jobs_own_past_occurrences() {
         let mut job = every_second(None);
         job.status.next_occurrence = Some(Timestamp(3 * S));
         let got = occurrences(&job, Timestamp(0), Timestamp(9 * S), Timestamp(9 * S));
         assert_eq!(got, Ok(vec![Timestamp(0), Timestamp(S), Timestamp(2 * S)]));
+        job.status.create_time = Timestamp(S + 1);
+        let got = occurrences(&job, Timestamp(0), Timestamp(9 * S), Timestamp(9 * S));
+        assert_eq!(got, Ok(vec![Timestamp(2 * S)]));
     }
 
     /// More than the most one backfill takes is refused, not cut.

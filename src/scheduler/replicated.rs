@@ -401,8 +401,8 @@ impl Replicated {
                 outstanding,
                 wanted,
             })) => Err(SchedulerError::ResourceExhausted(format!(
-                "queue holds {outstanding} fires not yet acked and has no room for {wanted} more \
-                 (--max-queue-backlog); nothing was backfilled"
+                "the job's queue holds {outstanding} fires not yet acked and has no room for \
+                 {wanted} more (--max-queue-backlog); nothing was backfilled"
             ))),
             Some(Ok((fires, delivered, outstanding))) => {
                 if let Some(f) = fires.first() {

@@ -892,6 +892,8 @@ fn decide_backfill(
         return Err(SchedulerError::NotFound(id.to_string()));
     };
     backfill::admissible(&job, start, now)?;
+    // Walked before the state lock is taken (a cron walk of 1,000 steps takes a while).
+    let wanted = backfill::occurrences(&job, start, end, now);
     let id: JobId = job.spec.id().into();
     let queue = job.spec.queue();
     let mut done = Backfilled::default();
@@ -907,7 +909,7 @@ fn decide_backfill(
             ledger.and_then(|l| l.records().next()).map(|r| r.scheduled),
             &id,
         )?;
-        let wanted = backfill::occurrences(&job, start, end, now)?;
+        let wanted = wanted?;
         // Fires of the job this batch released already.
         let in_batch: FastSet<FireId> = batch
             .effects

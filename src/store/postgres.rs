@@ -754,12 +754,18 @@ impl PgStore {
                 ..bounds
             }
         };
+        // Trimming to the cap is lazy (each retention pass), and an old occurrence's record may
+        // arrive after a trim: the oldest entry the ledger surely still has is the
+        // `per_job`-th newest, if it holds that many.
         let (len, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
-            "SELECT count(*), min(scheduled_time) FROM tickd_occurrences \
-             WHERE job_id = $1 AND record_time >= $2",
+            "SELECT count(*), (SELECT scheduled_time FROM tickd_occurrences \
+                 WHERE job_id = $1 AND record_time >= $2 \
+                 ORDER BY scheduled_time DESC OFFSET $3 - 1 LIMIT 1) \
+             FROM tickd_occurrences WHERE job_id = $1 AND record_time >= $2",
         )
         .bind(id)
         .bind(time(now.minus(bounds.retention))?)
+        .bind(i64::try_from(bounds.per_job.max(1)).unwrap_or(i64::MAX))
         .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
