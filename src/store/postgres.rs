@@ -683,7 +683,7 @@ impl PgStore {
         let mut staged = Staged::default();
         if let Some(plan) = &plan {
             if plan.replace {
-                staged.withdraw.push((id.to_string(), queue.clone()));
+                staged.withdraw.push(id.to_string());
             }
             if plan.unhold {
                 staged.unhold.push(id.to_string());
@@ -1489,8 +1489,8 @@ struct Staged {
     ledger: NewOccurrences,
     skipped: Vec<Skipped>,
     recorded: Vec<(String, String, Occurrence)>,
-    /// Jobs (id, queue) whose running and held fires a release withdraws (overlap REPLACE).
-    withdraw: Vec<(String, String)>,
+    /// Jobs whose running and held fires a release withdraws (overlap REPLACE).
+    withdraw: Vec<String>,
     /// Jobs whose held fire goes now (nothing of theirs runs).
     unhold: Vec<String>,
 }
@@ -1548,8 +1548,8 @@ impl Staged {
                     let record = Occurrence::released(at, false, Outcome::Replaced, 0, db_now);
                     self.record(ledger, &id, &queue, record)?;
                 }
-                if !self.withdraw.iter().any(|(j, _)| *j == id) {
-                    self.withdraw.push((id.clone(), queue.clone()));
+                if !self.withdraw.contains(&id) {
+                    self.withdraw.push(id.clone());
                 }
             }
             if o.unhold && !self.unhold.contains(&id) {
@@ -1626,14 +1626,13 @@ impl Staged {
     ) -> Result<Vec<FireRecord>, StoreError> {
         let mut replaced = Vec::new();
         if !self.withdraw.is_empty() {
-            let jobs: Vec<&str> = self.withdraw.iter().map(|(j, _)| j.as_str()).collect();
             // Locked in fire id order, as acks lock theirs.
             let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM tickd_fires WHERE fire_id IN (SELECT fire_id FROM tickd_fires \
                      WHERE job_id = ANY($1) AND NOT dead_lettered ORDER BY fire_id FOR UPDATE) \
                  RETURNING {FIRE_COLUMNS}, state = 'leased' AS leased"
             )))
-            .bind(&jobs)
+            .bind(&self.withdraw)
             .fetch_all(&mut **tx)
             .await
             .map_err(db)?;
@@ -1653,12 +1652,8 @@ impl Staged {
                     delivered,
                     now,
                 );
-                let queue = self
-                    .withdraw
-                    .iter()
-                    .find(|(j, _)| *j == *fire.job_id)
-                    .map_or_else(|| fire.queue.clone(), |(_, q)| q.clone());
-                self.record(ledger, &fire.job_id, &queue, record)?;
+                // Not dead-lettered: on its job's queue.
+                self.record(ledger, &fire.job_id, &fire.queue, record)?;
                 replaced.push(fire);
             }
         }
