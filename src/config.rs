@@ -129,6 +129,34 @@ pub struct Config {
     #[arg(long, env = "TICKD_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = parse_keepalive)]
     pub http2_keepalive_timeout: Duration,
 
+    /// PEM certificate chain to serve gRPC over TLS with (with --tls-key). Re-read when it
+    /// changes (checked every --reload-interval), so a rotated certificate needs no restart.
+    #[arg(long, env = "TICKD_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1). Re-read with it.
+    #[arg(long, env = "TICKD_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificate(s) for mutual TLS: clients must present a certificate signed by one
+    /// of them, or the connection is refused. Needs --tls-cert. Re-read when it changes.
+    #[arg(long, env = "TICKD_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// YAML file of principals and what each may do (see the README's Security section).
+    /// Unset: every caller may do everything. Re-read when it changes.
+    #[arg(long, env = "TICKD_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Address of a plaintext gRPC port serving only grpc.health.v1, for probes that cannot
+    /// speak TLS (Kubernetes' native gRPC probes). Unset: none.
+    #[arg(long, env = "TICKD_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
+    /// How often the TLS files and the auth file are checked for changes.
+    #[arg(long, env = "TICKD_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_reload_interval)]
+    pub reload_interval: Duration,
+
     /// Log filter, in tracing's EnvFilter syntax (for example `info` or `tickd=debug`).
     #[arg(long, env = "TICKD_LOG", default_value = "info")]
     pub log: String,
@@ -180,6 +208,10 @@ fn parse_request_timeout(s: &str) -> Result<Duration, String> {
     duration_between(s, MS * 100, HOUR)
 }
 
+fn parse_reload_interval(s: &str) -> Result<Duration, String> {
+    duration_between(s, MS * 50, HOUR)
+}
+
 fn parse_keepalive(s: &str) -> Result<Duration, String> {
     duration_between(s, SECOND, HOUR)
 }
@@ -215,6 +247,12 @@ impl Config {
             max_concurrent_requests: 10_000,
             http2_keepalive_interval: Duration::from_secs(30),
             http2_keepalive_timeout: Duration::from_secs(10),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            auth_file: None,
+            health_listen: None,
+            reload_interval: Duration::from_secs(10),
             log: "info".into(),
             log_format: LogFormat::Text,
         }
@@ -250,6 +288,10 @@ mod tests {
         assert_eq!(parsed.subscribe_open_timeout, d.subscribe_open_timeout);
         assert_eq!(parsed.request_timeout, d.request_timeout);
         assert_eq!(parsed.max_concurrent_requests, d.max_concurrent_requests);
+        assert_eq!(parsed.tls_cert, d.tls_cert);
+        assert_eq!(parsed.auth_file, d.auth_file);
+        assert_eq!(parsed.health_listen, d.health_listen);
+        assert_eq!(parsed.reload_interval, d.reload_interval);
     }
 
     /// Every duration flag refuses values out of its range at start, naming the flag and the
@@ -272,6 +314,7 @@ mod tests {
                 ["1s", "1day"],
             ),
             ("--shutdown-grace", Some("99ms"), "61m", ["100ms", "1h"]),
+            ("--reload-interval", Some("49ms"), "61m", ["50ms", "1h"]),
             ("--request-timeout", Some("0s"), "2h", ["100ms", "1h"]),
             ("--http2-keepalive-interval", Some("0s"), "2h", ["1s", "1h"]),
             (

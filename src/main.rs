@@ -33,21 +33,25 @@ async fn main() -> ExitCode {
         }
     };
 
-    let mut listeners = Vec::new();
-    for addr in [config.listen, config.metrics_listen] {
-        match TcpListener::bind(addr).await {
-            Ok(l) => listeners.push(l),
-            Err(e) => {
-                error!(%addr, error = %e, "cannot listen");
-                telemetry.shutdown();
-                return ExitCode::FAILURE;
-            }
-        }
-    }
-    let (Some(metrics), Some(grpc)) = (listeners.pop(), listeners.pop()) else {
+    let bind = |addr| async move {
+        TcpListener::bind(addr).await.map_err(|e| {
+            error!(%addr, error = %e, "cannot listen");
+        })
+    };
+    let bound = async {
+        Ok::<_, ()>(Listeners {
+            grpc: bind(config.listen).await?,
+            metrics: bind(config.metrics_listen).await?,
+            health: match config.health_listen {
+                Some(addr) => Some(bind(addr).await?),
+                None => None,
+            },
+        })
+    };
+    let Ok(listeners) = bound.await else {
+        telemetry.shutdown();
         return ExitCode::FAILURE;
     };
-    let listeners = Listeners { grpc, metrics };
     let code = match tickd::api::run(listeners, &config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

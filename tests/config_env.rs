@@ -38,6 +38,12 @@ fn every_tickd_variable_reaches_its_flag() {
         ("TICKD_HTTP2_KEEPALIVE_TIMEOUT", "2s"),
         ("TICKD_LOG", "debug"),
         ("TICKD_LOG_FORMAT", "json"),
+        ("TICKD_TLS_CERT", "/etc/tickd/tls/tls.crt"),
+        ("TICKD_TLS_KEY", "/etc/tickd/tls/tls.key"),
+        ("TICKD_TLS_CLIENT_CA", "/etc/tickd/client-ca/ca.crt"),
+        ("TICKD_AUTH_FILE", "/etc/tickd/auth/auth.yaml"),
+        ("TICKD_HEALTH_LISTEN", "0.0.0.0:8081"),
+        ("TICKD_RELOAD_INTERVAL", "30s"),
     ];
     let declared: Vec<String> = Config::command()
         .get_arguments()
@@ -84,6 +90,18 @@ fn every_tickd_variable_reaches_its_flag() {
     assert_eq!(c.http2_keepalive_timeout, Duration::from_secs(2));
     assert_eq!(c.log, "debug");
     assert_eq!(c.log_format, LogFormat::Json);
+    assert_eq!(c.tls_cert, Some(PathBuf::from("/etc/tickd/tls/tls.crt")));
+    assert_eq!(c.tls_key, Some(PathBuf::from("/etc/tickd/tls/tls.key")));
+    assert_eq!(
+        c.tls_client_ca,
+        Some(PathBuf::from("/etc/tickd/client-ca/ca.crt"))
+    );
+    assert_eq!(
+        c.auth_file,
+        Some(PathBuf::from("/etc/tickd/auth/auth.yaml"))
+    );
+    assert_eq!(c.health_listen, "0.0.0.0:8081".parse::<SocketAddr>().ok());
+    assert_eq!(c.reload_interval, Duration::from_secs(30));
 
     // A flag beats its variable.
     let c = Config::try_parse_from(["tickd", "--max-catch-up-fires", "8"]).expect("parse");

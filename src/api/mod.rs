@@ -3,11 +3,14 @@
 //! ([`convert::status`]), and runs the server.
 
 mod admission;
+pub mod auth;
 mod convert;
 mod metrics_http;
+mod reload;
 mod rpc_span;
 mod server;
 mod service;
+pub mod tls;
 pub mod validate;
 
 pub use server::{

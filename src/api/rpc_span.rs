@@ -140,6 +140,7 @@ where
             rpc.grpc.status_code = tracing::field::Empty,
             tickd.job.id = tracing::field::Empty,
             tickd.queue = tracing::field::Empty,
+            tickd.principal = tracing::field::Empty,
         );
         // A span the filter turned off has no OpenTelemetry data to parent.
         let _ = span.set_parent(parent);

@@ -23,10 +23,12 @@ use tower::ServiceBuilder;
 use tracing::{info, warn};
 
 use super::admission::AdmissionLayer;
+use super::auth::{Auth, AuthFileError};
 use super::pb;
 use super::pb::scheduler_server::SchedulerServer;
 use super::rpc_span::RpcSpanLayer;
 use super::service::SchedulerService;
+use super::tls::{Tls, TlsError, TlsFiles};
 use super::validate::Limits;
 use crate::config::Config;
 use crate::domain::time::duration_micros;
@@ -60,6 +62,10 @@ pub enum ServerError {
     Transport(String),
     #[error("the scheduler core failed: {0}")]
     CoreFailed(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    AuthFile(#[from] AuthFileError),
 }
 
 /// The sockets tickd serves on; the caller binds them (tests use port 0).
@@ -69,6 +75,8 @@ pub struct Listeners {
     pub grpc: TcpListener,
     /// Prometheus `/metrics`.
     pub metrics: TcpListener,
+    /// Plaintext grpc.health.v1 only (`--health-listen`), for probes that cannot speak TLS.
+    pub health: Option<TcpListener>,
 }
 
 /// Opens the store the configuration names (PostgreSQL with `database_url`, else the embedded
@@ -159,6 +167,44 @@ pub async fn serve(
     config: &Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    // Security settings are read first: a bad file stops the start before anything is served.
+    let security = async {
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                Tls::start(
+                    TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: config.tls_client_ca.clone(),
+                    },
+                    config.reload_interval,
+                )
+                .await?,
+            ),
+            _ => None,
+        };
+        let auth = match &config.auth_file {
+            Some(path) => Auth::start(path.clone(), config.reload_interval).await?,
+            None => Auth::open(),
+        };
+        Ok::<_, ServerError>((tls, auth))
+    };
+    let (tls, auth) = match security.await {
+        Ok(s) => s,
+        Err(e) => {
+            core.shutdown().await;
+            return Err(e);
+        }
+    };
+    if !auth.enabled() {
+        warn!(
+            "access control is off (no --auth-file): any client that reaches the gRPC port may \
+             schedule, change, read and consume every queue"
+        );
+    } else if tls.is_none() {
+        warn!("--auth-file without --tls-cert: bearer tokens cross the network in plaintext");
+    }
+
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(LIVENESS_SERVICE_NAME, ServingStatus::Serving)
@@ -198,14 +244,18 @@ pub async fn serve(
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let max_message = config.max_payload_bytes as usize + MESSAGE_OVERHEAD_BYTES;
-    let service = SchedulerServer::new(SchedulerService::new(
-        core.clone(),
-        Limits {
-            max_payload_bytes: config.max_payload_bytes as usize,
-            subscribe_open_timeout: config.subscribe_open_timeout,
-            max_list_response_bytes: max_message - MESSAGE_OVERHEAD_BYTES / 2,
-        },
-    ))
+    let auth_on = auth.enabled();
+    let service = SchedulerServer::new(
+        SchedulerService::new(
+            core.clone(),
+            Limits {
+                max_payload_bytes: config.max_payload_bytes as usize,
+                subscribe_open_timeout: config.subscribe_open_timeout,
+                max_list_response_bytes: max_message - MESSAGE_OVERHEAD_BYTES / 2,
+            },
+        )
+        .with_auth(auth),
+    )
     .max_decoding_message_size(max_message)
     .max_encoding_message_size(max_message);
 
@@ -218,7 +268,21 @@ pub async fn serve(
         let _ = metrics_stopped.await;
     }));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = Server::builder()
+    let (health_stop, health_stopped) = oneshot::channel::<()>();
+    let health_server = listeners.health.map(|listener| {
+        info!(addr = ?listener.local_addr().ok(), "plaintext health port listening (grpc.health.v1 only)");
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    async {
+                        let _ = health_stopped.await;
+                    },
+                ),
+        )
+    });
+    let router = Server::builder()
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
         .timeout(config.request_timeout)
@@ -234,25 +298,38 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service)
-        // Accepted sockets get TCP_NODELAY (without it, small fires on a stream wait ~40 ms
-        // for the client's delayed ACK) and TCP keepalive; tonic's own settings apply only
-        // to listeners it binds itself.
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(TCP_KEEPALIVE)),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
-    let mut server = tokio::spawn(server);
+        .add_service(service);
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    // Accepted sockets get TCP_NODELAY (without it, small fires on a stream wait ~40 ms for
+    // the client's delayed ACK) and TCP keepalive; tonic's own settings apply only to
+    // listeners it binds itself.
+    let mut server = match &tls {
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener)
+                    .with_nodelay(Some(true))
+                    .with_keepalive(Some(TCP_KEEPALIVE)),
+                stopped,
+            ),
+        ),
+        Some(tls) => tokio::spawn(
+            router.serve_with_incoming_shutdown(tls.incoming(listener, TCP_KEEPALIVE), stopped),
+        ),
+    };
     if let (Some(addr), Some(metrics_addr)) = (addr, metrics_addr) {
         let store = match &config.database_url {
             Some(_) => "postgresql".to_string(),
             None => config.data_dir.display().to_string(),
         };
-        info!(%addr, %metrics_addr, %store, "tickd listening");
+        let tls = match &tls {
+            None => "off",
+            Some(t) if t.mutual() => "mutual",
+            Some(_) => "on",
+        };
+        let auth = if auth_on { "on" } else { "off" };
+        info!(%addr, %metrics_addr, %store, tls, auth, "tickd listening");
     }
 
     let failed = async {
@@ -275,6 +352,7 @@ pub async fn serve(
             core.shutdown().await;
             metrics::unwatch();
             let _ = metrics_stop.send(());
+            let _ = health_stop.send(());
             return match result {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(ServerError::Transport(e.to_string())),
@@ -324,7 +402,11 @@ pub async fn serve(
     }
     metrics::unwatch();
     let _ = metrics_stop.send(());
+    let _ = health_stop.send(());
     let _ = tokio::time::timeout_at(deadline, metrics_server).await;
+    if let Some(health_server) = health_server {
+        let _ = tokio::time::timeout_at(deadline, health_server).await;
+    }
     if let Some(reason) = failure {
         return Err(ServerError::CoreFailed(reason));
     }

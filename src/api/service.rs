@@ -9,9 +9,11 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
+use super::auth::{Auth, Caller, Verb};
 use super::convert;
 use super::pb;
 use super::pb::subscribe_request::Request as SubReq;
+use super::tls::TlsPeer;
 use super::validate::{self, Limits, Violations};
 use crate::domain::job::etag;
 use crate::domain::{Disposition, Micros, preview};
@@ -24,11 +26,45 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 pub struct SchedulerService {
     core: Scheduler,
     limits: Limits,
+    auth: Auth,
 }
 
 impl SchedulerService {
+    /// Every caller may do everything; see [`SchedulerService::with_auth`].
     pub fn new(core: Scheduler, limits: Limits) -> Self {
-        SchedulerService { core, limits }
+        SchedulerService {
+            core,
+            limits,
+            auth: Auth::open(),
+        }
+    }
+
+    /// Checks every call against `auth`.
+    pub fn with_auth(mut self, auth: Auth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Who sent `request` (UNAUTHENTICATED if the auth file knows no credential of it); the
+    /// principal's name goes on the call's span.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let caller = self
+            .auth
+            .authenticate(request.metadata(), request.extensions().get::<TlsPeer>())?;
+        if let Some(name) = caller.name() {
+            tracing::Span::current().record("tickd.principal", name);
+        }
+        Ok(caller)
+    }
+
+    /// For calls that name a job: PERMISSION_DENIED unless `caller` may `verb` on the job's
+    /// queue (NOT_FOUND if there is no such job). Reads the job only when an auth file is on.
+    async fn check_job(&self, caller: &Caller, verb: Verb, id: &str) -> Result<(), Status> {
+        if let Caller::Open = caller {
+            return Ok(());
+        }
+        let job = self.core.get(id).await.map_err(convert::status)?;
+        caller.check(verb, job.spec.queue())
     }
 }
 
@@ -73,7 +109,9 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::ScheduleRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&request)?;
         let spec = validate::schedule_request(request.into_inner(), self.limits, self.core.now())?;
+        caller.check(Verb::Manage, &spec.queue)?;
         let span = tracing::Span::current();
         span.record("tickd.queue", spec.queue.as_str());
         // The job remembers this call's span, so that each of its fires can link back to it.
@@ -91,8 +129,12 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::BatchScheduleRequest>,
     ) -> Result<Response<pb::BatchScheduleResponse>, Status> {
+        let caller = self.caller(&request)?;
         let specs =
             validate::batch_schedule_request(request.into_inner(), self.limits, self.core.now())?;
+        for spec in &specs {
+            caller.check(Verb::Manage, &spec.queue)?;
+        }
         let trace = telemetry::trace_context_of(&tracing::Span::current().context());
         let jobs = self
             .core
@@ -109,9 +151,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&request)?;
         let id = request.into_inner().id;
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
+        self.check_job(&caller, Verb::Manage, &id).await?;
         let job = self.core.cancel(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
@@ -120,9 +164,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::DeleteJobRequest>,
     ) -> Result<Response<()>, Status> {
+        let caller = self.caller(&request)?;
         let id = request.into_inner().id;
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
+        self.check_job(&caller, Verb::Manage, &id).await?;
         let dropped = self.core.delete(&id).await.map_err(convert::status)?;
         tracing::info!(job_id = %id, dropped_fires = dropped, "job deleted");
         Ok(Response::new(()))
@@ -132,10 +178,12 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&request)?;
         let id = request.into_inner().id;
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
         let job = self.core.get(&id).await.map_err(convert::status)?;
+        caller.check(Verb::Read, job.spec.queue())?;
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
 
@@ -143,9 +191,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::BackfillJobRequest>,
     ) -> Result<Response<pb::BackfillJobResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let (start, end) = validate::backfill_request(&req)?;
         tracing::Span::current().record("tickd.job.id", req.id.as_str());
+        self.check_job(&caller, Verb::Manage, &req.id).await?;
         let done = self
             .core
             .backfill(&req.id, start, end)
@@ -169,9 +219,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::TriggerJobRequest>,
     ) -> Result<Response<pb::TriggerJobResponse>, Status> {
+        let caller = self.caller(&request)?;
         let id = request.into_inner().id;
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
+        self.check_job(&caller, Verb::Manage, &id).await?;
         let t = self.core.trigger(&id).await.map_err(convert::status)?;
         let outcome = match t.disposition {
             Disposition::Released => pb::TriggerOutcome::Released,
@@ -194,6 +246,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::UpdateJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let target = validate::update_target(&req)?;
         tracing::Span::current().record("tickd.job.id", target.id.as_str());
@@ -204,6 +257,8 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         let mut attempt = 0;
         loop {
             let current = self.core.get(&target.id).await.map_err(convert::status)?;
+            // A job's queue never changes, so the first read's check holds for the retries.
+            caller.check(Verb::Manage, current.spec.queue())?;
             let read = etag(&current.spec);
             if target.etag.as_ref().is_some_and(|e| *e != read) {
                 return Err(Status::aborted(format!(
@@ -236,14 +291,18 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::PreviewOccurrencesRequest>,
     ) -> Result<Response<pb::PreviewOccurrencesResponse>, Status> {
+        let caller = self.caller(&request)?;
         let now = self.core.now();
         let q = validate::preview_request(request.into_inner(), self.limits, now)?;
         let (job, id_known) = match q.subject {
             validate::PreviewSubject::Existing(id) => {
                 tracing::Span::current().record("tickd.job.id", id.as_str());
-                (self.core.get(&id).await.map_err(convert::status)?, true)
+                let job = self.core.get(&id).await.map_err(convert::status)?;
+                caller.check(Verb::Read, job.spec.queue())?;
+                (job, true)
             }
             validate::PreviewSubject::Proposed(spec) => {
+                caller.check(Verb::Read, &spec.queue)?;
                 let id_known = !spec.id.is_empty();
                 // Validation resolved the trigger already; this cannot fail on a valid spec.
                 // As if scheduled at the range's start, so that a range in the past (last
@@ -261,8 +320,10 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::ListOccurrencesRequest>,
     ) -> Result<Response<pb::ListOccurrencesResponse>, Status> {
+        let caller = self.caller(&request)?;
         let q = validate::occurrences_request(request.into_inner())?;
         tracing::Span::current().record("tickd.job.id", q.job_id.as_str());
+        self.check_job(&caller, Verb::Read, &q.job_id).await?;
         let (records, more) = self
             .core
             .occurrences(&q.job_id, q.after, q.page_size)
@@ -285,7 +346,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let caller = self.caller(&request)?;
         let q = validate::list_request(request.into_inner())?;
+        if let Some(queue) = &q.filter.queue {
+            caller.check(Verb::Read, queue)?;
+        }
         let (jobs, mut next) = self
             .core
             .list(&q.filter, q.page_size, q.after.as_deref())
@@ -294,7 +359,12 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         // A page stops before it would outgrow the response size limit; the rest follows.
         let mut page = Vec::with_capacity(jobs.len());
         let mut bytes = 0;
-        for job in &jobs {
+        // Only what the caller may read is shown; a page may come out short (even empty) with
+        // a next_page_token, as AIP-158 allows.
+        for job in jobs
+            .iter()
+            .filter(|j| caller.may(Verb::Read, j.spec.queue()))
+        {
             let mut shown = convert::job(job, self.core.retention());
             if !q.with_payload {
                 shown.payload = Default::default();
@@ -319,9 +389,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::PauseJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&request)?;
         let id = request.into_inner().id;
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
+        self.check_job(&caller, Verb::Manage, &id).await?;
         let job = self.core.pause(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
@@ -330,9 +402,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::ResumeJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
+        let caller = self.caller(&request)?;
         let id = request.into_inner().id;
         validate::job_id(&id)?;
         tracing::Span::current().record("tickd.job.id", id.as_str());
+        self.check_job(&caller, Verb::Manage, &id).await?;
         let job = self.core.resume(&id).await.map_err(convert::status)?;
         Ok(Response::new(convert::job(&job, self.core.retention())))
     }
@@ -343,6 +417,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<BoxFireStream>, Status> {
+        let caller = self.caller(&request)?;
         let mut inbound = request.into_inner();
         let timeout = self.limits.subscribe_open_timeout;
         let first = tokio::time::timeout(timeout, inbound.message())
@@ -378,6 +453,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         };
         v.into_result()?;
         tracing::Span::current().record("tickd.queue", open.queue.as_str());
+        caller.check(Verb::Consume, &open.queue)?;
 
         let subscription = self
             .core
@@ -407,12 +483,14 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         &self,
         request: Request<pb::AckRequest>,
     ) -> Result<Response<pb::AckResponse>, Status> {
+        let caller = self.caller(&request)?;
         let req = request.into_inner();
         let mut v = Violations::default();
         validate::check_name(&mut v, "queue", &req.queue, true);
         validate::fire_ids(&mut v, "fire_ids", &req.fire_ids);
         v.into_result()?;
         tracing::Span::current().record("tickd.queue", req.queue.as_str());
+        caller.check(Verb::Consume, &req.queue)?;
         let acked_count = self
             .core
             .ack(&req.queue, &req.fire_ids)

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,10 +16,13 @@ use tickd::api::pb;
 use tickd::api::pb::scheduler_client::SchedulerClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, ClientTlsConfig};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_types::StatusExt;
 
-type Client = SchedulerClient<Channel>;
+type Client = SchedulerClient<InterceptedService<Channel, Bearer>>;
 
 /// Schedule and control jobs on a tickd server, and receive their fires.
 #[derive(Debug, Parser)]
@@ -32,6 +36,28 @@ struct Cli {
         global = true
     )]
     addr: String,
+
+    /// Bearer token to send (the server's auth file knows its SHA-256). Prefer the
+    /// environment variable: a flag shows in the process list.
+    #[arg(long, env = "TICKD_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+
+    /// PEM CA certificate(s) to verify tickd's certificate with (default: the public web
+    /// roots). Implies https://.
+    #[arg(long, env = "TICKD_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
+
+    /// PEM client certificate, for a server with mutual TLS (with --key). Implies https://.
+    #[arg(long, env = "TICKD_CLIENT_CERT", global = true, requires = "key")]
+    cert: Option<PathBuf>,
+
+    /// PEM private key of --cert.
+    #[arg(long, env = "TICKD_CLIENT_KEY", global = true, requires = "cert")]
+    key: Option<PathBuf>,
+
+    /// Name to check tickd's certificate against, when it differs from the address's host.
+    #[arg(long, env = "TICKD_TLS_SERVER_NAME", global = true)]
+    tls_server_name: Option<String>,
 
     /// Output format.
     #[arg(long, short, value_enum, default_value = "table", global = true)]
@@ -375,11 +401,70 @@ impl From<tonic::Status> for Failure {
     }
 }
 
-async fn connect(addr: &str, timeout: Option<Duration>) -> Result<Client, Failure> {
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone)]
+struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// How to reach tickd: the address and the security flags.
+struct Target<'a> {
+    addr: &'a str,
+    token: Option<&'a str>,
+    ca_file: Option<&'a Path>,
+    cert: Option<&'a Path>,
+    key: Option<&'a Path>,
+    server_name: Option<&'a str>,
+}
+
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| Failure(format!("error: {flag} {}: {e}", path.display()), 2))
+}
+
+async fn connect(target: &Target<'_>, timeout: Option<Duration>) -> Result<Client, Failure> {
+    let addr = target.addr;
+    let tls_asked = target.ca_file.is_some() || target.cert.is_some();
     let url = if addr.contains("://") {
         addr.to_string()
+    } else if tls_asked {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
+    };
+    let tls = url.starts_with("https://");
+    if tls_asked && !tls {
+        return Err(Failure(
+            format!(
+                "error: --ca-file and --cert need TLS; use https://{}",
+                addr.trim_start_matches("http://")
+            ),
+            2,
+        ));
+    }
+    let bearer = match target.token {
+        None => None,
+        Some(token) => {
+            if !tls {
+                eprintln!("warning: sending the bearer token without TLS ({url})");
+            }
+            Some(
+                format!("Bearer {}", token.trim())
+                    .parse::<MetadataValue<Ascii>>()
+                    .map_err(|_| Failure("error: --token must be printable ASCII".into(), 2))?,
+            )
+        }
     };
     let mut endpoint = Channel::from_shared(url.clone())
         .map_err(|e| Failure(format!("error: invalid address {addr:?}: {e}"), 2))?
@@ -387,16 +472,32 @@ async fn connect(addr: &str, timeout: Option<Duration>) -> Result<Client, Failur
     if let Some(timeout) = timeout {
         endpoint = endpoint.timeout(timeout);
     }
-    if url.starts_with("https://") {
+    if tls {
+        let mut config = ClientTlsConfig::new();
+        config = match target.ca_file {
+            Some(path) => {
+                config.ca_certificate(Certificate::from_pem(read_file("--ca-file", path)?))
+            }
+            None => config.with_webpki_roots(),
+        };
+        if let (Some(cert), Some(key)) = (target.cert, target.key) {
+            config = config.identity(Identity::from_pem(
+                read_file("--cert", cert)?,
+                read_file("--key", key)?,
+            ));
+        }
+        if let Some(name) = target.server_name {
+            config = config.domain_name(name);
+        }
         endpoint = endpoint
-            .tls_config(ClientTlsConfig::new().with_webpki_roots())
+            .tls_config(config)
             .map_err(|e| Failure(format!("error: TLS setup for {addr}: {e}"), 2))?;
     }
     let channel = endpoint
         .connect()
         .await
         .map_err(|e| Failure(format!("error: cannot reach tickd at {addr}: {e}"), 1))?;
-    Ok(SchedulerClient::new(channel))
+    Ok(SchedulerClient::with_interceptor(channel, Bearer(bearer)))
 }
 
 fn time_str(t: &Option<PbTimestamp>) -> Option<String> {
@@ -984,7 +1085,15 @@ async fn subscribe(client: &mut Client, args: SubscribeArgs) -> Result<(), Failu
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let timeout = (!matches!(cli.command, Command::Subscribe(_))).then_some(cli.timeout);
-    let mut client = connect(&cli.addr, timeout).await?;
+    let target = Target {
+        addr: &cli.addr,
+        token: cli.token.as_deref(),
+        ca_file: cli.ca_file.as_deref(),
+        cert: cli.cert.as_deref(),
+        key: cli.key.as_deref(),
+        server_name: cli.tls_server_name.as_deref(),
+    };
+    let mut client = connect(&target, timeout).await?;
     let output = cli.output;
     match cli.command {
         Command::Schedule(args) => schedule(&mut client, *args, output).await,

@@ -45,6 +45,9 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The Prometheus endpoint (`GET /metrics`).
     pub metrics_addr: SocketAddr,
+    /// The plaintext health port, when the configuration asks for one (`health_listen`;
+    /// the test binds an ephemeral port whatever address it names).
+    pub health_addr: Option<SocketAddr>,
     pub client: Client,
     /// The running core, to settle it and read its counts. Dropped before a restart.
     pub core: Scheduler,
@@ -209,9 +212,15 @@ impl TestServer {
         let addr = listener.local_addr().expect("local addr");
         let metrics = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let metrics_addr = metrics.local_addr().expect("local addr");
+        let health = match config.health_listen {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
+            None => None,
+        };
+        let health_addr = health.as_ref().map(|l| l.local_addr().expect("local addr"));
         let listeners = tickd::api::Listeners {
             grpc: listener,
             metrics,
+            health,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let served = core.clone();
@@ -222,11 +231,20 @@ impl TestServer {
             })
             .await
         });
-        let client = connect(addr).await;
+        // A TLS server's clients are the test's own (with its CA and certificates).
+        let client = match config.tls_cert {
+            Some(_) => SchedulerClient::new(
+                Channel::from_shared(format!("http://{addr}"))
+                    .expect("uri")
+                    .connect_lazy(),
+            ),
+            None => connect(addr).await,
+        };
         TestServer {
             backend: Backend::Embedded,
             addr,
             metrics_addr,
+            health_addr,
             client,
             core,
             clock,
