@@ -17,6 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tickd"
 ALL_ON = yaml.safe_load((CHART / "ci" / "all-on-values.yaml").read_text())
+# TLS, mutual TLS and a principals file.
+TLS = yaml.safe_load((CHART / "ci" / "tls-values.yaml").read_text())
 KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 # Custom resources have no schema among Kubernetes' own.
 CUSTOM_KINDS = {"ServiceMonitor"}
@@ -57,9 +59,10 @@ def config_defaults():
     }
 
 
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+@pytest.mark.parametrize("values", [None, ALL_ON, TLS], ids=["defaults", "all-on", "tls"])
 def test_lint_finds_no_errors(values):
-    """helm lint (strict) reports no errors for the defaults and for every option on."""
+    """helm lint (strict) reports no errors for the defaults, for every option on, and for
+    TLS with mutual TLS and a principals file."""
     result = helm.lint(str(CHART), values, strict=True)
     assert result["errors"] == [], result
     errors = [m for m in result["messages"] if m["severity"] >= 3]
@@ -67,7 +70,7 @@ def test_lint_finds_no_errors(values):
 
 
 @pytest.mark.parametrize("kube", KUBE_VERSIONS)
-@pytest.mark.parametrize("values", [None, ALL_ON], ids=["defaults", "all-on"])
+@pytest.mark.parametrize("values", [None, ALL_ON, TLS], ids=["defaults", "all-on", "tls"])
 def test_manifests_are_valid_kubernetes(values, kube):
     """Every rendered manifest is valid against the Kubernetes schema of each version."""
     docs = manifests(values)
@@ -200,9 +203,10 @@ def test_schema_rejects_bad_values(values):
 
 
 def test_every_setting_is_reachable_from_values():
-    """Each TICKD_* variable tickd reads is set by the chart, on one store or the other (but
-    the hidden test-only ones)."""
+    """Each TICKD_* variable tickd reads is set by the chart, on one store or the other, or
+    with TLS and a principals file (but the hidden test-only ones)."""
     names = {e["name"] for e in statefulset()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    names |= {e["name"] for e in statefulset(TLS)["spec"]["template"]["spec"]["containers"][0]["env"]}
     (deployment,) = of_kind(manifests(REPLICATED), "Deployment")
     names |= {e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     wanted = {v for v in config_defaults()["env"] if not v.startswith("TICKD_TEST_")}
@@ -334,3 +338,226 @@ def test_test_pod_is_not_selected_as_a_tickd_pod():
         p.get("podSelector", {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "test"
         for p in grpc_peers
     )
+
+
+TLS_ON_POSTGRESQL = {**TLS, **REPLICATED}
+
+
+def pod_of(docs):
+    """The pod spec of the StatefulSet or the Deployment."""
+    (workload,) = of_kind(docs, "StatefulSet") + of_kind(docs, "Deployment")
+    return workload["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("values", [TLS, TLS_ON_POSTGRESQL], ids=["embedded", "postgresql"])
+def test_tls_and_auth_files_are_mounted_where_tickd_reads_them(values):
+    """Each file named by TICKD_TLS_CERT, TICKD_TLS_KEY, TICKD_TLS_CLIENT_CA and TICKD_AUTH_FILE
+    lies in a read-only mount of the right Secret, which projects that key; no mount uses
+    subPath (a subPath file is never updated, so a renewed certificate would not arrive)."""
+    pod = pod_of(manifests(values))
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    wanted = {
+        "TICKD_TLS_CERT": ("tickd-tls", "tls.crt"),
+        "TICKD_TLS_KEY": ("tickd-tls", "tls.key"),
+        "TICKD_TLS_CLIENT_CA": ("tickd-tls", "ca.crt"),
+        "TICKD_AUTH_FILE": ("tickd-auth", "auth.yaml"),
+    }
+    for name, (secret, key) in wanted.items():
+        directory, file = env[name].rsplit("/", 1)
+        mount = mounts[directory]
+        assert mount["readOnly"] is True
+        volume = volumes[mount["name"]]["secret"]
+        assert volume["secretName"] == secret, name
+        assert {"key": key, "path": file} in volume["items"], name
+        assert volume["defaultMode"] == 0o440
+    assert not [m for m in container["volumeMounts"] if "subPath" in m or "subPathExpr" in m]
+    # Data stays on the claim of the embedded store; PostgreSQL replicas have none.
+    assert ("/var/lib/tickd" in mounts) == ("database" not in values)
+
+
+def test_without_tls_or_auth_no_secret_is_mounted():
+    """The defaults set no TLS, auth or health variable and mount nothing but the data volume."""
+    pod = statefulset()["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    names = {e["name"] for e in container["env"]}
+    for name in ("TICKD_TLS_CERT", "TICKD_TLS_KEY", "TICKD_TLS_CLIENT_CA", "TICKD_AUTH_FILE", "TICKD_HEALTH_LISTEN"):
+        assert name not in names
+    assert "volumes" not in pod
+    assert [m["name"] for m in container["volumeMounts"]] == ["data"]
+
+
+def probe_ports(container):
+    return {container[p]["grpc"]["port"] for p in ("startupProbe", "livenessProbe", "readinessProbe")}
+
+
+@pytest.mark.parametrize("values", [TLS, TLS_ON_POSTGRESQL], ids=["embedded", "postgresql"])
+def test_probes_use_the_plaintext_health_port_with_tls(values):
+    """A kubelet gRPC probe cannot speak TLS: with TLS the probes call the health port, which
+    tickd listens on (TICKD_HEALTH_LISTEN), with the same service names; the port is neither in
+    the Services nor opened by the NetworkPolicy."""
+    docs = manifests(values)
+    (container,) = pod_of(docs)["containers"]
+    health = 8081
+    assert probe_ports(container) == {health}
+    assert container["livenessProbe"]["grpc"]["service"] == "liveness"
+    assert "service" not in container["readinessProbe"]["grpc"]
+    assert "service" not in container["startupProbe"]["grpc"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TICKD_HEALTH_LISTEN"] == f"0.0.0.0:{health}"
+    assert {"name": "health", "containerPort": health, "protocol": "TCP"} in container["ports"]
+    for service in of_kind(docs, "Service"):
+        assert health not in {p["port"] for p in service["spec"]["ports"]}
+        assert "health" not in {p["targetPort"] for p in service["spec"]["ports"]}
+    for policy in of_kind(docs, "NetworkPolicy"):
+        opened = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
+        assert opened == {"grpc", "metrics"}
+
+
+@pytest.mark.parametrize("values", [None, {"auth": {"existingSecret": "tickd-auth"}}], ids=["defaults", "auth-only"])
+def test_probes_use_the_grpc_port_without_tls(values):
+    """Without TLS the probes call the gRPC port (health needs no token, so an auth file
+    changes nothing), and there is no health listener."""
+    (container,) = statefulset(values)["spec"]["template"]["spec"]["containers"]
+    assert probe_ports(container) == {config_defaults()["grpc_port"]}
+    assert "health" not in {p["name"] for p in container["ports"]}
+    assert "TICKD_HEALTH_LISTEN" not in {e["name"] for e in container["env"]}
+
+
+def test_grpc_service_port_is_marked_as_tls_with_tls_on():
+    """With TLS the Services mark the gRPC port https (a mesh must not read it as cleartext
+    h2c); without, kubernetes.io/h2c."""
+    for values, protocol in ((None, "kubernetes.io/h2c"), (TLS, "https")):
+        for service in of_kind(manifests(values), "Service"):
+            (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+            assert grpc["appProtocol"] == protocol
+
+
+def helm_test_pod(values):
+    (pod,) = of_kind(manifests(values), "Pod")
+    return pod["spec"]
+
+
+def flags(args):
+    """grpc-health-probe arguments as a dict: -name=value, or -name: True."""
+    return dict(a.split("=", 1) if "=" in a else (a, True) for a in args)
+
+
+def test_helm_test_speaks_mutual_tls_to_the_grpc_port():
+    """With TLS the helm test pod dials the Service's gRPC port over TLS, checks the certificate
+    against the Service name with the CA of the TLS Secret (mounting only that key, never the
+    server's private key), and presents its client certificate."""
+    spec = helm_test_pod(TLS)
+    (container,) = spec["containers"]
+    args = flags(container["args"])
+    assert args["-addr"] == "tickd:50051"
+    assert args["-tls"] is True
+    assert args["-tls-server-name"] == "tickd"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v["secret"] for v in spec["volumes"]}
+    files = {
+        f"{mounts[name]}/{item['path']}": (volume["secretName"], item["key"])
+        for name, volume in volumes.items()
+        for item in volume["items"]
+    }
+    assert files[args["-tls-ca-cert"]] == ("tickd-tls", "ca.crt")
+    assert files[args["-tls-client-cert"]] == ("tickd-test-client", "tls.crt")
+    assert files[args["-tls-client-key"]] == ("tickd-test-client", "tls.key")
+    assert ("tickd-tls", "tls.key") not in files.values()
+    assert not [m for m in container["volumeMounts"] if "subPath" in m]
+    # The 0440 files are readable through the pod's group.
+    assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+
+
+def test_helm_test_ca_and_server_name_can_be_overridden():
+    """tests.tls names another CA Secret and key and the name on the certificate; without
+    mutual TLS no client certificate is sent."""
+    values = {
+        "tls": {"enabled": True, "secretName": "tickd-tls"},
+        "tests": {"tls": {"caSecretName": "corp-ca", "caKey": "root.pem", "serverName": "tickd.example.com"}},
+    }
+    spec = helm_test_pod(values)
+    args = flags(spec["containers"][0]["args"])
+    assert args["-tls-server-name"] == "tickd.example.com"
+    assert args["-tls-ca-cert"].endswith("/root.pem")
+    (volume,) = spec["volumes"]
+    assert volume["secret"]["secretName"] == "corp-ca"
+    assert volume["secret"]["items"] == [{"key": "root.pem", "path": "root.pem"}]
+    assert "-tls-client-cert" not in args and "-tls-client-key" not in args
+
+
+def test_helm_test_is_plaintext_without_tls():
+    """Without TLS the helm test passes no TLS flag and mounts nothing."""
+    spec = helm_test_pod(None)
+    assert not [a for a in spec["containers"][0]["args"] if a.startswith("-tls")]
+    assert "volumes" not in spec and "volumeMounts" not in spec["containers"][0]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"tls": {"enabled": True}},
+        {"tls": {"clientCA": {"secretName": "tickd-client-ca"}}},
+        {"tls": {"enabled": "yes", "secretName": "tickd-tls"}},
+        {"tls": {"enabled": True, "secretName": "tickd-tls", "clientCA": {"key": ""}}},
+        {"auth": {"existingSecret": "tickd-auth", "key": ""}},
+        {"health": {"port": 0}},
+        {"tickd": {"reloadInterval": "often"}},
+        {"tests": {"tls": {"caKey": ""}}},
+    ],
+    ids=[
+        "tls-without-secret",
+        "mtls-without-tls",
+        "tls-not-boolean",
+        "empty-client-ca-key",
+        "empty-auth-key",
+        "health-port",
+        "reload-interval",
+        "empty-test-ca-key",
+    ],
+)
+def test_schema_refuses_incomplete_tls_and_auth(values):
+    """TLS without its Secret, mutual TLS without TLS, and empty keys are refused before
+    anything renders."""
+    with helm.Chart.load(str(CHART)) as chart:
+        with pytest.raises(helm.HelmError):
+            chart.validate_schema(values)
+        with pytest.raises(helm.HelmError):
+            chart.render(values, name="tickd", namespace="scheduling")
+
+
+def test_tls_without_a_secret_names_the_missing_value():
+    """The refusal of tls.enabled without tls.secretName points at tls.secretName."""
+    with pytest.raises(helm.HelmError) as err:
+        render({"tls": {"enabled": True}})
+    assert "/tls/secretName" in str(err.value)
+
+
+def test_mutual_tls_needs_a_client_certificate_for_helm_test():
+    """With mutual TLS the helm test cannot connect without a client certificate: rendering
+    fails and says which value to set; with tests off it renders."""
+    mtls = {"tls": {"enabled": True, "secretName": "tickd-tls", "clientCA": {"secretName": "tickd-tls"}}}
+    with pytest.raises(helm.HelmError) as err:
+        render(mtls)
+    assert "tests.tls.clientCertSecretName" in str(err.value)
+    assert not of_kind(manifests({**mtls, "tests": {"enabled": False}}), "Pod")
+
+
+def test_health_port_must_be_a_port_of_its_own():
+    """A health port equal to the gRPC or metrics port refuses to render, saying why."""
+    for port in (50051, 9464):
+        with pytest.raises(helm.HelmError) as err:
+            render({**TLS, "health": {"port": port}})
+        assert "health.port" in str(err.value)
+
+
+def test_notes_show_a_tls_call():
+    """With TLS, NOTES.txt's grpcurl calls verify the certificate and present a client one."""
+    notes = render(TLS)["tickd/templates/NOTES.txt"]
+    assert "-plaintext" not in notes
+    assert (
+        "grpcurl -cacert ca.crt -servername tickd -cert client.crt -key client.key "
+        "localhost:50051 grpc.health.v1.Health/Check"
+    ) in notes

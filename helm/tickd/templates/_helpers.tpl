@@ -88,3 +88,19 @@ Name of the headless Service that governs the StatefulSet.
 {{- define "tickd.headlessName" -}}
 {{- printf "%s-headless" (include "tickd.fullname" . | trunc 54 | trimSuffix "-") }}
 {{- end }}
+
+{{/*
+Port the pod's gRPC probes call: with tls.enabled the plaintext health port, since a kubelet
+gRPC probe cannot speak TLS.
+*/}}
+{{- define "tickd.probePort" -}}
+{{- if .Values.tls.enabled }}{{ .Values.health.port }}{{ else }}{{ .Values.service.grpcPort }}{{ end }}
+{{- end }}
+
+{{/*
+appProtocol of the gRPC port: cleartext HTTP/2, or, with tls.enabled, "https" so that a mesh or
+gateway passes tickd's own TLS through instead of reading it as cleartext.
+*/}}
+{{- define "tickd.grpcAppProtocol" -}}
+{{- if .Values.tls.enabled }}https{{ else }}kubernetes.io/h2c{{ end }}
+{{- end }}

@@ -4,6 +4,9 @@ and the Deployment (PostgreSQL, any number of pods, no volume). Rendered at inde
 callers indent it.
 */}}
 {{- define "tickd.podTemplate" -}}
+{{- if and .Values.tls.enabled (has (int .Values.health.port) (list (int .Values.service.grpcPort) (int .Values.service.metricsPort))) }}
+{{- fail (printf "health.port (%d) must differ from service.grpcPort and service.metricsPort: it is a third listener, serving only grpc.health.v1 in plaintext for the probes." (int .Values.health.port)) }}
+{{- end }}
 template:
   metadata:
     {{- with .Values.podAnnotations }}
@@ -38,11 +41,40 @@ template:
           - name: metrics
             containerPort: {{ .Values.service.metricsPort }}
             protocol: TCP
+          {{- if .Values.tls.enabled }}
+          - name: health
+            containerPort: {{ .Values.health.port }}
+            protocol: TCP
+          {{- end }}
         env:
           - name: TICKD_LISTEN
             value: "0.0.0.0:{{ .Values.service.grpcPort }}"
           - name: TICKD_METRICS_LISTEN
             value: "0.0.0.0:{{ .Values.service.metricsPort }}"
+          {{- if or .Values.tls.enabled .Values.auth.existingSecret }}
+          # TLS and auth files come from Secrets mounted as directories (see volumeMounts), so
+          # that renewed certificates and edited principals reach tickd without a restart.
+          {{- end }}
+          {{- if .Values.tls.enabled }}
+          - name: TICKD_TLS_CERT
+            value: /etc/tickd/tls/tls.crt
+          - name: TICKD_TLS_KEY
+            value: /etc/tickd/tls/tls.key
+          {{- end }}
+          {{- if .Values.tls.clientCA.secretName }}
+          - name: TICKD_TLS_CLIENT_CA
+            value: {{ printf "/etc/tickd/client-ca/%s" .Values.tls.clientCA.key | quote }}
+          {{- end }}
+          {{- if .Values.auth.existingSecret }}
+          - name: TICKD_AUTH_FILE
+            value: {{ printf "/etc/tickd/auth/%s" .Values.auth.key | quote }}
+          {{- end }}
+          {{- if .Values.tls.enabled }}
+          - name: TICKD_HEALTH_LISTEN
+            value: "0.0.0.0:{{ .Values.health.port }}"
+          {{- end }}
+          - name: TICKD_RELOAD_INTERVAL
+            value: {{ .Values.tickd.reloadInterval | quote }}
           {{- if .Values.database.existingSecret }}
           - name: TICKD_DATABASE_URL
             valueFrom:
@@ -120,29 +152,85 @@ template:
         # as shutdown starts, so traffic moves away before streams are ended; a full disk
         # makes the pod unready until space is freed. Liveness asks the "liveness" service,
         # which fails only when the core has died (tickd then also exits non-zero).
+        # A kubelet probe cannot speak TLS: with tls.enabled the probes call the plaintext
+        # health port, which reports the same statuses and serves nothing else. (Health needs
+        # no token: the auth file governs the Scheduler service only.)
         startupProbe:
           grpc:
-            port: {{ .Values.service.grpcPort }}
+            port: {{ include "tickd.probePort" . }}
           periodSeconds: 2
           failureThreshold: 60
         livenessProbe:
           grpc:
-            port: {{ .Values.service.grpcPort }}
+            port: {{ include "tickd.probePort" . }}
             service: liveness
           periodSeconds: 10
           failureThreshold: 3
         readinessProbe:
           grpc:
-            port: {{ .Values.service.grpcPort }}
+            port: {{ include "tickd.probePort" . }}
           periodSeconds: 5
           failureThreshold: 2
         resources:
           {{- toYaml .Values.resources | nindent 10 }}
-        {{- if not .Values.database.existingSecret }}
+        {{- if or (not .Values.database.existingSecret) .Values.tls.enabled .Values.auth.existingSecret }}
+        # Secrets are mounted as directories, never with subPath: a subPath mount keeps
+        # the file it started with, so a renewed certificate would never reach tickd.
         volumeMounts:
+          {{- if not .Values.database.existingSecret }}
           - name: data
             mountPath: /var/lib/tickd
+          {{- end }}
+          {{- if .Values.tls.enabled }}
+          - name: tls
+            mountPath: /etc/tickd/tls
+            readOnly: true
+          {{- end }}
+          {{- if .Values.tls.clientCA.secretName }}
+          - name: client-ca
+            mountPath: /etc/tickd/client-ca
+            readOnly: true
+          {{- end }}
+          {{- if .Values.auth.existingSecret }}
+          - name: auth
+            mountPath: /etc/tickd/auth
+            readOnly: true
+          {{- end }}
         {{- end }}
+    {{- if or .Values.tls.enabled .Values.auth.existingSecret }}
+    # Only the keys tickd reads are projected (0440: the pod's fsGroup may read them, nobody
+    # may write). A missing key keeps the pod from starting, with the reason in its events.
+    volumes:
+      {{- if .Values.tls.enabled }}
+      - name: tls
+        secret:
+          secretName: {{ .Values.tls.secretName | quote }}
+          defaultMode: 0440
+          items:
+            - key: tls.crt
+              path: tls.crt
+            - key: tls.key
+              path: tls.key
+      {{- end }}
+      {{- with .Values.tls.clientCA.secretName }}
+      - name: client-ca
+        secret:
+          secretName: {{ . | quote }}
+          defaultMode: 0440
+          items:
+            - key: {{ $.Values.tls.clientCA.key | quote }}
+              path: {{ $.Values.tls.clientCA.key | quote }}
+      {{- end }}
+      {{- with .Values.auth.existingSecret }}
+      - name: auth
+        secret:
+          secretName: {{ . | quote }}
+          defaultMode: 0440
+          items:
+            - key: {{ $.Values.auth.key | quote }}
+              path: {{ $.Values.auth.key | quote }}
+      {{- end }}
+    {{- end }}
     {{- with .Values.nodeSelector }}
     nodeSelector:
       {{- toYaml . | nindent 6 }}
