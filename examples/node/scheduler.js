@@ -1,5 +1,7 @@
 // Schedules a job on tickd: `node scheduler.js QUEUE [SECONDS]` fires once, SECONDS from now.
-const { connect } = require("./tickd");
+// TICKD_ADDR and, for a secured tickd, TICKD_CA_FILE, TICKD_CLIENT_CERT, TICKD_CLIENT_KEY,
+// TICKD_TLS_SERVER_NAME and TICKD_TOKEN say how to reach it (see connect in tickd.js).
+const { connect, describe } = require("./tickd");
 
 function scheduleAfter(client, queue, seconds, payload = "", id = "") {
   const job = {
@@ -26,7 +28,7 @@ async function main() {
 
 if (require.main === module) {
   main().catch((err) => {
-    console.error(`refused: ${err.code} ${err.details}`);
+    console.error(`refused: ${describe(err)}`);
     process.exit(1);
   });
 }

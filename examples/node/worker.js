@@ -1,5 +1,7 @@
 // Receives a queue's fires from tickd and acks each: `node worker.js QUEUE [COUNT]`.
-const { connect } = require("./tickd");
+// TICKD_ADDR and, for a secured tickd, TICKD_CA_FILE, TICKD_CLIENT_CERT, TICKD_CLIENT_KEY,
+// TICKD_TLS_SERVER_NAME and TICKD_TOKEN say how to reach it (see connect in tickd.js).
+const { connect, describe } = require("./tickd");
 
 // With `timeoutMs`, the subscription ends with DEADLINE_EXCEEDED (and the promise rejects)
 // after that long.
@@ -36,7 +38,7 @@ async function main() {
 
 if (require.main === module) {
   main().catch((err) => {
-    console.error(`error: ${err.code} ${err.details}`);
+    console.error(`error: ${describe(err)}`);
     process.exit(1);
   });
 }

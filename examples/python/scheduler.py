@@ -1,9 +1,10 @@
 """Schedules a job on tickd: `python scheduler.py QUEUE [SECONDS]` fires once, SECONDS from now.
 
-Set TICKD_ADDR (default localhost:50051) to reach another server.
+Set TICKD_ADDR (default localhost:50051) to reach another server, and for a secured one
+TICKD_CA_FILE, TICKD_CLIENT_CERT, TICKD_CLIENT_KEY, TICKD_TLS_SERVER_NAME, TICKD_TOKEN (see
+tickd_api.connect).
 """
 
-import os
 import sys
 
 import grpc
@@ -11,12 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from grpc_status import rpc_status
 from google.rpc import error_details_pb2
 
-from tickd_api import pb, rpc
-
-
-def connect(addr=None):
-    channel = grpc.insecure_channel(addr or os.environ.get("TICKD_ADDR", "localhost:50051"))
-    return rpc.SchedulerStub(channel)
+from tickd_api import connect, pb
 
 
 def schedule_after(stub, queue, seconds, payload=b"", job_id=""):

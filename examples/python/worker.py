@@ -1,13 +1,16 @@
 """Receives a queue's fires from tickd and acks each: `python worker.py QUEUE [COUNT]`.
 
-Set TICKD_ADDR (default localhost:50051) to reach another server.
+Set TICKD_ADDR (default localhost:50051) to reach another server, and for a secured one
+TICKD_CA_FILE, TICKD_CLIENT_CERT, TICKD_CLIENT_KEY, TICKD_TLS_SERVER_NAME, TICKD_TOKEN (see
+tickd_api.connect).
 """
 
 import queue as queue_module
 import sys
 
-from scheduler import connect
-from tickd_api import pb
+import grpc
+
+from tickd_api import connect, pb
 
 
 def work(stub, queue, count=None, handle=print, timeout=None):
@@ -46,7 +49,11 @@ def main():
     def show(fire):
         print(f"fire {fire.fire_id} (attempt {fire.attempt}): {fire.payload!r}", flush=True)
 
-    work(connect(), queue, count, show)
+    try:
+        work(connect(), queue, count, show)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
