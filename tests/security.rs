@@ -262,6 +262,20 @@ async fn a_rotated_certificate_is_served_without_a_restart() {
         .list_jobs(pb::ListJobsRequest::default())
         .await
         .expect("an open connection outlives the rotation");
+    // Both reloads are counted, and the served certificate's expiry is exported (metrics
+    // are process-wide: other tests' servers count here too).
+    let text = scrape(server.metrics_addr).await;
+    let reloads = |result: &str| {
+        let labels = [
+            r#"tickd_setting="tls""#,
+            &format!(r#"tickd_result="{result}""#),
+        ];
+        sample(&text, "tickd_config_reloads_total", &labels).unwrap_or(0.0)
+    };
+    assert!(reloads("failed") >= 1.0 && reloads("ok") >= 1.0, "{text}");
+    let not_after = sample(&text, "tickd_tls_certificate_not_after_seconds", &[])
+        .expect("certificate expiry exported");
+    assert!(not_after > (now_micros() / 1_000_000) as f64, "{not_after}");
     server.stop().await;
 }
 
@@ -421,6 +435,9 @@ both_backends! {
             .expect("admin lists")
             .into_inner();
         assert!(all.jobs.is_empty(), "{:?}", all.jobs);
+        let text = scrape(server.metrics_addr).await;
+        let refusals = sample(&text, "tickd_auth_refusals_total", &[r#"tickd_reason="unauthenticated""#]);
+        assert!(refusals.unwrap_or(0.0) >= 4.0, "{text}");
 
         // Health and reflection stay open.
         let health = HealthClient::new(channel(server.addr).await)
@@ -521,6 +538,10 @@ both_backends! {
             .expect("the payroll job is still there")
             .into_inner();
         assert_eq!(after, payroll, "a refused call changed the job");
+        let text = scrape(server.metrics_addr).await;
+        let labels = [r#"tickd_reason="permission_denied""#, r#"tickd_principal="billing-api""#];
+        let refusals = sample(&text, "tickd_auth_refusals_total", &labels);
+        assert!(refusals.unwrap_or(0.0) >= 14.0, "{text}");
         assert_eq!(server.counts("payroll"), (0, 0), "a refused trigger released a fire");
         for absent in ["sneaky", "ok-one", "bad-one"] {
             expect_code(

@@ -31,6 +31,18 @@ use tracing::{info, warn};
 
 use super::reload::{Reloadable, spawn_reloader};
 use super::tls::TlsPeer;
+use crate::telemetry::metrics;
+
+/// Counts a refused call.
+fn refused(reason: &'static str, principal: &str) {
+    metrics::instruments().auth_refusals.add(
+        1,
+        &[
+            opentelemetry::KeyValue::new("tickd.reason", reason),
+            opentelemetry::KeyValue::new("tickd.principal", principal.to_string()),
+        ],
+    );
+}
 
 /// What a call does to a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -320,7 +332,7 @@ impl Auth {
         );
         let policy = Arc::new(Reloadable::new(policy));
         let load_path = path.clone();
-        spawn_reloader("auth-file", vec![path], interval, &policy, move || {
+        spawn_reloader("auth_file", vec![path], interval, &policy, move || {
             Policy::load(&load_path)
         })
         .await;
@@ -356,11 +368,13 @@ impl Auth {
                 })
                 .filter(|t| !t.is_empty())
                 .ok_or_else(|| {
+                    refused("unauthenticated", "");
                     Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
                 })?;
             return match policy.by_token(token.as_bytes()) {
                 Some(p) => Ok(Caller::Principal(p.clone())),
                 None => {
+                    refused("unauthenticated", "");
                     warn!(peer = ?peer.map(|p| p.remote_addr), "call refused: unknown bearer token");
                     Err(Status::unauthenticated(
                         "the bearer token is not one the auth file knows",
@@ -372,6 +386,7 @@ impl Auth {
             return match policy.by_subject(subject) {
                 Some(p) => Ok(Caller::Principal(p.clone())),
                 None => {
+                    refused("unauthenticated", "");
                     warn!(
                         subject,
                         "call refused: client certificate not in the auth file"
@@ -383,6 +398,7 @@ impl Auth {
                 }
             };
         }
+        refused("unauthenticated", "");
         Err(Status::unauthenticated(
             "credentials required: send `authorization: Bearer <token>` metadata or a client \
              certificate",
@@ -413,6 +429,7 @@ impl Caller {
             return Ok(());
         }
         let name = self.name().unwrap_or_default();
+        refused("permission_denied", name);
         info!(
             principal = name,
             verb = verb.as_str(),

@@ -11,8 +11,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
+use opentelemetry::KeyValue;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
+
+use crate::telemetry::metrics;
 
 /// A setting loaded from files, swapped in whole when they change.
 #[derive(Debug)]
@@ -95,6 +98,14 @@ pub async fn spawn_reloader<T, E, F>(
             let Some(target) = target.upgrade() else {
                 return;
             };
+            let result = if loaded.is_ok() { "ok" } else { "failed" };
+            metrics::instruments().config_reloads.add(
+                1,
+                &[
+                    KeyValue::new("tickd.setting", what),
+                    KeyValue::new("tickd.result", result),
+                ],
+            );
             match loaded {
                 Ok(value) => {
                     target.set(value);

@@ -64,6 +64,10 @@ impl TlsFiles {
     /// Reads the files into a server configuration (HTTP/2 only, as gRPC needs).
     pub fn load(&self) -> Result<ServerConfig, TlsError> {
         let chain = certificates("--tls-cert", &self.cert)?;
+        let not_after = chain.first().and_then(|leaf| {
+            let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+            Some(cert.validity().not_after.timestamp())
+        });
         let key = PrivateKeyDer::from_pem_file(&self.key).map_err(|e| {
             TlsError(format!(
                 "--tls-key {}: no usable private key ({e}); expected a PEM PKCS#8, PKCS#1 or \
@@ -101,6 +105,9 @@ impl TlsFiles {
             ))
         })?;
         config.alpn_protocols = vec![b"h2".to_vec()];
+        if let Some(not_after) = not_after {
+            crate::telemetry::metrics::set_certificate_not_after(not_after);
+        }
         Ok(config)
     }
 }

@@ -39,6 +39,18 @@ pub struct Instruments {
     pub rpc_duration: Histogram<f64>,
     pub commit_duration: Histogram<f64>,
     pub commit_writes: Histogram<u64>,
+    pub config_reloads: Counter<u64>,
+    pub auth_refusals: Counter<u64>,
+}
+
+/// When the served TLS certificate expires, in Unix seconds; 0 without TLS.
+static CERTIFICATE_NOT_AFTER: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Records when the TLS certificate now served expires (Unix seconds).
+pub fn set_certificate_not_after(unix_seconds: i64) {
+    CERTIFICATE_NOT_AFTER.store(unix_seconds, std::sync::atomic::Ordering::Relaxed);
+    // The gauge reports from the first scrape on; make sure it is registered.
+    let _ = installed();
 }
 
 /// A per-queue gauge: name, unit, description, and which count it reports.
@@ -101,6 +113,17 @@ fn install() -> Installed {
                 for (state, n) in stats.jobs {
                     gauge.observe(n, &[KeyValue::new("tickd.job.state", state.as_str())]);
                 }
+            }
+        })
+        .build();
+    meter
+        .i64_observable_gauge("tickd.tls.certificate.not_after")
+        .with_unit("s")
+        .with_description("When the TLS certificate tickd serves expires, in Unix seconds")
+        .with_callback(|gauge| {
+            let t = CERTIFICATE_NOT_AFTER.load(std::sync::atomic::Ordering::Relaxed);
+            if t != 0 {
+                gauge.observe(t, &[]);
             }
         })
         .build();
@@ -195,6 +218,20 @@ fn install() -> Installed {
             .with_unit("{write}")
             .with_description("Writes per store commit (group-commit batch size)")
             .with_boundaries(BATCH_BUCKETS.to_vec())
+            .build(),
+        config_reloads: meter
+            .u64_counter("tickd.config.reloads")
+            .with_unit("{reload}")
+            .with_description(
+                "Times the TLS files or the auth file changed and were read again, by setting (tls, auth_file) and result (ok, failed: the previous setting stays)",
+            )
+            .build(),
+        auth_refusals: meter
+            .u64_counter("tickd.auth.refusals")
+            .with_unit("{call}")
+            .with_description(
+                "Calls refused by access control, by reason (unauthenticated, permission_denied) and principal",
+            )
             .build(),
     };
     Installed {
