@@ -394,7 +394,8 @@ fn open_req(queue: &str) -> ReceiverStream<pb::SubscribeRequest> {
 fn denied<T: std::fmt::Debug>(result: Result<T, tonic::Status>, queue: &str) {
     let status = expect_code(result, Code::PermissionDenied);
     assert!(
-        status.message().contains(&format!("{queue:?}")),
+        status.message().contains("may not")
+            && status.message().contains(&format!("queue {queue:?}")),
         "names the queue {queue}: {status:?}"
     );
 }
@@ -462,6 +463,42 @@ both_backends! {
         // billing-api may do nothing to payroll's job, and each refusal changes nothing.
         let id = || payroll.id.clone();
         denied(c.schedule(by(BILLING_API, schedule_req("payroll", "sneaky"))).await, "payroll");
+        // Nor reach payroll through a dead-letter queue: on a new job, in a batch, or by
+        // moving an existing job's.
+        let with_dlq = |id: &str| {
+            let mut req = schedule_req("billing.eu", id);
+            if let Some(job) = req.job.as_mut() {
+                job.max_attempts = 1;
+                job.dead_letter_queue = "payroll".into();
+            }
+            req
+        };
+        denied(c.schedule(by(BILLING_API, with_dlq("dlq-one"))).await, "payroll");
+        denied(
+            c.batch_schedule(by(BILLING_API, pb::BatchScheduleRequest {
+                requests: vec![with_dlq("dlq-two")],
+            }))
+            .await,
+            "payroll",
+        );
+        c.schedule(by(BILLING_API, schedule_req("billing.eu", "dlq-three"))).await.expect("schedule");
+        denied(
+            c.update_job(by(BILLING_API, pb::UpdateJobRequest {
+                job: Some(pb::Job {
+                    id: "dlq-three".into(),
+                    dead_letter_queue: "payroll".into(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask { paths: vec!["dead_letter_queue".into()] }),
+            }))
+            .await,
+            "payroll",
+        );
+        let kept = c.get_job(by(BILLING_API, pb::GetJobRequest { id: "dlq-three".into() }))
+            .await
+            .expect("get")
+            .into_inner();
+        assert_eq!(kept.dead_letter_queue, "", "the refused update changed the job");
         denied(
             c.batch_schedule(by(BILLING_API, pb::BatchScheduleRequest {
                 requests: vec![schedule_req("billing.eu", "ok-one"), schedule_req("payroll", "bad-one")],
@@ -543,7 +580,7 @@ both_backends! {
         let refusals = sample(&text, "tickd_auth_refusals_total", &labels);
         assert!(refusals.unwrap_or(0.0) >= 14.0, "{text}");
         assert_eq!(server.counts("payroll"), (0, 0), "a refused trigger released a fire");
-        for absent in ["sneaky", "ok-one", "bad-one"] {
+        for absent in ["sneaky", "ok-one", "bad-one", "dlq-one", "dlq-two"] {
             expect_code(
                 c.get_job(by(ADMIN, pb::GetJobRequest { id: absent.into() })).await,
                 Code::NotFound,
@@ -593,6 +630,15 @@ both_backends! {
         }))
         .await
         .expect("preview");
+        // A proposed job without a queue reads no queue: anyone may preview it.
+        let mut queueless = job("", every_trigger(60_000, None));
+        queueless.queue.clear();
+        c.preview_occurrences(by(PAYROLL_READER, pb::PreviewOccurrencesRequest {
+            subject: Some(pb::preview_occurrences_request::Subject::Job(queueless)),
+            ..Default::default()
+        }))
+        .await
+        .expect("preview of a job without a queue");
         c.cancel_job(by(BILLING_API, pb::CancelJobRequest { id: id() })).await.expect("cancel");
         c.delete_job(by(BILLING_API, pb::DeleteJobRequest { id: "statements".into() }))
             .await

@@ -29,7 +29,7 @@ use tonic::Status;
 use tonic::metadata::MetadataMap;
 use tracing::{info, warn};
 
-use super::reload::{Reloadable, spawn_reloader};
+use super::reload::{Reloadable, fingerprint, spawn_reloader};
 use super::tls::TlsPeer;
 use crate::telemetry::metrics;
 
@@ -143,7 +143,7 @@ impl Principal {
 }
 
 /// The parsed auth file.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Policy {
     principals: Vec<Arc<Principal>>,
     /// (SHA-256 of the token, index into principals).
@@ -272,6 +272,11 @@ impl Policy {
         Policy::parse(&text, path)
     }
 
+    /// Whether some principal is known by its client certificate.
+    pub fn names_certificates(&self) -> bool {
+        !self.subjects.is_empty()
+    }
+
     fn by_token(&self, token: &[u8]) -> Option<&Arc<Principal>> {
         let hash: [u8; 32] = Sha256::digest(token).into();
         // Every hash is compared, in constant time, whatever matched before.
@@ -289,6 +294,18 @@ impl Policy {
             .iter()
             .find(|(s, _)| s == subject)
             .and_then(|(_, i)| self.principals.get(*i))
+    }
+}
+
+/// Names the principals; never the token hashes.
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field(
+                "principals",
+                &self.principals.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            )
+            .finish()
     }
 }
 
@@ -324,6 +341,7 @@ impl Auth {
 
     /// Loads the auth file (an error stops the start) and checks it again every `interval`.
     pub async fn start(path: PathBuf, interval: Duration) -> Result<Auth, AuthFileError> {
+        let seen = fingerprint(std::slice::from_ref(&path)).await;
         let policy = Policy::load(&path)?;
         info!(
             file = %path.display(),
@@ -332,13 +350,24 @@ impl Auth {
         );
         let policy = Arc::new(Reloadable::new(policy));
         let load_path = path.clone();
-        spawn_reloader("auth_file", vec![path], interval, &policy, move || {
-            Policy::load(&load_path)
-        })
-        .await;
+        spawn_reloader(
+            "auth_file",
+            vec![path],
+            seen,
+            interval,
+            &policy,
+            move || Policy::load(&load_path),
+        );
         Ok(Auth {
             policy: Some(policy),
         })
+    }
+
+    /// Whether the auth file in force names a principal by its client certificate.
+    pub fn names_certificates(&self) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|p| p.get().names_certificates())
     }
 
     /// Whether an auth file is in force.

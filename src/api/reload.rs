@@ -48,8 +48,9 @@ impl<T> Reloadable<T> {
 }
 
 /// The SHA-256 of the files' contents, in order; a file that cannot be read counts as its
-/// error text, so that its return is a change.
-async fn fingerprint(paths: &[PathBuf]) -> [u8; 32] {
+/// error text, so that its return is a change. Taken before a load, so that a change made
+/// while loading is seen by the next check.
+pub async fn fingerprint(paths: &[PathBuf]) -> [u8; 32] {
     let mut hash = Sha256::new();
     for path in paths {
         match tokio::fs::read(path).await {
@@ -63,11 +64,13 @@ async fn fingerprint(paths: &[PathBuf]) -> [u8; 32] {
     hash.finalize().into()
 }
 
-/// Checks `paths` every `interval` and, when their contents changed, replaces `target`'s
+/// Checks `paths` every `interval` and, when their contents differ from `seen` (the
+/// [`fingerprint`] taken before `target` was loaded) and the last check, replaces `target`'s
 /// value with `load()`'s. Stops once `target` is dropped. `what` names the setting in logs.
-pub async fn spawn_reloader<T, E, F>(
+pub fn spawn_reloader<T, E, F>(
     what: &'static str,
     paths: Vec<PathBuf>,
+    seen: [u8; 32],
     interval: Duration,
     target: &Arc<Reloadable<T>>,
     load: F,
@@ -77,8 +80,7 @@ pub async fn spawn_reloader<T, E, F>(
     F: Fn() -> Result<T, E> + Send + 'static,
 {
     let target: Weak<Reloadable<T>> = Arc::downgrade(target);
-    // What was loaded at start counts as seen.
-    let mut seen = fingerprint(&paths).await;
+    let mut seen = seen;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -204,6 +204,12 @@ pub async fn serve(
     } else if tls.is_none() {
         warn!("--auth-file without --tls-cert: bearer tokens cross the network in plaintext");
     }
+    if auth.names_certificates() && !tls.as_ref().is_some_and(|t| t.mutual()) {
+        warn!(
+            "the auth file names principals by mtls_subject, but without --tls-client-ca no \
+             client presents a certificate: those principals can only use their tokens"
+        );
+    }
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
     health

@@ -15,7 +15,7 @@ use super::pb;
 use super::pb::subscribe_request::Request as SubReq;
 use super::tls::TlsPeer;
 use super::validate::{self, Limits, Violations};
-use crate::domain::job::etag;
+use crate::domain::job::{JobSpec, etag};
 use crate::domain::{Disposition, Micros, preview};
 use crate::scheduler::{Scheduler, SchedulerError, SubscriberHandle, Subscription};
 use crate::telemetry;
@@ -55,6 +55,16 @@ impl SchedulerService {
             tracing::Span::current().record("tickd.principal", name);
         }
         Ok(caller)
+    }
+
+    /// For calls that create a job: `manage` on its queue and on its dead-letter queue (its
+    /// fires can end up there).
+    fn check_new(&self, caller: &Caller, spec: &JobSpec) -> Result<(), Status> {
+        caller.check(Verb::Manage, &spec.queue)?;
+        match spec.dead_letter_queue.as_deref() {
+            Some(dlq) if !dlq.is_empty() => caller.check(Verb::Manage, dlq),
+            _ => Ok(()),
+        }
     }
 
     /// For calls that name a job: PERMISSION_DENIED unless `caller` may `verb` on the job's
@@ -111,7 +121,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
     ) -> Result<Response<pb::Job>, Status> {
         let caller = self.caller(&request)?;
         let spec = validate::schedule_request(request.into_inner(), self.limits, self.core.now())?;
-        caller.check(Verb::Manage, &spec.queue)?;
+        self.check_new(&caller, &spec)?;
         let span = tracing::Span::current();
         span.record("tickd.queue", spec.queue.as_str());
         // The job remembers this call's span, so that each of its fires can link back to it.
@@ -133,7 +143,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         let specs =
             validate::batch_schedule_request(request.into_inner(), self.limits, self.core.now())?;
         for spec in &specs {
-            caller.check(Verb::Manage, &spec.queue)?;
+            self.check_new(&caller, spec)?;
         }
         let trace = telemetry::trace_context_of(&tracing::Span::current().context());
         let jobs = self
@@ -170,7 +180,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         tracing::Span::current().record("tickd.job.id", id.as_str());
         self.check_job(&caller, Verb::Manage, &id).await?;
         let dropped = self.core.delete(&id).await.map_err(convert::status)?;
-        tracing::info!(job_id = %id, dropped_fires = dropped, "job deleted");
+        tracing::info!(job_id = %id, dropped_fires = dropped, principal = caller.name(), "job deleted");
         Ok(Response::new(()))
     }
 
@@ -203,6 +213,7 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             .map_err(convert::status)?;
         tracing::info!(
             job_id = %req.id,
+            principal = caller.name(),
             released = done.fires.len(),
             delivered = done.delivered,
             outstanding = done.outstanding,
@@ -234,7 +245,13 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             Disposition::Skipped => String::new(),
             _ => t.fire.fire_id.to_string(),
         };
-        tracing::info!(job_id = %id, fire_id = %fire_id, outcome = outcome.as_str_name(), "job triggered");
+        tracing::info!(
+            job_id = %id,
+            fire_id = %fire_id,
+            outcome = outcome.as_str_name(),
+            principal = caller.name(),
+            "job triggered"
+        );
         Ok(Response::new(pb::TriggerJobResponse {
             fire_id,
             scheduled_time: Some(convert::timestamp(t.fire.scheduled_time)),
@@ -275,6 +292,13 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
                 self.limits,
                 self.core.now(),
             )?;
+            // A new dead-letter queue is one more queue the job's fires can reach.
+            if let Some(dlq) = spec.dead_letter_queue.as_deref()
+                && !dlq.is_empty()
+                && current.spec.dead_letter_queue() != Some(dlq)
+            {
+                caller.check(Verb::Manage, dlq)?;
+            }
             match self.core.update(spec, read).await {
                 Err(SchedulerError::Aborted(_)) if target.etag.is_none() && attempt < 3 => {
                     attempt += 1;
@@ -302,7 +326,10 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
                 (job, true)
             }
             validate::PreviewSubject::Proposed(spec) => {
-                caller.check(Verb::Read, &spec.queue)?;
+                // A proposed job without a queue reads nothing of any queue.
+                if !spec.queue.is_empty() {
+                    caller.check(Verb::Read, &spec.queue)?;
+                }
                 let id_known = !spec.id.is_empty();
                 // Validation resolved the trigger already; this cannot fail on a valid spec.
                 // As if scheduled at the range's start, so that a range in the past (last

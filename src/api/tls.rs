@@ -30,7 +30,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tracing::{debug, info};
 
-use super::reload::{Reloadable, spawn_reloader};
+use super::reload::{Reloadable, fingerprint, spawn_reloader};
 
 /// Longest a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -141,13 +141,13 @@ pub struct Tls {
 impl Tls {
     /// Loads the files (an error stops the start) and checks them again every `interval`.
     pub async fn start(files: TlsFiles, interval: Duration) -> Result<Tls, TlsError> {
+        let paths = files.paths();
+        let seen = fingerprint(&paths).await;
         let config = Arc::new(Reloadable::new(Arc::new(files.load()?)));
         let mutual = files.client_ca.is_some();
-        let paths = files.paths();
-        spawn_reloader("tls", paths, interval, &config, move || {
+        spawn_reloader("tls", paths, seen, interval, &config, move || {
             files.load().map(Arc::new)
-        })
-        .await;
+        });
         Ok(Tls { config, mutual })
     }
 
@@ -255,10 +255,16 @@ impl TlsConn {
     }
 }
 
-/// The first common name of a DER certificate's subject.
+/// The common name of a DER certificate's subject; None unless there is exactly one and it
+/// is text (several CNs are ambiguous: other tools may pick another one).
 pub fn subject_cn(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let cn = cert.subject().iter_common_name().next()?;
+    let mut names = cert.subject().iter_common_name();
+    let cn = names.next()?;
+    if names.next().is_some() {
+        debug!("client certificate has several subject CNs; it names no principal");
+        return None;
+    }
     cn.as_str().ok().map(str::to_string)
 }
 
@@ -307,5 +313,40 @@ impl AsyncWrite for TlsConn {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate(cn: Option<&str>) -> Vec<u8> {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, cn);
+        }
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "tickd tests");
+        params
+            .self_signed(&key)
+            .expect("certificate")
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn the_subject_cn_names_the_principal() {
+        assert_eq!(
+            subject_cn(&certificate(Some("billing-worker"))).as_deref(),
+            Some("billing-worker")
+        );
+        assert_eq!(subject_cn(&certificate(None)), None);
+        assert_eq!(subject_cn(b"not a certificate"), None);
     }
 }

@@ -459,11 +459,12 @@ async fn connect(target: &Target<'_>, timeout: Option<Duration>) -> Result<Clien
             if !tls {
                 eprintln!("warning: sending the bearer token without TLS ({url})");
             }
-            Some(
-                format!("Bearer {}", token.trim())
-                    .parse::<MetadataValue<Ascii>>()
-                    .map_err(|_| Failure("error: --token must be printable ASCII".into(), 2))?,
-            )
+            let mut value = format!("Bearer {}", token.trim())
+                .parse::<MetadataValue<Ascii>>()
+                .map_err(|_| Failure("error: --token must be printable ASCII".into(), 2))?;
+            // Kept out of HPACK's tables and of debug output.
+            value.set_sensitive(true);
+            Some(value)
         }
     };
     let mut endpoint = Channel::from_shared(url.clone())
