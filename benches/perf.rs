@@ -5,6 +5,7 @@
 //! cargo bench --bench perf                 # the full run (a few minutes)
 //! cargo bench --bench perf -- --smoke      # seconds: shows the harness works, numbers mean nothing
 //! cargo bench --bench perf -- --jobs 300000 --burst 50000 --seconds 3
+//! cargo bench --bench perf -- --only schedule --tls   # tickd served over TLS
 //! ```
 //!
 //! Processes: tickd (release build, embedded store, fsync on every commit) runs as a process of
@@ -67,6 +68,10 @@ struct Opts {
     /// Only these groups of workloads (schedule, bulk, fires); all when not given.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Serve tickd over TLS (a certificate made for the run) and call it over TLS; the
+    /// no-op floor stays plaintext.
+    #[arg(long)]
+    tls: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -76,6 +81,46 @@ impl Opts {
     fn runs(&self, group: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|g| g == group)
     }
+
+    /// A fresh tickd, over TLS with `--tls`.
+    fn tickd(&self) -> Tickd {
+        let Some(tls) = &self.tls.then(tls_files) else {
+            return Tickd::start(&[], &[]);
+        };
+        let cert = tls.dir.path().join("tls.crt");
+        let key = tls.dir.path().join("tls.key");
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let tickd = Tickd::start(&["--tls-cert", &cert, "--tls-key", &key], &[]);
+        if let Ok(mut addrs) = TLS_ADDRS.lock() {
+            addrs.push(tickd.addr.clone());
+        }
+        tickd
+    }
+}
+
+/// The run's TLS certificate (with `--tls`).
+struct TlsFiles {
+    dir: tempfile::TempDir,
+    ca_pem: String,
+}
+
+static TLS: std::sync::OnceLock<TlsFiles> = std::sync::OnceLock::new();
+/// Addresses served over TLS.
+static TLS_ADDRS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn tls_files() -> &'static TlsFiles {
+    TLS.get_or_init(|| {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        let cert = params.self_signed(&key).expect("certificate");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("tls.crt"), cert.pem()).expect("write");
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).expect("write");
+        TlsFiles {
+            dir,
+            ca_pem: cert.pem(),
+        }
+    })
 }
 
 fn main() {
@@ -115,7 +160,7 @@ async fn run(opts: &Opts) -> Vec<Row> {
 
     // Schedule, against a fresh tickd.
     if opts.runs("schedule") {
-        let tickd = Tickd::start(&[], &[]);
+        let tickd = opts.tickd();
         let (p50, p99) = fdatasync_floor(tickd.dir.path());
         rows.push(Row {
             workload: "one durable commit (what a Schedule waits for at least)".into(),
@@ -174,7 +219,7 @@ async fn run(opts: &Opts) -> Vec<Row> {
 
     // Bulk create, memory per pending job and restart, against a fresh tickd.
     if opts.runs("bulk") {
-        let mut tickd = Tickd::start(&[], &[]);
+        let mut tickd = opts.tickd();
         let rss_empty = tickd.rss_bytes();
         let cpu_before = common::cpu_seconds(tickd.pid());
         let t = bulk_create(&tickd.addr, opts.jobs).await;
@@ -245,7 +290,7 @@ async fn run(opts: &Opts) -> Vec<Row> {
 
     // Burst, saturation and lateness, against a fresh tickd.
     if opts.runs("fires") {
-        let tickd = Tickd::start(&[], &[]);
+        let tickd = opts.tickd();
         let n = opts.burst;
         let burst = fires(&tickd, "burst", n, 0.0).await;
         let store = burst
@@ -336,6 +381,19 @@ fn print_table(opts: &Opts, rows: &[Row]) {
 }
 
 async fn connect(addr: &str) -> Channel {
+    let tls = TLS_ADDRS.lock().is_ok_and(|a| a.iter().any(|t| t == addr));
+    if tls {
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&tls_files().ca_pem))
+            .domain_name("localhost");
+        return Channel::from_shared(format!("https://{addr}"))
+            .expect("uri")
+            .tls_config(config)
+            .expect("TLS config")
+            .connect()
+            .await
+            .expect("connect");
+    }
     Channel::from_shared(format!("http://{addr}"))
         .expect("uri")
         .connect()
