@@ -451,6 +451,10 @@ pub struct Advance {
     pub status: JobStatus,
 }
 
+/// How many occurrences [`advance`] steps back, one at a time, past those whose jitter
+/// releases them after the misfire cutoff.
+const MAX_JITTER_STEPS_BACK: u32 = 16;
+
 /// Decides which occurrences fire for a job whose next occurrence is due at `now`.
 ///
 /// An occurrence late by no more than the grace period fires normally (lateness counts from its
@@ -536,9 +540,19 @@ pub fn advance_with_room(
             .map_or(first, |l| l.max(first));
         // Jitter can push an occurrence's release past the cutoff: such an occurrence is not
         // missed yet, so step back to one that is (`first` is due, or we would not be here).
+        // Validation keeps the jitter within a period, so this takes a step or two; a stored
+        // spec whose jitter spans many periods jumps instead to the latest occurrence a whole
+        // jitter before the cutoff, which is missed whatever its jitter.
+        let mut steps = 0;
         while latest > first && job.due(latest) > cutoff {
+            let before = if steps < MAX_JITTER_STEPS_BACK {
+                latest.minus(1)
+            } else {
+                cutoff.minus(spec.jitter())
+            };
+            steps += 1;
             latest = rec
-                .latest_at_or_before(latest.minus(1))
+                .latest_at_or_before(before)
                 .map_or(first, |l| l.max(first));
         }
         match spec.misfire_policy() {
@@ -1117,6 +1131,38 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// A stored spec whose jitter spans many periods (validation refuses one, a damaged
+    /// record may hold one) catches up at once instead of stepping back one period at a time
+    /// (found by fuzzing: a 259 µs period with 54,000 years of jitter never returned).
+    #[test]
+    fn catch_up_with_a_jitter_of_many_periods_ends() {
+        let mut s = spec(TriggerSpec::Every {
+            period: 259,
+            start_time: Some(Timestamp(0)),
+            jitter: 1_767_225_600_000_300_000,
+        });
+        s.misfire_grace = 0;
+        for policy in [
+            MisfirePolicy::FireOnce,
+            MisfirePolicy::Skip,
+            MisfirePolicy::FireAll,
+        ] {
+            s.misfire_policy = policy;
+            let job = Job::create(s.clone(), Timestamp(1_767_225_600_000_000)).expect("valid");
+            let due = job.next_due().expect("scheduled");
+            let now = due.plus(86_400_082_000_000_000);
+            let started = std::time::Instant::now();
+            let a = advance(&job, now, 64);
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(1),
+                "{policy:?}"
+            );
+            if let Some(last) = a.fires.last() {
+                assert!(job.due(*last) <= now, "{policy:?}: {last:?} fired early");
             }
         }
     }

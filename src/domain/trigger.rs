@@ -81,16 +81,35 @@ pub const MAX_COUNTED_OCCURRENCES: u64 = 10_000;
 
 /// Parses a cron expression the way tickd accepts it: 5 fields, 6 with leading seconds, or an
 /// @alias. Also used by validation, so the error text reaches the client.
+///
+/// A field that selects no value at all (croner reads `,` or `,,` as an empty list) is refused
+/// here: such a pattern never matches, and croner would search 3,000 years of minutes or
+/// seconds to say so (half a minute of CPU in a request's validation).
 pub fn parse_cron(expression: &str) -> Result<Cron, TriggerError> {
-    CronParser::builder()
+    let invalid = |reason: String| TriggerError::InvalidCron {
+        expression: expression.to_string(),
+        reason,
+    };
+    let cron = CronParser::builder()
         .seconds(Seconds::Optional)
         .year(Year::Disallowed)
         .build()
         .parse(expression)
-        .map_err(|e| TriggerError::InvalidCron {
-            expression: expression.to_string(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| invalid(e.to_string()))?;
+    let p = &cron.pattern;
+    for (field, component) in [
+        ("seconds", &p.seconds),
+        ("minutes", &p.minutes),
+        ("hours", &p.hours),
+        ("day-of-month", &p.days),
+        ("month", &p.months),
+        ("day-of-week", &p.days_of_week),
+    ] {
+        if component.values().is_empty() && !component.has_modifiers() {
+            return Err(invalid(format!("its {field} field selects no value")));
+        }
+    }
+    Ok(cron)
 }
 
 /// Parses an IANA time zone name; empty means UTC.
@@ -392,6 +411,37 @@ mod tests {
             parse_time_zone("Mars/Olympus"),
             Err(TriggerError::UnknownTimeZone("Mars/Olympus".into()))
         );
+    }
+
+    /// A field that lists nothing (`,`) is refused when parsed, not searched for 3,000 years
+    /// (found by fuzzing: `, * * * *` took 15 s of CPU in Schedule's validation).
+    #[test]
+    fn a_field_that_selects_nothing_is_refused_at_once() {
+        for expr in [
+            ", * * * *",
+            "30 ,,,,,,,,,,,,,,,, * * * *",
+            ", * * * * *",
+            "0 0 ,,, * *",
+            "0 0 * ,,, *",
+            "0 0 * * ,,,",
+            "0 0 , * MON",
+        ] {
+            let refused = parse_cron(expr);
+            assert!(
+                matches!(&refused, Err(TriggerError::InvalidCron { reason, .. }) if reason.contains("selects no value")),
+                "{expr}: {refused:?}"
+            );
+        }
+        // Lists with a value, and modifiers, still parse.
+        for expr in [
+            "0,30 * * * *",
+            "0 0 L * *",
+            "0 0 * * 5#3",
+            "0 0 15W * *",
+            "0 0 * * 5L",
+        ] {
+            assert!(parse_cron(expr).is_ok(), "{expr}");
+        }
     }
 
     /// Spring forward in Berlin: 02:30 does not exist on 2026-03-29, so it fires once at 03:00

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use super::{StoreError, Write};
 
-const MAGIC: &[u8; 8] = b"TICKDJ1\n";
+pub(super) const MAGIC: &[u8; 8] = b"TICKDJ1\n";
 /// Bytes before the first record of a segment.
 pub(super) const HEADER_LEN: u64 = MAGIC.len() as u64;
 const FRAME_LEN: usize = 8;
@@ -157,6 +157,11 @@ pub(super) fn read_segment(dir: &Path, n: u64) -> Result<Segment, StoreError> {
     let path = dir.join(segment_name(n));
     let bytes = std::fs::read(&path)
         .map_err(|e| StoreError::Io(format!("cannot read {}: {e}", path.display())))?;
+    parse_segment(n, bytes)
+}
+
+/// Splits the bytes of segment `n` into its whole records (reading nothing inside them).
+pub(super) fn parse_segment(n: u64, bytes: Vec<u8>) -> Result<Segment, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         table: "journal",
         key: segment_name(n),

@@ -97,11 +97,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 /// declaration order (no field names: a fire record is less than half the size with them).
 /// A field is only ever added at the end of its struct, with `#[serde(default)]`, so records
 /// written before it existed still read. Records written as maps with field names (as
-/// earlier builds of tickd did) read too: serde takes either form.
-pub(crate) mod codec {
+/// earlier builds of tickd did) read too: serde takes either form. Public only for the fuzz
+/// targets in `fuzz/`.
+#[doc(hidden)]
+pub mod codec {
     use serde::{Serialize, de::DeserializeOwned};
 
     use super::StoreError;
+    use crate::domain::{JobSpec, PackedSpec};
 
     pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
         rmp_serde::to_vec(value).map_err(|e| StoreError::Io(format!("encode: {e}")))
@@ -117,6 +120,19 @@ pub(crate) mod codec {
             key: key.to_string(),
             reason: e.to_string(),
         })
+    }
+
+    /// A job spec record, straight into the packed form (no allocation per string on the
+    /// way); a record that form cannot borrow from is read as a [`JobSpec`] first.
+    pub fn decode_spec(
+        table: &'static str,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<PackedSpec, StoreError> {
+        match decode::<PackedSpec>(table, key, bytes) {
+            Ok(spec) => Ok(spec),
+            Err(_) => Ok(PackedSpec::new(&decode::<JobSpec>(table, key, bytes)?)),
+        }
     }
 
     #[cfg(test)]
@@ -158,6 +174,40 @@ pub(crate) mod codec {
             let read: FireRecord = decode("fires", "f", &bytes).expect("decode");
             assert_eq!(read, f);
         }
+    }
+}
+
+/// What opening the embedded store makes of a journal segment, for the fuzz targets in
+/// `fuzz/` (not an API).
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::{StoreError, Write, journal, redb_store};
+
+    /// A write read back from a journal segment: table (0 job specs, 1 job statuses, 2 fires,
+    /// 3 occurrences), key, and the record (`None` for a delete), still encoded.
+    pub type JournalWrite = (u8, String, Option<Vec<u8>>);
+
+    /// The last write to each key of a segment's bytes, as opening the store folds them into
+    /// redb, and how many bytes at its end are not a whole record.
+    pub fn journal_segment(bytes: Vec<u8>) -> Result<(Vec<JournalWrite>, usize), StoreError> {
+        let segment = journal::parse_segment(1, bytes)?;
+        let last = redb_store::last_writes(&segment, |reason| StoreError::Corrupt {
+            table: "journal",
+            key: journal::segment_name(1),
+            reason,
+        })?;
+        let writes = last
+            .into_iter()
+            .map(|((table, key), value)| (table as u8, key.to_string(), value.map(<[u8]>::to_vec)))
+            .collect();
+        Ok((writes, segment.torn))
+    }
+
+    /// A segment holding `writes` as one record, as a commit appends it.
+    pub fn journal_segment_of(writes: &[Write]) -> Result<Vec<u8>, StoreError> {
+        let mut bytes = journal::MAGIC.to_vec();
+        journal::encode_batch(writes, &mut bytes)?;
+        Ok(bytes)
     }
 }
 

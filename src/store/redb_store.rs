@@ -28,7 +28,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::journal::{self, Appender, Table};
 use super::{Snapshot, Store, StoreError, Write, codec, is_full};
-use crate::domain::{FireRecord, JobSpec, JobStatus, Occurrence, PackedSpec};
+use crate::domain::{FireRecord, JobStatus, Occurrence};
 
 const SPECS: TableDefinition<&str, &[u8]> = TableDefinition::new("job_specs");
 const STATUSES: TableDefinition<&str, &[u8]> = TableDefinition::new("job_statuses");
@@ -350,7 +350,7 @@ fn lower_priority() {
 }
 
 /// A key of a segment and the last value written to it (`None`: deleted).
-type LastWrite<'a> = ((Table, &'a str), Option<&'a [u8]>);
+pub(super) type LastWrite<'a> = ((Table, &'a str), Option<&'a [u8]>);
 
 /// A write to one table: its key, and its value (none: a delete).
 type TableWrite<'a> = (&'a str, Option<&'a [u8]>);
@@ -361,7 +361,7 @@ type TableWrite<'a> = (&'a str, Option<&'a [u8]>);
 /// Journal order is mostly key order already (jobs are created, and fall due, in id order),
 /// which the sort's run detection turns into a merge of a few runs: a hash map to find the
 /// last write, then an unstable sort of what it held, cost a third of a fold.
-fn last_writes<'a>(
+pub(super) fn last_writes<'a>(
     segment: &'a journal::Segment,
     corrupt: impl Fn(String) -> StoreError,
 ) -> Result<Vec<LastWrite<'a>>, StoreError> {
@@ -484,13 +484,7 @@ impl Store for RedbStore {
                 .get(id)
                 .map_err(io("read job_specs"))?
                 .ok_or_else(|| StoreError::MissingSpec(id.to_string()))?;
-            let bytes = spec_bytes.value();
-            // Straight into the packed form (no allocation per string on the way); a record
-            // that form cannot borrow from is read as a `JobSpec` first.
-            let spec = match codec::decode::<PackedSpec>("job_specs", id, bytes) {
-                Ok(spec) => spec,
-                Err(_) => PackedSpec::new(&codec::decode::<JobSpec>("job_specs", id, bytes)?),
-            };
+            let spec = codec::decode_spec("job_specs", id, spec_bytes.value())?;
             snap.jobs.push((spec, status));
         }
         for entry in fires.iter().map_err(io("scan fires"))? {
