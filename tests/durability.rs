@@ -190,6 +190,24 @@ async fn kill_dash_nine_keeps_every_acknowledged_change() {
         Some(1.0),
         "{metrics}"
     );
+    // Readiness and the store, as the chart's alerts and dashboard read them.
+    let health = |state: &str| {
+        sample(
+            &metrics,
+            "tickd_health",
+            &[&format!("tickd_health_state=\"{state}\"")],
+        )
+    };
+    assert_eq!(
+        [health("serving"), health("store_failing"), health("failed")],
+        [Some(1.0), Some(0.0), Some(0.0)],
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "tickd_info", &["tickd_store=\"embedded\""]),
+        Some(1.0),
+        "{metrics}"
+    );
     let mut sub = Sub::open(&mut client, "q", 10).await;
     let back = sub.recv().await;
     assert_eq!(

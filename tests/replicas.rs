@@ -812,6 +812,25 @@ async fn a_database_restart_loses_nothing_acknowledged() {
     for addr in [a.addr, b.addr] {
         wait_health(addr, "", ServingStatus::NotServing).await;
     }
+    // What the chart's TickdDatabaseUnreachable alert reads.
+    let metrics = scrape(a.metrics_addr).await;
+    assert_eq!(
+        [
+            sample(
+                &metrics,
+                "tickd_health",
+                &["tickd_health_state=\"store_failing\""]
+            ),
+            sample(
+                &metrics,
+                "tickd_health",
+                &["tickd_health_state=\"serving\""]
+            ),
+            sample(&metrics, "tickd_info", &["tickd_store=\"postgres\""]),
+        ],
+        [Some(1.0), Some(0.0), Some(1.0)],
+        "{metrics}"
+    );
     let refused = tokio::time::timeout(
         Duration::from_secs(10),
         ca.schedule(pb::ScheduleRequest {
@@ -828,6 +847,16 @@ async fn a_database_restart_loses_nothing_acknowledged() {
     for addr in [a.addr, b.addr] {
         wait_health(addr, "", ServingStatus::Serving).await;
     }
+    let metrics = scrape(b.metrics_addr).await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "tickd_health",
+            &["tickd_health_state=\"serving\""]
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
     let mut client = a.client().await;
     let job_kept = client
         .get_job(pb::GetJobRequest { id: "kept".into() })

@@ -357,6 +357,15 @@ impl Scheduler {
         on_engine!(self, e => e.health())
     }
 
+    /// Which store the core keeps its jobs in: `embedded` (one process, its own files) or
+    /// `postgres` (shared by replicas).
+    pub fn store_kind(&self) -> &'static str {
+        match &self.engine {
+            Engine::Embedded(_) => "embedded",
+            Engine::Replicated(_) => "postgres",
+        }
+    }
+
     /// Stores a new job (or returns the existing one with the same id and spec). An empty id
     /// gets a UUIDv7. Answers once the job is durable.
     pub async fn schedule(&self, spec: JobSpec) -> Result<Job, SchedulerError> {

@@ -14,7 +14,7 @@ use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use prometheus::{Encoder, TextEncoder};
 
 use super::TRACER_NAME;
-use crate::scheduler::{QueueStats, Scheduler};
+use crate::scheduler::{Health, QueueStats, Scheduler};
 
 /// Bucket bounds, in seconds, for latencies from sub-millisecond RPCs to minutes-late fires.
 const SECONDS_BUCKETS: [f64; 19] = [
@@ -113,6 +113,44 @@ fn install() -> Installed {
                 for (state, n) in stats.jobs {
                     gauge.observe(n, &[KeyValue::new("tickd.job.state", state.as_str())]);
                 }
+            }
+        })
+        .build();
+    meter
+        .u64_observable_gauge("tickd.health")
+        .with_description(
+            "Readiness of tickd: 1 for the state it is in (serving, store_failing: commits fail and are retried, failed: it stops firing and exits), 0 for the others",
+        )
+        .with_callback(|gauge| {
+            if let Some(now) = watched_health() {
+                for state in HEALTH_STATES {
+                    gauge.observe(
+                        u64::from(state == now),
+                        &[KeyValue::new("tickd.health.state", state)],
+                    );
+                }
+            }
+        })
+        .build();
+    meter
+        .u64_observable_gauge("tickd.info")
+        .with_description(
+            "Always 1: the version of tickd and the store it runs on (embedded, postgres)",
+        )
+        .with_callback(|gauge| {
+            let store = WATCHED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(Scheduler::store_kind);
+            if let Some(store) = store {
+                gauge.observe(
+                    1,
+                    &[
+                        KeyValue::new("tickd.version", env!("CARGO_PKG_VERSION")),
+                        KeyValue::new("tickd.store", store),
+                    ],
+                );
             }
         })
         .build();
@@ -268,6 +306,26 @@ fn watched_stats() -> Option<crate::scheduler::Stats> {
     let stats = core.stats();
     *last = Some((std::time::Instant::now(), stats.clone()));
     Some(stats)
+}
+
+/// The states `tickd_health` reports, as [`health_state`] names them.
+const HEALTH_STATES: [&str; 3] = ["serving", "store_failing", "failed"];
+
+/// The name `tickd_health` gives a health.
+fn health_state(health: &Health) -> &'static str {
+    match health {
+        Health::Serving => HEALTH_STATES[0],
+        Health::StoreFailing(_) => HEALTH_STATES[1],
+        Health::Failed(_) => HEALTH_STATES[2],
+    }
+}
+
+/// The watched core's health now, by name.
+fn watched_health() -> Option<&'static str> {
+    let core = WATCHED.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+    let health = core.health();
+    let state = health_state(&health.borrow());
+    Some(state)
 }
 
 /// Makes the gauges report `core`.
