@@ -377,6 +377,20 @@ fn schedule_req(queue: &str, id: &str) -> pb::ScheduleRequest {
     }
 }
 
+/// An UpdateJob that sets job `id`'s labels to `owner=billing`.
+fn relabel_req(id: String) -> pb::UpdateJobRequest {
+    pb::UpdateJobRequest {
+        job: Some(pb::Job {
+            id,
+            labels: [("owner".to_string(), "billing".to_string())].into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["labels".into()],
+        }),
+    }
+}
+
 fn open_req(queue: &str) -> ReceiverStream<pb::SubscribeRequest> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.try_send(pb::SubscribeRequest {
@@ -520,15 +534,7 @@ both_backends! {
             "payroll",
         );
         denied(
-            c.update_job(by(BILLING_API, pb::UpdateJobRequest {
-                job: Some(pb::Job {
-                    id: id(),
-                    labels: [("owner".to_string(), "billing".to_string())].into(),
-                    ..Default::default()
-                }),
-                update_mask: Some(prost_types::FieldMask { paths: vec!["labels".into()] }),
-            }))
-            .await,
+            c.update_job(by(BILLING_API, relabel_req(id()))).await,
             "payroll",
         );
         denied(c.delete_job(by(BILLING_API, pb::DeleteJobRequest { id: id() })).await, "payroll");
@@ -606,16 +612,7 @@ both_backends! {
         .expect("batch on billing.*");
         c.pause_job(by(BILLING_API, pb::PauseJobRequest { id: id() })).await.expect("pause");
         c.resume_job(by(BILLING_API, pb::ResumeJobRequest { id: id() })).await.expect("resume");
-        c.update_job(by(BILLING_API, pb::UpdateJobRequest {
-            job: Some(pb::Job {
-                id: id(),
-                labels: [("owner".to_string(), "billing".to_string())].into(),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask { paths: vec!["labels".into()] }),
-        }))
-        .await
-        .expect("update");
+        c.update_job(by(BILLING_API, relabel_req(id()))).await.expect("update");
         c.trigger_job(by(BILLING_API, pb::TriggerJobRequest { id: id() })).await.expect("trigger");
         c.get_job(by(BILLING_API, pb::GetJobRequest { id: id() })).await.expect("get");
         c.list_occurrences(by(BILLING_API, pb::ListOccurrencesRequest {
