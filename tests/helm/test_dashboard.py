@@ -146,7 +146,8 @@ def test_all_on_values_include_the_dashboard():
 
 def test_dashboard_identity_and_schema_version():
     """uid and title are fixed (links to /d/tickd keep working), the tag is tickd, and the
-    schemaVersion is the one chosen: 39, at least 36 (Grafana 9.3+'s datasource references)."""
+    schemaVersion is the one chosen: 39, and at least 36 (from which every panel and target
+    carries a {type, uid} datasource reference, as here)."""
     board = dashboard()
     assert board["uid"] == "tickd"
     assert board["title"] == "tickd"
