@@ -84,11 +84,15 @@ def test_manifests_are_valid_kubernetes(values, kube):
 
 
 def test_all_on_renders_every_optional_part():
-    """The all-on values add the ServiceMonitor and the NetworkPolicy with their peers."""
+    """The all-on values add the ServiceMonitor, the NetworkPolicy with their peers, and the
+    Grafana dashboard's ConfigMap in Grafana's namespace."""
     docs = manifests(ALL_ON)
     (monitor,) = of_kind(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (dashboard,) = of_kind(docs, "ConfigMap")
+    assert dashboard["metadata"]["namespace"] == "monitoring"
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     (policy,) = of_kind(docs, "NetworkPolicy")
     peers = [rule["from"] for rule in policy["spec"]["ingress"]]
     assert peers[0][0]["namespaceSelector"]["matchLabels"] == {
@@ -102,10 +106,12 @@ def test_all_on_renders_every_optional_part():
 
 
 def test_optional_parts_are_off_by_default():
-    """ServiceMonitor and NetworkPolicy are opt-in; no OTEL_* variable is set by default."""
+    """ServiceMonitor, NetworkPolicy and the dashboard ConfigMap are opt-in; no OTEL_* variable
+    is set by default."""
     docs = manifests()
     assert not of_kind(docs, "ServiceMonitor")
     assert not of_kind(docs, "NetworkPolicy")
+    assert not of_kind(docs, "ConfigMap")
     env = statefulset()["spec"]["template"]["spec"]["containers"][0]["env"]
     assert not [e for e in env if e["name"].startswith("OTEL_")]
 
