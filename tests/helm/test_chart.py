@@ -21,7 +21,7 @@ ALL_ON = yaml.safe_load((CHART / "ci" / "all-on-values.yaml").read_text())
 TLS = yaml.safe_load((CHART / "ci" / "tls-values.yaml").read_text())
 KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 # Custom resources have no schema among Kubernetes' own.
-CUSTOM_KINDS = {"ServiceMonitor"}
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 def render(values=None):
@@ -84,11 +84,14 @@ def test_manifests_are_valid_kubernetes(values, kube):
 
 
 def test_all_on_renders_every_optional_part():
-    """The all-on values add the ServiceMonitor and the NetworkPolicy with their peers."""
+    """The all-on values add the ServiceMonitor, the PrometheusRule and the NetworkPolicy with
+    their peers."""
     docs = manifests(ALL_ON)
     (monitor,) = of_kind(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    (rule,) = of_kind(docs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
     (policy,) = of_kind(docs, "NetworkPolicy")
     peers = [rule["from"] for rule in policy["spec"]["ingress"]]
     assert peers[0][0]["namespaceSelector"]["matchLabels"] == {
@@ -102,9 +105,11 @@ def test_all_on_renders_every_optional_part():
 
 
 def test_optional_parts_are_off_by_default():
-    """ServiceMonitor and NetworkPolicy are opt-in; no OTEL_* variable is set by default."""
+    """ServiceMonitor, PrometheusRule and NetworkPolicy are opt-in; no OTEL_* variable is set by
+    default."""
     docs = manifests()
     assert not of_kind(docs, "ServiceMonitor")
+    assert not of_kind(docs, "PrometheusRule")
     assert not of_kind(docs, "NetworkPolicy")
     env = statefulset()["spec"]["template"]["spec"]["containers"][0]["env"]
     assert not [e for e in env if e["name"].startswith("OTEL_")]
