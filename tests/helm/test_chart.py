@@ -21,7 +21,7 @@ ALL_ON = yaml.safe_load((CHART / "ci" / "all-on-values.yaml").read_text())
 TLS = yaml.safe_load((CHART / "ci" / "tls-values.yaml").read_text())
 KUBE_VERSIONS = ["1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 # Custom resources have no schema among Kubernetes' own.
-CUSTOM_KINDS = {"ServiceMonitor"}
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 def render(values=None):
@@ -84,8 +84,8 @@ def test_manifests_are_valid_kubernetes(values, kube):
 
 
 def test_all_on_renders_every_optional_part():
-    """The all-on values add the ServiceMonitor, the NetworkPolicy with their peers, and the
-    Grafana dashboard's ConfigMap in Grafana's namespace."""
+    """The all-on values add the ServiceMonitor, the PrometheusRule, the NetworkPolicy with
+    their peers, and the Grafana dashboard's ConfigMap in Grafana's namespace."""
     docs = manifests(ALL_ON)
     (monitor,) = of_kind(docs, "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
@@ -93,6 +93,8 @@ def test_all_on_renders_every_optional_part():
     (dashboard,) = of_kind(docs, "ConfigMap")
     assert dashboard["metadata"]["namespace"] == "monitoring"
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    (rule,) = of_kind(docs, "PrometheusRule")
+    assert rule["metadata"]["labels"]["release"] == "prometheus"
     (policy,) = of_kind(docs, "NetworkPolicy")
     peers = [rule["from"] for rule in policy["spec"]["ingress"]]
     assert peers[0][0]["namespaceSelector"]["matchLabels"] == {
@@ -106,10 +108,11 @@ def test_all_on_renders_every_optional_part():
 
 
 def test_optional_parts_are_off_by_default():
-    """ServiceMonitor, NetworkPolicy and the dashboard ConfigMap are opt-in; no OTEL_* variable
-    is set by default."""
+    """ServiceMonitor, PrometheusRule, NetworkPolicy and the dashboard ConfigMap are opt-in; no
+    OTEL_* variable is set by default."""
     docs = manifests()
     assert not of_kind(docs, "ServiceMonitor")
+    assert not of_kind(docs, "PrometheusRule")
     assert not of_kind(docs, "NetworkPolicy")
     assert not of_kind(docs, "ConfigMap")
     env = statefulset()["spec"]["template"]["spec"]["containers"][0]["env"]
