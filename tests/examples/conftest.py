@@ -33,7 +33,8 @@ principals:
 
 
 def start_tickd(data_dir, *args):
-    """Starts tickd with `args`; returns (process, address it serves on)."""
+    """Starts tickd with `args`; returns (process, address it serves on). The process's
+    `metrics_addr` is where it serves /metrics."""
     binary = os.environ.get("TICKD_BIN", str(ROOT / "target" / "debug" / "tickd"))
     proc = subprocess.Popen(
         [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
@@ -49,6 +50,8 @@ def start_tickd(data_dir, *args):
             m = re.search(r"\baddr=(\S+)", line)
             if m and not found.is_set():
                 addr["value"] = m.group(1)
+                metrics = re.search(r"\bmetrics_addr=(\S+)", line)
+                proc.metrics_addr = metrics and metrics.group(1)
                 found.set()
 
     threading.Thread(target=read, daemon=True).start()
