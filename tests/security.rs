@@ -785,6 +785,55 @@ both_backends! {
         .await;
         server.stop().await;
     }
+
+    #[tokio::test]
+    async fn a_withdrawn_grant_ends_the_subscriptions_it_opened(b) {
+        let (server, dir) = secured(b, &["billing.*"]).await;
+        let mut c = server.client.clone();
+        let mut worker = c
+            .subscribe(by(BILLING_WORKER, open_req("billing.eu")))
+            .await
+            .expect("the worker subscribes to billing.eu")
+            .into_inner();
+        let mut admin = c
+            .subscribe(by(ADMIN, open_req("billing.eu")))
+            .await
+            .expect("admin subscribes to billing.eu")
+            .into_inner();
+
+        // billing-worker may now consume billing.us only.
+        let narrowed = auth_file(&["billing.*"]).replace(
+            "{verbs: [consume], queues: [\"billing.*\"]}",
+            "{verbs: [consume], queues: [\"billing.us\"]}",
+        );
+        assert_ne!(narrowed, auth_file(&["billing.*"]));
+        put(&dir.path().join("auth.yaml"), &narrowed);
+        let ended = tokio::time::timeout(Duration::from_secs(20), worker.message())
+            .await
+            .expect("the withdrawn subscription ends in time");
+        denied(ended, "billing.eu");
+        denied(c.subscribe(by(BILLING_WORKER, open_req("billing.eu"))).await, "billing.eu");
+        c.subscribe(by(BILLING_WORKER, open_req("billing.us")))
+            .await
+            .expect("the grant that is left");
+
+        // The reload ended only what it withdrew: admin's stream still receives.
+        let mine = c
+            .schedule(by(ADMIN, schedule_req("billing.eu", "after-reload")))
+            .await
+            .expect("schedule")
+            .into_inner();
+        c.trigger_job(by(ADMIN, pb::TriggerJobRequest { id: mine.id }))
+            .await
+            .expect("trigger");
+        let fire = tokio::time::timeout(Duration::from_secs(20), admin.message())
+            .await
+            .expect("a fire in time")
+            .expect("admin's stream is still open")
+            .expect("a fire");
+        assert!(fire.fire_id.starts_with("after-reload@"), "{fire:?}");
+        server.stop().await;
+    }
 }
 
 #[tokio::test]

@@ -375,6 +375,11 @@ impl Auth {
         self.policy.is_some()
     }
 
+    /// Wakes its holder each time a changed auth file is put in force; None without one.
+    pub fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.policy.as_ref().map(|p| p.changes())
+    }
+
     /// Who sent a call with these metadata over a connection whose TLS peer is `peer`:
     /// its bearer token if it sent one, else its client certificate. UNAUTHENTICATED when
     /// neither is known.

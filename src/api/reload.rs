@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::telemetry::metrics;
@@ -21,13 +22,22 @@ use crate::telemetry::metrics;
 #[derive(Debug)]
 pub struct Reloadable<T> {
     current: RwLock<Arc<T>>,
+    /// How many times the setting was swapped; [`Reloadable::changes`] hands out receivers.
+    swaps: watch::Sender<u64>,
 }
 
 impl<T> Reloadable<T> {
     pub fn new(value: T) -> Self {
         Reloadable {
             current: RwLock::new(Arc::new(value)),
+            swaps: watch::Sender::new(0),
         }
+    }
+
+    /// Wakes its holder each time a new setting is swapped in (not for files that changed
+    /// but could not be loaded).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.swaps.subscribe()
     }
 
     /// The setting in force.
@@ -44,6 +54,7 @@ impl<T> Reloadable<T> {
             Ok(mut g) => *g = value,
             Err(poisoned) => *poisoned.into_inner() = value,
         }
+        self.swaps.send_modify(|n| *n += 1);
     }
 }
 

@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::auth::{Auth, Caller, Verb};
 use super::convert;
@@ -78,8 +78,51 @@ impl SchedulerService {
     }
 }
 
-/// The response of Subscribe: fires until the subscription ends (UNAVAILABLE, at shutdown)
-/// or a bad request arrives (INVALID_ARGUMENT).
+/// What a Subscribe call presented, kept to check its grant again when the auth file changes.
+struct Credentials {
+    changes: tokio::sync::watch::Receiver<u64>,
+    metadata: tonic::metadata::MetadataMap,
+    peer: Option<TlsPeer>,
+}
+
+/// Ends a subscription through `errors` with the auth file's refusal (UNAUTHENTICATED or
+/// PERMISSION_DENIED) once a changed auth file no longer lets the credentials it was opened
+/// with consume `queue`. Returns when that happens or the subscription's response ends.
+async fn end_when_revoked(
+    auth: Auth,
+    mut credentials: Credentials,
+    caller: Caller,
+    queue: String,
+    errors: mpsc::Sender<Status>,
+) {
+    loop {
+        tokio::select! {
+            changed = credentials.changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            () = errors.closed() => return,
+        }
+        let verdict = auth
+            .authenticate(&credentials.metadata, credentials.peer.as_ref())
+            .and_then(|now| now.check(Verb::Consume, &queue));
+        if let Err(status) = verdict {
+            warn!(
+                principal = caller.name().unwrap_or_default(),
+                %queue,
+                "subscription ended: the changed auth file no longer lets its caller consume the queue"
+            );
+            // A full channel means the stream is already ending with another error.
+            let _ = errors.try_send(status);
+            return;
+        }
+    }
+}
+
+/// The response of Subscribe: fires until the subscription ends (UNAVAILABLE, at shutdown),
+/// a bad request arrives (INVALID_ARGUMENT) or the auth file withdraws its grant
+/// (PERMISSION_DENIED, UNAUTHENTICATED).
 struct FireStream {
     subscription: Subscription,
     errors: mpsc::Receiver<Status>,
@@ -445,6 +488,12 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<BoxFireStream>, Status> {
         let caller = self.caller(&request)?;
+        // With an auth file, what the grant is checked against again when the file changes.
+        let credentials = self.auth.changes().map(|changes| Credentials {
+            changes,
+            metadata: request.metadata().clone(),
+            peer: request.extensions().get::<TlsPeer>().cloned(),
+        });
         let mut inbound = request.into_inner();
         let timeout = self.limits.subscribe_open_timeout;
         let first = tokio::time::timeout(timeout, inbound.message())
@@ -493,6 +542,15 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         // and the RPC can finish (graceful shutdown waits for that).
         let (errors_tx, errors) = mpsc::channel::<Status>(1);
         let (done_tx, done) = oneshot::channel::<()>();
+        if let Some(credentials) = credentials {
+            tokio::spawn(end_when_revoked(
+                self.auth.clone(),
+                credentials,
+                caller,
+                open.queue.clone(),
+                errors_tx.clone(),
+            ));
+        }
         tokio::spawn(read_requests(
             inbound,
             subscription.handle(),
