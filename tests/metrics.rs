@@ -84,5 +84,35 @@ async fn metrics_move_as_a_run_proceeds() {
         Some(0.0),
         "{after}"
     );
+
+    // Its last subscriber leaves: the core no longer counts the queue, and the gauges report
+    // it at 0 rather than dropping it (a rule over a range must see that it emptied).
+    drop(sub);
+    server
+        .wait_until("the subscriber is gone", |s| {
+            s.queue("metered").subscribers == 0
+        })
+        .await;
+    assert!(
+        !server
+            .core
+            .stats()
+            .queues
+            .iter()
+            .any(|(name, _)| name == "metered"),
+        "the core still counts the queue: the test checks nothing"
+    );
+    let emptied = scrape(server.metrics_addr).await;
+    for gauge in [
+        "tickd_queue_backlog",
+        "tickd_deliveries_in_flight",
+        "tickd_queue_subscribers",
+    ] {
+        assert_eq!(
+            sample(&emptied, gauge, &[q]),
+            Some(0.0),
+            "{gauge}: {emptied}"
+        );
+    }
     server.stop().await;
 }

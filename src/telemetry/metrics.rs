@@ -6,6 +6,7 @@
 //! seconds, `{fire}` counts); the Prometheus exporter turns them into `tickd_fires_total`,
 //! `rpc_server_call_duration_seconds` and so on.
 
+use std::collections::BTreeSet;
 use std::sync::{Mutex, OnceLock};
 
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
@@ -295,6 +296,12 @@ const STATS_REUSE: std::time::Duration = std::time::Duration::from_millis(20);
 /// The last count of the core, and when it was taken.
 static LAST_STATS: Mutex<Option<(std::time::Instant, crate::scheduler::Stats)>> = Mutex::new(None);
 
+/// Queues the gauges have reported since tickd started. The core counts only queues with
+/// fires outstanding or subscribers; one that empties is reported at 0 from then on rather
+/// than vanishing, so that a graph drops to 0 and a rule over a time range
+/// (`min_over_time(tickd_queue_backlog[30m])`) sees that it emptied.
+static SEEN_QUEUES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
 fn watched_stats() -> Option<crate::scheduler::Stats> {
     let mut last = LAST_STATS.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((at, stats)) = last.as_ref()
@@ -303,7 +310,20 @@ fn watched_stats() -> Option<crate::scheduler::Stats> {
         return Some(stats.clone());
     }
     let core = WATCHED.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
-    let stats = core.stats();
+    let mut stats = core.stats();
+    {
+        let mut seen = SEEN_QUEUES.lock().unwrap_or_else(|p| p.into_inner());
+        let counted: BTreeSet<&str> = stats.queues.iter().map(|(q, _)| q.as_str()).collect();
+        let emptied: Vec<String> = seen
+            .iter()
+            .filter(|q| !counted.contains(q.as_str()))
+            .cloned()
+            .collect();
+        seen.extend(counted.into_iter().map(str::to_owned));
+        stats
+            .queues
+            .extend(emptied.into_iter().map(|q| (q, QueueStats::default())));
+    }
     *last = Some((std::time::Instant::now(), stats.clone()));
     Some(stats)
 }
