@@ -5,10 +5,12 @@ expressions and the dashboard's queries (tests/helm/promql.py), and each is look
 /metrics of a real tickd after a small workload that makes every series appear: fires acked,
 nacked and retried, dead-lettered and dropped, occurrences skipped because a queue is full, a
 call refused by the auth file, the auth file reloaded, and TLS on so that the certificate's
-expiry is reported. A metric renamed in the code, or misspelt in a query, fails here.
+expiry is reported. A metric renamed in the code, or misspelt in a query, fails here; so does
+a label a query matches on that the metric does not carry.
 """
 
 import json
+import re
 import queue as queue_module
 import sys
 import time
@@ -24,12 +26,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "helm"))
 sys.path.insert(0, str(ROOT / "examples" / "python"))
 
-from promql import metric_names  # noqa: E402
+from promql import selectors  # noqa: E402
 from test_chart import ALL_ON, manifests, of_kind  # noqa: E402
 from tickd_api import connect, pb  # noqa: E402
 
 # Series Prometheus makes itself for each target, not tickd.
 PROMETHEUS_OWN = {"up"}
+# Labels Prometheus puts on every series it scrapes (the ServiceMonitor's target labels).
+TARGET_LABELS = {"job", "namespace", "pod", "instance", "service", "endpoint", "container"}
+MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
 
 
 def chart_queries():
@@ -53,14 +58,18 @@ def chart_queries():
 
 
 def exposed(metrics_addr):
-    """The sample names on tickd's /metrics."""
+    """The sample names on tickd's /metrics, each with the label names its series carry."""
     with urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return {
-        line.split("{", 1)[0].split(" ", 1)[0]
-        for line in text.splitlines()
-        if line and not line.startswith("#")
-    }
+    found = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition("{")
+        name = name.split(" ", 1)[0]
+        labels = set(re.findall(r'([A-Za-z_][A-Za-z0-9_]*)="', rest.split("}", 1)[0])) if rest else set()
+        found.setdefault(name, set()).update(labels)
+    return found
 
 
 def duration(seconds):
@@ -149,19 +158,30 @@ def busy_tickd(tmp_path, monkeypatch):
 
 def test_every_metric_the_chart_queries_is_one_tickd_exposes(busy_tickd):
     used = {}
+    matched = {}
     for where, expr in chart_queries():
-        for name in metric_names(expr):
+        for name, matchers in selectors(expr):
             used.setdefault(name, where)
+            for label in MATCHER.findall(matchers):
+                matched.setdefault((name, label), where)
     # The extraction reads something: the rules and the dashboard use a score of metrics.
     assert len(used) >= 15, sorted(used)
     assert "up" in used and "tickd_queue_backlog" in used and "tickd_health" in used
+    assert ("tickd_health", "tickd_health_state") in matched
 
     wanted = set(used) - PROMETHEUS_OWN
     deadline = time.monotonic() + 20
     while True:
-        missing = wanted - exposed(busy_tickd)
+        metrics = exposed(busy_tickd)
+        missing = wanted - metrics.keys()
         if not missing or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert not missing, "queried by the chart, not exposed by tickd: " + ", ".join(
         f"{name} ({used[name]})" for name in sorted(missing))
+    unknown = sorted(
+        f"{name}{{{label}}} ({where})"
+        for (name, label), where in matched.items()
+        if name in metrics and label not in metrics[name] | TARGET_LABELS
+    )
+    assert not unknown, "the chart matches on labels tickd does not put on these: " + ", ".join(unknown)
