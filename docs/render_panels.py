@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -42,8 +41,10 @@ import grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "python"))
+sys.path.insert(0, str(ROOT / "tests" / "examples"))
 
 from tickd_api import connect, pb  # noqa: E402
+from tickd_process import start_tickd, stop  # noqa: E402
 
 DASHBOARD = ROOT / "helm" / "tickd" / "dashboards" / "tickd.json"
 
@@ -74,34 +75,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_tickd(data_dir):
-    """Starts tickd on free ports; returns (process, gRPC address, metrics address)."""
-    binary = os.environ.get("TICKD_BIN", str(ROOT / "target" / "debug" / "tickd"))
-    proc = subprocess.Popen(
-        [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-         "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "TICKD_LOG": "info", "TICKD_LOG_FORMAT": "text"},
-    )
-    found = threading.Event()
-    addrs = {}
-
-    def read():
-        # Read to the end, so that tickd never blocks on a full pipe.
-        for line in proc.stdout:
-            m = re.search(r"\baddr=(\S+)", line)
-            if m and not found.is_set():
-                metrics = re.search(r"\bmetrics_addr=(\S+)", line)
-                addrs.update(grpc=m.group(1), metrics=metrics and metrics.group(1))
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(20) or not addrs["metrics"]:
-        stop(proc)
-        raise RuntimeError(f"{binary} did not log addr=… metrics_addr=…")
-    return proc, addrs["grpc"], addrs["metrics"]
 
 
 def prometheus_binary():
@@ -155,15 +128,6 @@ def start_prometheus(work_dir, metrics_addr):
         time.sleep(0.2)
 
 
-def stop(proc, sig=signal.SIGTERM):
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +449,8 @@ def main():
     with tempfile.TemporaryDirectory(prefix="tickd-render-") as tmp:
         tmp = Path(tmp)
         try:
-            tickd, addr, metrics_addr = start_tickd(tmp / "data")
+            tickd, addr = start_tickd(tmp / "data")
+            metrics_addr = tickd.metrics_addr
             prometheus, url = start_prometheus(tmp, metrics_addr)
             print(f"tickd {addr} (metrics {metrics_addr}), Prometheus {url}", flush=True)
             start = time.time()
@@ -499,8 +464,9 @@ def main():
             print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KiB) "
                   f"in {time.monotonic() - began:.0f} s", flush=True)
         finally:
-            stop(tickd)
-            stop(prometheus)
+            for proc in (tickd, prometheus):
+                if proc is not None:
+                    stop(proc)
 
 
 if __name__ == "__main__":

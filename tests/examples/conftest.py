@@ -4,11 +4,6 @@ secured ones use certificates and an auth file that the fixtures make (no key is
 
 import datetime
 import hashlib
-import os
-import re
-import subprocess
-import threading
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-ROOT = Path(__file__).resolve().parents[2]
+from tickd_process import start_tickd, stop  # noqa: F401 (the tests import them from here)
 
 # The token the examples send, and the auth file that knows it: the principal may manage and
 # consume the example queues and nothing else. The client certificate's CN is no principal, so
@@ -30,44 +25,6 @@ principals:
     rules:
       - {{verbs: [manage, read, consume], queues: ["py.*"]}}
 """
-
-
-def start_tickd(data_dir, *args):
-    """Starts tickd with `args`; returns (process, address it serves on). The process's
-    `metrics_addr` is where it serves /metrics."""
-    binary = os.environ.get("TICKD_BIN", str(ROOT / "target" / "debug" / "tickd"))
-    proc = subprocess.Popen(
-        [binary, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0",
-         "--data-dir", str(data_dir), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "TICKD_LOG": "info", "TICKD_LOG_FORMAT": "text"},
-    )
-    found = threading.Event()
-    addr = {}
-
-    def read():
-        for line in proc.stdout:
-            m = re.search(r"\baddr=(\S+)", line)
-            if m and not found.is_set():
-                addr["value"] = m.group(1)
-                metrics = re.search(r"\bmetrics_addr=(\S+)", line)
-                proc.metrics_addr = metrics and metrics.group(1)
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(20):
-        proc.kill()
-        raise RuntimeError(f"tickd {' '.join(args)} did not log its address")
-    return proc, addr["value"]
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
