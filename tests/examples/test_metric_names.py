@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT / "tests" / "helm"))
 sys.path.insert(0, str(ROOT / "examples" / "python"))
 
 from promql import selectors  # noqa: E402
+from test_alerts import alerts  # noqa: E402
 from test_chart import ALL_ON, manifests, of_kind  # noqa: E402
+from test_dashboard import targets  # noqa: E402
 from tickd_api import connect, pb  # noqa: E402
 
 # Series Prometheus makes itself for each target, not tickd.
@@ -40,21 +42,13 @@ MATCHER = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)")
 def chart_queries():
     """(where, PromQL) of every alert rule and dashboard query the chart renders."""
     docs = manifests(ALL_ON)
-    (rule,) = of_kind(docs, "PrometheusRule")
-    for group in rule["spec"]["groups"]:
-        for r in group["rules"]:
-            yield f"alert {r.get('alert', r.get('record'))}", str(r["expr"])
+    for rule in alerts(ALL_ON):
+        yield f"alert {rule['alert']}", str(rule["expr"])
     (configmap,) = of_kind(docs, "ConfigMap")
     (text,) = configmap["data"].values()
-
-    def walk(panels):
-        for panel in panels:
-            for target in panel.get("targets", []):
-                if "expr" in target:
-                    yield f"panel {panel['title']!r}", target["expr"]
-            yield from walk(panel.get("panels", []))
-
-    yield from walk(json.loads(text)["panels"])
+    for panel, target in targets(json.loads(text)):
+        if "expr" in target:
+            yield f"panel {panel['title']!r}", target["expr"]
 
 
 def exposed(metrics_addr):
